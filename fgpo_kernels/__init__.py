@@ -1,0 +1,12 @@
+"""fgpo_kernels: fused kernels for fine-grained preference optimization (FiRe-MPO).
+
+Public API (see SPEC section 3): ``token_kl``, ``token_logprobs``, ``backend_status``,
+``TokenKLOutput``; the full objective lives in ``FiReMPOLoss`` / ``SequenceStates``.
+"""
+
+from ._registry import backend_status
+from .token_kl import TokenKLOutput, token_kl, token_logprobs
+
+__version__ = "0.1.0"
+
+__all__ = ["TokenKLOutput", "__version__", "backend_status", "token_kl", "token_logprobs"]

@@ -1,0 +1,97 @@
+"""One small registry of fused implementations.
+
+Auto-selection (``impl=None``) walks the preference order and quietly takes the first impl that
+is available for the given tensors; an explicitly requested impl that is unavailable raises a
+``RuntimeError`` saying why. ``FGPO_IMPL`` in the environment overrides ``impl=None``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass
+from types import ModuleType
+
+import torch
+
+IMPLS = ("reference", "torch", "triton", "cuda")
+# Preference order for impl=None on each device type.
+_AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("torch",)}
+
+
+@dataclass
+class _Entry:
+    module: str  # module path exposing forward/backward (see _backend.py) and probe()
+
+
+_ENTRIES = {
+    "torch": _Entry("fgpo_kernels.torch_impl"),
+    "triton": _Entry("fgpo_kernels.triton_kl"),
+    "cuda": _Entry("fgpo_kernels.cuda_kl"),
+}
+
+
+def _triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _load(name: str) -> tuple[ModuleType | None, str]:
+    try:
+        mod = importlib.import_module(_ENTRIES[name].module)
+    except Exception as exc:
+        return None, f"import failed: {type(exc).__name__}: {exc}"
+    return mod, ""
+
+
+def status(name: str) -> dict:
+    """{"available": bool, "built": bool, "reason": str} for one impl."""
+    if name == "reference":
+        return {"available": True, "built": True, "reason": "materialized logits (tests only)"}
+    if name not in _ENTRIES:
+        raise ValueError(f"impl must be one of {IMPLS} or None, got {name!r}")
+    mod, why = _load(name)
+    if mod is None:
+        return {"available": False, "built": False, "reason": why}
+    return mod.probe()
+
+
+def backend_status() -> dict[str, dict]:
+    """Availability of every impl: ``{impl: {"available", "built", "reason"}}``."""
+    return {name: status(name) for name in IMPLS}
+
+
+def _usable_on(name: str, device: torch.device) -> tuple[bool, str]:
+    st = status(name)
+    if not st["available"]:
+        return False, st["reason"]
+    if name == "triton" and device.type != "cuda" and not _triton_interpret():
+        return False, "impl 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors)"
+    if name == "cuda" and device.type != "cuda":
+        return False, f"impl 'cuda' needs CUDA tensors, got tensors on {device}"
+    return True, ""
+
+
+def resolve(impl: str | None, device: torch.device) -> str:
+    """Pick the impl name for tensors on ``device``."""
+    if impl is None:
+        impl = os.environ.get("FGPO_IMPL") or None
+    if impl is None:
+        for name in _AUTO_ORDER.get(device.type, ("triton", "torch")):
+            if _usable_on(name, device)[0]:
+                return name
+        return "torch"
+    if not isinstance(impl, str) or impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS} or None, got {impl!r}")
+    if impl == "reference":
+        return impl
+    ok, why = _usable_on(impl, device)
+    if not ok:
+        raise RuntimeError(f"impl {impl!r} is unavailable: {why}")
+    return impl
+
+
+def module(name: str) -> ModuleType:
+    mod, why = _load(name)
+    if mod is None:
+        raise RuntimeError(f"impl {name!r} is unavailable: {why}")
+    return mod

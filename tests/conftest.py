@@ -1,0 +1,31 @@
+"""Test set-up: Triton's interpreter on machines without a GPU, seeding, shared helpers."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+# Must happen before anything imports triton. On a GPU machine the real compiler is used.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
+
+torch.set_flush_denormal(True)
+
+
+@pytest.fixture(autouse=True)
+def _seed(request):
+    # A fresh but reproducible seed per test (derived from its id), so shapes differ across tests.
+    seed = abs(hash(request.node.nodeid)) % (2**31)
+    torch.manual_seed(seed)
+    yield
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Norm-relative error of a against b (b is the reference)."""
+    a, b = a.double(), b.double()
+    den = b.norm().item()
+    num = (a - b).norm().item()
+    return num / den if den > 0 else num
