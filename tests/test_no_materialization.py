@@ -1,0 +1,56 @@
+"""No impl but the reference ever creates a (rows x vocabulary) tensor.
+
+A TorchDispatchMode sees every tensor that any torch op produces during forward and backward;
+the largest one must stay well below N x V elements (the chunked impl works on c x V blocks).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+import fgpo_kernels as fk
+from fgpo_kernels import _registry
+
+
+class _LargestTensor(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def _largest(impl, n, d, v, monkeypatch):
+    monkeypatch.setenv("FGPO_TORCH_CHUNK_ELEMS", str(8 * v))  # 8-row chunks
+    h = torch.randn(n, d, requires_grad=True)
+    hr = torch.randn(n, d, requires_grad=True)
+    w = (torch.randn(v, d) / d**0.5).requires_grad_()
+    t = torch.randint(0, v, (n,))
+    with _LargestTensor() as mode:
+        out = fk.token_kl(h, hr, w, targets=t, impl=impl)
+        (out.loss + out.policy_logps.sum() + out.ref_logps.sum()).backward()
+    return mode.largest
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_no_rows_by_vocab_tensor(impl, monkeypatch):
+    if not _registry._usable_on(impl, torch.device("cpu"))[0]:
+        pytest.skip(f"{impl} unavailable")
+    n, d, v = 96, 16, 1500
+    largest = _largest(impl, n, d, v, monkeypatch)
+    # The weight and its gradient are V x D; nothing may approach N x V.
+    assert largest <= max(v * d, n * v // 4), (largest, n * v)
+
+
+def test_reference_does_materialize(monkeypatch):
+    # The check above can fail: the materialized definition trips it.
+    n, d, v = 96, 16, 1500
+    assert _largest("reference", n, d, v, monkeypatch) >= n * v
