@@ -1,0 +1,505 @@
+"""Triton implementation of the fused token statistics (contract: ``_backend.py``).
+
+Math (row i, vocabulary index j, T = temperature; p = softmax z, r = softmax zr):
+    z = h W^T / T,  zr = hr Wr^T / T,  lse = logsumexp z,  lser = logsumexp zr
+    streaming over vocabulary tiles with running maxima m, mr and scaled sums
+        s = sum e^(z - m),  sr = sum e^(zr - mr),
+        A = sum e^(z - m) (z - zr),  B = sum e^(zr - mr) (zr - z)
+    (all four rescaled by e^(m_old - m_new) when a maximum moves), then
+        lse = m + log s,  rkl = A / s - lse + lser,  fkl = B / sr - lser + lse.
+Gradients w.r.t. the logits (d = log p - log r; the one-hot parts are added by the caller):
+        G  = g_fkl (p - r) + g_rkl p (d - rkl) - g_lp p
+        Gr = g_fkl r (-d - fkl) + g_rkl (r - p) - g_lpr r
+        dh = G W / T,  dW = G^T h / T,  dhr = Gr Wr / T,  dWr = Gr^T hr / T.
+
+Triton kernel design
+--------------------
+Forward (``_fwd_kernel``): a 2-D grid (row blocks, vocabulary splits). Each program owns
+BLOCK_N rows and a contiguous run of vocabulary tiles of BLOCK_V columns; for each tile it
+computes the logit tiles with ``tl.dot`` over BLOCK_D chunks of D (fp32 accumulators; when the
+reference shares W, each W chunk is loaded once and feeds both dots) and folds the tile into the
+per-row online statistics above. Each program writes its partial (m, s[, mr, sr, A, B]) for its
+(row, split) pair; a few torch ops on (N, splits) tensors merge them with the usual
+log-sum-exp rescaling. Splitting the vocabulary is what fills the GPU in the common case of few
+rows (hundreds of masked positions) and a huge V: the number of splits is chosen so that
+row blocks x splits is about a few waves of SMs, and row blocks are the fastest grid axis so the
+programs running at the same time read the same W tiles (W is read from HBM about once).
+
+Backward (``_bwd_kernel``): one program per (row block, vocabulary tile), in grouped order
+(GROUP_N row blocks share the vocabulary sweep, so W and H tiles are reused from L2). Each program
+recomputes its logit tiles, forms G (and Gr) from the saved per-row lse, lser, fkl, rkl and the
+incoming per-row gradients, casts them to the input dtype (as the materialized path does), then
+loops over D in BLOCK_D chunks: dh[rows, chunk] += G W[tile, chunk] / T and
+dW[tile, chunk] += G^T h[rows, chunk] / T, accumulated with fp32 ``tl.atomic_add`` into fp32
+buffers (as Cut Cross-Entropy does). Nothing of size rows x V ever exists; dW is skipped entirely
+when the weight needs no gradient (LoRA), and so is every other gradient nobody asked for.
+
+Offsets are int64 (row * stride exceeds 2^31 at V = 152064, N = 16384); every load is masked, so
+any N, V, D works. GPU block sizes come from one small explicit table (no autotuning); under
+TRITON_INTERPRET=1 (how CI runs these kernels on CPU) larger vocabulary tiles keep the
+interpreter fast. fp32 inputs use IEEE fp32 dots (no TF32), bf16/fp16 inputs use tensor cores
+with fp32 accumulation.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+try:
+    import triton
+    import triton.language as tl
+
+    _IMPORT_ERROR = ""
+except Exception as exc:  # pragma: no cover - depends on the environment
+    triton = tl = None
+    _IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def probe() -> dict:
+    if triton is None:
+        return {
+            "available": False,
+            "built": False,
+            "reason": f"triton not importable: {_IMPORT_ERROR}",
+        }
+    if not torch.cuda.is_available() and not _interpreting():
+        return {
+            "available": False,
+            "built": True,
+            "reason": "no CUDA device (set TRITON_INTERPRET=1 to run on CPU tensors)",
+        }
+    mode = "interpreter (TRITON_INTERPRET=1)" if _interpreting() else "CUDA"
+    return {"available": True, "built": True, "reason": f"triton {triton.__version__}, {mode}"}
+
+
+class KernelConfig(NamedTuple):
+    block_n: int
+    block_v: int
+    block_d: int
+    num_warps: int
+    num_stages: int
+
+
+# The shipped GPU configurations (each is compiled ahead of time for sm_80 and sm_90 in the tests,
+# which check for register spills and tensor-core instructions).
+GPU_CONFIGS = {
+    "fwd_few_rows": KernelConfig(64, 128, 64, 4, 3),
+    "fwd": KernelConfig(128, 128, 64, 8, 3),
+    "bwd": KernelConfig(64, 128, 64, 8, 3),
+}
+# Rows at or below which the forward uses the small row block (more splits, less padding).
+_FEW_ROWS = 1024
+_BWD_GROUP_N = 8
+
+if triton is not None:
+
+    @triton.jit
+    def _tile_logits(
+        h_ptr, hr_ptr, w_ptr, wr_ptr,  # hidden (N, D), ref hidden (N, DR), weights (V, D)/(V, DR)
+        rows, cols, row_ok, col_ok,  # int64 row / column indices of this tile and their masks
+        D, DR, stride_h, stride_hr, stride_w, stride_wr,  # reduction sizes and row strides
+        inv_t,  # 1 / temperature
+        BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+        HAS_REF: tl.constexpr,  # compute the reference tile too
+        SHARED: tl.constexpr,  # the reference uses w (one load of each W chunk for both dots)
+        PREC: tl.constexpr, PREC_R: tl.constexpr,  # dot input precision ("ieee" for fp32)
+    ):  # fmt: skip
+        """(z, zr) fp32 tiles (BLOCK_N, BLOCK_V), already divided by T; masked entries are 0."""
+        offs_d = tl.arange(0, BLOCK_D)
+        acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+        accr = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            dk = d0 + offs_d
+            dk_ok = dk < D
+            x = tl.load(
+                h_ptr + rows[:, None] * stride_h + dk[None, :],
+                mask=row_ok[:, None] & dk_ok[None, :],
+                other=0.0,
+            )
+            wt = tl.load(
+                w_ptr + cols[None, :] * stride_w + dk[:, None],
+                mask=dk_ok[:, None] & col_ok[None, :],
+                other=0.0,
+            )
+            acc = tl.dot(x, wt, acc, input_precision=PREC)
+            if HAS_REF:
+                if SHARED:
+                    xr = tl.load(
+                        hr_ptr + rows[:, None] * stride_hr + dk[None, :],
+                        mask=row_ok[:, None] & dk_ok[None, :],
+                        other=0.0,
+                    )
+                    accr = tl.dot(xr, wt, accr, input_precision=PREC_R)
+        if HAS_REF:
+            if not SHARED:
+                for d0 in range(0, DR, BLOCK_D):
+                    dk = d0 + offs_d
+                    dk_ok = dk < DR
+                    xr = tl.load(
+                        hr_ptr + rows[:, None] * stride_hr + dk[None, :],
+                        mask=row_ok[:, None] & dk_ok[None, :],
+                        other=0.0,
+                    )
+                    wrt = tl.load(
+                        wr_ptr + cols[None, :] * stride_wr + dk[:, None],
+                        mask=dk_ok[:, None] & col_ok[None, :],
+                        other=0.0,
+                    )
+                    accr = tl.dot(xr, wrt, accr, input_precision=PREC_R)
+        return acc * inv_t, accr * inv_t
+
+    @triton.jit
+    def _fwd_kernel(
+        h_ptr, hr_ptr, w_ptr, wr_ptr,  # inputs (see _tile_logits)
+        part_ptr,  # (6, N, n_splits) fp32 partials: m, s, mr, sr, A, B per (row, split)
+        N, V, D, DR, stride_h, stride_hr, stride_w, stride_wr,
+        inv_t,  # 1 / temperature
+        tiles_per_split,  # vocabulary tiles owned by one program
+        n_splits,  # grid size along axis 1
+        BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+        HAS_REF: tl.constexpr, SHARED: tl.constexpr, PREC: tl.constexpr, PREC_R: tl.constexpr,
+    ):  # fmt: skip
+        pid_n = tl.program_id(0)
+        pid_s = tl.program_id(1)
+        rows = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+        row_ok = rows < N
+        neg_inf = float("-inf")
+        m = tl.full((BLOCK_N,), neg_inf, dtype=tl.float32)
+        s = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        mr = tl.full((BLOCK_N,), neg_inf, dtype=tl.float32)
+        sr = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        a = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        b = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        t0 = pid_s * tiles_per_split
+        t1 = tl.minimum(t0 + tiles_per_split, tl.cdiv(V, BLOCK_V))
+        for t in range(t0, t1):
+            cols = (t * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
+            col_ok = cols < V
+            z, zr = _tile_logits(
+                h_ptr, hr_ptr, w_ptr, wr_ptr, rows, cols, row_ok, col_ok,
+                D, DR, stride_h, stride_hr, stride_w, stride_wr, inv_t,
+                BLOCK_N, BLOCK_V, BLOCK_D, HAS_REF, SHARED, PREC, PREC_R,
+            )  # fmt: skip
+            if HAS_REF:
+                diff = tl.where(col_ok[None, :], z - zr, 0.0)  # before masking: no inf - inf
+            z = tl.where(col_ok[None, :], z, neg_inf)
+            m_new = tl.maximum(m, tl.max(z, axis=1))
+            alpha = tl.exp(m - m_new)
+            e = tl.exp(z - m_new[:, None])
+            s = s * alpha + tl.sum(e, axis=1)
+            if HAS_REF:
+                zr = tl.where(col_ok[None, :], zr, neg_inf)
+                mr_new = tl.maximum(mr, tl.max(zr, axis=1))
+                alpha_r = tl.exp(mr - mr_new)
+                er = tl.exp(zr - mr_new[:, None])
+                sr = sr * alpha_r + tl.sum(er, axis=1)
+                a = a * alpha + tl.sum(e * diff, axis=1)
+                b = b * alpha_r - tl.sum(er * diff, axis=1)
+                mr = mr_new
+            m = m_new
+        out = part_ptr + rows * n_splits + pid_s
+        plane = N * n_splits
+        tl.store(out, m, mask=row_ok)
+        tl.store(out + plane, s, mask=row_ok)
+        if HAS_REF:
+            tl.store(out + 2 * plane, mr, mask=row_ok)
+            tl.store(out + 3 * plane, sr, mask=row_ok)
+            tl.store(out + 4 * plane, a, mask=row_ok)
+            tl.store(out + 5 * plane, b, mask=row_ok)
+
+    @triton.jit
+    def _bwd_kernel(
+        h_ptr, hr_ptr, w_ptr, wr_ptr,  # inputs (see _tile_logits)
+        stats_ptr,  # (8, N) fp32: lse, lser, fkl, rkl, g_fkl, g_rkl, g_lp, g_lpr
+        dh_ptr, dhr_ptr, dw_ptr, dwr_ptr,  # fp32 contiguous gradient buffers (atomic adds)
+        N, V, D, DR, stride_h, stride_hr, stride_w, stride_wr,
+        inv_t,  # 1 / temperature
+        BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+        GROUP_N: tl.constexpr,  # row blocks that sweep the vocabulary together (L2 reuse)
+        HAS_REF: tl.constexpr, SHARED: tl.constexpr, PREC: tl.constexpr, PREC_R: tl.constexpr,
+        DO_DH: tl.constexpr, DO_DW: tl.constexpr,  # policy gradients wanted
+        DO_DHR: tl.constexpr, DO_DWR: tl.constexpr,  # reference gradients wanted (DWR: separate)
+    ):  # fmt: skip
+        # Grouped program order: GROUP_N consecutive row blocks walk the vocabulary tiles together.
+        pid = tl.program_id(0)
+        n_row_blocks = tl.cdiv(N, BLOCK_N)
+        n_col_blocks = tl.cdiv(V, BLOCK_V)
+        per_group = GROUP_N * n_col_blocks
+        first = (pid // per_group) * GROUP_N
+        group_size = tl.minimum(n_row_blocks - first, GROUP_N)
+        pid_n = first + (pid % per_group) % group_size
+        pid_v = (pid % per_group) // group_size
+
+        rows = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+        cols = (pid_v * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
+        row_ok = rows < N
+        col_ok = cols < V
+        ok = row_ok[:, None] & col_ok[None, :]
+        z, zr = _tile_logits(
+            h_ptr, hr_ptr, w_ptr, wr_ptr, rows, cols, row_ok, col_ok,
+            D, DR, stride_h, stride_hr, stride_w, stride_wr, inv_t,
+            BLOCK_N, BLOCK_V, BLOCK_D, HAS_REF, SHARED, PREC, PREC_R,
+        )  # fmt: skip
+        lse = tl.load(stats_ptr + rows, mask=row_ok, other=0.0)
+        g_lp = tl.load(stats_ptr + 6 * N + rows, mask=row_ok, other=0.0)
+        logp = z - lse[:, None]
+        p = tl.exp(logp)
+        if HAS_REF:
+            lser = tl.load(stats_ptr + N + rows, mask=row_ok, other=0.0)
+            fkl = tl.load(stats_ptr + 2 * N + rows, mask=row_ok, other=0.0)
+            rkl = tl.load(stats_ptr + 3 * N + rows, mask=row_ok, other=0.0)
+            g_fkl = tl.load(stats_ptr + 4 * N + rows, mask=row_ok, other=0.0)
+            g_rkl = tl.load(stats_ptr + 5 * N + rows, mask=row_ok, other=0.0)
+            g_lpr = tl.load(stats_ptr + 7 * N + rows, mask=row_ok, other=0.0)
+            logr = zr - lser[:, None]
+            r = tl.exp(logr)
+            d = logp - logr
+            g = (
+                g_fkl[:, None] * (p - r)
+                + g_rkl[:, None] * p * (d - rkl[:, None])
+                - g_lp[:, None] * p
+            )
+            gr = (
+                g_fkl[:, None] * r * (-d - fkl[:, None])
+                + g_rkl[:, None] * (r - p)
+                - g_lpr[:, None] * r
+            )
+            gr = tl.where(ok, gr, 0.0).to(hr_ptr.dtype.element_ty)
+        else:
+            g = -g_lp[:, None] * p
+            gr = g
+        g = tl.where(ok, g, 0.0).to(h_ptr.dtype.element_ty)
+
+        offs_d = tl.arange(0, BLOCK_D)
+        # Policy weight chunks: dh (G W), dW (G^T h [+ Gr^T hr when shared]), dhr when shared.
+        if DO_DH or DO_DW or (SHARED and DO_DHR):
+            for d0 in range(0, D, BLOCK_D):
+                dk = d0 + offs_d
+                dk_ok = dk < D
+                rd_ok = row_ok[:, None] & dk_ok[None, :]
+                cd_ok = col_ok[:, None] & dk_ok[None, :]
+                if DO_DH or (SHARED and DO_DHR):
+                    wc = tl.load(
+                        w_ptr + cols[:, None] * stride_w + dk[None, :], mask=cd_ok, other=0.0
+                    )
+                    if DO_DH:
+                        part = tl.dot(g, wc, input_precision=PREC) * inv_t
+                        tl.atomic_add(
+                            dh_ptr + rows[:, None] * D + dk[None, :],
+                            part,
+                            mask=rd_ok,
+                            sem="relaxed",
+                        )
+                    if SHARED and DO_DHR:
+                        part = tl.dot(gr, wc, input_precision=PREC_R) * inv_t
+                        tl.atomic_add(
+                            dhr_ptr + rows[:, None] * D + dk[None, :],
+                            part,
+                            mask=rd_ok,
+                            sem="relaxed",
+                        )
+                if DO_DW:
+                    x = tl.load(
+                        h_ptr + rows[:, None] * stride_h + dk[None, :], mask=rd_ok, other=0.0
+                    )
+                    part = tl.dot(tl.trans(g), x, input_precision=PREC)
+                    if SHARED and HAS_REF:
+                        xr = tl.load(
+                            hr_ptr + rows[:, None] * stride_hr + dk[None, :], mask=rd_ok, other=0.0
+                        )
+                        part = tl.dot(tl.trans(gr), xr, part, input_precision=PREC_R)
+                    tl.atomic_add(
+                        dw_ptr + cols[:, None] * D + dk[None, :],
+                        part * inv_t,
+                        mask=cd_ok,
+                        sem="relaxed",
+                    )
+        # Separate reference weight: dhr (Gr Wr) and dWr (Gr^T hr).
+        if HAS_REF and not SHARED and (DO_DHR or DO_DWR):
+            for d0 in range(0, DR, BLOCK_D):
+                dk = d0 + offs_d
+                dk_ok = dk < DR
+                rd_ok = row_ok[:, None] & dk_ok[None, :]
+                cd_ok = col_ok[:, None] & dk_ok[None, :]
+                if DO_DHR:
+                    wc = tl.load(
+                        wr_ptr + cols[:, None] * stride_wr + dk[None, :], mask=cd_ok, other=0.0
+                    )
+                    part = tl.dot(gr, wc, input_precision=PREC_R) * inv_t
+                    tl.atomic_add(
+                        dhr_ptr + rows[:, None] * DR + dk[None, :], part, mask=rd_ok, sem="relaxed"
+                    )
+                if DO_DWR:
+                    xr = tl.load(
+                        hr_ptr + rows[:, None] * stride_hr + dk[None, :], mask=rd_ok, other=0.0
+                    )
+                    part = tl.dot(tl.trans(gr), xr, input_precision=PREC_R) * inv_t
+                    tl.atomic_add(
+                        dwr_ptr + cols[:, None] * DR + dk[None, :], part, mask=cd_ok, sem="relaxed"
+                    )
+
+
+# ------------------------------------------------------------------------------------ host side
+
+_PREC = {torch.float32: "ieee", torch.bfloat16: "tf32", torch.float16: "tf32"}
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, int(x) - 1).bit_length()
+
+
+def _interp_config(n: int, d: int) -> KernelConfig:
+    """Large blocks under the interpreter: it pays per operation, not per element."""
+    return KernelConfig(
+        block_n=min(64, max(16, _next_pow2(n))),
+        block_v=512,
+        block_d=min(128, max(16, _next_pow2(d))),
+        num_warps=4,
+        num_stages=1,
+    )
+
+
+def _config(kind: str, n: int, d: int) -> KernelConfig:
+    if _interpreting():
+        return _interp_config(n, d)
+    if kind == "fwd":
+        return GPU_CONFIGS["fwd_few_rows" if n <= _FEW_ROWS else "fwd"]
+    return GPU_CONFIGS["bwd"]
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _splits(n_row_blocks: int, n_tiles: int, device: torch.device) -> int:
+    """Vocabulary splits: enough programs for ~4 per SM (few on CPU / the interpreter)."""
+    if _interpreting() or device.type != "cuda":
+        target = 2
+    else:
+        target = -(-4 * _sm_count(device) // n_row_blocks)
+    return max(1, min(n_tiles, target))
+
+
+def _check(h: Tensor, name: str) -> None:
+    if h.dtype not in _PREC:
+        raise TypeError(f"impl 'triton' supports float32/bfloat16/float16 {name}, got {h.dtype}")
+    if h.device.type != "cuda" and not _interpreting():
+        raise RuntimeError(
+            f"impl 'triton' needs CUDA tensors (or TRITON_INTERPRET=1), got {name} on {h.device}"
+        )
+    if h.stride(-1) != 1:
+        raise ValueError(f"impl 'triton' needs {name} with unit stride in the last dimension")
+
+
+def _prepare(h, hr, w, wr):
+    h, w = h.contiguous(), w.contiguous()
+    hr = None if hr is None else hr.contiguous()
+    wr = None if wr is None else wr.contiguous()
+    for x, name in ((h, "h"), (hr, "hr"), (w, "w"), (wr, "wr")):
+        if x is not None:
+            _check(x, name)
+    return h, hr, w, wr
+
+
+def _launch_opts(cfg: KernelConfig) -> dict:
+    return {} if _interpreting() else {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+
+
+def forward(h, hr, w, wr, temperature, *, splits: int | None = None, config=None):
+    """Per-row (lse, lser, fkl, rkl) fp32; ``splits``/``config`` override the choice (tests)."""
+    h, hr, w, wr = _prepare(h, hr, w, wr)
+    n, d = h.shape
+    v = w.shape[0]
+    has_ref, shared = hr is not None, wr is None
+    dr = hr.shape[1] if has_ref else d
+    cfg = config or _config("fwd", n, max(d, dr))
+    n_row_blocks = triton.cdiv(n, cfg.block_n)
+    n_tiles = triton.cdiv(v, cfg.block_v)
+    s = splits or _splits(n_row_blocks, n_tiles, h.device)
+    s = max(1, min(int(s), n_tiles))
+    tiles_per_split = triton.cdiv(n_tiles, s)
+    s = triton.cdiv(n_tiles, tiles_per_split)  # every split owns at least one tile
+    part = torch.empty((6 if has_ref else 2, n, s), dtype=torch.float32, device=h.device)
+    hr_, wr_ = (hr if has_ref else h), (w if shared else wr)
+    _fwd_kernel[(n_row_blocks, s)](
+        h, hr_, w, wr_, part,
+        n, v, d, dr, h.stride(0), hr_.stride(0), w.stride(0), wr_.stride(0),
+        1.0 / temperature, tiles_per_split, s,
+        BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
+        HAS_REF=has_ref, SHARED=shared, PREC=_PREC[h.dtype], PREC_R=_PREC[hr_.dtype],
+        **_launch_opts(cfg),
+    )  # fmt: skip
+    lse = _merge(part[0], part[1])
+    if not has_ref:
+        return lse, None, None, None
+    lser = _merge(part[2], part[3])
+    top = part[0].amax(dim=1, keepdim=True)
+    top_r = part[2].amax(dim=1, keepdim=True)
+    # A/s and B/sr, merged over splits with the same rescaling as s and sr.
+    scale, scale_r = torch.exp(part[0] - top), torch.exp(part[2] - top_r)
+    a_over_s = (part[4] * scale).sum(1) / (part[1] * scale).sum(1)
+    b_over_sr = (part[5] * scale_r).sum(1) / (part[3] * scale_r).sum(1)
+    gap = lser - lse
+    return lse, lser, b_over_sr - gap, a_over_s + gap
+
+
+def _merge(m: Tensor, s: Tensor) -> Tensor:
+    """log-sum-exp over splits of per-split (max, scaled sum)."""
+    if m.shape[1] == 1:
+        return m[:, 0] + torch.log(s[:, 0])
+    top = m.amax(dim=1, keepdim=True)
+    return top[:, 0] + torch.log((s * torch.exp(m - top)).sum(1))
+
+
+def backward(
+    h, hr, w, wr, temperature, lse, lser, fkl, rkl, g_fkl, g_rkl, g_lp, g_lpr,
+    need_h, need_hr, need_w, need_wr, *, config=None,
+):  # fmt: skip
+    h, hr, w, wr = _prepare(h, hr, w, wr)
+    n, d = h.shape
+    v = w.shape[0]
+    has_ref, shared = hr is not None, wr is None
+    dr = hr.shape[1] if has_ref else d
+    need_hr = bool(need_hr and has_ref)
+    need_wr = bool(need_wr and has_ref and not shared)
+    need_h, need_w = bool(need_h), bool(need_w)
+    dev = h.device
+
+    def buf(rows: int, cols: int, need: bool) -> Tensor | None:
+        return torch.zeros((rows, cols), dtype=torch.float32, device=dev) if need else None
+
+    dh, dw = buf(n, d, need_h), buf(v, d, need_w)
+    dhr, dwr = buf(n, dr, need_hr), buf(v, dr, need_wr)
+    if not (need_h or need_w or need_hr or need_wr):
+        return dh, dhr, dw, dwr
+    zero = torch.zeros(n, dtype=torch.float32, device=dev)
+    stats = torch.stack(
+        [zero if x is None else x.to(torch.float32) for x in
+         (lse, lser, fkl, rkl, g_fkl, g_rkl, g_lp, g_lpr)]
+    )  # fmt: skip
+    cfg = config or _config("bwd", n, max(d, dr))
+    hr_, wr_ = (hr if has_ref else h), (w if shared else wr)
+    dummy = stats  # stands in for the gradient buffers nobody asked for (never touched)
+    grid = (triton.cdiv(n, cfg.block_n) * triton.cdiv(v, cfg.block_v),)
+    _bwd_kernel[grid](
+        h, hr_, w, wr_, stats,
+        dummy if dh is None else dh, dummy if dhr is None else dhr,
+        dummy if dw is None else dw, dummy if dwr is None else dwr,
+        n, v, d, dr, h.stride(0), hr_.stride(0), w.stride(0), wr_.stride(0),
+        1.0 / temperature,
+        BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d, GROUP_N=_BWD_GROUP_N,
+        HAS_REF=has_ref, SHARED=shared, PREC=_PREC[h.dtype], PREC_R=_PREC[hr_.dtype],
+        DO_DH=need_h, DO_DW=need_w, DO_DHR=need_hr, DO_DWR=need_wr,
+        **_launch_opts(cfg),
+    )  # fmt: skip
+    return dh, dhr, dw, dwr
