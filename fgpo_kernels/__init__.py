@@ -5,8 +5,18 @@ Public API (see SPEC section 3): ``token_kl``, ``token_logprobs``, ``backend_sta
 """
 
 from ._registry import backend_status
+from .loss import FiReMPOLoss, FiReMPOOutput, SequenceStates
 from .token_kl import TokenKLOutput, token_kl, token_logprobs
 
 __version__ = "0.1.0"
 
-__all__ = ["TokenKLOutput", "__version__", "backend_status", "token_kl", "token_logprobs"]
+__all__ = [
+    "FiReMPOLoss",
+    "FiReMPOOutput",
+    "SequenceStates",
+    "TokenKLOutput",
+    "__version__",
+    "backend_status",
+    "token_kl",
+    "token_logprobs",
+]

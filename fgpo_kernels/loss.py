@@ -1,0 +1,467 @@
+"""FiRe-MPO objective (SPEC section 1) from hidden states and the LM-head weight, in one fused pass.
+
+Math, per example (m = token weights of a sequence, β = ``beta``, σ = sigmoid):
+
+    ρ_t    = log π(y_t) − log π_ref(y_t)                 R(s) = Σ_t m_t ρ_t   (a sum)
+    rank   = −log σ(β [R(v, y+) − R(v, y−)])
+    visual = −c · log σ(β [R(v', y−) − R(v', y+)])       c = has_corrupt (0/1 or a weight)
+    v1     = −c · log σ(β [R(v, y+) − R(v', y+)])        (off unless alpha_v1 > 0)
+    v2     = −c · log σ(β [R(v, y+) − R(v', y−)])        (off unless alpha_v2 > 0)
+    kl     = Σ_t m+_t [λ KL(π_ref‖π)_t + (1 − λ) KL(π‖π_ref)_t]   on (v, y+) only
+    term   = rank + γ·visual + α·kl + alpha_v1·v1 + alpha_v2·v2
+    loss   = mean over the batch of term   (``reduction="sum"``: the sum)
+
+Rewards are β·R. The reference model is frozen: no gradient flows through π_ref (its hidden
+states are detached, and a shared head weight that requires grad is detached on the reference
+side).
+
+Performance design: the rows with a nonzero token weight of every sequence in use (chosen,
+rejected, and the corrupted ones when a visual term is on and ``has_corrupt`` is nonzero) are
+gathered and concatenated, policy and reference side by side, and go through ONE ``token_kl``
+call. The head weight is therefore streamed once per step and positions with weight 0 are never
+projected. That call returns per-row log-probs of both models (for ρ) and the two KLs (used at
+the chosen rows; at the others they cost only elementwise work).
+
+Normalizer (gradient accumulation): ``reduction="mean"`` divides by the micro-batch size B, so
+accumulating k equal-size micro-batches gives the large-batch update when each micro-batch loss
+is divided by k. For unequal micro-batches use ``reduction="sum"`` and divide each micro-batch
+loss by the global batch size; both give exactly the large-batch mean.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .token_kl import token_kl
+
+_REDUCTIONS = ("mean", "sum")
+
+
+class SequenceStates(NamedTuple):
+    """One batch of sequences, already aligned (hidden row t predicts ``targets[:, t]``).
+
+    policy: ``(B, L, D)`` policy hidden states (last layer, after the final norm).
+    ref: ``(B, L, D_ref)`` reference hidden states (no gradient flows into them).
+    targets: ``(B, L)`` integer token ids; every position with a nonzero mask needs a valid id.
+    mask: ``(B, L)`` token weights: bool/0-1 span mask or any real weights (0 = not projected).
+    """
+
+    policy: Tensor
+    ref: Tensor
+    targets: Tensor
+    mask: Tensor
+
+
+class FiReMPOOutput(NamedTuple):
+    """Result of :class:`FiReMPOLoss`. Per-example tensors have shape ``(B,)``.
+
+    ``loss`` is the scalar to backpropagate. ``rank``, ``visual``, ``mixed_kl``, ``visual_v1``,
+    ``visual_v2`` are the per-example terms before their coefficients (``visual``/``v1``/``v2``
+    already multiplied by ``has_corrupt``; zeros when their corrupted sequences are not in use,
+    i.e. not needed by any term with a nonzero coefficient); they are differentiable. ``chosen_rewards``/``rejected_rewards`` are β·R(v, y±) (differentiable).
+    ``metrics`` maps names to detached per-example ``(B,)`` tensors (see ``METRIC_KEYS``);
+    visual metrics are NaN for examples without a corrupted image. ``summary()`` gives batch
+    means as floats (NaN-skipping), ready for a logger.
+    """
+
+    loss: Tensor
+    rank: Tensor
+    visual: Tensor
+    mixed_kl: Tensor
+    chosen_rewards: Tensor
+    rejected_rewards: Tensor
+    visual_v1: Tensor
+    visual_v2: Tensor
+    metrics: dict[str, Tensor]
+
+    def summary(self) -> dict[str, float]:
+        """Batch means of every metric as Python floats (examples with NaN are skipped)."""
+        out = {}
+        for k, v in self.metrics.items():
+            ok = ~torch.isnan(v)
+            out[k] = float(v[ok].mean()) if bool(ok.any()) else float("nan")
+        return out
+
+
+# Metrics always present, then the visual ones (present when a corrupted sequence is in use).
+METRIC_KEYS = (
+    "rewards/chosen",  # β·R(v, y+)
+    "rewards/rejected",  # β·R(v, y−)
+    "rewards/margins",  # chosen − rejected
+    "rewards/accuracies",  # 1.0 where chosen > rejected
+    "logps/chosen",  # Σ m log π(y+ | v)
+    "logps/rejected",  # Σ m log π(y− | v)
+    "kl/forward",  # Σ m+ KL(π_ref‖π) on (v, y+)
+    "kl/reverse",  # Σ m+ KL(π‖π_ref) on (v, y+)
+    "kl/mixed",  # Σ m+ [λ fkl + (1 − λ) rkl]
+    "loss/rank",
+    "loss/total",  # the per-example term whose batch mean (or sum) is ``loss``
+)
+VISUAL_METRIC_KEYS = (
+    "visual/loss",  # −log σ(β [R(v', y−) − R(v', y+)])   (NaN where has_corrupt == 0)
+    "visual/accuracy",  # 1.0 where R(v', y−) > R(v', y+)
+    "visual/margins",  # β [R(v', y−) − R(v', y+)]
+    "rewards/chosen_corrupt",  # β·R(v', y+)
+    "rewards/rejected_corrupt",  # β·R(v', y−)
+)
+
+_PRESETS = {
+    # Binary mask = all response tokens (built by the caller), γ = 0, α = 0.
+    "dpo": dict(gamma=0.0, alpha=0.0),
+    # Span mask, forward KL only, no visual term.
+    "rrpo": dict(gamma=0.0, lambda_=1.0),
+    # Span mask, no KL, no visual term.
+    "mask_dpo": dict(gamma=0.0, alpha=0.0),
+    # The defaults of SPEC section 1.
+    "fire_mpo": dict(),
+}
+
+
+class FiReMPOLoss(torch.nn.Module):
+    """The FiRe-MPO objective (see the module docstring for the math).
+
+    Args:
+        beta: β of the sigmoid preference terms (> 0).
+        alpha: weight of the token-wise KL on (v, y+).
+        gamma: weight of the visual-contrastive term on corrupted images.
+        lambda_: mixing of the KL: λ·KL(π_ref‖π) + (1 − λ)·KL(π‖π_ref), in [0, 1].
+        alpha_v1: weight of the optional (v, y+) ≻ (v', y+) term.
+        alpha_v2: weight of the optional (v, y+) ≻ (v', y−) term.
+        impl: ``token_kl`` implementation (None = best available, ``FGPO_IMPL`` overrides).
+        reduction: ``"mean"`` over the batch (default) or ``"sum"`` (see the normalizer note).
+        ignore_index: target id meaning "no target"; it must not occur where the mask is nonzero.
+    """
+
+    def __init__(
+        self,
+        beta: float = 0.1,
+        alpha: float = 0.01,
+        gamma: float = 0.1,
+        lambda_: float = 0.5,
+        alpha_v1: float = 0.0,
+        alpha_v2: float = 0.0,
+        impl: str | None = None,
+        *,
+        reduction: str = "mean",
+        ignore_index: int = -100,
+    ) -> None:
+        super().__init__()
+        _check_real("beta", beta)
+        if beta <= 0:
+            raise ValueError(f"beta must be > 0, got {beta}")
+        for name, val in (("alpha", alpha), ("gamma", gamma), ("alpha_v1", alpha_v1),
+                          ("alpha_v2", alpha_v2)):  # fmt: skip
+            _check_real(name, val)
+            if val < 0:
+                raise ValueError(f"{name} must be >= 0, got {val}")
+        _check_real("lambda_", lambda_)
+        if not 0.0 <= lambda_ <= 1.0:
+            raise ValueError(f"lambda_ must be in [0, 1], got {lambda_}")
+        if reduction not in _REDUCTIONS:
+            raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+        if impl is not None and not isinstance(impl, str):
+            raise ValueError(f"impl must be a string or None, got {impl!r}")
+        self.beta, self.alpha, self.gamma, self.lambda_ = beta, alpha, gamma, lambda_
+        self.alpha_v1, self.alpha_v2 = alpha_v1, alpha_v2
+        self.impl, self.reduction, self.ignore_index = impl, reduction, ignore_index
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> FiReMPOLoss:
+        """``"dpo"``, ``"rrpo"``, ``"mask_dpo"`` (or ``"mask-dpo"``), ``"fire_mpo"``
+        (or ``"fire-mpo"``), with keyword overrides. DPO and Mask-DPO have the same
+        coefficients (γ = 0, α = 0); they differ in the data: for DPO the mask passed to
+        ``forward`` must be the whole response mask, for Mask-DPO the span mask."""
+        key = name.lower().replace("-", "_") if isinstance(name, str) else name
+        if key not in _PRESETS:
+            raise ValueError(f"unknown preset {name!r}; expected one of {sorted(_PRESETS)}")
+        return cls(**{**_PRESETS[key], **overrides})
+
+    def extra_repr(self) -> str:
+        return (
+            f"beta={self.beta}, alpha={self.alpha}, gamma={self.gamma}, lambda_={self.lambda_}, "
+            f"alpha_v1={self.alpha_v1}, alpha_v2={self.alpha_v2}, impl={self.impl!r}, "
+            f"reduction={self.reduction!r}"
+        )
+
+    def forward(
+        self,
+        weight: Tensor,
+        chosen: SequenceStates,
+        rejected: SequenceStates,
+        chosen_corrupt: SequenceStates | None = None,
+        rejected_corrupt: SequenceStates | None = None,
+        has_corrupt: Tensor | None = None,
+        *,
+        ref_weight: Tensor | None = None,
+    ) -> FiReMPOOutput:
+        """Compute the objective.
+
+        Args:
+            weight: ``(V, D)`` LM-head weight of the policy (e.g. ``model.lm_head.weight``).
+            chosen, rejected: :class:`SequenceStates` of (v, y+) and (v, y−).
+            chosen_corrupt, rejected_corrupt: (v', y+) and (v', y−); needed when ``gamma``
+                (both), ``alpha_v1`` (chosen_corrupt) or ``alpha_v2`` (rejected_corrupt) is
+                nonzero, unless ``has_corrupt`` is given and all zero. Ignored otherwise.
+            has_corrupt: ``(B,)`` bool or float per-example switch/weight of the visual terms;
+                None = all ones when the corrupted sequences are given. Rows of examples with
+                ``has_corrupt == 0`` are not projected.
+            ref_weight: ``(V, D_ref)`` LM-head weight of a separate reference model; None =
+                ``weight`` (the LoRA case).
+        """
+        b, seq_len = _check_seq("chosen", chosen, None)
+        chosen = SequenceStates(*chosen)
+        _check_seq("rejected", rejected, chosen)
+        seqs = {"chosen": chosen, "rejected": SequenceStates(*rejected)}
+        need_cc = self.gamma > 0 or self.alpha_v1 > 0
+        need_rc = self.gamma > 0 or self.alpha_v2 > 0
+        gate = None
+        if need_cc or need_rc:
+            gate = self._corrupt_gate(has_corrupt, b, chosen.policy.device)
+            for name, seq, need in (("chosen_corrupt", chosen_corrupt, need_cc),
+                                    ("rejected_corrupt", rejected_corrupt, need_rc)):  # fmt: skip
+                if not need:
+                    continue
+                if seq is None:
+                    if gate is not None and not bool((gate != 0).any()):
+                        continue  # no example has a corrupted image: the term is 0
+                    why = _why_needed(name, self)
+                    raise ValueError(
+                        f"{name} is required when {why}; pass it, or set has_corrupt to all "
+                        f"False for a batch without corrupted images"
+                    )
+                _check_seq(name, seq, chosen)
+                seqs[name] = SequenceStates(*seq)
+            if gate is None:
+                gate = torch.ones(b, device=chosen.policy.device)
+        _check_weights(weight, ref_weight, chosen)
+
+        # ---- gather the rows that matter from every sequence in use (one token_kl call)
+        h_parts, hr_parts, t_parts, kw_parts, segs = [], [], [], [], []
+        for name, seq in seqs.items():
+            m = seq.mask.detach().reshape(-1)
+            m = m if m.dtype.is_floating_point else m.float()
+            active = m != 0
+            if name.endswith("_corrupt"):
+                active = active & (gate != 0).repeat_interleave(seq_len)
+            idx = active.nonzero().squeeze(-1)
+            tgt = seq.targets.reshape(-1).index_select(0, idx).long()
+            if bool((tgt == self.ignore_index).any()):
+                raise ValueError(
+                    f"{name}.targets is ignore_index={self.ignore_index} at positions where "
+                    f"{name}.mask is nonzero; every weighted position needs a target"
+                )
+            pol = seq.policy.reshape(b * seq_len, -1).index_select(0, idx)
+            ref = seq.ref.detach().reshape(b * seq_len, -1).index_select(0, idx)
+            w_rows = m.index_select(0, idx)
+            h_parts.append(pol)
+            hr_parts.append(ref)
+            t_parts.append(tgt)
+            kw_parts.append(w_rows if name == "chosen" else torch.zeros_like(w_rows))
+            segs.append((name, idx // seq_len, w_rows))
+
+        wr = ref_weight
+        if wr is None and weight.requires_grad:
+            wr = weight.detach()  # the reference is frozen even when the head is trained
+        elif wr is not None:
+            wr = wr.detach()
+        out = token_kl(
+            torch.cat(h_parts),
+            torch.cat(hr_parts),
+            weight,
+            wr,
+            mask=torch.cat(kw_parts),
+            targets=torch.cat(t_parts),
+            lambda_=self.lambda_,
+            ignore_index=-1,
+            reduction="none",
+            impl=self.impl,
+        )
+
+        # ---- per-example sums (scatter-add of the weighted rows)
+        sizes = [s[1].numel() for s in segs]
+        rho = torch.split(out.policy_logps - out.ref_logps, sizes)
+        lp = torch.split(out.policy_logps, sizes)
+        acc = out.policy_logps.dtype
+        zeros = torch.zeros(b, dtype=acc, device=out.policy_logps.device)
+        big_r, logps = {}, {}
+        for (name, ex, w_rows), r_rows, lp_rows in zip(segs, rho, lp):
+            wr_ = w_rows.to(acc)
+            big_r[name] = zeros.index_add(0, ex, wr_ * r_rows)
+            logps[name] = zeros.index_add(0, ex, (wr_ * lp_rows).detach())
+        ex_c, w_c = segs[0][1], segs[0][2].to(acc)
+        n_c = sizes[0]
+        mixed_kl = zeros.index_add(0, ex_c, out.loss[:n_c])
+        fkl = zeros.index_add(0, ex_c, (w_c * out.forward_kl[:n_c]).detach())
+        rkl = zeros.index_add(0, ex_c, (w_c * out.reverse_kl[:n_c]).detach())
+
+        beta = self.beta
+        rc, rr = big_r["chosen"], big_r["rejected"]
+        rank = -F.logsigmoid(beta * (rc - rr))
+        term = rank + self.alpha * mixed_kl if self.alpha else rank
+        visual = v1 = v2 = torch.zeros_like(rank)
+        g = None if gate is None else gate.to(acc)
+        rcc, rrc = big_r.get("chosen_corrupt"), big_r.get("rejected_corrupt")
+        if rcc is not None and rrc is not None:
+            visual = g * -F.logsigmoid(beta * (rrc - rcc))
+            if self.gamma:
+                term = term + self.gamma * visual
+        if rcc is not None:
+            v1 = g * -F.logsigmoid(beta * (rc - rcc))
+            if self.alpha_v1:
+                term = term + self.alpha_v1 * v1
+        if rrc is not None:
+            v2 = g * -F.logsigmoid(beta * (rc - rrc))
+            if self.alpha_v2:
+                term = term + self.alpha_v2 * v2
+        loss = term.mean() if self.reduction == "mean" else term.sum()
+
+        # ---- metrics (detached, per example)
+        cr, rjr = (beta * rc).detach(), (beta * rr).detach()
+        metrics = {
+            "rewards/chosen": cr,
+            "rewards/rejected": rjr,
+            "rewards/margins": cr - rjr,
+            "rewards/accuracies": (cr > rjr).to(acc),
+            "logps/chosen": logps["chosen"],
+            "logps/rejected": logps["rejected"],
+            "kl/forward": fkl,
+            "kl/reverse": rkl,
+            "kl/mixed": mixed_kl.detach(),
+            "loss/rank": rank.detach(),
+            "loss/total": term.detach(),
+        }
+        if rcc is not None and rrc is not None:
+            nan = torch.full_like(cr, math.nan)
+            on = g != 0
+            vm = (beta * (rrc - rcc)).detach()
+            metrics["visual/loss"] = torch.where(on, -F.logsigmoid(vm), nan)
+            metrics["visual/accuracy"] = torch.where(on, (vm > 0).to(acc), nan)
+            metrics["visual/margins"] = torch.where(on, vm, nan)
+            metrics["rewards/chosen_corrupt"] = torch.where(on, (beta * rcc).detach(), nan)
+            metrics["rewards/rejected_corrupt"] = torch.where(on, (beta * rrc).detach(), nan)
+        return FiReMPOOutput(loss, rank, visual, mixed_kl, beta * rc, beta * rr, v1, v2, metrics)
+
+    @staticmethod
+    def _corrupt_gate(has_corrupt, b: int, device) -> Tensor | None:
+        if has_corrupt is None:
+            return None
+        if not isinstance(has_corrupt, Tensor):
+            raise TypeError(f"has_corrupt must be a tensor of shape ({b},), got {has_corrupt!r}")
+        if tuple(has_corrupt.shape) != (b,):
+            raise ValueError(
+                f"has_corrupt must have shape (B,) = ({b},), got {tuple(has_corrupt.shape)}"
+            )
+        if has_corrupt.is_complex():
+            raise TypeError(f"has_corrupt must be bool or real, got {has_corrupt.dtype}")
+        if has_corrupt.device != device:
+            raise ValueError(f"has_corrupt is on {has_corrupt.device}, hidden states on {device}")
+        hc = has_corrupt.detach()
+        return hc if hc.dtype.is_floating_point else hc.float()
+
+
+def _why_needed(name: str, loss: FiReMPOLoss) -> str:
+    parts = [f"gamma={loss.gamma} > 0"] if loss.gamma > 0 else []
+    if name == "chosen_corrupt" and loss.alpha_v1 > 0:
+        parts.append(f"alpha_v1={loss.alpha_v1} > 0")
+    if name == "rejected_corrupt" and loss.alpha_v2 > 0:
+        parts.append(f"alpha_v2={loss.alpha_v2} > 0")
+    return " or ".join(parts)
+
+
+def _check_real(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise TypeError(f"{name} must be a finite real number, got {value!r}")
+
+
+def _shape(x) -> str:
+    return str(tuple(x.shape)) if isinstance(x, Tensor) else type(x).__name__
+
+
+def _check_seq(name: str, seq, like: SequenceStates | None) -> tuple[int, int]:
+    """Shapes of one SequenceStates; returns (B, L). Also checks B, L, D, D_ref and dtypes
+    against ``like`` (the chosen sequence)."""
+    if not isinstance(seq, tuple) or len(seq) != 4:
+        raise TypeError(
+            f"{name} must be SequenceStates(policy, ref, targets, mask), got {type(seq).__name__}"
+        )
+    seq = SequenceStates(*seq)
+    for field in SequenceStates._fields:
+        if not isinstance(getattr(seq, field), Tensor):
+            raise TypeError(
+                f"{name}.{field} must be a torch.Tensor, got {_shape(getattr(seq, field))}"
+            )
+    pol, ref, tgt, m = seq
+    if pol.dim() != 3:
+        raise ValueError(f"{name}.policy must have shape (B, L, D), got {_shape(pol)}")
+    if ref.dim() != 3 or ref.shape[:2] != pol.shape[:2]:
+        raise ValueError(
+            f"{name}.ref must have shape (B, L, D_ref) = {tuple(pol.shape[:2])} + (D_ref,), "
+            f"got {_shape(ref)} (policy {_shape(pol)})"
+        )
+    if tuple(tgt.shape) != tuple(pol.shape[:2]):
+        raise ValueError(
+            f"{name}.targets must have shape (B, L) = {tuple(pol.shape[:2])}, got {_shape(tgt)}"
+        )
+    if tgt.dtype.is_floating_point or tgt.dtype == torch.bool or tgt.is_complex():
+        raise TypeError(f"{name}.targets must be an integer tensor, got {tgt.dtype}")
+    if tuple(m.shape) != tuple(pol.shape[:2]):
+        raise ValueError(
+            f"{name}.mask must have shape (B, L) = {tuple(pol.shape[:2])}, got {_shape(m)}"
+        )
+    if m.is_complex():
+        raise TypeError(f"{name}.mask must be bool or real, got {m.dtype}")
+    for field, x in (("ref", ref), ("targets", tgt), ("mask", m)):
+        if x.device != pol.device:
+            raise ValueError(
+                f"{name}.{field} is on {x.device} but {name}.policy is on {pol.device}"
+            )
+    bb, ll = pol.shape[0], pol.shape[1]
+    if like is None:
+        return bb, ll
+    b, seq_len = like.policy.shape[:2]
+    if bb != b:
+        raise ValueError(f"{name} has batch size B={bb} but chosen has B={b}")
+    if ll != seq_len:
+        raise ValueError(
+            f"{name} has length L={ll} but chosen has L={seq_len}; pad all sequences to one length"
+        )
+    for field, x, y in (("policy", pol, like.policy), ("ref", ref, like.ref)):
+        if x.shape[-1] != y.shape[-1]:
+            raise ValueError(
+                f"{name}.{field} has hidden size {x.shape[-1]} but chosen.{field} has {y.shape[-1]}"
+            )
+        if x.dtype != y.dtype:
+            raise TypeError(f"{name}.{field} dtype {x.dtype} differs from chosen.{field} {y.dtype}")
+        if x.device != y.device:
+            raise ValueError(f"{name}.{field} is on {x.device} but chosen.{field} on {y.device}")
+    return bb, ll
+
+
+def _check_weights(weight, ref_weight, chosen: SequenceStates) -> None:
+    if not isinstance(weight, Tensor) or weight.dim() != 2:
+        raise ValueError(f"weight must be a (V, D) tensor, got {_shape(weight)}")
+    d, d_ref = chosen.policy.shape[-1], chosen.ref.shape[-1]
+    if weight.shape[1] != d:
+        raise ValueError(f"weight has D={weight.shape[1]} but chosen.policy has D={d}")
+    if ref_weight is None:
+        if d_ref != d:
+            raise ValueError(
+                f"chosen.ref has D_ref={d_ref} != D={d}: pass ref_weight of shape "
+                f"(V, {d_ref}) for a separate reference head"
+            )
+    else:
+        if not isinstance(ref_weight, Tensor) or ref_weight.dim() != 2:
+            raise ValueError(f"ref_weight must be a (V, D_ref) tensor, got {_shape(ref_weight)}")
+        if ref_weight.shape[1] != d_ref:
+            raise ValueError(
+                f"ref_weight has D_ref={ref_weight.shape[1]} but chosen.ref has {d_ref}"
+            )
+        if ref_weight.shape[0] != weight.shape[0]:
+            raise ValueError(
+                f"ref_weight has V={ref_weight.shape[0]} but weight has V={weight.shape[0]}"
+            )

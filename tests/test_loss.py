@@ -1,0 +1,477 @@
+"""FiReMPOLoss: the whole objective against a float64 materialized definition, presets, switches,
+gradient accumulation, bad input and torch.compile."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import rel_err
+
+import fgpo_kernels as fk
+from fgpo_kernels import FiReMPOLoss, SequenceStates, _registry
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+NAMES = ("chosen", "rejected", "chosen_corrupt", "rejected_corrupt")
+
+
+def _impls() -> list:
+    out = [pytest.param("reference", id="reference")]
+    for name in ("torch", "triton", "cuda"):
+        ok, why = _registry._usable_on(name, torch.device(DEV))
+        out.append(pytest.param(name, marks=[] if ok else [pytest.mark.skip(reason=why)], id=name))
+    return out
+
+
+IMPLS = _impls()
+
+
+# ---------------------------------------------------------------- random batches
+
+
+def make_batch(b=3, seq_len=None, d=None, v=None, mask="binary", d_ref=None, corrupt=(1, 0, 1)):
+    """Four sequences of float64 states (policy ≈ reference + noise), masks, targets with
+    ignore_index at some weight-0 positions, a has_corrupt switch and the head weight(s)."""
+    seq_len = seq_len or int(torch.randint(7, 14, ()))
+    d = d or int(torch.randint(24, 49, ()))
+    v = v or int(torch.randint(500, 1004, ()))
+    w = torch.randn(v, d, dtype=torch.float64) / math.sqrt(d) * 3
+    wr = (
+        None if d_ref is None else torch.randn(v, d_ref, dtype=torch.float64) / math.sqrt(d_ref) * 3
+    )
+    seqs = {}
+    for name in NAMES:
+        pol = torch.randn(b, seq_len, d, dtype=torch.float64)
+        ref = pol + 0.3 * torch.randn_like(pol) if wr is None else torch.randn(b, seq_len, d_ref)
+        tgt = torch.randint(0, v, (b, seq_len))
+        if mask == "binary":
+            m = (torch.rand(b, seq_len) < 0.5).double()
+        else:  # token weights: edited tokens 5, others 1, some 0
+            m = torch.where(torch.rand(b, seq_len) < 0.3, 5.0, 1.0).double()
+            m = m * (torch.rand(b, seq_len) < 0.8)
+        m[:, 0] = 1.0  # at least one weighted position per example
+        tgt[(m == 0) & (torch.rand(b, seq_len) < 0.5)] = -100
+        seqs[name] = SequenceStates(pol, ref.double(), tgt, m)
+    hc = torch.tensor(corrupt[:b], dtype=torch.bool)
+    return dict(w=w, wr=wr, seqs=seqs, has_corrupt=hc)
+
+
+def cast_seqs(batch, dtype, grad=True):
+    """Fresh leaf copies in ``dtype`` (policy states and the weight require grad)."""
+    cp = lambda x: x.detach().to(device=DEV, dtype=dtype, copy=True)
+    w = cp(batch["w"]).requires_grad_(grad)
+    wr = None if batch["wr"] is None else cp(batch["wr"])
+    seqs = {}
+    for k, s in batch["seqs"].items():
+        seqs[k] = SequenceStates(
+            cp(s.policy).requires_grad_(grad), cp(s.ref), s.targets.to(DEV), s.mask.to(DEV)
+        )
+    return w, wr, seqs
+
+
+# ---------------------------------------------------------------- the definition (float64)
+
+
+def materialized(batch, beta, alpha, gamma, lambda_, alpha_v1=0.0, alpha_v2=0.0):
+    """The whole FiRe-MPO objective from full logits, autograd for the gradients."""
+    w, wr, seqs = cast_seqs(batch, torch.float64)
+    wref = w.detach() if wr is None else wr
+    hc = batch["has_corrupt"].double().to(DEV)
+    big_r, kl = {}, {}
+    for k, s in seqs.items():
+        logp = torch.log_softmax(s.policy @ w.T, -1)
+        logr = torch.log_softmax(s.ref @ wref.T, -1)
+        t = s.targets.clamp(min=0).unsqueeze(-1)
+        rho = logp.gather(-1, t).squeeze(-1) - logr.gather(-1, t).squeeze(-1)
+        big_r[k] = (s.mask * rho).sum(1)
+        fkl = (logr.exp() * (logr - logp)).sum(-1)
+        rkl = (logp.exp() * (logp - logr)).sum(-1)
+        kl[k] = (s.mask * (lambda_ * fkl + (1 - lambda_) * rkl)).sum(1)
+    rc, rr, rcc, rrc = (big_r[k] for k in NAMES)
+    rank = -F.logsigmoid(beta * (rc - rr))
+    visual = -hc * F.logsigmoid(beta * (rrc - rcc))
+    v1 = -hc * F.logsigmoid(beta * (rc - rcc))
+    v2 = -hc * F.logsigmoid(beta * (rc - rrc))
+    term = rank + gamma * visual + alpha * kl["chosen"] + alpha_v1 * v1 + alpha_v2 * v2
+    loss = term.mean()
+    loss.backward()
+    res = dict(
+        loss=loss.detach(), rank=rank.detach(), visual=visual.detach(),
+        mixed_kl=kl["chosen"].detach(), chosen_rewards=(beta * rc).detach(),
+        rejected_rewards=(beta * rr).detach(), visual_v1=v1.detach(), visual_v2=v2.detach(),
+        dw=w.grad,
+    )  # fmt: skip
+    for k, s in seqs.items():
+        res["d_" + k] = s.policy.grad
+    return res
+
+
+def ours(batch, impl, dtype=torch.float32, loss_fn=None, **cfg):
+    loss_fn = loss_fn or FiReMPOLoss(impl=impl, **cfg)
+    w, wr, seqs = cast_seqs(batch, dtype)
+    out = loss_fn(w, *(seqs[k] for k in NAMES), has_corrupt=batch["has_corrupt"].to(DEV),
+                  ref_weight=wr)  # fmt: skip
+    out.loss.backward()
+    res = {k: getattr(out, k).detach() for k in ("loss", "rank", "visual", "mixed_kl",
+           "chosen_rewards", "rejected_rewards", "visual_v1", "visual_v2")}  # fmt: skip
+    res["dw"] = w.grad
+    for k, s in seqs.items():
+        res["d_" + k] = s.policy.grad if s.policy.grad is not None else torch.zeros_like(s.policy)
+    return res, out
+
+
+def compare(got, ref, vtol, gtol, label=""):
+    for k, r in ref.items():
+        g = got[k]
+        assert g.shape == r.shape, f"{label}{k}: shape {tuple(g.shape)} vs {tuple(r.shape)}"
+        assert torch.isfinite(g).all(), f"{label}{k}: non-finite values"
+        e = rel_err(g, r)
+        tol = gtol if k.startswith("d") else vtol
+        assert e <= tol, f"{label}{k}: rel err {e:.3e} > {tol:.1e}\n got {g}\n ref {r}"
+
+
+# ---------------------------------------------------------------- correctness
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize(
+    "mask,alpha_v,sep_ref",
+    [("binary", (0.0, 0.0), False), ("weights", (0.3, 0.2), False), ("weights", (0.0, 0.5), True)],
+)
+def test_matches_materialized_objective(impl, mask, alpha_v, sep_ref):
+    batch = make_batch(mask=mask, d_ref=40 if sep_ref else None)
+    cfg = dict(beta=float(torch.empty(()).uniform_(0.05, 0.5)), alpha=0.3, gamma=0.7,
+               lambda_=float(torch.rand(())), alpha_v1=alpha_v[0], alpha_v2=alpha_v[1])  # fmt: skip
+    want = materialized(batch, **cfg)
+    if impl == "reference":  # the same definition through our code path: float64, tight
+        got, _ = ours(batch, impl, dtype=torch.float64, **cfg)
+        compare(got, want, 1e-10, 1e-10, "[reference f64] ")
+    got, _ = ours(batch, impl, **cfg)
+    compare(got, want, 5e-5, 1e-4, f"[{impl}] ")
+
+
+@pytest.mark.parametrize("impl", [p for p in IMPLS if p.id != "reference"])
+def test_metrics_consistent(impl):
+    batch = make_batch(mask="weights", corrupt=(1, 0, 1))
+    got, out = ours(batch, impl, beta=0.2)
+    m = out.metrics
+    for k in (*fk.loss.METRIC_KEYS, *fk.loss.VISUAL_METRIC_KEYS):
+        assert k in m and m[k].shape == (3,) and not m[k].requires_grad, k
+    torch.testing.assert_close(m["rewards/chosen"], got["chosen_rewards"])
+    torch.testing.assert_close(
+        m["rewards/margins"], got["chosen_rewards"] - got["rejected_rewards"]
+    )
+    assert torch.equal(m["rewards/accuracies"], (m["rewards/margins"] > 0).float())
+    torch.testing.assert_close(m["kl/mixed"], 0.5 * m["kl/forward"] + 0.5 * m["kl/reverse"])
+    assert (m["kl/forward"] >= 0).all() and (m["kl/reverse"] >= 0).all()
+    # visual metrics are NaN exactly where there is no corrupted image
+    assert torch.isnan(m["visual/loss"][1]) and torch.isfinite(m["visual/loss"][[0, 2]]).all()
+    torch.testing.assert_close(m["visual/loss"][[0, 2]], got["visual"][[0, 2]])
+    s = out.summary()
+    assert set(s) == set(m) and all(isinstance(x, float) for x in s.values())
+    assert s["visual/loss"] == pytest.approx(float(m["visual/loss"][[0, 2]].mean()))
+    torch.testing.assert_close(m["loss/total"].mean(), out.loss.detach())
+
+
+def test_one_fused_call_over_weighted_rows_only(monkeypatch):
+    """The performance design: ONE token_kl call per forward, over exactly the rows with a
+    nonzero weight of the sequences in use (corrupted rows only where has_corrupt)."""
+    batch = make_batch(mask="weights", corrupt=(1, 0, 1))
+    calls = []
+    real = fk.loss.token_kl
+
+    def spy(h, hr, *a, **kw):
+        calls.append((h.shape[0], hr.shape[0]))
+        return real(h, hr, *a, **kw)
+
+    monkeypatch.setattr(fk.loss, "token_kl", spy)
+    ours(batch, "torch")
+    hc = batch["has_corrupt"]
+    want = sum(int((s.mask != 0).sum()) for k, s in batch["seqs"].items() if "corrupt" not in k)
+    want += sum(int((s.mask[hc] != 0).sum()) for k, s in batch["seqs"].items() if "corrupt" in k)
+    assert calls == [(want, want)]
+    calls.clear()
+    ours(batch, "torch", gamma=0.0)  # no visual term: the corrupted sequences are not projected
+    seqs = batch["seqs"]
+    assert calls == [
+        (int((seqs["chosen"].mask != 0).sum() + (seqs["rejected"].mask != 0).sum()),) * 2
+    ]
+
+
+def test_bool_mask_equals_float_mask():
+    batch = make_batch(mask="binary")
+    a, _ = ours(batch, "torch")
+    for k, s in batch["seqs"].items():
+        batch["seqs"][k] = s._replace(mask=s.mask.bool())
+    b, _ = ours(batch, "torch")
+    compare(b, a, 0.0, 0.0)
+
+
+# ---------------------------------------------------------------- presets
+
+
+def _summed_logps(batch, name, model):
+    s = batch["seqs"][name]
+    h = s.policy if model == "policy" else s.ref
+    w = batch["w"]
+    lp = fk.token_logprobs(h, w, s.targets.masked_fill(s.mask == 0, -100), impl="reference")
+    return lp
+
+
+def _response_mask_batch():
+    """DPO data: the mask is the whole response (ones, then two padding positions)."""
+    batch = make_batch(mask="binary")
+    for k, s in batch["seqs"].items():
+        m = torch.ones_like(s.mask)
+        m[:, -2:] = 0
+        t = s.targets.clamp(min=0)
+        t[:, -2:] = -100
+        batch["seqs"][k] = s._replace(mask=m, targets=t)
+    return batch
+
+
+def test_dpo_preset_is_sigmoid_dpo_formula():
+    batch = _response_mask_batch()
+    beta = 0.2
+    got, out = ours(
+        batch,
+        "torch",
+        dtype=torch.float64,
+        loss_fn=FiReMPOLoss.preset("dpo", beta=beta, impl="torch"),
+    )
+    pc, pr = (_summed_logps(batch, k, "policy").sum(1) for k in ("chosen", "rejected"))
+    rc, rr = (_summed_logps(batch, k, "ref").sum(1) for k in ("chosen", "rejected"))
+    want = -F.logsigmoid(beta * ((pc - rc) - (pr - rr))).mean()
+    torch.testing.assert_close(got["loss"], want.detach(), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(out.metrics["logps/chosen"], pc.detach(), rtol=1e-10, atol=1e-12)
+    assert torch.equal(got["visual"], torch.zeros(3, dtype=torch.float64))
+
+
+def _trl_sigmoid_dpo(beta, per_token_c, per_token_r, ref_c, ref_r):
+    """TRL's own sigmoid DPO loss (DPOTrainer._compute_loss) fed with our per-token log-probs
+    through a stand-in model; skips when TRL or that private method is not as expected."""
+    dpo = pytest.importorskip("trl.trainer.dpo_trainer")
+    fn = getattr(dpo.DPOTrainer, "_compute_loss", None)
+    if fn is None:
+        pytest.skip("trl.DPOTrainer._compute_loss not found in this TRL version")
+    per_token = torch.cat([per_token_c, per_token_r])
+    n, seq_len = per_token.shape
+    zeros = torch.zeros_like(per_token)
+
+    def model(**kw):
+        return SimpleNamespace(log_probs=per_token, entropy=zeros, mean_logits=zeros,
+                               is_top1=zeros.bool())  # fmt: skip
+
+    ident = lambda x: x
+    trainer = SimpleNamespace(
+        model=SimpleNamespace(training=True),
+        accelerator=SimpleNamespace(
+            device=per_token.device, gather=ident, gather_for_metrics=ident
+        ),
+        aux_loss_enabled=False, ld_alpha=None, precompute_ref_logps=True,
+        f_divergence_type="reverse_kl", loss_types=["sigmoid"], loss_weights=[1.0], beta=beta,
+        label_smoothing=0.0, use_weighting=False, _total_train_tokens=0, _tp_size=1,
+        _metrics=defaultdict(lambda: defaultdict(list)),
+    )  # fmt: skip
+    inputs = {
+        "input_ids": torch.zeros(n, seq_len + 1, dtype=torch.long),
+        "attention_mask": torch.ones(n, seq_len + 1, dtype=torch.long),
+        "completion_mask": torch.ones(n, seq_len + 1, dtype=torch.long),
+        "ref_chosen_logps": ref_c,
+        "ref_rejected_logps": ref_r,
+    }
+    try:
+        return fn(trainer, model, inputs, False)
+    except (AttributeError, KeyError, TypeError) as exc:
+        pytest.skip(f"TRL's private DPOTrainer._compute_loss changed: {exc!r}")
+
+
+def test_dpo_preset_equals_trl_sigmoid_dpo():
+    batch = _response_mask_batch()
+    beta = 0.15
+    got, _ = ours(batch, "torch", dtype=torch.float64, loss_fn=FiReMPOLoss.preset("DPO", beta=beta))
+    pc, pr = (_summed_logps(batch, k, "policy") for k in ("chosen", "rejected"))
+    rc, rr = (_summed_logps(batch, k, "ref").sum(1) for k in ("chosen", "rejected"))
+    trl_loss = _trl_sigmoid_dpo(beta, pc, pr, rc, rr)
+    torch.testing.assert_close(got["loss"], trl_loss.detach().double(), rtol=1e-10, atol=1e-12)
+
+
+def test_rrpo_preset_is_rank_plus_forward_kl():
+    batch = make_batch(mask="weights")
+    loss_fn = FiReMPOLoss.preset("rrpo", impl="torch")
+    assert (loss_fn.gamma, loss_fn.lambda_, loss_fn.alpha) == (0.0, 1.0, 0.01)
+    got, out = ours(batch, "torch", loss_fn=loss_fn)
+    m = out.metrics
+    torch.testing.assert_close(got["mixed_kl"], m["kl/forward"])
+    want = (got["rank"] + 0.01 * m["kl/forward"]).mean()
+    torch.testing.assert_close(got["loss"], want)
+    assert "visual/loss" not in m  # corrupted sequences are not even projected
+    want = materialized(batch, beta=0.1, alpha=0.01, gamma=0.0, lambda_=1.0)
+    for k in ("visual", "visual_v1", "visual_v2"):  # not computed: their sequences are unused
+        assert not got.pop(k).any()
+        want.pop(k)
+    compare(got, want, 5e-5, 1e-4)
+
+
+@pytest.mark.parametrize("name", ["mask_dpo", "Mask-DPO"])
+def test_mask_dpo_preset_is_rank_only(name):
+    batch = make_batch(mask="binary")
+    loss_fn = FiReMPOLoss.preset(name, beta=0.3, impl="torch")
+    got, _ = ours(batch, "torch", loss_fn=loss_fn)
+    torch.testing.assert_close(got["loss"], got["rank"].mean())
+    want = materialized(batch, beta=0.3, alpha=0.0, gamma=0.0, lambda_=0.5)
+    compare(got, {k: want[k] for k in ("loss", "rank", "dw", "d_chosen", "d_rejected")}, 5e-5, 1e-4)
+    assert not got["d_chosen_corrupt"].any()
+
+
+def test_fire_mpo_preset_is_the_defaults():
+    a, b = FiReMPOLoss.preset("fire-mpo"), FiReMPOLoss()
+    assert repr(a) == repr(b)
+    assert (b.beta, b.alpha, b.gamma, b.lambda_, b.alpha_v1, b.alpha_v2) == (
+        0.1,
+        0.01,
+        0.1,
+        0.5,
+        0,
+        0,
+    )
+    assert FiReMPOLoss.preset("fire_mpo", gamma=0.5).gamma == 0.5
+    with pytest.raises(ValueError, match="preset"):
+        FiReMPOLoss.preset("ppo")
+
+
+# ---------------------------------------------------------------- switches and accumulation
+
+
+def test_has_corrupt_all_false_equals_gamma_zero():
+    batch = make_batch(mask="weights", corrupt=(0, 0, 0))
+    a, _ = ours(batch, "torch", gamma=0.4, alpha_v1=0.2, alpha_v2=0.3)
+    b, _ = ours(batch, "torch", gamma=0.0)
+    compare(a, b, 1e-7, 1e-7)
+    # ... and then the corrupted sequences may be left out entirely
+    loss_fn = FiReMPOLoss(gamma=0.4, impl="torch")
+    w, _, seqs = cast_seqs(batch, torch.float32)
+    out = loss_fn(w, seqs["chosen"], seqs["rejected"], has_corrupt=torch.zeros(3, dtype=torch.bool))
+    torch.testing.assert_close(out.loss.detach(), b["loss"])
+
+
+def test_float_has_corrupt_weights_the_visual_terms():
+    batch = make_batch(mask="binary", corrupt=(1, 1, 1))
+    full, _ = ours(batch, "torch", gamma=0.5)
+    batch["has_corrupt"] = torch.tensor([0.5, 0.0, 2.0])
+    half, _ = ours(batch, "torch", gamma=0.5)
+    torch.testing.assert_close(half["visual"], full["visual"] * batch["has_corrupt"])
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_gradient_accumulation_equals_one_big_batch(reduction):
+    b = 4
+    batch = make_batch(b=b, mask="weights", corrupt=(1, 0, 1, 1))
+    cfg = dict(beta=0.2, alpha=0.1, gamma=0.3, alpha_v1=0.1)
+    big, _ = ours(batch, "torch", **cfg)
+    splits = [(0, 2), (2, 4)] if reduction == "mean" else [(0, 1), (1, 4)]
+    w, _, seqs = cast_seqs(batch, torch.float32)
+    loss_fn = FiReMPOLoss(impl="torch", reduction=reduction, **cfg)
+    total = 0.0
+    for s, e in splits:
+        part = [SequenceStates(*(x[s:e] for x in seqs[k])) for k in NAMES]
+        out = loss_fn(w, *part, has_corrupt=batch["has_corrupt"][s:e])
+        # mean: equal micro-batches, divide by their count; sum: divide by the global batch
+        scaled = out.loss / len(splits) if reduction == "mean" else out.loss / b
+        scaled.backward()
+        total += float(scaled.detach())
+    assert total == pytest.approx(float(big["loss"]), rel=1e-5)
+    assert rel_err(w.grad, big["dw"]) <= 1e-5
+    for k in NAMES:
+        assert rel_err(seqs[k].policy.grad, big["d_" + k]) <= 1e-5, k
+
+
+def test_all_zero_masks_give_log2_and_zero_grads():
+    batch = make_batch(mask="binary")
+    for k, s in batch["seqs"].items():
+        batch["seqs"][k] = s._replace(mask=torch.zeros_like(s.mask))
+    got, _ = ours(batch, "torch")
+    # every R is 0: rank = log 2, visual = has_corrupt · log 2, KL = 0
+    hc = batch["has_corrupt"].float().mean()
+    torch.testing.assert_close(got["loss"], math.log(2.0) * (1 + 0.1 * hc))
+    for k in ("dw", *("d_" + n for n in NAMES)):
+        assert not got[k].any(), k
+
+
+def test_no_grad_forward():
+    batch = make_batch()
+    w, _, seqs = cast_seqs(batch, torch.float32, grad=False)
+    with torch.no_grad():
+        out = FiReMPOLoss(impl="torch")(w, *(seqs[k] for k in NAMES))
+    assert torch.isfinite(out.loss) and not out.loss.requires_grad
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def test_bad_inputs_raise_clear_errors():
+    batch = make_batch(b=3, seq_len=8, d=24, v=500)
+    w, _, seqs = cast_seqs(batch, torch.float32, grad=False)
+    c, r, cc, rc = (seqs[k] for k in NAMES)
+    loss_fn = FiReMPOLoss(impl="torch")
+    short = SequenceStates(*(x[:2] for x in r))
+    shorter = SequenceStates(r.policy[:, :7], r.ref[:, :7], r.targets[:, :7], r.mask[:, :7])
+    bad_t = c.targets.clone()
+    bad_t[0, 0] = -100  # ignore_index where the mask is 1
+    cases = [
+        (lambda: loss_fn(w, c, short, cc, rc), ValueError, "rejected has batch size B=2"),
+        (lambda: loss_fn(w, c, shorter, cc, rc), ValueError, "rejected has length L=7"),
+        (lambda: loss_fn(w, c, r, cc, SequenceStates(*(x[:2] for x in rc))), ValueError,
+         "rejected_corrupt has batch size"),
+        (lambda: loss_fn(w, c, r), ValueError, "chosen_corrupt is required when gamma"),
+        (lambda: loss_fn(w, c, r, cc), ValueError, "rejected_corrupt is required"),
+        (lambda: FiReMPOLoss(gamma=0, alpha_v2=0.1)(w, c, r, cc), ValueError,
+         "rejected_corrupt is required when alpha_v2"),
+        (lambda: loss_fn(w, c, r, cc, rc, has_corrupt=torch.ones(2)), ValueError, "has_corrupt"),
+        (lambda: loss_fn(w[:, :20], c, r, cc, rc), ValueError, "weight has D=20"),
+        (lambda: loss_fn(w, c._replace(targets=bad_t), r, cc, rc), ValueError,
+         "chosen.targets is ignore_index"),
+        (lambda: loss_fn(w, c._replace(mask=c.mask[:, :5]), r, cc, rc), ValueError, "chosen.mask"),
+        (lambda: loss_fn(w, c._replace(targets=c.targets.float()), r, cc, rc), TypeError,
+         "chosen.targets"),
+        (lambda: loss_fn(w, c, r._replace(policy=r.policy[..., :20]), cc, rc), ValueError,
+         "rejected.policy has hidden size 20"),
+        (lambda: loss_fn(w, c, r._replace(policy=r.policy.double()), cc, rc), TypeError,
+         "rejected.policy dtype"),
+        (lambda: FiReMPOLoss(gamma=0)(w, c._replace(ref=c.ref[..., :20]),
+                                      r._replace(ref=r.ref[..., :20])), ValueError, "ref_weight"),
+        (lambda: loss_fn(w, (c.policy, c.ref), r, cc, rc), TypeError, "chosen must be"),
+        (lambda: FiReMPOLoss(beta=0.0), ValueError, "beta"),
+        (lambda: FiReMPOLoss(lambda_=1.5), ValueError, "lambda_"),
+        (lambda: FiReMPOLoss(gamma=-1.0), ValueError, "gamma"),
+        (lambda: FiReMPOLoss(reduction="none"), ValueError, "reduction"),
+        (lambda: FiReMPOLoss(impl="fast")(w, c, r, cc, rc), ValueError, "impl"),
+    ]  # fmt: skip
+    for fn, exc, msg in cases:
+        with pytest.raises(exc, match=msg):
+            fn()
+
+
+# ---------------------------------------------------------------- torch.compile
+
+
+def test_torch_compile_matches_eager():
+    batch = make_batch(b=2, seq_len=7, d=24, v=257)
+    loss_fn = FiReMPOLoss(impl="torch", alpha=0.2, gamma=0.3)
+
+    def step(w, c, r, cc, rc, hc):
+        out = loss_fn(w, c, r, cc, rc, has_corrupt=hc)
+        return out.loss, out.chosen_rewards
+
+    results = []
+    for fn in (step, torch.compile(step)):
+        w, _, seqs = cast_seqs(batch, torch.float32)
+        loss, rewards = fn(w, *(seqs[k] for k in NAMES), batch["has_corrupt"][:2])
+        loss.backward()
+        results.append((loss.detach(), rewards.detach(), w.grad, seqs["chosen"].policy.grad))
+    for a, b in zip(*results):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
