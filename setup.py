@@ -54,6 +54,7 @@ setup(
             "safetensors",
             "matplotlib",
             "pydicom>=2.4",
+            "trl>=1.16",  # tests/test_loss.py checks the DPO preset against TRL's sigmoid DPO
         ],
         "bench": ["pytest-benchmark", "matplotlib", "liger-kernel", "psutil"],
     },
