@@ -1,0 +1,361 @@
+"""Preference data: mask tags → token masks, encoding, the dataset and the collator.
+
+Records are the reference JSON format: a list of objects with ``prompt``, ``chosen`` and
+``rejected`` (the differing spans inside ``<mask>…</mask>``), ``image_path``, optional
+``rejected_image_path`` (the lesion-corrupted image v'), ``id`` and ``qid``.
+
+Alignment is done once, here: for a sequence of ids ``x`` (prompt then response),
+``targets[t] = x[t+1]`` where ``x[t+1]`` is a response token (else -100), and the masks are
+shifted the same way, so the hidden state at row ``t`` predicts ``targets[t]`` — the layout the
+loss takes. Two masks per sequence: ``span_mask`` (the tagged tokens) and ``response_mask``
+(every response token, eos included) so that the loss preset chooses (DPO uses the latter).
+
+Bad data never crashes a run: malformed tags raise ``MaskTagError`` naming the record (or are
+skipped, by policy), and examples that cannot be encoded (missing/unreadable image, empty
+masks, over-long) are skipped and counted by reason (``PreferenceDataset.skipped``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+OPEN_TAG = "<mask>"
+CLOSE_TAG = "</mask>"
+IGNORE_INDEX = -100
+
+
+class MaskTagError(ValueError):
+    """Unbalanced or nested ``<mask>`` tags."""
+
+
+class SkipExample(Exception):
+    """An example that cannot be used; ``reason`` is a short key for the skip counter."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+def parse_mask_tags(text: str) -> tuple[str, list[tuple[int, int]]]:
+    """Remove ``<mask>``/``</mask>`` tags; return the clean text and the spans' char ranges.
+
+    >>> parse_mask_tags("the <mask>left</mask> lung")
+    ('the left lung', [(4, 8)])
+
+    Raises ``MaskTagError`` for a closing tag without an opening one, an opening tag inside an
+    open span (nesting), or a span left open at the end. Empty spans are kept as ``(i, i)``.
+    """
+    if not isinstance(text, str):
+        raise TypeError(f"text must be a str, got {type(text).__name__}")
+    out: list[str] = []
+    spans: list[tuple[int, int]] = []
+    pos = 0  # position in the clean text
+    i = 0
+    start: int | None = None
+    while i < len(text):
+        if text.startswith(OPEN_TAG, i):
+            if start is not None:
+                raise MaskTagError(f"nested {OPEN_TAG} at character {i} of {text!r}")
+            start = pos
+            i += len(OPEN_TAG)
+        elif text.startswith(CLOSE_TAG, i):
+            if start is None:
+                raise MaskTagError(f"{CLOSE_TAG} without {OPEN_TAG} at character {i} of {text!r}")
+            spans.append((start, pos))
+            start = None
+            i += len(CLOSE_TAG)
+        else:
+            out.append(text[i])
+            pos += 1
+            i += 1
+    if start is not None:
+        raise MaskTagError(f"unclosed {OPEN_TAG} (opened at clean character {start}) in {text!r}")
+    return "".join(out), spans
+
+
+def load_records(path: str) -> list[dict[str, Any]]:
+    """Read a JSON list (or JSON lines) of preference records; checks the required keys."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    stripped = text.lstrip()
+    if stripped.startswith("["):
+        records = json.loads(text)
+    else:
+        records = [json.loads(line) for line in text.splitlines() if line.strip()]
+    if not isinstance(records, list):
+        raise ValueError(f"{path}: expected a JSON list of records, got {type(records).__name__}")
+    for k, r in enumerate(records):
+        if not isinstance(r, dict):
+            raise ValueError(f"{path}: record {k} is a {type(r).__name__}, not an object")
+        missing = [key for key in ("prompt", "chosen", "rejected", "image_path") if key not in r]
+        if missing:
+            raise ValueError(f"{path}: record {k} (id={r.get('id')!r}) lacks {missing}")
+    return records
+
+
+def open_image(path: str) -> Any:
+    """Open an image as RGB, raising ``SkipExample`` when missing or unreadable."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not os.path.exists(path):
+        raise SkipExample("missing_image", path)
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise SkipExample("unreadable_image", f"{path}: {e}") from None
+
+
+def _tokenize_response(tokenizer: Any, text: str, spans: list[tuple[int, int]]):
+    """Token ids of the response and a 0/1 flag per token: 1 when it overlaps a span."""
+    try:
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids, offsets = list(enc["input_ids"]), list(enc["offset_mapping"])
+        flags = [
+            float(any(s < e_tok and s_tok < e for s, e in spans if e > s))
+            for s_tok, e_tok in offsets
+        ]
+        return ids, flags
+    except (NotImplementedError, KeyError, TypeError):
+        # Slow tokenizers: tokenize the pieces between span boundaries separately.
+        cuts = sorted({0, len(text), *[c for s in spans for c in s]})
+        ids, flags = [], []
+        for a, b in itertools.pairwise(cuts):
+            piece = tokenizer(text[a:b], add_special_tokens=False)["input_ids"]
+            inside = any(s <= a and b <= e for s, e in spans)
+            ids += piece
+            flags += [float(inside)] * len(piece)
+        return ids, flags
+
+
+def encode_response(
+    processor: Any, prompt_ids: list[int], response: str, max_length: int | None = None
+) -> dict[str, torch.Tensor]:
+    """Append a tagged response (+ eos) to prompt ids; return ids and the shifted targets/masks.
+
+    Keys: ``input_ids``, ``attention_mask`` (L,), ``targets`` (L,) with -100 outside the
+    response, ``span_mask`` and ``response_mask`` (L,) float, aligned to ``targets``.
+    """
+    tok = getattr(processor, "tokenizer", processor)
+    clean, spans = parse_mask_tags(response)
+    r_ids, r_flags = _tokenize_response(tok, clean, spans)
+    if tok.eos_token_id is not None:
+        r_ids.append(int(tok.eos_token_id))
+        r_flags.append(0.0)
+    ids = list(prompt_ids) + r_ids
+    if max_length is not None and len(ids) > max_length:
+        raise SkipExample("too_long", f"{len(ids)} tokens > max_length {max_length}")
+    n, p = len(ids), len(prompt_ids)
+    targets = torch.full((n,), IGNORE_INDEX, dtype=torch.long)
+    span = torch.zeros(n)
+    resp = torch.zeros(n)
+    # Row t predicts token t+1: response tokens p..n-1 are predicted by rows p-1..n-2.
+    targets[p - 1 : n - 1] = torch.tensor(r_ids, dtype=torch.long)
+    span[p - 1 : n - 1] = torch.tensor(r_flags)
+    resp[p - 1 : n - 1] = 1.0
+    return {
+        "input_ids": torch.tensor(ids, dtype=torch.long),
+        "attention_mask": torch.ones(n, dtype=torch.long),
+        "targets": targets,
+        "span_mask": span,
+        "response_mask": resp,
+    }
+
+
+def encode_example(
+    processor: Any, image: Any, prompt: str, response: str, max_length: int | None = None
+) -> dict[str, Any]:
+    """Encode one (image, prompt, tagged response) sequence.
+
+    ``processor`` is a ``fgpo.models.VLProcessor``; ``image`` a PIL image or a path. Returns the
+    keys of ``encode_response`` plus the image tensors (``pixel_values``, and
+    ``image_grid_thw`` for Qwen-VL models).
+    """
+    if isinstance(image, (str, os.PathLike)):
+        image = open_image(os.fspath(image))
+    prompt_ids, img = processor.encode_prompt(image, prompt)
+    out = encode_response(processor, prompt_ids, response, max_length)
+    out["image"] = img
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Dataset and collator
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EncodedPair:
+    """One preference example: up to four sequences and their images."""
+
+    index: int
+    id: str
+    chosen: dict[str, Any]
+    rejected: dict[str, Any]
+    chosen_corrupt: dict[str, Any] | None
+    rejected_corrupt: dict[str, Any] | None
+    image: dict[str, torch.Tensor]
+    corrupt_image: dict[str, torch.Tensor] | None
+
+
+class PreferenceDataset:
+    """Preference records → ``EncodedPair`` (or ``None`` for a skipped example).
+
+    Args:
+        records: a path to the JSON file or the list of records.
+        processor: the ``VLProcessor``.
+        image_root: directory that relative image paths are resolved against (default: the
+            JSON file's directory, else the working directory).
+        max_length: sequences longer than this (prompt + image tokens + response) are skipped.
+        with_corrupt: encode (v', y+) and (v', y-) when ``rejected_image_path`` exists.
+        on_bad_tags: ``"error"`` (default: ``MaskTagError`` naming the record, raised when the
+            dataset is built, before any training) or ``"skip"`` (counted).
+        cache: keep encoded examples in memory (fast repeated epochs on small sets).
+
+    ``skipped`` counts skipped examples by reason (``bad_tags``, ``missing_image``,
+    ``unreadable_image``, ``empty_mask``, ``too_long``).
+    """
+
+    def __init__(
+        self,
+        records: str | list[dict[str, Any]],
+        processor: Any,
+        *,
+        image_root: str | None = None,
+        max_length: int | None = None,
+        with_corrupt: bool = True,
+        mask: str = "span",
+        on_bad_tags: str = "error",
+        cache: bool = False,
+    ) -> None:
+        if on_bad_tags not in ("error", "skip"):
+            raise ValueError(f"on_bad_tags must be 'error' or 'skip', got {on_bad_tags!r}")
+        if mask not in ("span", "response"):
+            raise ValueError(f"mask must be 'span' or 'response', got {mask!r}")
+        if isinstance(records, (str, os.PathLike)):
+            path = os.fspath(records)
+            image_root = image_root or os.path.dirname(os.path.abspath(path))
+            records = load_records(path)
+        self.records = list(records)
+        self.processor = processor
+        self.image_root = image_root or os.getcwd()
+        self.max_length = max_length
+        self.with_corrupt = with_corrupt
+        self.mask = mask
+        self.skipped: Counter[str] = Counter()
+        self._bad: set[int] = set()
+        self._cache: dict[int, EncodedPair | None] | None = {} if cache else None
+        # Validate tags up front: malformed data fails before training, not mid-run.
+        for k, r in enumerate(self.records):
+            for key in ("chosen", "rejected"):
+                try:
+                    parse_mask_tags(r[key])
+                except MaskTagError as e:
+                    if on_bad_tags == "error":
+                        raise MaskTagError(
+                            f"record {k} (id={r.get('id')!r}) field {key!r}: {e}"
+                        ) from None
+                    self._bad.add(k)
+        if self._bad:
+            self.skipped["bad_tags"] += len(self._bad)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def _path(self, p: str) -> str:
+        return p if os.path.isabs(p) else os.path.join(self.image_root, p)
+
+    def __getitem__(self, k: int) -> EncodedPair | None:
+        if self._cache is not None and k in self._cache:
+            return self._cache[k]
+        item: EncodedPair | None = None
+        if k not in self._bad:
+            try:
+                item = self._encode(k)
+            except SkipExample as e:
+                self.skipped[e.reason] += 1
+        if self._cache is not None:
+            self._cache[k] = item
+        return item
+
+    def _encode(self, k: int) -> EncodedPair:
+        r = self.records[k]
+        proc, ml = self.processor, self.max_length
+        image = open_image(self._path(r["image_path"]))
+        prompt_ids, img = proc.encode_prompt(image, r["prompt"])
+        chosen = encode_response(proc, prompt_ids, r["chosen"], ml)
+        rejected = encode_response(proc, prompt_ids, r["rejected"], ml)
+        key = "span_mask" if self.mask == "span" else "response_mask"
+        if chosen[key].sum() == 0 and rejected[key].sum() == 0:
+            raise SkipExample("empty_mask", f"record {k} (id={r.get('id')!r})")
+        cc = rc = cimg = None
+        if self.with_corrupt and r.get("rejected_image_path"):
+            cimage = open_image(self._path(r["rejected_image_path"]))
+            c_prompt_ids, cimg = proc.encode_prompt(cimage, r["prompt"])
+            cc = encode_response(proc, c_prompt_ids, r["chosen"], ml)
+            rc = encode_response(proc, c_prompt_ids, r["rejected"], ml)
+        return EncodedPair(k, str(r.get("id", k)), chosen, rejected, cc, rc, img, cimg)
+
+
+def _cat_images(images: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    # LLaVA: (1, C, H, W) per image; Qwen-VL: (patches, dim) + (1, 3) grid; both concat on dim 0.
+    return {k: torch.cat([im[k] for im in images], 0) for k in images[0]}
+
+
+class PreferenceCollator:
+    """Pads a list of ``EncodedPair`` into one batch of ``n_seq * B`` sequences.
+
+    Sequence order is ``[chosen (B), rejected (B), chosen_corrupt (B), rejected_corrupt (B)]``;
+    the corrupt groups are present when ``with_corrupt`` and at least one example has v'
+    (examples without it reuse v and get ``has_corrupt = 0``, so their visual terms vanish).
+    Right padding with the pad id, targets -100 and masks 0. ``None`` items (skipped) are
+    dropped. Output keys: ``input_ids``, ``attention_mask`` (S, L), image tensors in sequence
+    order, ``targets``, ``span_mask``, ``response_mask`` (S, L), ``has_corrupt`` (B,),
+    ``n_seq``, ``batch_size``, ``ids``, ``indices``.
+    """
+
+    def __init__(self, pad_token_id: int, with_corrupt: bool = True) -> None:
+        self.pad_token_id = int(pad_token_id)
+        self.with_corrupt = with_corrupt
+
+    def __call__(self, items: list[EncodedPair | None]) -> dict[str, Any] | None:
+        items = [it for it in items if it is not None]
+        if not items:
+            return None
+        has = torch.tensor([float(it.chosen_corrupt is not None) for it in items])
+        four = self.with_corrupt and bool(has.any())
+        seqs = [it.chosen for it in items] + [it.rejected for it in items]
+        images = [it.image for it in items] * 2
+        if four:
+            for key in ("chosen", "rejected"):
+                for it in items:
+                    c = getattr(it, f"{key}_corrupt")
+                    seqs.append(c if c is not None else getattr(it, key))
+                    images.append(it.corrupt_image if c is not None else it.image)
+        width = max(s["input_ids"].numel() for s in seqs)
+        n = len(seqs)
+        out: dict[str, Any] = {
+            "input_ids": torch.full((n, width), self.pad_token_id, dtype=torch.long),
+            "attention_mask": torch.zeros((n, width), dtype=torch.long),
+            "targets": torch.full((n, width), IGNORE_INDEX, dtype=torch.long),
+            "span_mask": torch.zeros((n, width)),
+            "response_mask": torch.zeros((n, width)),
+        }
+        for i, s in enumerate(seqs):
+            m = s["input_ids"].numel()
+            for key in ("input_ids", "attention_mask", "targets", "span_mask", "response_mask"):
+                out[key][i, :m] = s[key]
+        out.update(_cat_images(images))
+        out["has_corrupt"] = has if four else torch.zeros(len(items))
+        out["n_seq"] = 4 if four else 2
+        out["batch_size"] = len(items)
+        out["ids"] = [it.id for it in items]
+        out["indices"] = [it.index for it in items]
+        return out
