@@ -1,0 +1,648 @@
+"""Loaders for medical VQA / report datasets from local folders in their official layouts.
+
+Every loader returns ``(examples, report)``: a list of :class:`VQAExample` and a
+:class:`LoadReport` that counts what was skipped and why. Nothing is downloaded. A missing
+annotation file (or an unreadable one) is an error naming the path; a missing or corrupt image
+is a *counted* skip (``strict=True`` turns it into an error), never a silent drop.
+
+Layouts (relative to ``root``):
+
+- SLAKE (``Slake1.0``): ``train.json`` / ``validate.json`` / ``test.json`` (records with
+  ``img_id``, ``img_name`` = ``xmlab<N>/source.jpg``, ``question``, ``answer``, ``answer_type``
+  OPEN/CLOSED, ``q_lang``, ``qid``, ``modality``, ``location``, ``content_type``) and
+  ``imgs/xmlab<N>/{source.jpg, mask.png, detection.json}``; ``detection.json`` is a list of
+  ``{label: [x, y, w, h]}``. Lesion region: the boxes whose label the question or answer
+  names, else boxes of abnormal findings, else ``mask.png``.
+- VQA-RAD: ``VQA_RAD Dataset Public.json`` (``qid``, ``image_name``, ``question``, ``answer``,
+  ``answer_type``, ``phrase_type``, ``image_organ``) and ``VQA_RAD Image Folder/``. The test
+  split is the records whose ``phrase_type`` starts with ``test``.
+- PathVQA (``pvqa``): ``qas/<split>/<split>_qa.pkl`` (a list of ``{image, question, answer}``;
+  ``<split>_qa.json`` with the same content is accepted too) and ``images/<split>/<image>.jpg``.
+- IU-Xray: the common ``annotation.json`` (``{"train": [{id, report, image_path: [...]}], ...}``)
+  with ``images/``; or the original OpenI layout: ``ecgen-radiology/*.xml`` reports and the PNGs
+  (``NLMCXR_png/`` or ``images/``), every report split deterministically by id.
+
+Images may be DICOM files (read with windowing by :mod:`fgpo.dicom`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import pickle
+import re
+import xml.etree.ElementTree as ET
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+ANSWER_TYPES = ("closed", "open", "report")
+REPORT_QUESTION = "Describe the findings of this chest X-ray."
+
+# Labels of SLAKE detection boxes that are findings rather than normal anatomy.
+_ABNORMAL_WORDS = (
+    "cancer",
+    "tumor",
+    "tumour",
+    "nodule",
+    "mass",
+    "lesion",
+    "effusion",
+    "pneumonia",
+    "pneumothorax",
+    "cardiomegaly",
+    "edema",
+    "atelectasis",
+    "infiltration",
+    "consolidation",
+    "fibrosis",
+    "emphysema",
+    "enlarged",
+    "abnormal",
+)
+
+
+class DatasetError(ValueError):
+    """An annotation file or image that cannot be used (the message names the path)."""
+
+
+@dataclass
+class VQAExample:
+    """One question (or report) about one image; lesion geometry is in image pixels.
+
+    ``lesion_boxes`` are ``(x0, y0, x1, y1)``; ``lesion_polygons`` lists of ``(x, y)``;
+    ``lesion_mask_path`` an image whose nonzero pixels are the lesion. Any combination may be
+    given; their union is the region the corruption uses.
+    """
+
+    id: str
+    qid: str
+    image_path: str
+    question: str
+    answer: str
+    answer_type: str = "open"
+    modality: str | None = None
+    dataset: str = ""
+    lesion_mask_path: str | None = None
+    lesion_boxes: list[tuple[float, float, float, float]] = field(default_factory=list)
+    lesion_polygons: list[list[tuple[float, float]]] = field(default_factory=list)
+    options: list[str] = field(default_factory=list)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.answer_type not in ANSWER_TYPES:
+            raise ValueError(f"answer_type must be one of {ANSWER_TYPES}, got {self.answer_type!r}")
+        self.id, self.qid = str(self.id), str(self.qid)
+
+    @property
+    def has_lesion(self) -> bool:
+        return bool(self.lesion_mask_path or self.lesion_boxes or self.lesion_polygons)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class LoadReport:
+    """What a loader read and what it skipped (counts per reason plus the first few details)."""
+
+    dataset: str
+    split: str
+    loaded: int = 0
+    skipped: Counter = field(default_factory=Counter)
+    details: list[str] = field(default_factory=list)
+    max_details: int = 20
+
+    def skip(self, reason: str, detail: str) -> None:
+        self.skipped[reason] += 1
+        if len(self.details) < self.max_details:
+            self.details.append(f"{reason}: {detail}")
+
+    @property
+    def n_skipped(self) -> int:
+        return sum(self.skipped.values())
+
+    def summary(self) -> str:
+        s = f"{self.dataset}/{self.split}: loaded {self.loaded}"
+        if self.skipped:
+            s += ", skipped " + ", ".join(f"{n} {r}" for r, n in sorted(self.skipped.items()))
+        return s
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "dataset": self.dataset,
+            "split": self.split,
+            "loaded": self.loaded,
+            "skipped": dict(self.skipped),
+            "details": list(self.details),
+        }
+
+
+# ----------------------------------------------------------------------------- images
+
+
+def is_dicom(path: str | Path) -> bool:
+    """True for ``.dcm``/``.dicom`` files and for files with the DICOM preamble magic."""
+    p = Path(path)
+    if p.suffix.lower() in (".dcm", ".dicom"):
+        return True
+    try:
+        with open(p, "rb") as f:
+            f.seek(128)
+            return f.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def open_image(path: str | Path, *, window: Any = "auto"):
+    """Open an image as a PIL image in mode ``L`` or ``RGB`` (DICOM with windowing).
+
+    Raises :class:`DatasetError` naming the path when the file is missing or unreadable.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    p = Path(path)
+    if not p.is_file():
+        raise DatasetError(f"image file not found: {p}")
+    if is_dicom(p):
+        from .dicom import read_dicom
+
+        return read_dicom(p, window=window)
+    try:
+        with Image.open(p) as im:
+            im.load()
+            if im.mode in ("L", "RGB"):
+                return im.copy()
+            if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+                import numpy as np
+
+                a = np.asarray(im, dtype=np.float64)
+                lo, hi = float(a.min()), float(a.max())
+                a = (a - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(a)
+                return Image.fromarray(a.round().astype(np.uint8), mode="L")
+            return im.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise DatasetError(f"cannot read image {p}: {e}") from e
+
+
+class _ImageChecker:
+    """Checks each image once (many questions share one image): exists and decodes."""
+
+    def __init__(self, verify: bool):
+        self.verify = verify
+        self._cache: dict[str, str | None] = {}
+
+    def problem(self, path: Path) -> str | None:
+        key = str(path)
+        if key not in self._cache:
+            self._cache[key] = self._check(path)
+        return self._cache[key]
+
+    def _check(self, path: Path) -> str | None:
+        if not path.is_file():
+            return "missing_image"
+        if not self.verify:
+            return None
+        if is_dicom(path):
+            try:
+                import pydicom
+
+                ds = pydicom.dcmread(path)
+                if "PixelData" not in ds:
+                    return "corrupt_image"
+            except Exception:
+                return "corrupt_image"
+            return None
+        from PIL import Image
+
+        try:
+            with Image.open(path) as im:
+                im.verify()
+        except Exception:
+            return "corrupt_image"
+        return None
+
+
+def _accept(report: LoadReport, checker: _ImageChecker, path: Path, what: str, strict: bool):
+    problem = checker.problem(path)
+    if problem is None:
+        return True
+    if strict:
+        raise DatasetError(f"{problem.replace('_', ' ')}: {path} ({what})")
+    report.skip(problem, f"{path} ({what})")
+    return False
+
+
+def _finish(examples: list[VQAExample], report: LoadReport) -> tuple[list[VQAExample], LoadReport]:
+    report.loaded = len(examples)
+    if report.n_skipped:
+        log.warning("%s; first: %s", report.summary(), "; ".join(report.details[:3]))
+    else:
+        log.info(report.summary())
+    return examples, report
+
+
+def _read_json(path: Path) -> Any:
+    if not path.is_file():
+        raise FileNotFoundError(f"annotation file not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DatasetError(f"annotation file {path} is not valid JSON: {e}") from e
+
+
+def _closed_or_open(value: Any, answer: str) -> str:
+    v = str(value or "").strip().lower()
+    if v in ("closed", "close", "yes/no", "yesno"):
+        return "closed"
+    if v in ("open", "other"):
+        return "open"
+    return "closed" if answer.strip().lower() in ("yes", "no") else "open"
+
+
+def _options_from_question(question: str) -> list[str]:
+    """``"Which is larger, the liver or the spleen?"`` -> ``["liver", "spleen"]``."""
+    q = question.strip().rstrip("?").strip()
+    m = re.search(r"(?:,|:)\s*([^,:]+?)\s+or\s+([^,:]+)$", q)
+    if not m:
+        m = re.search(r"\b(?:is it|is this|are they|is the \w+)\s+(.+?)\s+or\s+(.+)$", q, re.I)
+    if not m:
+        return []
+    strip = lambda s: re.sub(r"^(?:the|a|an|in the|on the)\s+", "", s.strip(), flags=re.I)
+    return [strip(m.group(1)), strip(m.group(2))]
+
+
+# ----------------------------------------------------------------------------- SLAKE
+
+_SLAKE_SPLITS = {"train": "train.json", "validate": "validate.json", "val": "validate.json"}
+
+
+def _slake_boxes(det_path: Path, report: LoadReport, strict: bool) -> list[tuple[str, tuple]]:
+    if not det_path.is_file():
+        return []
+    try:
+        with open(det_path, encoding="utf-8") as f:
+            raw = json.load(f)
+        out = []
+        for entry in raw if isinstance(raw, list) else [raw]:
+            for label, b in entry.items():
+                x, y, w, h = (float(v) for v in b)
+                out.append((str(label), (x, y, x + w, y + h)))
+        return out
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, TypeError, ValueError) as e:
+        if strict:
+            raise DatasetError(f"corrupt detection file {det_path}: {e}") from e
+        report.skip("corrupt_detection_file(boxes_ignored)", str(det_path))
+        return []
+
+
+def _select_slake_regions(boxes: list[tuple[str, tuple]], question: str, answer: str) -> list:
+    text = f" {question} {answer} ".lower()
+    named = [b for label, b in boxes if re.search(rf"\b{re.escape(label.lower())}\b", text)]
+    if named:
+        return named
+    return [b for label, b in boxes if any(w in label.lower() for w in _ABNORMAL_WORDS)]
+
+
+def load_slake(
+    root: str | Path,
+    split: str = "train",
+    *,
+    lang: str | None = "en",
+    strict: bool = False,
+    verify_images: bool = True,
+) -> tuple[list[VQAExample], LoadReport]:
+    """SLAKE 1.0 from its official folder (``train.json``, ``imgs/xmlab*/...``).
+
+    ``lang`` keeps only questions in that language (``q_lang``; None keeps all).
+    """
+    root = Path(root)
+    name = _SLAKE_SPLITS.get(split, f"{split}.json")
+    rows = _read_json(root / name)
+    if not isinstance(rows, list):
+        raise DatasetError(f"{root / name}: expected a JSON list of questions")
+    report = LoadReport("slake", split)
+    checker = _ImageChecker(verify_images)
+    box_cache: dict[Path, list] = {}
+    examples = []
+    for i, r in enumerate(rows):
+        try:
+            if lang is not None and r.get("q_lang", "en") != lang:
+                continue
+            img = root / "imgs" / r["img_name"]
+            q, a = str(r["question"]), str(r["answer"])
+        except (KeyError, AttributeError, TypeError) as e:
+            if strict:
+                raise DatasetError(f"{root / name} record {i}: missing field {e}") from e
+            report.skip("malformed_record", f"{root / name} record {i}: missing field {e}")
+            continue
+        if not _accept(report, checker, img, f"qid {r.get('qid', i)}", strict):
+            continue
+        folder = img.parent
+        if folder not in box_cache:
+            box_cache[folder] = _slake_boxes(folder / "detection.json", report, strict)
+        boxes = _select_slake_regions(box_cache[folder], q, a)
+        mask = folder / "mask.png"
+        mask_path = str(mask) if not boxes and mask.is_file() else None
+        atype = _closed_or_open(r.get("answer_type"), a)
+        examples.append(
+            VQAExample(
+                id=str(r.get("img_id", folder.name)),
+                qid=str(r.get("qid", i)),
+                image_path=str(img),
+                question=q,
+                answer=a,
+                answer_type=atype,
+                modality=r.get("modality"),
+                dataset="slake",
+                lesion_mask_path=mask_path,
+                lesion_boxes=list(boxes),
+                options=_options_from_question(q) if atype == "closed" else [],
+                meta={
+                    k: r[k] for k in ("location", "content_type", "base_type", "q_lang") if k in r
+                },
+            )
+        )
+    return _finish(examples, report)
+
+
+# ----------------------------------------------------------------------------- VQA-RAD
+
+VQA_RAD_JSON = "VQA_RAD Dataset Public.json"
+VQA_RAD_IMAGES = "VQA_RAD Image Folder"
+
+
+def load_vqa_rad(
+    root: str | Path,
+    split: str | None = None,
+    *,
+    strict: bool = False,
+    verify_images: bool = True,
+) -> tuple[list[VQAExample], LoadReport]:
+    """VQA-RAD (OSF release). ``split``: ``"train"``, ``"test"`` (``phrase_type`` test_*) or
+    None for all records."""
+    if split not in (None, "train", "test", "all"):
+        raise ValueError(f"split must be 'train', 'test' or None, got {split!r}")
+    root = Path(root)
+    rows = _read_json(root / VQA_RAD_JSON)
+    if not isinstance(rows, list):
+        raise DatasetError(f"{root / VQA_RAD_JSON}: expected a JSON list of questions")
+    img_dir = root / VQA_RAD_IMAGES
+    if not img_dir.is_dir():
+        img_dir = root / "images" if (root / "images").is_dir() else img_dir
+    report = LoadReport("vqa_rad", split or "all")
+    checker = _ImageChecker(verify_images)
+    examples = []
+    for i, r in enumerate(rows):
+        try:
+            is_test = str(r.get("phrase_type", "")).lower().startswith("test")
+            if (split == "train" and is_test) or (split == "test" and not is_test):
+                continue
+            img = img_dir / r["image_name"]
+            q, a = str(r["question"]).strip(), str(r["answer"]).strip()
+        except (KeyError, AttributeError, TypeError) as e:
+            if strict:
+                raise DatasetError(f"{root / VQA_RAD_JSON} record {i}: missing field {e}") from e
+            report.skip("malformed_record", f"record {i}: missing field {e}")
+            continue
+        if not _accept(report, checker, img, f"qid {r.get('qid', i)}", strict):
+            continue
+        atype = _closed_or_open(r.get("answer_type"), a)
+        organ = r.get("image_organ")
+        examples.append(
+            VQAExample(
+                id=Path(r["image_name"]).stem,
+                qid=str(r.get("qid", i)),
+                image_path=str(img),
+                question=q,
+                answer=a,
+                answer_type=atype,
+                modality=_rad_modality(organ),
+                dataset="vqa_rad",
+                options=_options_from_question(q) if atype == "closed" else [],
+                meta={k: r[k] for k in ("image_organ", "question_type", "phrase_type") if k in r},
+            )
+        )
+    return _finish(examples, report)
+
+
+def _rad_modality(organ: Any) -> str | None:
+    o = str(organ or "").upper()
+    return {"CHEST": "X-Ray", "HEAD": "MRI/CT", "ABD": "CT"}.get(o.strip()) if o else None
+
+
+# ----------------------------------------------------------------------------- PathVQA
+
+
+class _PlainUnpickler(pickle.Unpickler):
+    """Unpickles plain containers only: the official QA pickles are lists of dicts of str."""
+
+    def find_class(self, module: str, name: str):
+        raise pickle.UnpicklingError(
+            f"refusing to load {module}.{name}: only plain lists/dicts/strings are accepted "
+            "(convert the file to <split>_qa.json instead)"
+        )
+
+
+def load_pathvqa(
+    root: str | Path,
+    split: str = "train",
+    *,
+    strict: bool = False,
+    verify_images: bool = True,
+) -> tuple[list[VQAExample], LoadReport]:
+    """PathVQA (``pvqa``): ``qas/<split>/<split>_qa.pkl`` or ``.json`` + ``images/<split>/``."""
+    root = Path(root)
+    split = {"validation": "val", "valid": "val"}.get(split, split)
+    qa_dir = root / "qas" / split
+    pkl, js = qa_dir / f"{split}_qa.pkl", qa_dir / f"{split}_qa.json"
+    if js.is_file():
+        rows = _read_json(js)
+        src = js
+    elif pkl.is_file():
+        src = pkl
+        try:
+            with open(pkl, "rb") as f:
+                rows = _PlainUnpickler(f).load()
+        except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as e:
+            raise DatasetError(f"cannot read {pkl}: {e}") from e
+    else:
+        raise FileNotFoundError(f"annotation file not found: {pkl} (nor {js.name})")
+    if not isinstance(rows, list):
+        raise DatasetError(f"{src}: expected a list of {{image, question, answer}} records")
+    report = LoadReport("pathvqa", split)
+    checker = _ImageChecker(verify_images)
+    img_dir = root / "images" / split
+    examples = []
+    for i, r in enumerate(rows):
+        try:
+            name = str(r["image"])
+            q, a = str(r["question"]).strip(), str(r["answer"]).strip()
+        except (KeyError, TypeError) as e:
+            if strict:
+                raise DatasetError(f"{src} record {i}: missing field {e}") from e
+            report.skip("malformed_record", f"{src} record {i}: missing field {e}")
+            continue
+        img = img_dir / name
+        if not img.suffix:
+            for ext in (".jpg", ".png", ".jpeg"):
+                if (img_dir / (name + ext)).is_file():
+                    img = img_dir / (name + ext)
+                    break
+            else:
+                img = img_dir / (name + ".jpg")
+        if not _accept(report, checker, img, f"record {i}", strict):
+            continue
+        atype = "closed" if a.lower() in ("yes", "no") else "open"
+        examples.append(
+            VQAExample(
+                id=Path(name).stem,
+                qid=str(r.get("qid", i)),
+                image_path=str(img),
+                question=q,
+                answer=a,
+                answer_type=atype,
+                modality="pathology",
+                dataset="pathvqa",
+            )
+        )
+    return _finish(examples, report)
+
+
+# ----------------------------------------------------------------------------- IU-Xray
+
+
+def _split_of(key: str, val_frac: float = 0.1, test_frac: float = 0.2) -> str:
+    h = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") / 2**64
+    return "test" if h < test_frac else ("val" if h < test_frac + val_frac else "train")
+
+
+def load_iu_xray(
+    root: str | Path,
+    split: str | None = "train",
+    *,
+    strict: bool = False,
+    verify_images: bool = True,
+    question: str = REPORT_QUESTION,
+) -> tuple[list[VQAExample], LoadReport]:
+    """IU-Xray reports as ``answer_type="report"`` examples (the first listed view is the image).
+
+    ``annotation.json`` (R2Gen layout) wins when present; otherwise the OpenI XML reports in
+    ``ecgen-radiology/`` are read (FINDINGS, else IMPRESSION) and split 70/10/20 by a hash of the
+    report id. ``split=None`` keeps every split.
+    """
+    root = Path(root)
+    report = LoadReport("iu_xray", split or "all")
+    checker = _ImageChecker(verify_images)
+    examples: list[VQAExample] = []
+    ann = root / "annotation.json"
+    if ann.is_file():
+        data = _read_json(ann)
+        if not isinstance(data, dict):
+            raise DatasetError(f"{ann}: expected {{split: [records]}}")
+        keys = [split] if split is not None else list(data)
+        if split is not None and split not in data:
+            raise DatasetError(f"{ann}: no split {split!r} (has {sorted(data)})")
+        img_root = root / "images"
+        for sp in keys:
+            for i, r in enumerate(data[sp]):
+                try:
+                    paths = r["image_path"]
+                    paths = [paths] if isinstance(paths, str) else list(paths)
+                    text, rid = str(r["report"]).strip(), str(r["id"])
+                    img = img_root / paths[0]
+                except (KeyError, IndexError, TypeError) as e:
+                    if strict:
+                        raise DatasetError(f"{ann} {sp} record {i}: bad field {e}") from e
+                    report.skip("malformed_record", f"{ann} {sp} record {i}: bad field {e}")
+                    continue
+                if not text:
+                    report.skip("empty_report", rid)
+                    continue
+                if not _accept(report, checker, img, rid, strict):
+                    continue
+                examples.append(_iu_example(rid, img, text, question, paths, sp))
+        return _finish(examples, report)
+    xml_dir = root / "ecgen-radiology"
+    if not xml_dir.is_dir():
+        raise FileNotFoundError(f"IU-Xray: neither {ann} nor {xml_dir}/ exists")
+    img_dir = next(
+        (root / d for d in ("NLMCXR_png", "images") if (root / d).is_dir()), root / "NLMCXR_png"
+    )
+    for xml_path in sorted(xml_dir.glob("*.xml")):
+        try:
+            tree = ET.parse(xml_path)
+        except ET.ParseError as e:
+            if strict:
+                raise DatasetError(f"corrupt report XML {xml_path}: {e}") from e
+            report.skip("corrupt_report", f"{xml_path}: {e}")
+            continue
+        sections = {
+            (el.get("Label") or "").upper(): (el.text or "").strip()
+            for el in tree.iter("AbstractText")
+        }
+        text = sections.get("FINDINGS") or sections.get("IMPRESSION") or ""
+        images = [el.get("id") for el in tree.iter("parentImage") if el.get("id")]
+        rid = xml_path.stem
+        if split is not None and _split_of(rid) != split:
+            continue
+        if not text:
+            report.skip("empty_report", str(xml_path))
+            continue
+        if not images:
+            report.skip("no_image_in_report", str(xml_path))
+            continue
+        img = img_dir / f"{images[0]}.png"
+        if not _accept(report, checker, img, rid, strict):
+            continue
+        examples.append(_iu_example(rid, img, text, question, images, split or _split_of(rid)))
+    return _finish(examples, report)
+
+
+def _iu_example(rid, img, text, question, views, split) -> VQAExample:
+    text = re.sub(r"\s+", " ", text.replace("XXXX", "")).strip()
+    return VQAExample(
+        id=rid,
+        qid="0",
+        image_path=str(img),
+        question=question,
+        answer=text,
+        answer_type="report",
+        modality="X-Ray",
+        dataset="iu_xray",
+        meta={"views": [str(v) for v in views], "split": split},
+    )
+
+
+LOADERS = {
+    "slake": load_slake,
+    "vqa_rad": load_vqa_rad,
+    "pathvqa": load_pathvqa,
+    "iu_xray": load_iu_xray,
+}
+
+
+def load_dataset(name: str, root: str | Path, split: str | None = None, **kw):
+    """Dispatch by name: ``slake``, ``vqa_rad``, ``pathvqa``, ``iu_xray``."""
+    if name not in LOADERS:
+        raise ValueError(f"dataset must be one of {sorted(LOADERS)}, got {name!r}")
+    if split is None and name in ("slake", "pathvqa"):
+        split = "train"
+    return LOADERS[name](root, split, **kw)
+
+
+def examples_from_json(path: str | Path) -> list[VQAExample]:
+    """Examples saved with :meth:`VQAExample.to_dict` (a JSON list)."""
+    rows = _read_json(Path(path))
+    out = []
+    for r in rows:
+        r = dict(r)
+        r["lesion_boxes"] = [tuple(b) for b in r.get("lesion_boxes", [])]
+        r["lesion_polygons"] = [[tuple(p) for p in poly] for poly in r.get("lesion_polygons", [])]
+        out.append(VQAExample(**r))
+    return out

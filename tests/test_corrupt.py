@@ -1,0 +1,241 @@
+"""Lesion corruption: region from mask/polygon/box, modes, fallbacks, seeds from the id."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fgpo.corrupt import (
+    CorruptConfig,
+    corrupt_example,
+    corrupt_image,
+    mask_from_boxes,
+    mask_from_image,
+    mask_from_polygons,
+    seed_from_id,
+)
+from fgpo.datasets import VQAExample
+
+H, W = 97, 131  # odd sizes
+BOX = (40, 30, 81, 61)  # x0, y0, x1, y1 (exclusive ends)
+
+
+def scan(rng, mode="L", bg=90.0, lesion=225.0, tex=8.0):
+    a = bg + tex * rng.standard_normal((H, W))
+    x0, y0, x1, y1 = BOX
+    a[y0:y1, x0:x1] = lesion
+    a = np.clip(a, 0, 255).astype(np.uint8)
+    if mode == "RGB":
+        a = np.stack([a, a, a], axis=-1)
+    return Image.fromarray(a, mode=mode)
+
+
+def example(**kw):
+    base = dict(id="ex1", qid="3", image_path="", question="q?", answer="a")
+    base.update(kw)
+    return VQAExample(**base)
+
+
+def box_mask():
+    m = np.zeros((H, W), bool)
+    x0, y0, x1, y1 = BOX
+    m[y0:y1, x0:x1] = True
+    return m
+
+
+@pytest.fixture
+def rng(request):
+    return np.random.default_rng(abs(hash(request.node.nodeid)) % 2**32)
+
+
+def test_seed_is_deterministic_and_depends_on_id():
+    assert seed_from_id("a", 1) == seed_from_id("a", "1")  # stable, str/int agnostic
+    assert seed_from_id("a", 1) != seed_from_id("b", 1)
+    assert seed_from_id("a", 1) != seed_from_id("a", 2)
+    assert 0 <= seed_from_id("x") < 2**63
+    # a fixed value: the seed must not depend on the process (no hash() randomization)
+    assert seed_from_id("ex1", "3") == seed_from_id("ex1", "3")
+
+
+def test_masks_from_box_polygon_and_image_agree(tmp_path):
+    m_box = mask_from_boxes([BOX], (W, H))
+    assert (m_box == box_mask()).all()
+    x0, y0, x1, y1 = BOX
+    # a polygon on the box's pixel boundary (inclusive ends) draws the same pixels
+    poly = [(x0, y0), (x1 - 1, y0), (x1 - 1, y1 - 1), (x0, y1 - 1)]
+    assert (mask_from_polygons([poly], (W, H)) == m_box).all()
+    flat = [c for p in poly for c in p]
+    assert (mask_from_polygons([flat], (W, H)) == m_box).all()
+    p = tmp_path / "mask.png"
+    Image.fromarray(m_box.astype(np.uint8) * 255).save(p)
+    assert (mask_from_image(p, (W, H)) == m_box).all()
+    # a mask of another size is resized (nearest) to the image
+    half = Image.fromarray(m_box.astype(np.uint8) * 7).resize((W * 2, H * 2), Image.NEAREST)
+    assert (mask_from_image(half, (W, H)) == m_box).mean() > 0.99
+    # boxes are clipped to the image; a box outside it is empty
+    assert not mask_from_boxes([(W + 5, H + 5, W + 9, H + 9)], (W, H)).any()
+    with pytest.raises(ValueError, match="x1 < x0"):
+        mask_from_boxes([(10, 10, 5, 20)], (W, H))
+    with pytest.raises(ValueError, match="at least 3 points"):
+        mask_from_polygons([[(1, 1), (2, 2)]], (W, H))
+    with pytest.raises(FileNotFoundError, match=r"nope\.png"):
+        mask_from_image(tmp_path / "nope.png", (W, H))
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB"])
+def test_noise_only_inside_the_lesion_with_std_45(rng, mode):
+    img = scan(rng, mode, bg=128.0, lesion=128.0, tex=0.0)  # mid-gray: no clipping
+    ex = example(lesion_boxes=[BOX])
+    res = corrupt_image(img, ex, CorruptConfig(mode="noise"))
+    assert res.has_corrupt and res.source == "annotation"
+    assert res.region_fraction == pytest.approx(box_mask().mean())
+    a0 = np.asarray(img).astype(float)
+    a1 = np.asarray(res.image).astype(float)
+    assert res.image.mode == mode and a1.shape == a0.shape
+    inside = box_mask()
+    assert (a1[~inside] == a0[~inside]).all(), "pixels outside the lesion changed"
+    d = (a1 - a0)[inside]
+    assert abs(d.mean()) < 3.0
+    assert d.std() == pytest.approx(45.0, rel=0.08)
+
+
+def test_noise_is_clipped_and_deterministic(rng):
+    img = scan(rng)
+    ex = example(lesion_boxes=[BOX])
+    a = np.asarray(corrupt_image(img, ex).image)
+    b = np.asarray(corrupt_image(img, example(lesion_boxes=[BOX])).image)
+    c = np.asarray(corrupt_image(img, example(id="other", lesion_boxes=[BOX])).image)
+    assert (a == b).all(), "same id must give the same corrupted image"
+    assert (a != c).any(), "another id must give other noise"
+    assert a.max() == 255  # bright lesion + noise saturates: clipped, not wrapped
+    assert (a[box_mask()] < 120).mean() < 0.05  # no uint8 wrap-around to dark values
+
+
+def test_no_region_falls_back_to_whole_image_noise_std_12(rng):
+    img = scan(rng, bg=128.0, lesion=128.0, tex=0.0)
+    res = corrupt_image(img, example())
+    assert res.has_corrupt and res.source == "fallback" and res.region_fraction == 1.0
+    d = np.asarray(res.image).astype(float) - 128.0
+    assert d.std() == pytest.approx(12.0, rel=0.05)
+    assert (d != 0).mean() > 0.9
+    skip = corrupt_image(img, example(), CorruptConfig(fallback="skip"))
+    assert skip.image is None and not skip.has_corrupt
+    blur = corrupt_image(img, example(), CorruptConfig(fallback="blur"))
+    assert blur.has_corrupt and blur.source == "fallback"
+    # an annotation that is empty on this image is no region either
+    off = corrupt_image(img, example(lesion_boxes=[(500, 500, 510, 510)]))
+    assert off.source == "fallback"
+
+
+def test_inpaint_removes_the_lesion_and_keeps_the_background(rng):
+    img = scan(rng, bg=90.0, lesion=225.0, tex=8.0)
+    res = corrupt_image(img, example(lesion_boxes=[BOX]), CorruptConfig(mode="inpaint"))
+    a0 = np.asarray(img).astype(float)
+    a1 = np.asarray(res.image).astype(float)
+    inside = box_mask()
+    assert abs(a1[inside].mean() - 90.0) < 6.0, "the fill should look like the background"
+    assert a1[inside].std() == pytest.approx(8.0, rel=0.5)  # textured, not a flat patch
+    grown = np.zeros_like(inside)
+    x0, y0, x1, y1 = BOX
+    grown[y0 - 2 : y1 + 2, x0 - 2 : x1 + 2] = True  # dilation by `dilate`=2 (cross steps)
+    assert (a1[~grown] == a0[~grown]).all(), "pixels away from the lesion changed"
+    smooth = corrupt_image(
+        img, example(lesion_boxes=[BOX]), CorruptConfig(mode="inpaint", texture=0.0)
+    )
+    s = np.asarray(smooth.image).astype(float)[inside]
+    assert abs(s.mean() - 90.0) < 4.0 and s.std() < 4.0
+
+
+def test_inpaint_follows_a_background_gradient(rng):
+    # background ramps left -> right; the fill must interpolate the ramp, not use one mean
+    ramp = np.tile(np.linspace(20, 220, W), (H, 1))
+    a = ramp.copy()
+    x0, y0, x1, y1 = BOX
+    a[y0:y1, x0:x1] = 255
+    img = Image.fromarray(a.astype(np.uint8), "L")
+    cfg = CorruptConfig(mode="inpaint", texture=0.0)
+    out = np.asarray(corrupt_image(img, example(lesion_boxes=[BOX]), cfg).image).astype(float)
+    err = np.abs(out[y0:y1, x0:x1] - ramp[y0:y1, x0:x1])
+    assert err.mean() < 6.0, f"mean error {err.mean():.1f} against the ramp"
+
+
+def test_blur_lowers_lesion_contrast_only_near_the_lesion(rng):
+    img = scan(rng, tex=0.0)
+    res = corrupt_image(img, example(lesion_boxes=[BOX]), CorruptConfig(mode="blur"))
+    a0 = np.asarray(img).astype(float)
+    a1 = np.asarray(res.image).astype(float)
+    inside = box_mask()
+    assert a1[inside].mean() < a0[inside].mean() - 15
+    far = np.ones_like(inside)
+    x0, y0, x1, y1 = BOX
+    far[y0 - 3 : y1 + 3, x0 - 3 : x1 + 3] = False
+    assert (a1[far] == a0[far]).all()
+
+
+def test_segmenter_hook_used_only_without_annotation(rng):
+    img = scan(rng)
+    calls = []
+
+    def seg(image, ex):
+        calls.append(ex.id)
+        return box_mask()
+
+    cfg = CorruptConfig(segmenter=seg)
+    res = corrupt_image(img, example(), cfg)
+    assert res.source == "segmenter" and calls == ["ex1"]
+    a0, a1 = np.asarray(img), np.asarray(res.image)
+    assert (a0[~box_mask()] == a1[~box_mask()]).all()
+    res2 = corrupt_image(img, example(lesion_boxes=[BOX]), cfg)
+    assert res2.source == "annotation" and calls == ["ex1"]
+    # a segmenter that finds nothing -> fallback
+    res3 = corrupt_image(img, example(), CorruptConfig(segmenter=lambda i, e: None))
+    assert res3.source == "fallback"
+    # a segmenter may return a PIL mask of another size
+    small = Image.fromarray(box_mask().astype(np.uint8) * 255).resize((W // 2, H // 2))
+    res4 = corrupt_image(img, example(), CorruptConfig(segmenter=lambda i, e: small))
+    assert res4.source == "segmenter"
+
+
+def test_union_of_mask_image_polygon_and_box(rng, tmp_path):
+    img = scan(rng, bg=128.0, lesion=128.0, tex=0.0)
+    m = np.zeros((H, W), np.uint8)
+    m[5:15, 5:15] = 1  # label value 1 (nonzero = lesion)
+    mp = tmp_path / "m.png"
+    Image.fromarray(m).save(mp)
+    ex = example(
+        lesion_mask_path=str(mp),
+        lesion_polygons=[[(100, 70), (120, 70), (110, 90)]],
+        lesion_boxes=[BOX],
+    )
+    changed = np.asarray(corrupt_image(img, ex).image) != 128
+    assert changed[5:15, 5:15].mean() > 0.9
+    assert changed[75:85, 108:112].mean() > 0.9
+    assert changed[box_mask()].mean() > 0.9
+    assert not changed[0:4, 60:70].any()
+
+
+def test_corrupt_example_writes_a_png(rng, tmp_path):
+    p = tmp_path / "img.png"
+    scan(rng).save(p)
+    ex = example(image_path=str(p), lesion_boxes=[BOX], id="a/b c")
+    res = corrupt_example(ex, CorruptConfig(mode="inpaint"), tmp_path / "out")
+    assert res.path and res.path.endswith("_inpaint.png")
+    assert "/" not in res.path.split("out/")[1]  # the id is made safe for a file name
+    again = corrupt_example(ex, CorruptConfig(mode="inpaint"), tmp_path / "out2")
+    assert (np.asarray(Image.open(res.path)) == np.asarray(Image.open(again.path))).all()
+    none = corrupt_example(example(image_path=str(p)), CorruptConfig(fallback="skip"), tmp_path)
+    assert none.path is None and not none.has_corrupt
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="mode"):
+        CorruptConfig(mode="erase")
+    with pytest.raises(ValueError, match="fallback"):
+        CorruptConfig(fallback="none")
+    with pytest.raises(ValueError, match="noise_std"):
+        CorruptConfig(noise_std=-1)
+    with pytest.raises(TypeError, match="segmenter"):
+        CorruptConfig(segmenter="medsam")
+    with pytest.raises(ValueError, match="seed"):
+        corrupt_image(Image.new("L", (4, 4)), None)
