@@ -31,9 +31,9 @@ from typing import Any, Protocol, runtime_checkable
 
 MASK_OPEN, MASK_CLOSE = "<mask>", "</mask>"
 
-# Words (with inner hyphens/apostrophes) and numbers (with decimal points); punctuation and
+# Decimal numbers (3.5) and alphanumeric words (T2, x-ray, don't); punctuation and
 # whitespace are not tokens, so "Yes." vs "No" differs only in the word.
-_TOKEN = re.compile(r"\d+(?:[.,]\d+)*|[^\W\d_]+(?:[-'][^\W_]+)*|[^\W_]+", re.UNICODE)
+_TOKEN = re.compile(r"\d+(?:[.,]\d+)+|[^\W_]+(?:[-'][^\W_]+)*", re.UNICODE)
 
 YES_WORDS = {"yes", "yeah", "yep", "true", "correct", "present", "positive"}
 NO_WORDS = {"no", "nope", "false", "incorrect", "absent", "negative", "not", "none"}

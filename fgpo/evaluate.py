@@ -1,0 +1,265 @@
+"""``fgpo eval``: closed accuracy, open exact match / recall, report token F1, grounding score.
+
+Metrics (answers normalized: lower case, words and numbers only, articles dropped):
+
+- closed accuracy: yes/no questions compare the answer's polarity (its first yes/no-like word:
+  "yes", "no", "not", "absent", ...) with the ground truth's; "A or B" questions need the
+  answer to name exactly the right option; other closed answers need the ground truth as a
+  whole-word phrase in the answer.
+- open exact match: normalized answer == normalized ground truth.
+- open recall: share of the ground truth's words found in the answer (multiset), as in
+  LLaVA-Med's open-question recall.
+- token F1 (reports): SQuAD-style bag-of-words F1 between generated and reference report.
+- grounding score: mean over examples with a lesion region of
+  ``log p(answer | v, q) - log p(answer | v', q)``, the drop of the summed log-prob of the
+  ground-truth answer when the lesion is corrupted. Higher means the answer rests on the visual
+  evidence; ~0 means the model ignores the lesion.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .corrupt import MODES, CorruptConfig, corrupt_image
+from .datasets import LOADERS, VQAExample, load_dataset, open_image
+from .editors import NO_WORDS, YES_WORDS, contains_phrase, normalize, polarity, tokens
+
+log = logging.getLogger(__name__)
+
+LogprobFn = Callable[[Any, str, str], float]
+
+
+@dataclass
+class ModelFns:
+    """What evaluation needs from a model: greedy ``answer(example) -> str`` and, for the
+    grounding score, ``logprob(image, question, answer) -> float`` (summed over answer tokens)."""
+
+    answer: Callable[[VQAExample], str] | None = None
+    logprob: LogprobFn | None = None
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def closed_correct(pred: str, gt: str, options: Sequence[str] = ()) -> bool:
+    """Whether a closed-question answer is right (see the module docstring)."""
+    if normalize(gt) in YES_WORDS | NO_WORDS:
+        p = polarity(pred)
+        return p is not None and p == polarity(gt)
+    if options and any(contains_phrase(gt, o) for o in options):
+        named = {normalize(o) for o in options if contains_phrase(pred, o)}
+        right = {normalize(o) for o in options if contains_phrase(gt, o)}
+        return named == right
+    return contains_phrase(pred, gt)
+
+
+def exact_match(pred: str, gt: str) -> bool:
+    return normalize(pred) == normalize(gt)
+
+
+def answer_recall(pred: str, gt: str) -> float:
+    """Share of the ground truth's words (multiset) that appear in the prediction."""
+    g = Counter(t for t, _, _ in tokens(gt))
+    if not g:
+        return 0.0
+    p = Counter(t for t, _, _ in tokens(pred))
+    return sum((g & p).values()) / sum(g.values())
+
+
+def token_f1(pred: str, gt: str) -> float:
+    """Bag-of-words F1 (SQuAD-style) between prediction and reference."""
+    p = Counter(t for t, _, _ in tokens(pred))
+    g = Counter(t for t, _, _ in tokens(gt))
+    if not p or not g:
+        return float(p == g)
+    common = sum((p & g).values())
+    if common == 0:
+        return 0.0
+    prec, rec = common / sum(p.values()), common / sum(g.values())
+    return 2 * prec * rec / (prec + rec)
+
+
+def _mean(xs: Sequence[float]) -> float | None:
+    return sum(xs) / len(xs) if xs else None
+
+
+def score_answers(examples: Sequence[VQAExample], preds: Sequence[str]) -> dict[str, Any]:
+    """Accuracy metrics for predictions aligned with ``examples``; None where a kind is absent."""
+    if len(examples) != len(preds):
+        raise ValueError(f"{len(examples)} examples but {len(preds)} predictions")
+    closed, em, rec, f1 = [], [], [], []
+    for ex, p in zip(examples, preds):
+        if ex.answer_type == "closed":
+            closed.append(float(closed_correct(p, ex.answer, ex.options)))
+        elif ex.answer_type == "open":
+            em.append(float(exact_match(p, ex.answer)))
+            rec.append(answer_recall(p, ex.answer))
+        else:
+            f1.append(token_f1(p, ex.answer))
+    return {
+        "closed_accuracy": _mean(closed),
+        "n_closed": len(closed),
+        "open_exact_match": _mean(em),
+        "open_recall": _mean(rec),
+        "n_open": len(em),
+        "report_token_f1": _mean(f1),
+        "n_report": len(f1),
+    }
+
+
+def grounding_score(
+    logprob_fn: LogprobFn,
+    examples: Iterable[VQAExample],
+    corrupt_cfg: CorruptConfig | None = None,
+    *,
+    include_fallback: bool = False,
+) -> dict[str, Any]:
+    """Mean drop of ``logprob_fn(image, question, answer)`` when the lesion is corrupted.
+
+    The corrupted image is made exactly as ``fgpo prepare`` makes it (same mode, same seed from
+    the example id). Examples without a lesion region (annotation or segmenter) are left out and
+    counted, unless ``include_fallback`` (then the whole-image fallback counts too).
+    """
+    cfg = corrupt_cfg or CorruptConfig()
+    drops: list[float] = []
+    per: list[dict[str, Any]] = []
+    n_no_region = 0
+    for ex in examples:
+        image = open_image(ex.image_path)
+        res = corrupt_image(image, ex, cfg)
+        if res.image is None or (res.source == "fallback" and not include_fallback):
+            n_no_region += 1
+            continue
+        clean = float(logprob_fn(image, ex.question, ex.answer))
+        bad = float(logprob_fn(res.image, ex.question, ex.answer))
+        if not (math.isfinite(clean) and math.isfinite(bad)):
+            raise ValueError(f"logprob_fn returned a non-finite value for {ex.id}/{ex.qid}")
+        drops.append(clean - bad)
+        per.append(
+            {
+                "id": ex.id,
+                "qid": ex.qid,
+                "logp": clean,
+                "logp_corrupt": bad,
+                "drop": clean - bad,
+                "source": res.source,
+            }
+        )
+    return {
+        "grounding_score": _mean(drops),
+        "n_grounding": len(drops),
+        "n_no_lesion_region": n_no_region,
+        "corrupt_mode": cfg.mode,
+        "per_example": per,
+    }
+
+
+def evaluate(
+    model_fns: ModelFns | Mapping[str, Any],
+    examples: Sequence[VQAExample],
+    *,
+    corrupt_cfg: CorruptConfig | None = None,
+    grounding: bool = True,
+    include_fallback: bool = False,
+) -> dict[str, Any]:
+    """All metrics for one model: answers (if ``answer``) and grounding (if ``logprob``)."""
+    if isinstance(model_fns, Mapping):
+        unknown = set(model_fns) - {"answer", "logprob"}
+        if unknown:
+            raise ValueError(f"model_fns keys must be 'answer'/'logprob', got {sorted(unknown)}")
+        model_fns = ModelFns(**model_fns)
+    if model_fns.answer is None and model_fns.logprob is None:
+        raise ValueError("model_fns needs an answer function, a logprob function, or both")
+    out: dict[str, Any] = {"n_examples": len(examples)}
+    if model_fns.answer is not None:
+        preds = [(model_fns.answer(ex) or "").strip() for ex in examples]
+        out.update(score_answers(examples, preds))
+        out["predictions"] = [
+            {"id": ex.id, "qid": ex.qid, "answer": p, "ground_truth": ex.answer}
+            for ex, p in zip(examples, preds)
+        ]
+    if grounding and model_fns.logprob is not None:
+        g = grounding_score(
+            model_fns.logprob, examples, corrupt_cfg, include_fallback=include_fallback
+        )
+        out.update(g)
+    return out
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--dataset", required=True, choices=sorted(LOADERS))
+    p.add_argument("--root", required=True, help="the dataset folder in its official layout")
+    p.add_argument("--split", default=None, help="e.g. test (dataset-specific)")
+    p.add_argument("--limit", type=int, default=0, help="use only the first N examples")
+    p.add_argument("--model", help="HF id/dir or tiny-* (fgpo.models.load_model)")
+    p.add_argument("--adapter", help="a PEFT adapter folder to load on top of --model")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--predictions", help="JSON list of {id, qid, answer}: score these instead")
+    p.add_argument("--no-grounding", action="store_true", help="skip the grounding score")
+    p.add_argument("--corrupt-mode", choices=MODES, default="noise")
+    p.add_argument("--noise-std", type=float, default=45.0)
+    p.add_argument(
+        "--include-fallback",
+        action="store_true",
+        help="grounding also over examples without a lesion region (whole image)",
+    )
+    p.add_argument("--out", help="write the metrics JSON here (default: print only)")
+
+
+def run(args) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if not (args.model or args.predictions):
+        raise SystemExit("fgpo eval: give --model and/or --predictions")
+    split = args.split or "test"
+    examples, report = load_dataset(args.dataset, args.root, split)
+    if args.limit:
+        examples = examples[: args.limit]
+    if not examples:
+        raise SystemExit(f"fgpo eval: no usable examples ({report.summary()})")
+    fns = ModelFns()
+    if args.predictions:
+        with open(args.predictions, encoding="utf-8") as f:
+            table = {(str(r["id"]), str(r.get("qid", ""))): str(r["answer"]) for r in json.load(f)}
+        missing = [(ex.id, ex.qid) for ex in examples if (ex.id, ex.qid) not in table]
+        if missing:
+            raise SystemExit(
+                f"fgpo eval: --predictions lacks {len(missing)} examples, "
+                f"e.g. id={missing[0][0]} qid={missing[0][1]}"
+            )
+        fns.answer = lambda ex: table[(ex.id, ex.qid)]
+    if args.model:
+        from .prepare import answer_logprob_fn, greedy_answer_fn, load_hf
+
+        model, proc, device = load_hf(args.model, dtype=args.dtype, adapter=args.adapter)
+        if fns.answer is None:
+            fns.answer = greedy_answer_fn(model, proc, device, max_new_tokens=args.max_new_tokens)
+        if not args.no_grounding:
+            fns.logprob = answer_logprob_fn(model, proc, device)
+    cfg = CorruptConfig(mode=args.corrupt_mode, noise_std=args.noise_std)
+    metrics = evaluate(
+        fns,
+        examples,
+        corrupt_cfg=cfg,
+        grounding=not args.no_grounding,
+        include_fallback=args.include_fallback,
+    )
+    metrics["dataset"] = report.to_dict()
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        with open(args.out, "w", encoding="utf-8") as f:
+            json.dump(metrics, f, indent=1)
+    short = {k: v for k, v in metrics.items() if k not in ("predictions", "per_example", "dataset")}
+    print(report.summary())
+    print(json.dumps(short, indent=1))
+    return 0

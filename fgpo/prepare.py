@@ -1,0 +1,301 @@
+"""``fgpo prepare``: on-policy preference pairs from a model and a VQA/report dataset.
+
+Named steps, per example: **answer** (the model's greedy answer is y-) -> **edit** (an Editor
+makes the minimal edit y+, or a counterfactual y- when the model was right, and tags the differing
+spans) -> **corrupt** (the lesion-corrupted image v' and ``rejected_image_path``) -> **record**.
+
+The records are the reference JSON format the trainer reads: a list of objects with ``prompt``,
+``chosen``, ``rejected`` (tagged), ``image_path``, optional ``rejected_image_path``, ``id``,
+``qid``; plus ``was_correct``, ``answer_type``, ``dataset`` and ``corrupt_source`` for analysis.
+Examples that yield no pair are counted by reason (``prepare_report.json``), never dropped
+silently.
+
+Library use (the demo passes its own greedy generator)::
+
+    records = prepare_pairs(examples, answer_fn, ReferenceEditor.from_examples(examples),
+                            CorruptConfig(mode="inpaint"), out_dir)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from .corrupt import MODES, CorruptConfig, corrupt_example
+from .datasets import LOADERS, DatasetError, VQAExample, load_dataset
+from .editors import Editor, LLMEditor, LLMEditorError, ReferenceEditor, SkipExample, has_tags
+
+log = logging.getLogger(__name__)
+
+AnswerFn = Callable[[VQAExample], str]
+
+
+def prepare_pairs(
+    examples: Iterable[VQAExample],
+    answer_fn: AnswerFn,
+    editor: Editor,
+    corrupt_cfg: CorruptConfig | None,
+    out_dir: str | Path,
+    *,
+    stats: Counter | None = None,
+    image_dir: str | Path | None = None,
+) -> list[dict[str, Any]]:
+    """Preference records for ``examples``; ``corrupt_cfg=None`` makes no corrupted images.
+
+    ``answer_fn(example) -> str`` is the model's greedy answer. Corrupted images go to
+    ``image_dir`` (default ``<out_dir>/rejected_images``). ``stats`` (a Counter), when given,
+    receives ``pairs`` and one ``skip:<reason>`` count per skipped example. Duplicate pairs
+    (same id, chosen, rejected) are kept once. Errors of an LLM endpoint that persist after its
+    retries (:class:`LLMEditorError`) propagate: they mean a misconfigured endpoint.
+    """
+    stats = stats if stats is not None else Counter()
+    img_dir = Path(image_dir) if image_dir is not None else Path(out_dir) / "rejected_images"
+    records: list[dict[str, Any]] = []
+    seen: set[tuple] = set()
+    for ex in examples:
+        stats["examples"] += 1
+        y_minus = (answer_fn(ex) or "").strip()  # step: answer
+        try:  # step: edit
+            edit = editor.edit(ex, y_minus)
+        except SkipExample as s:
+            stats[f"skip:{s.reason}"] += 1
+            continue
+        if not (has_tags(edit.chosen) and has_tags(edit.rejected)):
+            stats["skip:no_difference"] += 1
+            continue
+        key = (ex.id, ex.qid, edit.chosen, edit.rejected)
+        if key in seen:
+            stats["skip:duplicate"] += 1
+            continue
+        seen.add(key)
+        rec: dict[str, Any] = {
+            "id": ex.id,
+            "qid": ex.qid,
+            "prompt": ex.question,
+            "chosen": edit.chosen,
+            "rejected": edit.rejected,
+            "image_path": ex.image_path,
+            "was_correct": edit.was_correct,
+            "answer_type": ex.answer_type,
+            "dataset": ex.dataset,
+            "model_answer": y_minus,
+            "editor": getattr(editor, "name", type(editor).__name__),
+        }
+        if corrupt_cfg is not None:  # step: corrupt
+            try:
+                res = corrupt_example(ex, corrupt_cfg, img_dir)
+            except (DatasetError, FileNotFoundError, ValueError) as e:
+                stats["corrupt_failed"] += 1
+                log.warning("no corrupted image for %s/%s: %s", ex.id, ex.qid, e)
+                res = None
+            if res is not None and res.path:
+                rec["rejected_image_path"] = res.path
+                rec["corrupt_source"] = res.source
+                stats[f"corrupt:{res.source}"] += 1
+        records.append(rec)  # step: record
+        stats["pairs"] += 1
+    return records
+
+
+def write_records(records: list[dict], path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(records, f, indent=1, ensure_ascii=False)
+    return path
+
+
+# ----------------------------------------------------------------------------- model answers
+
+
+def load_hf(
+    model_name: str,
+    *,
+    dtype: str = "float32",
+    adapter: str | None = None,
+    device: str | None = None,
+):
+    """(model, processor, device) through ``fgpo.models.load_model`` (+ a PEFT adapter dir)."""
+    import torch
+
+    from .models import load_model
+
+    model, proc = load_model(model_name, dtype=dtype)
+    if adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device).eval()
+    return model, proc, device
+
+
+def _model_inputs(proc, image, question: str, device, answer_ids=()):
+    import torch
+
+    ids, img = proc.encode_prompt(image, question)
+    input_ids = torch.tensor([list(ids) + list(answer_ids)], device=device)
+    inputs = {
+        "input_ids": input_ids,
+        "attention_mask": torch.ones_like(input_ids),
+        **{k: v.to(device) for k, v in img.items()},
+        **{k: v.to(device) for k, v in proc.extra_model_inputs(input_ids).items()},
+    }
+    return inputs, len(ids)
+
+
+def greedy_answer_fn(model, proc, device, *, max_new_tokens: int = 64) -> AnswerFn:
+    """Greedy answers (``model.generate``, no sampling) for examples."""
+    import torch
+
+    from .datasets import open_image
+
+    @torch.no_grad()
+    def answer(ex: VQAExample) -> str:
+        inputs, n = _model_inputs(proc, open_image(ex.image_path), ex.question, device)
+        out = model.generate(
+            **inputs,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=proc.pad_token_id,
+            eos_token_id=proc.eos_token_id,
+        )
+        return proc.decode(out[0, n:], skip_special_tokens=True).strip()
+
+    return answer
+
+
+def answer_logprob_fn(model, proc, device):
+    """``logprob(image, question, answer) -> float``: the summed log-prob of the answer tokens
+    (eos included, as the trainer encodes responses: ``fgpo.data.encode_example``) given the
+    image and question, from backbone hidden states and the LM-head weight through
+    ``fgpo_kernels.token_logprobs`` (no logits tensor)."""
+    import torch
+
+    import fgpo_kernels as fk
+
+    from .data import IGNORE_INDEX, encode_example
+    from .models import backbone_hidden_states, lm_head_weight
+
+    @torch.no_grad()
+    def logprob(image, question: str, answer: str) -> float:
+        enc = encode_example(proc, image, question, answer.strip())
+        input_ids = enc["input_ids"][None].to(device)
+        inputs = {
+            "input_ids": input_ids,
+            "attention_mask": enc["attention_mask"][None].to(device),
+            **{k: v.to(device) for k, v in enc["image"].items()},
+            **{k: v.to(device) for k, v in proc.extra_model_inputs(input_ids).items()},
+        }
+        hidden = backbone_hidden_states(model, **inputs)[0]
+        targets = enc["targets"].to(hidden.device)
+        rows = targets != IGNORE_INDEX  # already aligned: hidden row t predicts targets[t]
+        return float(fk.token_logprobs(hidden[rows], lm_head_weight(model), targets[rows]).sum())
+
+    return logprob
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--dataset", required=True, choices=sorted(LOADERS))
+    p.add_argument("--root", required=True, help="the dataset folder in its official layout")
+    p.add_argument("--split", default=None, help="train / validate / test (dataset-specific)")
+    p.add_argument("--out", required=True, help="output folder: pairs.json, images, report")
+    p.add_argument("--limit", type=int, default=0, help="use only the first N examples")
+    g = p.add_argument_group("model (greedy answers = y-)")
+    g.add_argument("--model", help="HF id/dir or tiny-* (fgpo.models.load_model)")
+    g.add_argument("--adapter", help="a PEFT adapter folder to load on top of --model")
+    g.add_argument("--answers", help="JSON list of {id, qid, answer} instead of a model")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--dtype", default="float32")
+    g = p.add_argument_group("editor")
+    g.add_argument("--editor", choices=("reference", "llm"), default="reference")
+    g.add_argument("--llm-base-url", help="OpenAI-compatible base URL, e.g. http://host:8000/v1")
+    g.add_argument("--llm-model", help="model name sent to the endpoint")
+    g.add_argument(
+        "--llm-api-key-env",
+        default="OPENAI_API_KEY",
+        help="environment variable holding the key ('' = no key)",
+    )
+    g.add_argument("--llm-timeout", type=float, default=60.0)
+    g.add_argument("--llm-retries", type=int, default=2)
+    g = p.add_argument_group("lesion corruption")
+    g.add_argument("--corrupt-mode", choices=(*MODES, "none"), default="noise")
+    g.add_argument("--noise-std", type=float, default=45.0)
+    g.add_argument("--fallback", choices=("noise", "blur", "skip"), default="noise")
+    g.add_argument("--fallback-std", type=float, default=12.0)
+
+
+def _answers_from_file(path: str) -> AnswerFn:
+    with open(path, encoding="utf-8") as f:
+        rows = json.load(f)
+    table = {(str(r["id"]), str(r.get("qid", ""))): str(r["answer"]) for r in rows}
+
+    def answer(ex: VQAExample) -> str:
+        key = (ex.id, ex.qid)
+        if key not in table:
+            raise KeyError(f"--answers has no answer for id={ex.id} qid={ex.qid}")
+        return table[key]
+
+    return answer
+
+
+def run(args) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if bool(args.model) == bool(args.answers):
+        raise SystemExit("fgpo prepare: give exactly one of --model or --answers")
+    examples, report = load_dataset(args.dataset, args.root, args.split)
+    if args.limit:
+        examples = examples[: args.limit]
+    if not examples:
+        raise SystemExit(f"fgpo prepare: no usable examples ({report.summary()})")
+    if args.editor == "llm":
+        if not (args.llm_base_url and args.llm_model):
+            raise SystemExit("fgpo prepare: --editor llm needs --llm-base-url and --llm-model")
+        editor: Editor = LLMEditor(
+            args.llm_base_url,
+            args.llm_model,
+            api_key_env=args.llm_api_key_env or None,
+            timeout=args.llm_timeout,
+            max_retries=args.llm_retries,
+        )
+    else:
+        editor = ReferenceEditor.from_examples(examples)
+    cfg = None
+    if args.corrupt_mode != "none":
+        cfg = CorruptConfig(
+            mode=args.corrupt_mode,
+            noise_std=args.noise_std,
+            fallback=args.fallback,
+            fallback_std=args.fallback_std,
+        )
+    if args.answers:
+        answer_fn = _answers_from_file(args.answers)
+    else:
+        model, proc, device = load_hf(args.model, dtype=args.dtype, adapter=args.adapter)
+        answer_fn = greedy_answer_fn(model, proc, device, max_new_tokens=args.max_new_tokens)
+    out = Path(args.out)
+    stats: Counter = Counter()
+    t0 = time.perf_counter()
+    try:
+        records = prepare_pairs(examples, answer_fn, editor, cfg, out, stats=stats)
+    except LLMEditorError as e:
+        raise SystemExit(f"fgpo prepare: the LLM editor failed: {e}") from e
+    path = write_records(records, out / "pairs.json")
+    summary = {
+        "dataset": report.to_dict(),
+        "prepare": dict(stats),
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+    with open(out / "prepare_report.json", "w", encoding="utf-8") as f:
+        json.dump(summary, f, indent=1)
+    print(f"{report.summary()}")
+    print(f"wrote {len(records)} pairs to {path}; counts: {dict(sorted(stats.items()))}")
+    return 0
