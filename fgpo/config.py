@@ -1,0 +1,211 @@
+"""Training configuration: one documented dataclass, loaded from YAML with CLI overrides.
+
+Defaults are the method's (SPEC section 1 and the FiRe-MPO recipe): β 0.1, α 0.01, γ 0.1,
+λ 0.5; AdamW at lr 1e-6 with a cosine schedule and no warmup, one epoch, global batch 8;
+LoRA r 128 / alpha 256 / dropout 0.05 with rsLoRA on the language model only (vision tower and
+projector frozen); bf16 weights, gradient checkpointing, flash-attn 2 when importable.
+
+    cfg = TrainConfig.from_yaml("configs/tiny.yaml", overrides=["lr=1e-4", "lora=false"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import yaml
+
+# What each loss preset fixes (the rest comes from the fields below). DPO also switches the
+# mask to every response token.
+PRESETS: dict[str, dict[str, Any]] = {
+    "fire_mpo": {},
+    "dpo": {"gamma": 0.0, "alpha": 0.0, "mask": "response"},
+    "rrpo": {"gamma": 0.0, "lambda_": 1.0},
+    "mask_dpo": {"gamma": 0.0, "alpha": 0.0},
+}
+
+
+@dataclass
+class TrainConfig:
+    """Everything ``fgpo train`` reads. Every field can be set in YAML or as ``--set key=value``."""
+
+    # --- model -----------------------------------------------------------------------------
+    model: str = "tiny-llava"
+    """Hub id, local directory, or a tiny offline model (``tiny-llava``, ``tiny-qwen2-vl``,
+    ``tiny-qwen2.5-vl``, ``tiny-qwen3-vl``; see ``fgpo.tiny``)."""
+    dtype: str = "bfloat16"
+    """Weight dtype: ``bfloat16`` | ``float32`` | ``float16``."""
+    attn_implementation: str | None = None
+    """None = flash_attention_2 when importable on a GPU, else sdpa."""
+    gradient_checkpointing: bool = True
+
+    # --- LoRA (language model only) ----------------------------------------------------------
+    lora: bool = True
+    """False = full fine-tuning of the language model with a frozen copy as the reference."""
+    lora_r: int = 128
+    lora_alpha: int = 256
+    lora_dropout: float = 0.05
+    use_rslora: bool = True
+    train_vision: bool = False
+    """Full fine-tuning only: also train the vision tower and projector (default frozen)."""
+
+    # --- loss --------------------------------------------------------------------------------
+    preset: str = "fire_mpo"
+    """``fire_mpo`` | ``dpo`` | ``rrpo`` | ``mask_dpo``: fixes the terms the method drops."""
+    beta: float = 0.1
+    alpha: float = 0.01
+    gamma: float = 0.1
+    lambda_: float = 0.5
+    alpha_v1: float = 0.0
+    alpha_v2: float = 0.0
+    mask: str | None = None
+    """``span`` (tagged tokens) | ``response`` (all response tokens); None = the preset's."""
+    impl: str | None = None
+    """``fgpo_kernels`` implementation (None = best available)."""
+
+    # --- data --------------------------------------------------------------------------------
+    train_file: str = ""
+    """Preference records in the reference JSON format."""
+    image_root: str | None = None
+    """Directory for relative image paths (default: the JSON file's directory)."""
+    max_length: int = 2048
+    """Longer sequences (image tokens included) are skipped and counted."""
+    on_bad_tags: str = "error"
+    """``error``: malformed ``<mask>`` tags stop before training; ``skip``: count and skip."""
+    cache_examples: bool = False
+    """Keep encoded examples in memory (small sets, many epochs)."""
+    generate_tiny_data: int = 0
+    """If > 0 and ``train_file`` does not exist, write that many synthetic records there."""
+
+    # --- optimisation ------------------------------------------------------------------------
+    lr: float = 1e-6
+    lr_scheduler: str = "cosine"
+    """``cosine`` | ``linear`` | ``constant``."""
+    warmup_ratio: float = 0.0
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    max_grad_norm: float = 1.0
+    """0 disables clipping."""
+    num_epochs: int = 1
+    global_batch_size: int = 8
+    """Examples per optimizer step over all processes and accumulation steps."""
+    micro_batch_size: int = 1
+    """Examples per forward pass per process; accumulation = global / (micro * world)."""
+    max_steps: int | None = None
+    """Stop after this many optimizer steps (None = ``num_epochs`` of data)."""
+    seed: int = 42
+
+    # --- output ------------------------------------------------------------------------------
+    output_dir: str = "runs/fgpo"
+    save_steps: int = 100
+    """Checkpoint every this many steps (and at the end); 0 = only at the end."""
+    save_total_limit: int = 2
+    """Keep at most this many checkpoints (0 = all)."""
+    log_steps: int = 1
+    tensorboard: bool = True
+    """Also log to TensorBoard when ``torch.utils.tensorboard`` is importable."""
+    progress_bar: bool = True
+    device: str = "auto"
+    """``auto`` (cuda when available, one device per process) | ``cpu`` | ``cuda``."""
+    cpu_threads: int | None = None
+    """``torch.set_num_threads`` for CPU runs (1 is fastest for tiny models on busy machines)."""
+
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Free-form values for tools built on the trainer (ignored by it)."""
+
+    # -----------------------------------------------------------------------------------------
+    def __post_init__(self) -> None:
+        # YAML 1.1 reads "1e-6" as a string; coerce scalars to the field's declared type.
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, str) and f.type.split(" |")[0] in ("float", "int"):
+                try:
+                    setattr(self, f.name, float(v) if f.type.startswith("float") else int(v))
+                except ValueError:
+                    raise ValueError(f"{f.name} must be a number, got {v!r}") from None
+            elif isinstance(v, int) and not isinstance(v, bool) and f.type == "float":
+                setattr(self, f.name, float(v))
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the field for inconsistent values."""
+        if self.preset.replace("-", "_") not in PRESETS:
+            raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
+        if self.mask not in (None, "span", "response"):
+            raise ValueError(f"mask must be 'span', 'response' or null, got {self.mask!r}")
+        if self.lr_scheduler not in ("cosine", "linear", "constant"):
+            raise ValueError(f"lr_scheduler must be cosine|linear|constant: {self.lr_scheduler!r}")
+        if self.on_bad_tags not in ("error", "skip"):
+            raise ValueError(f"on_bad_tags must be 'error' or 'skip', got {self.on_bad_tags!r}")
+        for name in ("global_batch_size", "micro_batch_size", "num_epochs", "lora_r"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.global_batch_size % self.micro_batch_size:
+            raise ValueError(
+                f"global_batch_size={self.global_batch_size} is not a multiple of "
+                f"micro_batch_size={self.micro_batch_size}"
+            )
+        if self.max_steps is not None and self.max_steps < 0:
+            raise ValueError(f"max_steps must be >= 0, got {self.max_steps}")
+
+    def loss_kwargs(self) -> dict[str, Any]:
+        """Arguments of ``FiReMPOLoss`` after the preset is applied."""
+        fixed = PRESETS[self.preset.replace("-", "_")]
+        kw = {
+            k: float(fixed.get(k, getattr(self, k)))
+            for k in ("beta", "alpha", "gamma", "lambda_", "alpha_v1", "alpha_v2")
+        }
+        kw["impl"] = self.impl
+        return kw
+
+    def resolved_mask(self) -> str:
+        """``span`` or ``response``: the explicit ``mask``, else the preset's, else span."""
+        if self.mask is not None:
+            return self.mask
+        return PRESETS[self.preset.replace("-", "_")].get("mask", "span")
+
+    def needs_corrupt(self) -> bool:
+        """Whether any visual term is on (then the corrupted sequences are encoded)."""
+        kw = self.loss_kwargs()
+        return kw["gamma"] > 0 or kw["alpha_v1"] > 0 or kw["alpha_v2"] > 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    # -----------------------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown config keys {unknown}; known: {sorted(names)}")
+        return cls(**d)
+
+    @classmethod
+    def from_yaml(cls, path: str, overrides: list[str] | dict[str, Any] | None = None):
+        """Load ``path`` (YAML mapping) and apply ``overrides`` (``key=value`` strings, values
+        parsed as YAML, or a dict). Relative paths are relative to the working directory."""
+        with open(path, encoding="utf-8") as f:
+            d = yaml.safe_load(f) or {}
+        if not isinstance(d, dict):
+            raise ValueError(f"{path}: expected a YAML mapping, got {type(d).__name__}")
+        d.update(parse_overrides(overrides))
+        return cls.from_dict(d)
+
+
+def parse_overrides(overrides: list[str] | dict[str, Any] | None) -> dict[str, Any]:
+    """``["lr=1e-4", "lora=false"]`` → ``{"lr": 1e-4, "lora": False}`` (values parsed as YAML)."""
+    if overrides is None:
+        return {}
+    if isinstance(overrides, dict):
+        return dict(overrides)
+    out = {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"override {item!r} is not key=value")
+        out[key.strip()] = yaml.safe_load(value)
+    return out

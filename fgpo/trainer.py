@@ -1,0 +1,507 @@
+"""The FiRe-MPO trainer: one loss path, named steps, data-parallel, exactly resumable.
+
+    load     model + processor (or the ones given), LoRA on the language model (or full
+             fine-tuning with a frozen copy as reference), checkpointing, DDP wrapping
+    data     dataset, a scan that drops (and counts) unusable examples, the epoch orders
+    encode   the global batch of a step → this process's micro-batches (collated, padded)
+    forward  reference then policy hidden states of all sequences in ONE backbone call each
+             (4B sequences: (v,y+), (v,y−), (v',y+), (v',y−)); no logits anywhere
+    loss     ``fgpo_kernels.FiReMPOLoss`` on the hidden states and the LM-head weight
+    step     gradient accumulation, clipping, AdamW, the schedule
+    log      ``metrics.jsonl`` (+ TensorBoard), the progress bar, checkpoints
+
+Normalization: every micro-batch's summed loss is divided by the global batch size (times the
+world size that DDP averages over), so k micro-batches on n processes give exactly the update
+of the whole global batch at once.
+
+Data order: epoch ``e`` visits the usable examples in ``randperm(seed + e)``; step ``s`` takes
+the ``s``-th slice of ``global_batch_size`` and process ``r`` the items ``r::world`` of it. The
+position is a pure function of the step, so resuming needs only the step number.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import fgpo_kernels as fk
+
+from . import checkpoint as ckpt
+from . import models as M
+from .config import TrainConfig
+from .data import PreferenceCollator, PreferenceDataset
+
+_MODEL_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")
+_GROUPS = ("chosen", "rejected", "chosen_corrupt", "rejected_corrupt")
+
+
+class _Policy(nn.Module):
+    """What DDP wraps: backbone hidden states and the head weight, nothing else."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, **inputs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        return M.backbone_hidden_states(self.model, **inputs), M.lm_head_weight(self.model)
+
+
+def _lr_lambda(kind: str, total: int, warmup: int):
+    def f(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / (warmup + 1)
+        if kind == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total - warmup)
+        progress = min(max(progress, 0.0), 1.0)
+        if kind == "linear":
+            return 1.0 - progress
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return f
+
+
+class Trainer:
+    """Train a vision-language model with FiRe-MPO (or a preset) from a ``TrainConfig``.
+
+    Args:
+        cfg: the configuration.
+        model, processor: an in-memory model and its ``fgpo.models.VLProcessor`` (both or
+            neither); otherwise ``cfg.model`` is loaded.
+        reference: for full fine-tuning, an explicit frozen reference model (default: a frozen
+            copy of ``model`` taken before training).
+
+    ``train()`` runs to ``cfg.max_steps`` (or the epochs) and returns a summary dict.
+    Under ``torchrun`` it initializes the process group itself (gloo on CPU, nccl on GPU).
+    """
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        model: nn.Module | None = None,
+        processor: Any = None,
+        reference: nn.Module | None = None,
+    ) -> None:
+        if (model is None) != (processor is None):
+            raise ValueError("pass both model and processor, or neither")
+        self.cfg = cfg
+        if cfg.cpu_threads:
+            torch.set_num_threads(int(cfg.cpu_threads))
+        self._init_distributed()
+        self._given = (model, processor, reference)
+        self.model: nn.Module | None = None
+        self.summary: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------------------------------
+    # setup
+    # ------------------------------------------------------------------------------------------
+    def _init_distributed(self) -> None:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        cuda = torch.cuda.is_available() and self.cfg.device in ("auto", "cuda")
+        if world > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if cuda else "gloo")
+        self.world = dist.get_world_size() if dist.is_initialized() else 1
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        self.device = torch.device(f"cuda:{local}" if cuda else "cpu")
+        if cuda:
+            torch.cuda.set_device(self.device)
+        self.is_main = self.rank == 0
+
+    def _barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+    def load(self) -> None:
+        """Model, reference, LoRA / freezing, checkpointing, DDP, optimizer, schedule, loss."""
+        cfg = self.cfg
+        torch.manual_seed(cfg.seed)  # LoRA init is identical on every process
+        model, processor, reference = self._given
+        if model is None:
+            from . import tiny
+
+            if tiny.is_tiny_name(cfg.model):
+                if self.is_main:
+                    tiny.ensure_tiny_model(cfg.model)
+                self._barrier()
+            model, processor = M.load_model(cfg.model, cfg.dtype, cfg.attn_implementation)
+        model.to(self.device)
+        self.processor = processor
+        if cfg.lora:
+            model = M.apply_lora(model, cfg)
+            self.reference = None  # same model, adapters disabled
+        else:
+            for p in model.parameters():
+                p.requires_grad_(True)
+            if not cfg.train_vision:
+                M.freeze_vision(model)
+            self.reference = reference if reference is not None else M.frozen_reference(model)
+            self.reference.to(self.device).eval()
+        if cfg.gradient_checkpointing:
+            M.enable_gradient_checkpointing(model)
+        model.train()
+        self.model = model
+        self.trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        if not self.trainable:
+            raise ValueError("no trainable parameters (LoRA found no target layers?)")
+        policy = _Policy(model)
+        if self.world > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            policy = nn.parallel.DistributedDataParallel(policy, device_ids=ids)
+        self.policy = policy
+        decay = [p for n, p in self.trainable.items() if p.ndim >= 2]
+        no_decay = [p for n, p in self.trainable.items() if p.ndim < 2]
+        self.optimizer = torch.optim.AdamW(
+            [
+                {"params": decay, "weight_decay": cfg.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0},
+            ],
+            lr=cfg.lr,
+            betas=(cfg.adam_beta1, cfg.adam_beta2),
+            eps=cfg.adam_eps,
+        )
+        self.loss_fn = fk.FiReMPOLoss(**cfg.loss_kwargs(), reduction="sum")
+
+    def load_data(self) -> None:
+        """Dataset, the scan for unusable examples, and the step plan."""
+        cfg = self.cfg
+        if cfg.generate_tiny_data and not os.path.exists(cfg.train_file):
+            if self.is_main:
+                from . import tiny
+
+                tiny.make_preference_set(
+                    os.path.dirname(os.path.abspath(cfg.train_file)) or ".",
+                    n=cfg.generate_tiny_data,
+                    seed=cfg.seed,
+                )
+                produced = os.path.join(os.path.dirname(cfg.train_file), "preferences.json")
+                if os.path.abspath(produced) != os.path.abspath(cfg.train_file):
+                    os.replace(produced, cfg.train_file)
+            self._barrier()
+        if not cfg.train_file or not os.path.exists(cfg.train_file):
+            raise FileNotFoundError(f"train_file {cfg.train_file!r} does not exist")
+        self.needs_corrupt = cfg.needs_corrupt()
+        self.mask_key = "span_mask" if cfg.resolved_mask() == "span" else "response_mask"
+        self.dataset = PreferenceDataset(
+            cfg.train_file,
+            self.processor,
+            image_root=cfg.image_root,
+            max_length=cfg.max_length,
+            with_corrupt=self.needs_corrupt,
+            mask=cfg.resolved_mask(),
+            on_bad_tags=cfg.on_bad_tags,
+            cache=cfg.cache_examples,
+        )
+        self.collator = PreferenceCollator(self.processor.pad_token_id, self.needs_corrupt)
+        self.valid = self._scan()
+        g = cfg.global_batch_size
+        if g % (self.world * cfg.micro_batch_size):
+            raise ValueError(
+                f"global_batch_size={g} must be a multiple of micro_batch_size "
+                f"({cfg.micro_batch_size}) x processes ({self.world})"
+            )
+        if len(self.valid) < g:
+            raise ValueError(
+                f"only {len(self.valid)} usable examples (skipped: {dict(self.skipped)}) for a "
+                f"global batch of {g}"
+            )
+        self.steps_per_epoch = len(self.valid) // g  # full batches only: every step is exact
+        self.total_steps = (
+            cfg.max_steps if cfg.max_steps is not None else cfg.num_epochs * self.steps_per_epoch
+        )
+        self.accum = g // (self.world * cfg.micro_batch_size)
+        warmup = round(cfg.warmup_ratio * self.total_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, _lr_lambda(cfg.lr_scheduler, self.total_steps, warmup)
+        )
+        self._orders: dict[int, list[int]] = {}
+
+    def _scan(self) -> list[int]:
+        """Encode every example once (sharded over processes); drop and count the unusable."""
+        n = len(self.dataset)
+        ok = torch.zeros(n, dtype=torch.int64)
+        for k in range(self.rank, n, self.world):
+            ok[k] = int(self.dataset[k] is not None)
+        counts = torch.zeros(8, dtype=torch.int64)
+        reasons = ("bad_tags", "missing_image", "unreadable_image", "empty_mask", "too_long")
+        for i, r in enumerate(reasons):
+            counts[i] = self.dataset.skipped.get(r, 0)
+        if self.world > 1:
+            dist.all_reduce(ok)
+            dist.all_reduce(counts)
+            counts[0] //= self.world  # tag problems are found by every process
+        self.skipped = {r: int(counts[i]) for i, r in enumerate(reasons) if counts[i]}
+        return [k for k in range(n) if ok[k]]
+
+    def _order(self, epoch: int) -> list[int]:
+        if epoch not in self._orders:
+            gen = torch.Generator().manual_seed(self.cfg.seed + epoch)
+            perm = torch.randperm(len(self.valid), generator=gen).tolist()
+            self._orders = {epoch: [self.valid[i] for i in perm]}
+        return self._orders[epoch]
+
+    # ------------------------------------------------------------------------------------------
+    # the step
+    # ------------------------------------------------------------------------------------------
+    def encode(self, step: int) -> list[dict[str, Any]]:
+        """This process's collated micro-batches of global step ``step``."""
+        g, mb = self.cfg.global_batch_size, self.cfg.micro_batch_size
+        epoch, j = divmod(step, self.steps_per_epoch)
+        batch = self._order(epoch)[j * g : (j + 1) * g][self.rank :: self.world]
+        out = []
+        for i in range(0, len(batch), mb):
+            items = [self.dataset[k] for k in batch[i : i + mb]]
+            if any(it is None for it in items):  # only when images change after the scan
+                raise RuntimeError(
+                    f"examples {batch[i : i + mb]} became unusable during training "
+                    f"(skipped: {dict(self.dataset.skipped)})"
+                )
+            out.append(self.collator(items))
+        return out
+
+    def _model_inputs(self, b: dict[str, Any]) -> dict[str, torch.Tensor]:
+        inputs = {k: b[k].to(self.device, non_blocking=True) for k in _MODEL_KEYS if k in b}
+        if "pixel_values" in inputs:
+            dtype = next(p.dtype for p in self.model.parameters() if p.is_floating_point())
+            inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+        inputs.update(self.processor.extra_model_inputs(inputs["input_ids"]))
+        return inputs
+
+    def forward(self, b: dict[str, Any]):
+        """Reference and policy hidden states of all ``n_seq * B`` sequences, and the weights."""
+        inputs = self._model_inputs(b)
+        ref_model = self.reference if self.reference is not None else self.model
+        with M.reference_context(ref_model) as ref:
+            h_ref = M.backbone_hidden_states(ref, **inputs)
+            w_ref = M.lm_head_weight(ref) if self.reference is not None else None
+        h, w = self.policy(**inputs)
+        return h, h_ref, w, w_ref
+
+    def compute_loss(self, b: dict[str, Any], h, h_ref, w, w_ref) -> fk.FiReMPOOutput:
+        """``FiReMPOLoss`` (sum over the micro-batch) on the hidden states of each group."""
+        bsz, n_seq = b["batch_size"], b["n_seq"]
+        targets = b["targets"].to(self.device)
+        mask = b[self.mask_key].to(self.device)
+        seqs = [
+            fk.SequenceStates(
+                h[i * bsz : (i + 1) * bsz],
+                h_ref[i * bsz : (i + 1) * bsz],
+                targets[i * bsz : (i + 1) * bsz],
+                mask[i * bsz : (i + 1) * bsz],
+            )
+            for i in range(n_seq)
+        ]
+        corrupt = seqs[2:] if n_seq == 4 else [None, None]
+        return self.loss_fn(
+            w,
+            seqs[0],
+            seqs[1],
+            *corrupt,
+            has_corrupt=b["has_corrupt"].to(self.device),
+            ref_weight=w_ref,
+        )
+
+    def train_step(self, step: int) -> dict[str, Any]:
+        """One optimizer step over the global batch; returns the step's metrics row."""
+        t0 = time.perf_counter()
+        micro = self.encode(step)
+        scale = self.world / self.cfg.global_batch_size  # DDP averages over the world
+        sums: dict[str, float] = {}
+        counts: dict[str, float] = {}
+        tokens = 0
+        for k, b in enumerate(micro):
+            sync = k == len(micro) - 1 or self.world == 1
+            ctx = contextlib.nullcontext() if sync else self.policy.no_sync()
+            with ctx:
+                h, h_ref, w, w_ref = self.forward(b)
+                out = self.compute_loss(b, h, h_ref, w, w_ref)
+                (out.loss * scale).backward()
+            sums["loss"] = sums.get("loss", 0.0) + float(out.loss.detach())
+            counts["loss"] = counts.get("loss", 0.0) + b["batch_size"]
+            for name, v in out.metrics.items():
+                ok = ~torch.isnan(v)
+                sums[name] = sums.get(name, 0.0) + float(v[ok].sum())
+                counts[name] = counts.get(name, 0.0) + float(ok.sum())
+            tokens += int(b["attention_mask"].sum())
+        names = sorted(sums)
+        if self.world > 1:
+            vec = torch.tensor(
+                [sums[n] for n in names] + [counts[n] for n in names] + [tokens],
+                dtype=torch.float64,
+            )
+            dist.all_reduce(vec)
+            m = len(names)
+            sums = dict(zip(names, vec[:m].tolist()))
+            counts = dict(zip(names, vec[m : 2 * m].tolist()))
+            tokens = int(vec[-1])
+        params = list(self.trainable.values())
+        if self.cfg.max_grad_norm > 0:
+            gnorm = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm))
+        else:
+            gnorm = float(torch.linalg.vector_norm(
+                torch.stack([p.grad.norm() for p in params if p.grad is not None])))  # fmt: skip
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        row: dict[str, Any] = {"step": step + 1, "epoch": step / self.steps_per_epoch}
+        row["loss"] = sums["loss"] / max(counts["loss"], 1.0)
+        for n in names:
+            if n != "loss":
+                row[n] = sums[n] / counts[n] if counts[n] else float("nan")
+        row.update(lr=lr, grad_norm=gnorm, tokens=tokens, time_s=time.perf_counter() - t0)
+        return row
+
+    # ------------------------------------------------------------------------------------------
+    # logging and checkpoints
+    # ------------------------------------------------------------------------------------------
+    def _open_logs(self, resumed_step: int) -> None:
+        self._tb = None
+        if not self.is_main:
+            return
+        os.makedirs(self.cfg.output_dir, exist_ok=True)
+        path = os.path.join(self.cfg.output_dir, "metrics.jsonl")
+        # Rows written after the checkpoint we resume from belong to the lost future: drop them.
+        rows = []
+        if resumed_step and os.path.exists(path):
+            with open(path) as f:
+                rows = [r for r in f if r.strip() and json.loads(r)["step"] <= resumed_step]
+        with open(path, "w") as f:
+            f.writelines(rows)
+        self._metrics = open(path, "a")
+        if self.cfg.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(os.path.join(self.cfg.output_dir, "tensorboard"))
+            except Exception:  # tensorboard not installed
+                self._tb = None
+
+    def log(self, row: dict[str, Any]) -> None:
+        if not self.is_main:
+            return
+        self._metrics.write(json.dumps(row) + "\n")
+        self._metrics.flush()
+        if self._tb is not None:
+            for k, v in row.items():
+                if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
+                    self._tb.add_scalar(k, v, row["step"])
+
+    def _state(self, step: int) -> dict[str, Any]:
+        return {
+            "step": step,
+            "epoch": step // self.steps_per_epoch,
+            "position_in_epoch": (step % self.steps_per_epoch) * self.cfg.global_batch_size,
+            "global_batch_size": self.cfg.global_batch_size,
+            "world_size": self.world,
+            "skipped": self.skipped,
+            "config": self.cfg.to_dict(),
+        }
+
+    def _export(self, path: str) -> None:
+        if M.is_peft(self.model):
+            self.model.save_pretrained(os.path.join(path, "adapter"))
+        else:
+            self.model.save_pretrained(os.path.join(path, "model"))
+            self.processor.save_pretrained(os.path.join(path, "model"))
+
+    def save(self, step: int) -> str:
+        return ckpt.save_checkpoint(
+            self.cfg.output_dir,
+            step,
+            rank=self.rank,
+            trainable=self.trainable,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            state=self._state(step),
+            export=self._export,
+            keep=self.cfg.save_total_limit,
+        )
+
+    def resume(self, path: str | None = None) -> int:
+        """Restore the latest (or the given) checkpoint; returns its step (0 if none)."""
+        path = path or ckpt.latest_checkpoint(self.cfg.output_dir)
+        if path is None:
+            return 0
+        state = ckpt.load_checkpoint(
+            path,
+            rank=self.rank,
+            trainable=self.trainable,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+        )
+        if state["global_batch_size"] != self.cfg.global_batch_size:
+            raise ValueError(
+                f"{path} was written with global_batch_size={state['global_batch_size']}, "
+                f"the config has {self.cfg.global_batch_size}"
+            )
+        if state["world_size"] != self.world:
+            raise ValueError(
+                f"{path} was written by {state['world_size']} processes, not {self.world}"
+            )
+        return int(state["step"])
+
+    # ------------------------------------------------------------------------------------------
+    def train(self, resume: bool = False, stop_after: int | None = None) -> dict[str, Any]:
+        """Run training; ``resume`` continues from the latest checkpoint in ``output_dir``.
+
+        ``stop_after`` ends the run after that step (checkpointed) without changing the schedule
+        (which ``max_steps`` defines): an interruption, for tests and time-limited jobs.
+        """
+        if self.model is None:
+            self.load()
+            self.load_data()
+        start = self.resume() if resume else 0
+        self._open_logs(start)
+        end = self.total_steps if stop_after is None else min(stop_after, self.total_steps)
+        bar = None
+        if self.is_main and self.cfg.progress_bar and end > start:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=end, initial=start, desc="fgpo train", dynamic_ncols=True)
+        t0 = time.perf_counter()
+        row: dict[str, Any] = {}
+        every = self.cfg.save_steps
+        last_saved = start if resume else -1
+        try:
+            for step in range(start, end):
+                row = self.train_step(step)
+                if (step + 1) % max(self.cfg.log_steps, 1) == 0 or step + 1 == end:
+                    self.log(row)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{row['loss']:.4f}", acc=row.get("rewards/accuracies"))
+                if every and (step + 1) % every == 0:
+                    self.save(step + 1)
+                    last_saved = step + 1
+            if end > start and last_saved != end:
+                self.save(end)
+        finally:
+            if bar is not None:
+                bar.close()
+            if self.is_main:
+                self._metrics.close()
+                if self._tb is not None:
+                    self._tb.close()
+        self.summary = {
+            "steps": end,
+            "start_step": start,
+            "total_steps": self.total_steps,
+            "final_loss": row.get("loss"),
+            "last_metrics": row,
+            "usable_examples": len(self.valid),
+            "skipped": self.skipped,
+            "world_size": self.world,
+            "time_s": time.perf_counter() - t0,
+            "output_dir": self.cfg.output_dir,
+            "checkpoint": ckpt.latest_checkpoint(self.cfg.output_dir),
+        }
+        return self.summary

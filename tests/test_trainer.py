@@ -1,0 +1,256 @@
+"""Trainer: alignment end to end, no logits, accumulation = large batch, exact resume, full FT,
+bad data, the CLI on configs/tiny.yaml."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+
+import pytest
+import torch
+
+from fgpo import models, tiny
+from fgpo.config import TrainConfig
+from fgpo.trainer import Trainer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _env(tmp_path_factory):
+    old = os.environ.get("FGPO_CACHE"), torch.get_num_threads()
+    os.environ["FGPO_CACHE"] = str(tmp_path_factory.getbasetemp() / "fgpo_cache")
+    torch.set_num_threads(1)
+    yield
+    if old[0] is None:
+        os.environ.pop("FGPO_CACHE", None)
+    else:
+        os.environ["FGPO_CACHE"] = old[0]
+    torch.set_num_threads(old[1])
+
+
+@pytest.fixture(scope="module")
+def llava():
+    return tiny.build_tiny("tiny-llava")
+
+
+@pytest.fixture(scope="module")
+def prefs(tmp_path_factory):
+    return tiny.make_preference_set(str(tmp_path_factory.mktemp("prefs")), n=16, seed=3)
+
+
+def _cfg(tmp_path, prefs, **kw) -> TrainConfig:
+    base = dict(
+        model="tiny-llava",
+        dtype="float32",
+        train_file=prefs,
+        output_dir=str(tmp_path / "run"),
+        lora_r=4,
+        lora_alpha=8,
+        lora_dropout=0.0,
+        lr=5e-3,
+        global_batch_size=8,
+        micro_batch_size=4,
+        max_steps=2,
+        save_steps=0,
+        progress_bar=False,
+        tensorboard=False,
+        gradient_checkpointing=False,
+        impl="torch",
+        seed=0,
+    )
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _trainer(cfg, llava) -> Trainer:
+    model, proc = llava
+    return Trainer(cfg, model=copy.deepcopy(model), processor=proc)
+
+
+def _trainable(tr: Trainer) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in tr.trainable.items()}
+
+
+def test_first_step_matches_materialized_logits(tmp_path, prefs, llava):
+    """At LoRA init policy == reference: rank loss = log 2, KL = 0, and the logged log-probs
+    equal Σ_span log softmax(model(...).logits) at the shifted targets (alignment end to end)."""
+    tr = _trainer(_cfg(tmp_path, prefs, gamma=0.0, global_batch_size=8, micro_batch_size=8), llava)
+    tr.load()
+    tr.load_data()
+    head = models.lm_head_weight(tr.model)
+    calls = []
+    hook = models._unwrap(tr.model).lm_head.register_forward_hook(lambda *a: calls.append(1))
+    (b,) = tr.encode(0)
+    row = tr.train_step(0)
+    hook.remove()
+    assert not calls, "the trainer must never run lm_head (full logits)"
+    assert row["loss/rank"] == pytest.approx(0.693147, abs=1e-5)
+    assert abs(row["kl/mixed"]) < 1e-6
+    # Recompute the chosen log-probs from the Hub forward at the parameters of step 0.
+    tr2 = _trainer(_cfg(tmp_path, prefs, gamma=0.0), llava)
+    tr2.load()
+    with torch.no_grad():
+        logits = tr2.model(**tr2._model_inputs(b)).logits
+    n = b["batch_size"]
+    lp = torch.log_softmax(logits[:n].double(), -1)
+    t = b["targets"][:n]
+    m = b["span_mask"][:n].double()
+    tok = lp.gather(-1, t.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    want = (tok * m).sum(-1).mean().item()
+    assert row["logps/chosen"] == pytest.approx(want, rel=1e-5)
+    assert head.shape[0] == logits.shape[-1]
+
+
+def test_grad_accumulation_equals_large_batch(tmp_path, prefs, llava):
+    # A large Adam eps keeps the first update proportional to the gradient (not its sign), so
+    # float-rounding differences in near-zero gradients stay small.
+    rows, params = [], []
+    for mb in (8, 2):
+        cfg = _cfg(tmp_path / f"mb{mb}", prefs, micro_batch_size=mb, max_steps=1, adam_eps=1e-2)
+        tr = _trainer(cfg, llava)
+        tr.load()
+        tr.load_data()
+        assert tr.accum == 8 // mb
+        before = _trainable(tr)
+        rows.append(tr.train_step(0))
+        params.append({k: v - before[k] for k, v in _trainable(tr).items()})
+    assert rows[0]["loss"] == pytest.approx(rows[1]["loss"], rel=1e-6)
+    assert rows[0]["grad_norm"] == pytest.approx(rows[1]["grad_norm"], rel=1e-5)
+    moved = sum(float(d.abs().sum()) for d in params[0].values())
+    assert moved > 0
+    for k in params[0]:
+        torch.testing.assert_close(params[1][k], params[0][k], rtol=1e-5, atol=1e-8)
+
+
+def _read_rows(out_dir):
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        rows = [json.loads(r) for r in f]
+    for r in rows:
+        r.pop("time_s")
+    return rows
+
+
+def test_exact_resume(tmp_path, prefs, llava):
+    """4 steps straight == 2 steps, a fresh process state, resume, 2 more (bitwise), with LoRA
+    dropout on so the RNG state matters."""
+    kw = dict(max_steps=4, save_steps=2, lora_dropout=0.3, micro_batch_size=4)
+    full = _trainer(_cfg(tmp_path / "a", prefs, **kw), llava)
+    full.train()
+    first = _trainer(_cfg(tmp_path / "b", prefs, **kw), llava)
+    first.train(stop_after=2)
+    torch.manual_seed(1234)  # anything the resumed run depends on must come from the checkpoint
+    second = _trainer(_cfg(tmp_path / "b", prefs, **kw), llava)
+    summary = second.train(resume=True)
+    assert summary["start_step"] == 2 and summary["steps"] == 4
+    a, b = _trainable(full), _trainable(second)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    sa, sb = full.optimizer.state_dict()["state"], second.optimizer.state_dict()["state"]
+    for i in sa:
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(sa[i][key], sb[i][key])
+    assert _read_rows(tmp_path / "a" / "run") == _read_rows(tmp_path / "b" / "run")
+    assert full.scheduler.state_dict()["last_epoch"] == second.scheduler.state_dict()["last_epoch"]
+
+
+def test_checkpoint_is_atomic_and_pruned(tmp_path, prefs, llava):
+    tr = _trainer(_cfg(tmp_path, prefs, max_steps=3, save_steps=1, save_total_limit=2), llava)
+    tr.train()
+    out = tmp_path / "run"
+    names = sorted(os.listdir(out))
+    assert [n for n in names if n.startswith("checkpoint-")] == ["checkpoint-2", "checkpoint-3"]
+    assert not [n for n in names if n.startswith(".tmp")]
+    assert (out / "latest").read_text() == "checkpoint-3"
+    assert (out / "checkpoint-3" / "adapter" / "adapter_config.json").exists()
+    state = json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())
+    assert state["step"] == 3 and state["position_in_epoch"] == 8  # 16 examples, batch 8
+
+
+def test_full_finetune_frozen_reference(tmp_path, prefs, llava):
+    tr = _trainer(_cfg(tmp_path, prefs, lora=False, max_steps=1, lr=1e-3), llava)
+    tr.load()
+    tr.load_data()
+    ref0 = {k: v.clone() for k, v in tr.reference.state_dict().items()}
+    vision0 = {k: v.clone() for k, v in models.backbone(tr.model).vision_tower.state_dict().items()}
+    head0 = models.lm_head_weight(tr.model).detach().clone()
+    row = tr.train_step(0)
+    assert row["loss/rank"] == pytest.approx(0.693147, abs=1e-5)
+    for k, v in tr.reference.state_dict().items():
+        assert torch.equal(v, ref0[k]), k
+    for k, v in models.backbone(tr.model).vision_tower.state_dict().items():
+        assert torch.equal(v, vision0[k]), f"vision tower must stay frozen: {k}"
+    assert not torch.equal(models.lm_head_weight(tr.model), head0)
+    row2 = tr.train_step(1)  # now the policy differs from the reference
+    assert row2["kl/mixed"] > 0
+
+
+def test_bad_data_is_counted_not_fatal(tmp_path, prefs, llava):
+    with open(prefs) as f:
+        recs = json.load(f)
+    root = os.path.dirname(prefs)
+    for r in recs:
+        r["image_path"] = os.path.join(root, r["image_path"])
+        if "rejected_image_path" in r:
+            r["rejected_image_path"] = os.path.join(root, r["rejected_image_path"])
+    recs[0]["image_path"] = "/nonexistent.png"
+    recs[1]["chosen"] = recs[1]["rejected"] = "no tags at all"
+    recs += copy.deepcopy(recs[2:4])
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(recs))
+    cfg = _cfg(tmp_path, str(path), max_steps=1, on_bad_tags="skip")
+    summary = _trainer(cfg, llava).train()
+    assert summary["skipped"] == {"missing_image": 1, "empty_mask": 1}
+    assert summary["usable_examples"] == 16
+    recs[5]["rejected"] = "the <mask>left lung"
+    path.write_text(json.dumps(recs))
+    with pytest.raises(ValueError, match=r"record 5 .*unclosed"):
+        _trainer(_cfg(tmp_path, str(path)), llava).train()
+
+
+@pytest.mark.parametrize("name", ["tiny-qwen2-vl", "tiny-qwen2.5-vl"])
+def test_qwen_models_train(tmp_path, prefs, name):
+    cfg = _cfg(tmp_path, prefs, model=name, max_steps=1, gradient_checkpointing=True)
+    summary = Trainer(cfg).train()
+    row = summary["last_metrics"]
+    assert row["loss/rank"] == pytest.approx(0.693147, abs=1e-5) and row["grad_norm"] > 0
+
+
+def test_cli_tiny_config(tmp_path):
+    from fgpo import train
+
+    out = tmp_path / "cli"
+    args = argparse.Namespace(
+        config=os.path.join(ROOT, "configs", "tiny.yaml"),
+        output_dir=str(out),
+        max_steps=2,
+        resume=False,
+        overrides=[f"train_file={tmp_path / 'data' / 'preferences.json'}", "progress_bar=false"],
+    )
+    assert train.run(args) == 0
+    rows = _read_rows(out)
+    assert [r["step"] for r in rows] == [1, 2]
+    for key in ("loss", "loss/rank", "kl/mixed", "rewards/margins", "visual/loss", "lr"):
+        assert key in rows[0]
+    assert (out / "checkpoint-2" / "trainer_state.json").exists()
+
+
+def test_config_yaml_and_overrides(tmp_path):
+    cfg = TrainConfig.from_yaml(
+        os.path.join(ROOT, "configs", "tiny.yaml"), ["lr=2e-5", "lora=false"]
+    )
+    assert cfg.lr == 2e-5 and cfg.lora is False and cfg.model == "tiny-llava"
+    d = TrainConfig()
+    assert (d.beta, d.alpha, d.gamma, d.lambda_) == (0.1, 0.01, 0.1, 0.5)
+    assert (d.lr, d.lr_scheduler, d.warmup_ratio, d.num_epochs, d.global_batch_size) == (
+        1e-6, "cosine", 0.0, 1, 8)  # fmt: skip
+    assert (d.lora_r, d.lora_alpha, d.lora_dropout, d.use_rslora) == (128, 256, 0.05, True)
+    assert TrainConfig(preset="dpo").resolved_mask() == "response"
+    assert TrainConfig(preset="dpo").loss_kwargs()["gamma"] == 0.0
+    assert TrainConfig(preset="rrpo").loss_kwargs()["lambda_"] == 1.0
+    with pytest.raises(ValueError, match="unknown config keys"):
+        TrainConfig.from_dict({"learning_rate": 1.0})
+    with pytest.raises(ValueError, match="global_batch_size"):
+        TrainConfig(global_batch_size=6, micro_batch_size=4)
