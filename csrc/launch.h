@@ -1,0 +1,60 @@
+// Host-side launch interface between the pybind11 binding and the kernel translation units.
+#pragma once
+
+#include <cuda_runtime.h>
+
+namespace fgpo {
+
+enum DType : int { kBF16 = 0, kF16 = 1 };
+
+// Forward: per row lse (always) and, in KL mode, lser, fkl, rkl (fp32, length N).
+struct FwdArgs {
+  const void* h;   // (N, D)   bf16/fp16, row-major, 16-byte aligned, D % 8 == 0
+  const void* hr;  // (N, Dr)  or null in log-prob-only mode
+  const void* w;   // (V, D)
+  const void* wr;  // (V, Dr)  or null: the reference shares w (then Dr == D)
+  long long n, d, dr, v;
+  float inv_t;      // 1 / temperature
+  int splits;       // vocabulary splits (>= 1): CTAs along the vocabulary per row block
+  float* partial;   // workspace: splits * (6 or 2) * n floats
+  float* lse;
+  float* lser;      // null in log-prob-only mode (also fkl, rkl)
+  float* fkl;
+  float* rkl;
+  cudaStream_t stream;
+};
+
+// Backward: dense logit gradients recomputed tile by tile and multiplied out; outputs are fp32,
+// zero-initialised by the caller, accumulated with atomics. Null output = not needed.
+struct BwdArgs {
+  const void* h;
+  const void* hr;
+  const void* w;
+  const void* wr;
+  long long n, d, dr, v;
+  float inv_t;
+  const float* lse;
+  const float* lser;   // null in log-prob-only mode (also fkl, rkl, g_fkl, g_rkl, g_lpr)
+  const float* fkl;
+  const float* rkl;
+  const float* g_fkl;  // any of the g_* may be null (= zero)
+  const float* g_rkl;
+  const float* g_lp;
+  const float* g_lpr;
+  float* dh;   // (N, D)
+  float* dhr;  // (N, Dr)
+  float* dw;   // (V, D): with a shared weight it receives both sides
+  float* dwr;  // (V, Dr): separate reference weight only
+  cudaStream_t stream;
+};
+
+void launch_fwd_bf16(const FwdArgs& a);
+void launch_fwd_f16(const FwdArgs& a);
+void launch_bwd_bf16(const BwdArgs& a);
+void launch_bwd_f16(const BwdArgs& a);
+
+// Tile sizes shared with the host (Python chooses the number of vocabulary splits from them).
+constexpr int kBlockRows = 64;
+constexpr int kBlockVocab = 64;
+
+}  // namespace fgpo

@@ -1,0 +1,356 @@
+"""impl "cuda": the compiled kernels of ``fgpo_kernels._C`` (csrc/), contract in ``_backend.py``.
+
+Math (row i, T = temperature; p = softmax z, r = softmax zr, d = log p - log r):
+    z = h W^T / T, zr = hr Wr^T / T; online per vocabulary tile: m, s = sum e^(z-m),
+    a = sum e^(z-m)(z-zr) (and mr, sr, b for the reference), merged across vocabulary splits;
+    lse = m + log s, rkl = a/s - lse + lser, fkl = b/sr - lser + lse.
+    G  = g_fkl (p - r) + g_rkl p (d - rkl) - g_lp p
+    Gr = g_fkl r (-d - fkl) + g_rkl (r - p) - g_lpr r
+    dh = G W / T, dW = G^T h / T (and the reference side), fp32 atomics into fp32 buffers.
+
+The kernels (csrc/kernels.cuh) take bf16/fp16 rows and weights: mma.sync tensor-core tiles with
+fp32 accumulation, online log-sum-exp, no rows x V tensor. Other dtypes (fp32, and fp64 used by
+exact checks) are handed to impl "triton" (GPU) or "torch": the CUDA kernels have no fp32 path.
+D that is not a multiple of 8 (or a misaligned view) is zero-padded on the fly (a copy of W).
+
+The two entry points are ``torch.library`` custom ops (``fgpo::cuda_token_stats_fwd`` /
+``_bwd``) with fake implementations, so ``torch.compile`` traces through ``token_kl`` without
+graph breaks; autograd lives in ``token_kl._TokenStats``. ``fgpo_kernels._C`` is imported
+lazily (first ``probe()`` or call), never at package import. On first use on a GPU a small
+self-test against impl "torch" runs once; a failure makes the impl unavailable with the reason.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import os
+
+import torch
+from torch import Tensor
+
+_HALF = (torch.bfloat16, torch.float16)
+_DTYPE_CODE = {torch.bfloat16: 0, torch.float16: 1}
+_C = None
+_IMPORT_ERROR: str | None = None
+_PROBE: dict | None = None
+_SELFTEST_RUNNING = False
+
+
+def _ext():
+    """The compiled module, imported on first use (None when it is not built/importable)."""
+    global _C, _IMPORT_ERROR
+    if _C is None and _IMPORT_ERROR is None:
+        try:
+            _C = importlib.import_module("fgpo_kernels._C")
+        except Exception as exc:  # not built, or built for another Python
+            _IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
+    return _C
+
+
+def supports(dtype: torch.dtype) -> bool:
+    """Whether the CUDA kernels themselves run this dtype (others are delegated)."""
+    return dtype in _HALF
+
+
+def probe() -> dict:
+    """{"available", "built", "reason"}; cached after the first full answer."""
+    global _PROBE
+    if _PROBE is not None:
+        return _PROBE
+    ext = _ext()
+    if ext is None:
+        return {
+            "available": False,
+            "built": False,
+            "reason": f"fgpo_kernels._C is not built or not importable ({_IMPORT_ERROR}); "
+            "reinstall with nvcc on PATH (FGPO_BUILD_CUDA=1 to make build failures loud)",
+        }
+    built = f"fgpo_kernels._C built for sm_{ext.ARCHS.replace(';', ', sm_')}"
+    if not torch.cuda.is_available():
+        _count, why = ext.device_count()
+        detail = f" (CUDA runtime: {why})" if why else ""
+        return {
+            "available": False,
+            "built": True,
+            "reason": f"{built}, but no CUDA device: torch.cuda.is_available() is False{detail}",
+        }
+    cap = torch.cuda.get_device_capability()
+    name = torch.cuda.get_device_name()
+    if cap < (8, 0):
+        _PROBE = {
+            "available": False,
+            "built": True,
+            "reason": f"{built}, but {name} is sm_{cap[0]}{cap[1]}; the kernels need sm_80+",
+        }
+        return _PROBE
+    if _SELFTEST_RUNNING:  # called from inside the self-test: answer without recursing
+        return {"available": True, "built": True, "reason": "self-test in progress"}
+    fail = _self_test() if os.environ.get("FGPO_CUDA_SELFTEST", "1") != "0" else None
+    if fail:
+        _PROBE = {"available": False, "built": True, "reason": f"{built}; self-test FAILED: {fail}"}
+    else:
+        _PROBE = {
+            "available": True,
+            "built": True,
+            "reason": f"{built}, running on {name} (sm_{cap[0]}{cap[1]}); bf16/fp16 kernels, "
+            "fp32/fp64 inputs delegated to impl 'triton' (else 'torch')",
+        }
+    return _PROBE
+
+
+# ---- argument preparation -----------------------------------------------------------------------
+
+
+def _pad8(x: Tensor | None) -> Tensor | None:
+    """Contiguous, 16-byte aligned, last dim a multiple of 8 (zero-padded copy if needed)."""
+    if x is None:
+        return None
+    x = x.contiguous()
+    d = x.shape[-1]
+    if d % 8 == 0 and x.data_ptr() % 16 == 0 and d > 0:
+        return x
+    d8 = max(8, (d + 7) // 8 * 8)
+    out = x.new_zeros(*x.shape[:-1], d8)
+    out[..., :d] = x
+    return out
+
+
+def _ptr(x: Tensor | None) -> int:
+    return 0 if x is None else x.data_ptr()
+
+
+def _splits(n: int, v: int, device: torch.device) -> int:
+    """Vocabulary splits so that row blocks x splits fills the GPU about twice (~3 CTAs/SM)."""
+    ext = _ext()
+    row_blocks = -(-n // ext.BLOCK_ROWS)
+    n_tiles = -(-v // ext.BLOCK_VOCAB)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    want = -(-(6 * sms) // row_blocks)
+    return max(1, min(n_tiles, want))
+
+
+def _check_device(x: Tensor) -> None:
+    if x.device.type != "cuda":
+        raise RuntimeError(f"impl 'cuda' needs CUDA tensors, got a tensor on {x.device}")
+    if torch.cuda.get_device_capability(x.device) < (8, 0):
+        raise RuntimeError(f"impl 'cuda' needs an sm_80+ GPU, got {x.device}")
+
+
+def _fwd_impl(h, hr, w, wr, temperature: float, splits: int) -> tuple[Tensor, ...]:
+    ext = _ext()
+    if ext is None:
+        raise RuntimeError(f"fgpo_kernels._C is not importable: {_IMPORT_ERROR}")
+    _check_device(h)
+    n, v = h.shape[0], w.shape[0]
+    f32 = dict(dtype=torch.float32, device=h.device)
+    kl = hr is not None
+    lse = torch.empty(n, **f32)
+    lser, fkl, rkl = (torch.empty(n if kl else 0, **f32) for _ in range(3))
+    if n == 0:
+        return lse, lser, fkl, rkl
+    h, hr, w, wr = _pad8(h), _pad8(hr), _pad8(w), _pad8(wr)
+    s = splits if splits > 0 else _splits(n, v, h.device)
+    partial = torch.empty(s * (6 if kl else 2) * n, **f32)
+    with torch.cuda.device(h.device):
+        ext.fwd(
+            _ptr(h), _ptr(hr), _ptr(w), _ptr(wr), n, h.shape[1], hr.shape[1] if kl else 0, v,
+            1.0 / temperature, _DTYPE_CODE[h.dtype], s, _ptr(partial), _ptr(lse),
+            _ptr(lser) if kl else 0, _ptr(fkl) if kl else 0, _ptr(rkl) if kl else 0,
+            torch.cuda.current_stream(h.device).cuda_stream,
+        )  # fmt: skip
+    return lse, lser, fkl, rkl
+
+
+def _bwd_impl(
+    h, hr, w, wr, temperature, lse, lser, fkl, rkl, g_fkl, g_rkl, g_lp, g_lpr,
+    need_h, need_hr, need_w, need_wr,
+):  # fmt: skip
+    ext = _ext()
+    if ext is None:
+        raise RuntimeError(f"fgpo_kernels._C is not importable: {_IMPORT_ERROR}")
+    _check_device(h)
+    kl, shared = hr is not None, wr is None
+    n, d, v = h.shape[0], h.shape[1], w.shape[0]
+    dr = hr.shape[1] if kl else 0
+    need_hr = bool(need_hr and kl)
+    need_wr = bool(need_wr and kl and not shared)
+    hp, hrp, wp, wrp = _pad8(h), _pad8(hr), _pad8(w), _pad8(wr)
+    f32 = dict(dtype=torch.float32, device=h.device)
+    dh = torch.zeros(n, hp.shape[1], **f32) if need_h else None
+    dhr = torch.zeros(n, hrp.shape[1], **f32) if need_hr else None
+    dw = torch.zeros(v, wp.shape[1], **f32) if need_w else None
+    dwr = torch.zeros(v, wrp.shape[1], **f32) if need_wr else None
+
+    def vec(x):
+        return None if x is None or x.numel() == 0 else x.to(torch.float32).contiguous()
+
+    stats = [vec(x) for x in (lse, lser, fkl, rkl)]
+    gs = [vec(x) for x in (g_fkl, g_rkl, g_lp, g_lpr)]
+    if not kl:
+        gs[0] = gs[1] = gs[3] = None
+    if n and (need_h or need_hr or need_w or need_wr):
+        with torch.cuda.device(h.device):
+            ext.bwd(
+                _ptr(hp), _ptr(hrp), _ptr(wp), _ptr(wrp), n, hp.shape[1],
+                hrp.shape[1] if kl else 0, v, 1.0 / temperature, _DTYPE_CODE[h.dtype],
+                *(_ptr(x) for x in stats), *(_ptr(x) for x in gs),
+                _ptr(dh), _ptr(dhr), _ptr(dw), _ptr(dwr),
+                torch.cuda.current_stream(h.device).cuda_stream,
+            )  # fmt: skip
+
+    def out(x, cols):
+        if x is None:  # a fresh empty per output: custom-op outputs must not alias
+            return torch.empty(0, **f32)
+        return x if x.shape[1] == cols else x[:, :cols].contiguous()
+
+    return out(dh, d), out(dhr, dr), out(dw, d), out(dwr, dr)
+
+
+# ---- torch.library custom ops -------------------------------------------------------------------
+
+_FWD_SCHEMA = "(Tensor h, Tensor? hr, Tensor w, Tensor? wr, float temperature, int splits) -> (Tensor, Tensor, Tensor, Tensor)"  # noqa: E501
+_BWD_SCHEMA = (
+    "(Tensor h, Tensor? hr, Tensor w, Tensor? wr, float temperature, Tensor lse, Tensor? lser, "
+    "Tensor? fkl, Tensor? rkl, Tensor? g_fkl, Tensor? g_rkl, Tensor? g_lp, Tensor? g_lpr, "
+    "bool need_h, bool need_hr, bool need_w, bool need_wr) -> (Tensor, Tensor, Tensor, Tensor)"
+)
+
+
+@torch.library.custom_op("fgpo::cuda_token_stats_fwd", mutates_args=(), schema=_FWD_SCHEMA)
+def _fwd_op(h, hr, w, wr, temperature, splits):
+    return _fwd_impl(h, hr, w, wr, temperature, splits)
+
+
+@_fwd_op.register_fake
+def _(h, hr, w, wr, temperature, splits):
+    n = h.shape[0]
+    kl = hr is not None
+    mk = lambda k: h.new_empty(k, dtype=torch.float32)
+    return mk(n), mk(n if kl else 0), mk(n if kl else 0), mk(n if kl else 0)
+
+
+@torch.library.custom_op("fgpo::cuda_token_stats_bwd", mutates_args=(), schema=_BWD_SCHEMA)
+def _bwd_op(h, hr, w, wr, temperature, lse, lser, fkl, rkl, g_fkl, g_rkl, g_lp, g_lpr,
+            need_h, need_hr, need_w, need_wr):  # fmt: skip
+    return _bwd_impl(h, hr, w, wr, temperature, lse, lser, fkl, rkl, g_fkl, g_rkl, g_lp, g_lpr,
+                     need_h, need_hr, need_w, need_wr)  # fmt: skip
+
+
+@_bwd_op.register_fake
+def _(h, hr, w, wr, temperature, lse, lser, fkl, rkl, g_fkl, g_rkl, g_lp, g_lpr,
+      need_h, need_hr, need_w, need_wr):  # fmt: skip
+    kl, shared = hr is not None, wr is None
+    f32 = lambda *s: h.new_empty(*s, dtype=torch.float32)
+    return (
+        f32(h.shape) if need_h else f32(0),
+        f32(hr.shape) if (need_hr and kl) else f32(0),
+        f32(w.shape) if need_w else f32(0),
+        f32(wr.shape) if (need_wr and kl and not shared) else f32(0),
+    )
+
+
+# ---- the _backend.py contract -------------------------------------------------------------------
+
+
+def _delegate():
+    """Module that runs dtypes the CUDA kernels do not (fp32/fp64): triton if usable, else torch."""
+    from . import _registry
+
+    if _registry.status("triton")["available"]:
+        return _registry.module("triton")
+    return _registry.module("torch")
+
+
+def forward(h, hr, w, wr, temperature, *, splits: int = 0):
+    """Per-row (lse, lser, fkl, rkl) fp32 (``lser``.. None in log-prob-only mode).
+
+    ``splits`` > 0 fixes the number of vocabulary splits (tests); 0 picks it from the SM count.
+    """
+    if not supports(h.dtype):
+        return _delegate().forward(h, hr, w, wr, temperature)
+    lse, lser, fkl, rkl = _fwd_op(h, hr, w, wr, float(temperature), int(splits))
+    if hr is None:
+        return lse, None, None, None
+    return lse, lser, fkl, rkl
+
+
+def backward(
+    h, hr, w, wr, temperature, lse, lser, fkl, rkl, g_fkl, g_rkl, g_lp, g_lpr,
+    need_h, need_hr, need_w, need_wr,
+):  # fmt: skip
+    if not supports(h.dtype):
+        return _delegate().backward(
+            h, hr, w, wr, temperature, lse, lser, fkl, rkl, g_fkl, g_rkl, g_lp, g_lpr,
+            need_h, need_hr, need_w, need_wr,
+        )  # fmt: skip
+    kl, shared = hr is not None, wr is None
+    dh, dhr, dw, dwr = _bwd_op(
+        h, hr, w, wr, float(temperature), lse, lser, fkl, rkl, g_fkl, g_rkl, g_lp, g_lpr,
+        bool(need_h), bool(need_hr and kl), bool(need_w), bool(need_wr and kl and not shared),
+    )  # fmt: skip
+    return (
+        dh if need_h else None,
+        dhr if (need_hr and kl) else None,
+        dw if need_w else None,
+        dwr if (need_wr and kl and not shared) else None,
+    )
+
+
+# ---- self-test (first use on a GPU) -------------------------------------------------------------
+
+
+def _rel(a: Tensor, b: Tensor) -> float:
+    a, b = a.double(), b.double()
+    den = b.norm().item()
+    return (a - b).norm().item() / den if den > 0 else (a - b).norm().item()
+
+
+def _self_test() -> str | None:
+    """Compare the kernels with impl 'torch' on small odd shapes; return a failure or None."""
+    global _SELFTEST_RUNNING
+    from . import torch_impl
+
+    _SELFTEST_RUNNING = True
+    try:
+        gen = torch.Generator(device="cpu").manual_seed(1234)
+        dev = torch.device("cuda", torch.cuda.current_device())
+        for mode, n, d, dr, v, splits in (
+            ("shared", 70, 72, 72, 301, 3),
+            ("separate", 131, 40, 56, 1003, 0),
+            ("logprob", 9, 24, 0, 77, 2),
+        ):
+            kl = mode != "logprob"
+            rnd = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float32)
+            h = rnd(n, d)
+            hr = (h + 0.3 * rnd(n, d) if mode == "shared" else rnd(n, dr)) if kl else None
+            w = rnd(v, d) * (2.0 / math.sqrt(d))
+            wr = rnd(v, dr) * (2.0 / math.sqrt(dr)) if mode == "separate" else None
+            g = [rnd(n) if (kl or k == 2) else None for k in range(4)]
+            to = lambda x, dt: None if x is None else x.to(dev, dt)
+            args16 = [to(x, torch.bfloat16) for x in (h, hr, w, wr)]
+            args32 = [to(x, torch.float32) for x in args16]  # same bf16-rounded values
+            got = forward(*args16, 0.9, splits=splits)
+            ref = torch_impl.forward(*args32, 0.9)
+            for name, a, b in zip(("lse", "lser", "fkl", "rkl"), got, ref):
+                if a is None and b is None:
+                    continue
+                if a is None or b is None or not torch.isfinite(a).all() or _rel(a, b) > 2e-2:
+                    err = None if a is None or b is None else _rel(a, b)
+                    return f"{mode} forward {name}: rel err {err} (n={n}, d={d}, v={v})"
+            gd = [to(x, torch.float32) for x in g]
+            need = (True, kl, True, mode == "separate")
+            got_b = backward(*args16, 0.9, *ref, *gd, *need)
+            ref_b = torch_impl.backward(*args32, 0.9, *ref, *gd, *need)
+            for name, a, b in zip(("dh", "dhr", "dw", "dwr"), got_b, ref_b):
+                if a is None and b is None:
+                    continue
+                if a is None or b is None or not torch.isfinite(a).all() or _rel(a, b) > 3e-2:
+                    err = None if a is None or b is None else _rel(a, b)
+                    return f"{mode} backward {name}: rel err {err} (n={n}, d={d}, v={v})"
+        torch.cuda.synchronize()
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+    finally:
+        _SELFTEST_RUNNING = False
+    return None
