@@ -282,7 +282,9 @@ def _options_from_question(question: str) -> list[str]:
 _SLAKE_SPLITS = {"train": "train.json", "validate": "validate.json", "val": "validate.json"}
 
 
-def _slake_boxes(det_path: Path, report: LoadReport, strict: bool) -> list[tuple[str, tuple]]:
+def _slake_boxes(
+    det_path: Path, report: LoadReport, strict: bool, box_format: str = "xywh"
+) -> list[tuple[str, tuple]]:
     if not det_path.is_file():
         return []
     try:
@@ -291,8 +293,10 @@ def _slake_boxes(det_path: Path, report: LoadReport, strict: bool) -> list[tuple
         out = []
         for entry in raw if isinstance(raw, list) else [raw]:
             for label, b in entry.items():
-                x, y, w, h = (float(v) for v in b)
-                out.append((str(label), (x, y, x + w, y + h)))
+                x, y, c, d = (float(v) for v in b)
+                out.append(
+                    (str(label), (x, y, x + c, y + d) if box_format == "xywh" else (x, y, c, d))
+                )
         return out
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, TypeError, ValueError) as e:
         if strict:
@@ -316,11 +320,15 @@ def load_slake(
     lang: str | None = "en",
     strict: bool = False,
     verify_images: bool = True,
+    box_format: str = "xywh",
 ) -> tuple[list[VQAExample], LoadReport]:
     """SLAKE 1.0 from its official folder (``train.json``, ``imgs/xmlab*/...``).
 
     ``lang`` keeps only questions in that language (``q_lang``; None keeps all).
+    ``box_format``: how ``detection.json`` stores boxes, ``"xywh"`` (the release) or ``"xyxy"``.
     """
+    if box_format not in ("xywh", "xyxy"):
+        raise ValueError(f"box_format must be 'xywh' or 'xyxy', got {box_format!r}")
     root = Path(root)
     name = _SLAKE_SPLITS.get(split, f"{split}.json")
     rows = _read_json(root / name)
@@ -345,7 +353,7 @@ def load_slake(
             continue
         folder = img.parent
         if folder not in box_cache:
-            box_cache[folder] = _slake_boxes(folder / "detection.json", report, strict)
+            box_cache[folder] = _slake_boxes(folder / "detection.json", report, strict, box_format)
         boxes = _select_slake_regions(box_cache[folder], q, a)
         mask = folder / "mask.png"
         mask_path = str(mask) if not boxes and mask.is_file() else None
