@@ -63,7 +63,8 @@ class FiReMPOOutput(NamedTuple):
     ``loss`` is the scalar to backpropagate. ``rank``, ``visual``, ``mixed_kl``, ``visual_v1``,
     ``visual_v2`` are the per-example terms before their coefficients (``visual``/``v1``/``v2``
     already multiplied by ``has_corrupt``; zeros when their corrupted sequences are not in use,
-    i.e. not needed by any term with a nonzero coefficient); they are differentiable. ``chosen_rewards``/``rejected_rewards`` are β·R(v, y±) (differentiable).
+    i.e. not needed by any term with a nonzero coefficient); they are differentiable.
+    ``chosen_rewards``/``rejected_rewards`` are β·R(v, y±) (differentiable).
     ``metrics`` maps names to detached per-example ``(B,)`` tensors (see ``METRIC_KEYS``);
     visual metrics are NaN for examples without a corrupted image. ``summary()`` gives batch
     means as floats (NaN-skipping), ready for a logger.
@@ -213,7 +214,7 @@ class FiReMPOLoss(torch.nn.Module):
             ref_weight: ``(V, D_ref)`` LM-head weight of a separate reference model; None =
                 ``weight`` (the LoRA case).
         """
-        b, seq_len = _check_seq("chosen", chosen, None)
+        b, _ = _check_seq("chosen", chosen, None)
         chosen = SequenceStates(*chosen)
         _check_seq("rejected", rejected, chosen)
         seqs = {"chosen": chosen, "rejected": SequenceStates(*rejected)}
@@ -243,26 +244,26 @@ class FiReMPOLoss(torch.nn.Module):
         # ---- gather the rows that matter from every sequence in use (one token_kl call)
         h_parts, hr_parts, t_parts, kw_parts, segs = [], [], [], [], []
         for name, seq in seqs.items():
-            m = seq.mask.detach().reshape(-1)
+            m = seq.mask.detach()
             m = m if m.dtype.is_floating_point else m.float()
             active = m != 0
             if name.endswith("_corrupt"):
-                active = active & (gate != 0).repeat_interleave(seq_len)
-            idx = active.nonzero().squeeze(-1)
-            tgt = seq.targets.reshape(-1).index_select(0, idx).long()
+                active = active & (gate != 0).unsqueeze(-1)
+            # (example, position) of every weighted row; advanced indexing gathers just those
+            # rows, even from a non-contiguous view such as ``hidden[:, :-1]``.
+            ex, pos = active.nonzero().unbind(-1)
+            tgt = seq.targets[ex, pos].long()
             if bool((tgt == self.ignore_index).any()):
                 raise ValueError(
                     f"{name}.targets is ignore_index={self.ignore_index} at positions where "
                     f"{name}.mask is nonzero; every weighted position needs a target"
                 )
-            pol = seq.policy.reshape(b * seq_len, -1).index_select(0, idx)
-            ref = seq.ref.detach().reshape(b * seq_len, -1).index_select(0, idx)
-            w_rows = m.index_select(0, idx)
-            h_parts.append(pol)
-            hr_parts.append(ref)
+            w_rows = m[ex, pos]
+            h_parts.append(seq.policy[ex, pos])
+            hr_parts.append(seq.ref.detach()[ex, pos])
             t_parts.append(tgt)
             kw_parts.append(w_rows if name == "chosen" else torch.zeros_like(w_rows))
-            segs.append((name, idx // seq_len, w_rows))
+            segs.append((name, ex, w_rows))
 
         wr = ref_weight
         if wr is None and weight.requires_grad:

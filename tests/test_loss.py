@@ -211,6 +211,30 @@ def test_bool_mask_equals_float_mask():
     compare(b, a, 0.0, 0.0)
 
 
+def test_views_of_longer_hidden_states_are_accepted():
+    """``hidden[:, :-1]`` (the shift a trainer does) is a non-contiguous view: same result."""
+    batch = make_batch(mask="weights")
+    want, _ = ours(batch, "torch")
+    w, _, seqs = cast_seqs(batch, torch.float32)
+    longs, views = {}, []
+    for k in NAMES:
+        s = seqs[k]
+        longs[k] = torch.cat([s.policy, s.policy[:, :1]], 1).detach().requires_grad_()
+        views.append(
+            s._replace(
+                policy=longs[k][:, :-1], ref=torch.stack([s.ref, s.ref], 2).flatten(1, 2)[:, ::2]
+            )
+        )
+        assert not views[-1].policy.is_contiguous() and not views[-1].ref.is_contiguous()
+    out = FiReMPOLoss(impl="torch")(w, *views, has_corrupt=batch["has_corrupt"])
+    out.loss.backward()
+    torch.testing.assert_close(out.loss.detach(), want["loss"], rtol=1e-6, atol=0)
+    torch.testing.assert_close(w.grad, want["dw"], rtol=1e-5, atol=1e-7)
+    for k in NAMES:
+        torch.testing.assert_close(longs[k].grad[:, :-1], want["d_" + k], rtol=1e-5, atol=1e-7)
+        assert not longs[k].grad[:, -1].any()
+
+
 # ---------------------------------------------------------------- presets
 
 
