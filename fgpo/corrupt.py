@@ -97,9 +97,12 @@ def mask_from_image(mask: Any, size: tuple[int, int], threshold: float = 0) -> n
         p = Path(mask)
         if not p.is_file():
             raise FileNotFoundError(f"lesion mask image not found: {p}")
-        with Image.open(p) as im:
-            im.load()
-            mask = im.copy()
+        try:
+            with Image.open(p) as im:
+                im.load()
+                mask = im.copy()
+        except OSError as e:  # PIL's "cannot identify image file" and truncated files
+            raise ValueError(f"cannot read lesion mask image {p}: {e}") from e
     if isinstance(mask, Image.Image):
         m = np.asarray(mask.convert("L") if mask.mode not in ("L", "1", "I", "F") else mask)
     else:

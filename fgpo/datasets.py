@@ -219,9 +219,9 @@ class _ImageChecker:
             return None
         from PIL import Image
 
-        try:
+        try:  # a full decode: verify() alone passes truncated JPEGs
             with Image.open(path) as im:
-                im.verify()
+                im.load()
         except Exception:
             return "corrupt_image"
         return None

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from .corrupt import MODES, CorruptConfig, corrupt_image
-from .datasets import LOADERS, VQAExample, load_dataset, open_image
+from .datasets import LOADERS, DatasetError, VQAExample, load_dataset, open_image
 from .editors import NO_WORDS, YES_WORDS, contains_phrase, normalize, polarity, tokens
 
 log = logging.getLogger(__name__)
@@ -130,10 +130,20 @@ def grounding_score(
     cfg = corrupt_cfg or CorruptConfig()
     drops: list[float] = []
     per: list[dict[str, Any]] = []
-    n_no_region = 0
+    n_no_region = n_unreadable = n_corrupt_failed = 0
     for ex in examples:
-        image = open_image(ex.image_path)
-        res = corrupt_image(image, ex, cfg)
+        try:
+            image = open_image(ex.image_path)
+        except DatasetError as e:
+            n_unreadable += 1
+            log.warning("grounding: skipping %s/%s: %s", ex.id, ex.qid, e)
+            continue
+        try:
+            res = corrupt_image(image, ex, cfg)
+        except (OSError, ValueError) as e:  # e.g. an unreadable mask image or a bad box
+            n_corrupt_failed += 1
+            log.warning("grounding: no corrupted image for %s/%s: %s", ex.id, ex.qid, e)
+            continue
         if res.image is None or (res.source == "fallback" and not include_fallback):
             n_no_region += 1
             continue
@@ -156,6 +166,8 @@ def grounding_score(
         "grounding_score": _mean(drops),
         "n_grounding": len(drops),
         "n_no_lesion_region": n_no_region,
+        "n_unreadable_image": n_unreadable,
+        "n_corrupt_failed": n_corrupt_failed,
         "corrupt_mode": cfg.mode,
         "per_example": per,
     }
@@ -179,11 +191,18 @@ def evaluate(
         raise ValueError("model_fns needs an answer function, a logprob function, or both")
     out: dict[str, Any] = {"n_examples": len(examples)}
     if model_fns.answer is not None:
-        preds = [(model_fns.answer(ex) or "").strip() for ex in examples]
-        out.update(score_answers(examples, preds))
+        scored, preds = [], []
+        for ex in examples:
+            try:
+                preds.append((model_fns.answer(ex) or "").strip())
+                scored.append(ex)
+            except DatasetError as e:  # image missing/unreadable: counted, not scored
+                log.warning("skipping %s/%s: %s", ex.id, ex.qid, e)
+        out["n_unanswered"] = len(examples) - len(scored)
+        out.update(score_answers(scored, preds))
         out["predictions"] = [
             {"id": ex.id, "qid": ex.qid, "answer": p, "ground_truth": ex.answer}
-            for ex, p in zip(examples, preds)
+            for ex, p in zip(scored, preds)
         ]
     if grounding and model_fns.logprob is not None:
         g = grounding_score(

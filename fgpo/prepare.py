@@ -26,8 +26,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from .corrupt import MODES, CorruptConfig, corrupt_example
-from .datasets import LOADERS, DatasetError, VQAExample, load_dataset
+from .corrupt import MODES, CorruptConfig, corrupt_example, seed_from_id
+from .datasets import LOADERS, DatasetError, VQAExample, is_dicom, load_dataset, open_image
 from .editors import Editor, LLMEditor, LLMEditorError, ReferenceEditor, SkipExample, has_tags
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,12 @@ def prepare_pairs(
     seen: set[tuple] = set()
     for ex in examples:
         stats["examples"] += 1
-        y_minus = (answer_fn(ex) or "").strip()  # step: answer
+        try:  # step: answer
+            y_minus = (answer_fn(ex) or "").strip()
+        except DatasetError as e:  # the image went missing or does not decode
+            stats["skip:unreadable_image"] += 1
+            log.warning("skipping %s/%s: %s", ex.id, ex.qid, e)
+            continue
         try:  # step: edit
             edit = editor.edit(ex, y_minus)
         except SkipExample as s:
@@ -79,7 +84,7 @@ def prepare_pairs(
             "prompt": ex.question,
             "chosen": edit.chosen,
             "rejected": edit.rejected,
-            "image_path": ex.image_path,
+            "image_path": _trainer_image(ex.image_path, Path(out_dir) / "images"),
             "was_correct": edit.was_correct,
             "answer_type": ex.answer_type,
             "dataset": ex.dataset,
@@ -89,7 +94,7 @@ def prepare_pairs(
         if corrupt_cfg is not None:  # step: corrupt
             try:
                 res = corrupt_example(ex, corrupt_cfg, img_dir)
-            except (DatasetError, FileNotFoundError, ValueError) as e:
+            except (DatasetError, OSError, ValueError) as e:  # e.g. an unreadable mask image
                 stats["corrupt_failed"] += 1
                 log.warning("no corrupted image for %s/%s: %s", ex.id, ex.qid, e)
                 res = None
@@ -100,6 +105,18 @@ def prepare_pairs(
         records.append(rec)  # step: record
         stats["pairs"] += 1
     return records
+
+
+def _trainer_image(path: str, image_dir: Path) -> str:
+    """The image path for the record: DICOM files are written once as windowed PNGs (the
+    trainer reads ordinary images), everything else is used as it is."""
+    if not is_dicom(path):
+        return path
+    out = image_dir / f"{Path(path).stem}-{seed_from_id(path) % 10**8:08d}.png"
+    if not out.is_file():
+        image_dir.mkdir(parents=True, exist_ok=True)
+        open_image(path).save(out)
+    return str(out)
 
 
 def write_records(records: list[dict], path: str | Path) -> Path:

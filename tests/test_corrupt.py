@@ -81,6 +81,9 @@ def test_masks_from_box_polygon_and_image_agree(tmp_path):
         mask_from_polygons([[(1, 1), (2, 2)]], (W, H))
     with pytest.raises(FileNotFoundError, match=r"nope\.png"):
         mask_from_image(tmp_path / "nope.png", (W, H))
+    (tmp_path / "bad.png").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match=r"cannot read lesion mask image .*bad\.png"):
+        mask_from_image(tmp_path / "bad.png", (W, H))
 
 
 @pytest.mark.parametrize("mode", ["L", "RGB"])

@@ -409,3 +409,12 @@ def test_dicom_images_in_a_dataset(tmp_path):
     assert im.mode == "L" and im.size == (128, 128)
     with pytest.raises(DatasetError, match="not found"):
         open_image(tmp_path / "nothing.png")
+
+
+def test_truncated_jpeg_is_a_counted_skip(tmp_path):
+    root = make_vqa_rad(tmp_path / "rad")
+    img = root / "VQA_RAD Image Folder" / "synpic200.jpg"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64), np.uint8)).save(img)
+    img.write_bytes(img.read_bytes()[:300])  # header intact, data cut
+    exs, rep = load_vqa_rad(root, "train")
+    assert [e.qid for e in exs] == ["1"] and rep.skipped["corrupt_image"] == 1

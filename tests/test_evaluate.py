@@ -395,3 +395,46 @@ def test_answer_logprob_matches_materialized_logits():
     n = len(ids)
     want = sum(lp[n - 1 + k, t].item() for k, t in enumerate(ans))
     assert got == pytest.approx(want, rel=1e-4, abs=1e-4)
+
+
+def test_prepare_pairs_unreadable_files_are_counted_and_dicom_becomes_png(tmp_path):
+    from pydicom.data import get_testdata_file
+
+    from fgpo.data import open_image as trainer_open_image
+    from fgpo.datasets import open_image
+
+    exs = examples(tmp_path)[:3]
+    gone = exs[1]
+    Path(gone.image_path).unlink()  # vanished after loading
+    bad_mask = tmp_path / "mask.png"
+    bad_mask.write_bytes(b"not a png")
+    exs[2].lesion_mask_path = str(bad_mask)
+    dcm = VQAExample(
+        "ct",
+        "0",
+        get_testdata_file("CT_small.dcm"),
+        "Is there a mass?",
+        "yes",
+        "closed",
+        lesion_boxes=[(30, 30, 60, 60)],
+    )
+
+    def answer(e):
+        open_image(e.image_path)  # as a model's answer function does
+        return "No, there is no mass." if e.answer_type == "closed" else "The kidney is abnormal."
+
+    stats = Counter()
+    recs = prepare_pairs(
+        [*exs, dcm], answer, ReferenceEditor(), CorruptConfig(), tmp_path / "o", stats=stats
+    )
+    assert [r["id"] for r in recs] == ["0", "2", "ct"]
+    assert stats["skip:unreadable_image"] == 1 and stats["corrupt_failed"] == 1
+    assert "rejected_image_path" not in recs[1]
+    ct = recs[2]
+    assert ct["image_path"].endswith(".png") and Path(ct["image_path"]).is_file()
+    assert trainer_open_image(ct["image_path"]).size == (128, 128)
+    assert Path(ct["rejected_image_path"]).is_file()
+    out = evaluate({"answer": answer, "logprob": lesion_reader}, [*exs, dcm])
+    assert out["n_unanswered"] == 1 and out["n_closed"] == 2
+    assert out["n_unreadable_image"] == 1 and out["n_corrupt_failed"] == 1
+    assert out["n_grounding"] == 2  # example 0 and the DICOM one
