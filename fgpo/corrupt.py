@@ -250,10 +250,11 @@ def add_noise(image: Any, mask: np.ndarray | None, std: float, rng: np.random.Ge
     """Zero-mean Gaussian noise (std on the 0..255 scale), clipped; only inside ``mask``
     (whole image when None). Pixels outside the mask are returned unchanged."""
     a, mode = _as_array(image)
-    noise = rng.normal(0.0, std, a.shape)
-    if mask is not None:
-        noise[~mask] = 0.0
-    return _to_image(a + noise, mode)
+    if mask is None:
+        a += rng.normal(0.0, std, a.shape)
+    else:  # draw only for the lesion's pixels (row-major order)
+        a[mask] += rng.normal(0.0, std, (int(mask.sum()), a.shape[-1]))
+    return _to_image(a, mode)
 
 
 def inpaint(image: Any, mask: np.ndarray, rng: np.random.Generator, texture: float = 1.0):
@@ -261,13 +262,23 @@ def inpaint(image: Any, mask: np.ndarray, rng: np.random.Generator, texture: flo
     a, mode = _as_array(image)
     if mask.all():
         raise ValueError("inpaint needs some background: the mask covers the whole image")
-    out = _harmonic_fill(a, mask)
+    # The fill depends only on the pixels around the hole: solve in its bounding box plus a
+    # margin (the margin also feeds the coarse levels' initial guess).
+    ys, xs = np.nonzero(mask)
+    margin = max(4, int(max(np.ptp(ys), np.ptp(xs)) + 1) // 4)
+    r0, r1 = max(ys.min() - margin, 0), min(ys.max() + margin + 1, a.shape[0])
+    c0, c1 = max(xs.min() - margin, 0), min(xs.max() + margin + 1, a.shape[1])
+    crop, hole = a[r0:r1, c0:c1], mask[r0:r1, c0:c1]
+    if hole.all():  # the box has no background (mask fills it): solve on the whole image
+        crop, hole, r0, c0 = a, mask, 0, 0
+    filled = _harmonic_fill(crop, hole)
     if texture > 0:
-        ring = _dilate(mask, 3) & ~mask
-        ring = ring if ring.any() else ~mask
-        std = a[ring].std(axis=0)  # per channel
-        noise = rng.normal(0.0, 1.0, a.shape) * std * texture
-        out[mask] += noise[mask]
+        ring = _dilate(hole, 3) & ~hole
+        ring = ring if ring.any() else ~hole
+        std = crop[ring].std(axis=0)  # per channel
+        filled[hole] += rng.normal(0.0, 1.0, (int(hole.sum()), a.shape[-1])) * std * texture
+    out = a.copy()
+    out[r0 : r0 + filled.shape[0], c0 : c0 + filled.shape[1]] = filled
     return _to_image(out, mode)
 
 

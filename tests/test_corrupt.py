@@ -242,3 +242,17 @@ def test_config_validation():
         CorruptConfig(segmenter="medsam")
     with pytest.raises(ValueError, match="seed"):
         corrupt_image(Image.new("L", (4, 4)), None)
+
+
+def test_inpaint_at_the_image_border_and_of_a_thin_polygon(rng):
+    a = 90 + 8 * rng.standard_normal((H, W))
+    a[0:15, 0:20] = 240  # lesion in the corner
+    a[60:64, 10:120] = 240  # a thin diagonal-ish streak, annotated by a polygon
+    img = Image.fromarray(np.clip(a, 0, 255).astype(np.uint8), "L")
+    ex = example(
+        lesion_boxes=[(0, 0, 20, 15)],
+        lesion_polygons=[[(10, 60), (119, 60), (119, 63), (10, 63)]],
+    )
+    out = np.asarray(corrupt_image(img, ex, CorruptConfig(mode="inpaint")).image).astype(float)
+    assert abs(out[0:15, 0:20].mean() - 90) < 8
+    assert abs(out[60:64, 10:120].mean() - 90) < 8
