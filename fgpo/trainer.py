@@ -330,9 +330,16 @@ class Trainer:
                 ok = ~torch.isnan(v)
                 sums[name] = sums.get(name, 0.0) + float(v[ok].sum())
                 counts[name] = counts.get(name, 0.0) + float(ok.sum())
-            tokens += int(b["attention_mask"].sum())
+            tokens += int(b["attention_mask"][: 2 * b["batch_size"]].sum())  # (v, y±) only
         names = sorted(sums)
         if self.world > 1:
+            # Visual metrics exist only where a micro-batch had v': agree on the key set first.
+            gathered: list[Any] = [None] * self.world
+            dist.all_gather_object(gathered, names)
+            names = sorted(set().union(*gathered))
+            for n in names:
+                sums.setdefault(n, 0.0)
+                counts.setdefault(n, 0.0)
             vec = torch.tensor(
                 [sums[n] for n in names] + [counts[n] for n in names] + [tokens],
                 dtype=torch.float64,
