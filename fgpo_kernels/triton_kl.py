@@ -88,14 +88,19 @@ class KernelConfig(NamedTuple):
     num_stages: int
 
 
-# The shipped GPU configurations (each is compiled ahead of time for sm_80 and sm_90 in the tests,
-# which check for register spills and tensor-core instructions).
+# The shipped GPU configurations, one line each (no autotuning). The tests compile every entry
+# ahead of time for sm_80 and sm_90 (for each kernel variant it serves) and check that nothing
+# spills and that 16-bit inputs use tensor cores (mma / wgmma). fp32 inputs use IEEE dots (FMA,
+# exact to fp32), which need smaller tiles; ptxas spills the log-prob-only forward with 2 stages.
 GPU_CONFIGS = {
-    "fwd_few_rows": KernelConfig(64, 128, 64, 4, 3),
-    "fwd": KernelConfig(128, 128, 64, 8, 3),
-    "bwd": KernelConfig(64, 128, 64, 8, 3),
+    "fwd_few_rows": KernelConfig(64, 128, 64, 8, 3),  # bf16/fp16, N <= _FEW_ROWS
+    "fwd": KernelConfig(128, 64, 64, 8, 3),  # bf16/fp16, many rows
+    "bwd": KernelConfig(64, 128, 32, 8, 3),  # bf16/fp16
+    "fwd_fp32": KernelConfig(64, 64, 32, 8, 2),
+    "fwd_fp32_logprob": KernelConfig(64, 64, 32, 8, 1),
+    "bwd_fp32": KernelConfig(64, 64, 16, 8, 2),
 }
-# Rows at or below which the forward uses the small row block (more splits, less padding).
+# Rows at or below which the 16-bit forward uses the smaller row block (more programs per row).
 _FEW_ROWS = 1024
 _BWD_GROUP_N = 8
 
@@ -367,12 +372,21 @@ def _interp_config(n: int, d: int) -> KernelConfig:
     )
 
 
-def _config(kind: str, n: int, d: int) -> KernelConfig:
+def gpu_config_name(kind: str, n: int, dtype: torch.dtype, has_ref: bool) -> str:
+    """The GPU_CONFIGS entry used for a launch (``kind`` is "fwd" or "bwd")."""
+    if dtype == torch.float32:
+        if kind == "fwd" and not has_ref:
+            return "fwd_fp32_logprob"
+        return f"{kind}_fp32"
+    if kind == "fwd":
+        return "fwd_few_rows" if n <= _FEW_ROWS else "fwd"
+    return "bwd"
+
+
+def _config(kind: str, n: int, d: int, dtype: torch.dtype, has_ref: bool) -> KernelConfig:
     if _interpreting():
         return _interp_config(n, d)
-    if kind == "fwd":
-        return GPU_CONFIGS["fwd_few_rows" if n <= _FEW_ROWS else "fwd"]
-    return GPU_CONFIGS["bwd"]
+    return GPU_CONFIGS[gpu_config_name(kind, n, dtype, has_ref)]
 
 
 def _sm_count(device: torch.device) -> int:
@@ -422,7 +436,7 @@ def forward(h, hr, w, wr, temperature, *, splits: int | None = None, config=None
     v = w.shape[0]
     has_ref, shared = hr is not None, wr is None
     dr = hr.shape[1] if has_ref else d
-    cfg = config or _config("fwd", n, max(d, dr))
+    cfg = config or _config("fwd", n, max(d, dr), h.dtype, has_ref)
     n_row_blocks = triton.cdiv(n, cfg.block_n)
     n_tiles = triton.cdiv(v, cfg.block_v)
     s = splits or _splits(n_row_blocks, n_tiles, h.device)
@@ -487,7 +501,7 @@ def backward(
         [zero if x is None else x.to(torch.float32) for x in
          (lse, lser, fkl, rkl, g_fkl, g_rkl, g_lp, g_lpr)]
     )  # fmt: skip
-    cfg = config or _config("bwd", n, max(d, dr))
+    cfg = config or _config("bwd", n, max(d, dr), h.dtype, has_ref)
     hr_, wr_ = (hr if has_ref else h), (w if shared else wr)
     dummy = stats  # stands in for the gradient buffers nobody asked for (never touched)
     grid = (triton.cdiv(n, cfg.block_n) * triton.cdiv(v, cfg.block_v),)

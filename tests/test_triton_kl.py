@@ -1,0 +1,373 @@
+"""The Triton kernels themselves: odd shapes, forced vocabulary splits, every gradient flag, bf16
+through the (patched) interpreter, and ahead-of-time compilation of every shipped GPU
+configuration for sm_80 / sm_90 (no GPU needed): no register spills, tensor cores for 16-bit."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import rel_err
+
+from fgpo_kernels import _registry, torch_impl
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+_ok, _why = _registry._usable_on("triton", torch.device(DEV))
+needs_triton = pytest.mark.skipif(not _ok, reason=_why)
+
+if _ok:
+    from fgpo_kernels import triton_kl
+
+    # Small tiles so that even small shapes have several row blocks, vocabulary tiles, D chunks
+    # and ragged tails everywhere.
+    TINY = triton_kl.KernelConfig(16, 64, 16, 4, 1)
+
+
+def _inputs(n, d, v, d_ref=None, shared=True, dtype=torch.float32, logprob_only=False):
+    h = torch.randn(n, d, dtype=torch.float64)
+    w = torch.randn(v, d, dtype=torch.float64) * 2.5 / math.sqrt(d)
+    if logprob_only:
+        hr = wr = None
+    elif shared:
+        hr = h + 0.4 * torch.randn_like(h)
+        wr = None
+    else:
+        hr = torch.randn(n, d_ref, dtype=torch.float64)
+        wr = torch.randn(v, d_ref, dtype=torch.float64) * 2.5 / math.sqrt(d_ref)
+
+    def cast(x):
+        return None if x is None else x.to(dtype).to(DEV)
+
+    return cast(h), cast(hr), cast(w), cast(wr)
+
+
+def _f64(xs):
+    return [None if x is None else x.double() for x in xs]
+
+
+def _check_forward(got, ref, tol, label):
+    for name, g, r in zip(("lse", "lser", "fkl", "rkl"), got, ref):
+        if r is None:
+            assert g is None, f"{label}{name}: expected None"
+            continue
+        assert g.dtype == torch.float32 and g.shape == r.shape, (
+            f"{label}{name}: {g.dtype} {g.shape}"
+        )
+        e = rel_err(g.cpu(), r.cpu())
+        assert e <= tol, f"{label}{name}: rel err {e:.3e} > {tol:.1e}"
+
+
+def _grads_in(n, has_ref):
+    gs = [torch.randn(n, device=DEV) for _ in range(4)]
+    if not has_ref:
+        gs[0] = gs[1] = gs[3] = None
+    return gs
+
+
+def _check_backward(args, stats, gs, need, tol, label, config=None):
+    """Backend backward against the float64 chunked PyTorch impl (same contract)."""
+    h, hr, w, wr, t = args
+    got = triton_kl.backward(h, hr, w, wr, t, *stats, *gs, *need, config=config)
+    ref = torch_impl.backward(
+        *_f64((h, hr, w, wr)), t, *_f64(stats), *_f64(gs), *need
+    )  # fmt: skip
+    for name, g, r in zip(("dh", "dhr", "dw", "dwr"), got, ref):
+        if r is None:
+            assert g is None, f"{label}{name}: expected None"
+            continue
+        assert g is not None, f"{label}{name}: missing"
+        assert g.dtype == torch.float32 and g.shape == r.shape, f"{label}{name}: {g.shape}"
+        e = rel_err(g.cpu(), r.cpu())
+        assert e <= tol, f"{label}{name}: rel err {e:.3e} > {tol:.1e}"
+
+
+# --------------------------------------------------------------------------- correctness
+
+
+@needs_triton
+@pytest.mark.parametrize("splits", [1, 3, 7])
+@pytest.mark.parametrize("mode", ["shared", "separate", "logprob"])
+def test_forward_odd_sizes_and_forced_splits(mode, splits):
+    n, d, v, dr = 37, 45, 1009, 29  # nothing divides any block size
+    h, hr, w, wr = _inputs(n, d, v, dr, shared=mode == "shared", logprob_only=mode == "logprob")
+    t = 0.85
+    got = triton_kl.forward(h, hr, w, wr, t, splits=splits, config=TINY)
+    ref = torch_impl.forward(*_f64((h, hr, w, wr)), t)
+    _check_forward(got, ref, 2e-6, f"[{mode}/splits={splits}] ")
+    # The default (interpreter) configuration and split choice give the same numbers.
+    again = triton_kl.forward(h, hr, w, wr, t)
+    _check_forward(again, ref, 2e-6, f"[{mode}/default] ")
+
+
+@needs_triton
+@pytest.mark.parametrize("mode", ["shared", "separate", "logprob"])
+def test_single_row(mode):
+    h, hr, w, wr = _inputs(1, 24, 333, 40, shared=mode == "shared", logprob_only=mode == "logprob")
+    stats = triton_kl.forward(h, hr, w, wr, 1.0, splits=2, config=TINY)
+    _check_forward(stats, torch_impl.forward(*_f64((h, hr, w, wr)), 1.0), 2e-6, f"[{mode}] ")
+    has_ref = hr is not None
+    need = (True, has_ref, True, has_ref and wr is not None)
+    gs = _grads_in(1, has_ref)
+    _check_backward((h, hr, w, wr, 1.0), stats, gs, need, 1e-5, f"[{mode}] ", config=TINY)
+
+
+@needs_triton
+@pytest.mark.parametrize(
+    "mode,need",
+    [
+        ("shared", (True, False, False, False)),  # LoRA: hidden states only, no dW at all
+        ("shared", (True, True, True, False)),  # shared dW gets both terms
+        ("shared", (False, False, True, False)),  # dW only
+        ("shared", (False, True, False, False)),  # reference hidden only
+        ("separate", (True, True, True, True)),  # reference requires grad, own weight
+        ("separate", (False, True, False, True)),  # only the reference side
+        ("separate", (True, False, True, False)),
+        ("logprob", (True, False, True, False)),
+        ("logprob", (True, False, False, False)),
+    ],
+)
+def test_backward_every_gradient_flag(mode, need):
+    n, d, v, dr = 29, 37, 517, 53
+    h, hr, w, wr = _inputs(n, d, v, dr, shared=mode == "shared", logprob_only=mode == "logprob")
+    t = 1.3
+    stats = triton_kl.forward(h, hr, w, wr, t)
+    gs = _grads_in(n, hr is not None)
+    if hr is not None:
+        gs[1][::4] = 0.0  # some rows without a reverse-KL gradient
+    label = f"[{mode}/{need}] "
+    _check_backward((h, hr, w, wr, t), stats, gs, need, 1e-5, label, config=TINY)
+    _check_backward((h, hr, w, wr, t), stats, gs, need, 1e-5, label + "default ")
+
+
+@needs_triton
+def test_backward_none_incoming_gradients_are_zero():
+    """g_fkl / g_rkl / g_lpr may be None (= zero), as the contract says."""
+    n, d, v = 17, 24, 301
+    h, hr, w, wr = _inputs(n, d, v)
+    stats = triton_kl.forward(h, hr, w, wr, 1.0)
+    g_lp = torch.randn(n, device=DEV)
+    need = (True, True, True, False)
+    got = triton_kl.backward(h, hr, w, wr, 1.0, *stats, None, None, g_lp, None, *need)
+    zero = torch.zeros(n, device=DEV)
+    ref = triton_kl.backward(h, hr, w, wr, 1.0, *stats, zero, zero, g_lp, zero, *need)
+    for a, b in zip(got, ref):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert torch.equal(a, b)
+    assert got[1].abs().max() == 0  # the reference gets nothing from a policy log-prob
+
+
+@needs_triton
+@pytest.mark.parametrize("mode", ["shared", "separate", "logprob"])
+def test_bf16_through_patched_interpreter(mode):
+    """bf16 products accumulate exactly in fp32: the forward matches float64 of the same
+    (bf16-rounded) inputs to fp32 accuracy; the backward rounds G to bf16 like PyTorch does."""
+    n, d, v, dr = 33, 48, 700, 40
+    h, hr, w, wr = _inputs(
+        n, d, v, dr, shared=mode == "shared", dtype=torch.bfloat16, logprob_only=mode == "logprob"
+    )
+    stats = triton_kl.forward(h, hr, w, wr, 1.0, splits=3)
+    _check_forward(stats, torch_impl.forward(*_f64((h, hr, w, wr)), 1.0), 1e-5, f"[{mode}] ")
+    has_ref = hr is not None
+    need = (True, has_ref, True, mode == "separate")
+    gs = _grads_in(n, has_ref)
+    _check_backward((h, hr, w, wr, 1.0), stats, gs, need, 1.5e-2, f"[{mode}/bf16] ")
+
+
+@needs_triton
+def test_nan_row_stays_in_its_row():
+    h, hr, w, wr = _inputs(20, 16, 300)
+    h[7, 3] = float("nan")
+    lse, lser, fkl, rkl = triton_kl.forward(h, hr, w, wr, 1.0, splits=3, config=TINY)
+    assert torch.isnan(lse[7]) and torch.isnan(fkl[7]) and torch.isnan(rkl[7])
+    others = torch.arange(20) != 7
+    assert torch.isfinite(torch.stack([lse, lser, fkl, rkl])[:, others]).all()
+
+
+def test_split_choice_fills_the_gpu(monkeypatch):
+    pytest.importorskip("triton")
+    from fgpo_kernels import triton_kl as tk
+
+    monkeypatch.setattr(tk, "_interpreting", lambda: False)
+    monkeypatch.setattr(tk, "_sm_count", lambda device: 132)
+    cuda = torch.device("cuda")
+    tiles = -(-152064 // 128)
+    # Few rows (e.g. 300 masked positions = 5 row blocks), huge V: splits make ~4 programs/SM.
+    s = tk._splits(5, tiles, cuda)
+    assert 5 * s >= 4 * 132 and s <= tiles
+    # Many rows: row blocks alone fill the GPU.
+    assert tk._splits(1000, tiles, cuda) == 1
+    # Never more splits than tiles.
+    assert tk._splits(1, 3, cuda) == 3
+
+
+# ------------------------------------------------------------- ahead-of-time compilation
+
+# Kernel variants each configuration serves: the constexpr flags of the launches that use it.
+_FWD_MODES = {
+    "logprob": dict(HAS_REF=False, SHARED=True),
+    "shared": dict(HAS_REF=True, SHARED=True),
+    "separate": dict(HAS_REF=True, SHARED=False),
+}
+_BWD_MODES = {  # (mode, DO_DH, DO_DW, DO_DHR, DO_DWR)
+    "logprob_full": ("logprob", True, True, False, False),
+    "logprob_lora": ("logprob", True, False, False, False),
+    "shared_lora": ("shared", True, False, False, False),
+    "shared_full": ("shared", True, True, True, False),
+    "separate_policy": ("separate", True, True, False, False),
+    "separate_full": ("separate", True, True, True, True),
+}
+_SHIPPED = {  # config name -> (dtype, kernel, variants)
+    "fwd_few_rows": ("bf16", "fwd", ("logprob", "shared", "separate")),
+    "fwd": ("bf16", "fwd", ("logprob", "shared", "separate")),
+    "bwd": ("bf16", "bwd", tuple(_BWD_MODES)),
+    "fwd_fp32": ("fp32", "fwd", ("shared", "separate")),
+    "fwd_fp32_logprob": ("fp32", "fwd", ("logprob",)),
+    "bwd_fp32": ("fp32", "bwd", tuple(_BWD_MODES)),
+}
+
+
+def _aot_worker(jobs_json: str) -> None:
+    """Compile kernels for a GPU target; prints one JSON line per job.
+
+    Runs in a fresh Python without TRITON_INTERPRET: a process whose triton was imported in
+    interpreter mode has interpreter versions of triton's own standard library and cannot
+    generate code. Self-contained (its source is sent to ``python -c``)."""
+    import json
+    import os
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from fgpo_kernels import triton_kl as mod
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    for job in json.loads(jobs_json):
+        cfg = mod.GPU_CONFIGS[job["config"]]
+        kernel = mod._fwd_kernel if job["kernel"] == "fwd" else mod._bwd_kernel
+        consts = dict(BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d)
+        consts.update(job["flags"])
+        if job["kernel"] == "bwd":
+            consts["GROUP_N"] = mod._BWD_GROUP_N
+        sig, attrs = {}, {}
+        for i, name in enumerate(kernel.arg_names):
+            if name in consts:
+                sig[name] = "constexpr"
+            elif name in ("h_ptr", "hr_ptr", "w_ptr", "wr_ptr"):
+                sig[name] = "*" + job["dtype"]
+            elif name.endswith("_ptr"):
+                sig[name] = "*fp32"
+            elif name == "inv_t":
+                sig[name] = "fp32"
+            else:
+                sig[name] = "i32"
+            # What the launcher specializes for 16-byte aligned tensors with D % 16 == 0.
+            if name.endswith("_ptr") or name.startswith("stride"):
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        unknown = sorted(set(consts) - set(kernel.arg_names))
+        src = ASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=attrs)
+        opts = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+        k = triton.compile(src, target=GPUTarget("cuda", job["arch"], 32), options=opts)
+        ptx, cubin = k.asm["ptx"], k.asm["cubin"]
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "k.cubin")
+            with open(path, "wb") as f:
+                f.write(cubin)
+            out = subprocess.run(
+                [tool, "--dump-resource-usage", path], capture_output=True, text=True, check=True
+            ).stdout
+        usage = {key: int(v) for key, v in re.findall(r"\b(REG|STACK|LOCAL):(\d+)", out)}
+        result = dict(job, usage=usage, unknown_constexprs=unknown, cubin_bytes=len(cubin))
+        result["target_ok"] = f".target sm_{job['arch']}" in ptx
+        result["wgmma"] = "wgmma" in ptx
+        result["mma_sync"] = "mma.sync" in ptx
+        print("AOT " + json.dumps(result), flush=True)
+
+
+def _jobs() -> list:
+    jobs = []
+    for arch in (80, 90):
+        for config, (dtype, kernel, variants) in _SHIPPED.items():
+            prec = "ieee" if dtype == "fp32" else "tf32"
+            for variant in variants:
+                if kernel == "fwd":
+                    flags = dict(_FWD_MODES[variant])
+                else:
+                    mode, dh, dw, dhr, dwr = _BWD_MODES[variant]
+                    flags = dict(_FWD_MODES[mode], DO_DH=dh, DO_DW=dw, DO_DHR=dhr, DO_DWR=dwr)
+                flags.update(PREC=prec, PREC_R=prec)
+                jobs.append(dict(arch=arch, config=config, dtype=dtype, kernel=kernel,
+                                 variant=variant, flags=flags))  # fmt: skip
+    return jobs
+
+
+def _have_nvidia_backend() -> bool:
+    try:
+        import triton
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+    except Exception:
+        return False
+    root = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    return all(os.path.exists(os.path.join(root, t)) for t in ("ptxas", "cuobjdump"))
+
+
+@pytest.fixture(scope="module")
+def aot_results():
+    """Compile every (config, variant, arch) once, in one subprocess."""
+    code = inspect.getsource(_aot_worker) + f"\n_aot_worker({json.dumps(_jobs())!r})\n"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True,
+        timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0, f"AOT compilation failed:\n{proc.stderr[-6000:]}"
+    out = {}
+    for line in proc.stdout.splitlines():
+        if line.startswith("AOT "):
+            r = json.loads(line[4:])
+            out.setdefault((r["config"], r["arch"]), []).append(r)
+    return out
+
+
+@pytest.mark.skipif(not _have_nvidia_backend(), reason="triton's NVIDIA backend tools not found")
+@pytest.mark.parametrize("arch", [80, 90])
+@pytest.mark.parametrize("config_name", list(_SHIPPED))
+def test_aot_compile_shipped_configs(aot_results, config_name, arch):
+    from fgpo_kernels import triton_kl as tk
+
+    assert set(_SHIPPED) == set(tk.GPU_CONFIGS), "every shipped config must be compiled here"
+    results = aot_results.get((config_name, arch), [])
+    assert len(results) == len(_SHIPPED[config_name][2]), f"missing compiles: {results}"
+    problems = []
+    for r in results:
+        label = f"{config_name} {tk.GPU_CONFIGS[config_name]} {r['dtype']} {r['variant']} sm_{arch}"
+        if r["unknown_constexprs"] or not r["target_ok"] or not r["cubin_bytes"]:
+            problems.append(f"{label}: bad compile {r}")
+        use = r["usage"]
+        if "REG" not in use or use.get("STACK", 0) or use.get("LOCAL", 0):
+            problems.append(f"{label}: register spills or no usage info ({use})")
+        if r["dtype"] != "fp32" and not r["wgmma" if arch == 90 else "mma_sync"]:
+            problems.append(f"{label}: no tensor-core instruction in the PTX")
+    assert not problems, "\n".join(problems)
+
+
+def test_gpu_config_choice_names_shipped_entries():
+    pytest.importorskip("triton")
+    from fgpo_kernels import triton_kl as tk
+
+    for kind in ("fwd", "bwd"):
+        for n in (1, 300, 5000):
+            for dtype in (torch.float32, torch.bfloat16, torch.float16):
+                for has_ref in (False, True):
+                    assert tk.gpu_config_name(kind, n, dtype, has_ref) in _SHIPPED
