@@ -76,6 +76,26 @@ class CorruptResult:
     path: str | None = None
 
 
+def load_segmenter(spec: str) -> Segmenter:
+    """``"package.module:function"`` -> the function (the CLI's ``--segmenter``).
+
+    The function is called as ``fn(image, example)`` and returns a boolean/0-1 mask (array or
+    PIL image, any size: it is resized to the image) or None when it finds nothing.
+    """
+    import importlib
+
+    mod_name, sep, attr = spec.partition(":")
+    if not sep or not mod_name or not attr:
+        raise ValueError(f"segmenter must be 'module:function', got {spec!r}")
+    try:
+        fn = getattr(importlib.import_module(mod_name), attr)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"cannot load segmenter {spec!r}: {e}") from e
+    if not callable(fn):
+        raise TypeError(f"segmenter {spec!r} is not callable")
+    return fn
+
+
 def seed_from_id(example_id: Any, qid: Any = None, salt: str = "") -> int:
     """A 63-bit seed from the example id (and qid): stable across runs, processes, machines."""
     msg = f"{example_id}|{'' if qid is None else qid}|{salt}".encode()

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .corrupt import MODES, CorruptConfig, corrupt_image
+from .corrupt import MODES, CorruptConfig, corrupt_image, load_segmenter
 from .datasets import LOADERS, DatasetError, VQAExample, load_dataset, open_image
 from .editors import NO_WORDS, YES_WORDS, contains_phrase, normalize, polarity, tokens
 
@@ -228,6 +228,7 @@ def add_arguments(p) -> None:
     p.add_argument("--no-grounding", action="store_true", help="skip the grounding score")
     p.add_argument("--corrupt-mode", choices=MODES, default="noise")
     p.add_argument("--noise-std", type=float, default=45.0)
+    p.add_argument("--segmenter", help="module:function, as for fgpo prepare")
     p.add_argument(
         "--include-fallback",
         action="store_true",
@@ -265,7 +266,8 @@ def run(args) -> int:
             fns.answer = greedy_answer_fn(model, proc, device, max_new_tokens=args.max_new_tokens)
         if not args.no_grounding:
             fns.logprob = answer_logprob_fn(model, proc, device)
-    cfg = CorruptConfig(mode=args.corrupt_mode, noise_std=args.noise_std)
+    seg = load_segmenter(args.segmenter) if args.segmenter else None
+    cfg = CorruptConfig(mode=args.corrupt_mode, noise_std=args.noise_std, segmenter=seg)
     metrics = evaluate(
         fns,
         examples,

@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from .corrupt import MODES, CorruptConfig, corrupt_example, seed_from_id
+from .corrupt import MODES, CorruptConfig, corrupt_example, load_segmenter, seed_from_id
 from .datasets import LOADERS, DatasetError, VQAExample, is_dicom, load_dataset, open_image
 from .editors import Editor, LLMEditor, LLMEditorError, ReferenceEditor, SkipExample, has_tags
 
@@ -248,6 +248,11 @@ def add_arguments(p) -> None:
     g.add_argument("--noise-std", type=float, default=45.0)
     g.add_argument("--fallback", choices=("noise", "blur", "skip"), default="noise")
     g.add_argument("--fallback-std", type=float, default=12.0)
+    g.add_argument(
+        "--segmenter",
+        help="module:function called as fn(image, example) -> mask "
+        "for examples without a lesion annotation",
+    )
 
 
 def _answers_from_file(path: str) -> AnswerFn:
@@ -292,6 +297,7 @@ def run(args) -> int:
             noise_std=args.noise_std,
             fallback=args.fallback,
             fallback_std=args.fallback_std,
+            segmenter=load_segmenter(args.segmenter) if args.segmenter else None,
         )
     if args.answers:
         answer_fn = _answers_from_file(args.answers)

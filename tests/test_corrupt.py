@@ -256,3 +256,23 @@ def test_inpaint_at_the_image_border_and_of_a_thin_polygon(rng):
     out = np.asarray(corrupt_image(img, ex, CorruptConfig(mode="inpaint")).image).astype(float)
     assert abs(out[0:15, 0:20].mean() - 90) < 8
     assert abs(out[60:64, 10:120].mean() - 90) < 8
+
+
+def centre_segmenter(image, ex):
+    """A stand-in segmenter for the ``module:function`` hook (the centre quarter)."""
+    w, h = image.size
+    return mask_from_boxes([(w / 4, h / 4, 3 * w / 4, 3 * h / 4)], (w, h))
+
+
+def test_load_segmenter_from_a_spec(rng):
+    from fgpo.corrupt import load_segmenter
+
+    seg = load_segmenter("test_corrupt:centre_segmenter")
+    res = corrupt_image(scan(rng), example(), CorruptConfig(segmenter=seg))
+    assert res.source == "segmenter" and res.region_fraction == pytest.approx(0.25, abs=0.02)
+    with pytest.raises(ValueError, match="module:function"):
+        load_segmenter("test_corrupt.centre_segmenter")
+    with pytest.raises(ValueError, match="cannot load segmenter"):
+        load_segmenter("no_such_module_xyz:fn")
+    with pytest.raises(ValueError, match="cannot load segmenter"):
+        load_segmenter("test_corrupt:no_such_function")

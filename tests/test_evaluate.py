@@ -245,11 +245,14 @@ def test_cli_prepare_and_eval_from_files(rad_root, tmp_path):
             str(out),
             "--corrupt-mode",
             "blur",
+            "--segmenter",
+            "test_corrupt:centre_segmenter",
         ]
     )
     assert rc == 0
     recs = json.loads((out / "pairs.json").read_text())
     assert [r["qid"] for r in recs] == ["1", "2", "3"]
+    assert all(r["corrupt_source"] == "segmenter" for r in recs)  # VQA-RAD has no masks
     assert parse_mask_tags(recs[0]["chosen"])[0] == "No, there is no pneumothorax."
     report = json.loads((out / "prepare_report.json").read_text())
     assert report["dataset"]["skipped"] == {"corrupt_image": 1}
