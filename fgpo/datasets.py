@@ -457,6 +457,23 @@ class _PlainUnpickler(pickle.Unpickler):
         )
 
 
+def _from_lxmert(r: Any) -> Any:
+    """``{img_id, sent, label: {answer: score}}`` -> ``{image, question, answer}``."""
+    if isinstance(r, dict) and "sent" in r and "image" not in r:
+        label = r.get("label") or {}
+        if isinstance(label, dict):
+            best = max(label.items(), key=lambda kv: kv[1])[0] if label else None
+        else:
+            best = label
+        out = {"image": r.get("img_id"), "question": r["sent"]}
+        if best not in (None, {}, ""):
+            out["answer"] = best
+        if "question_id" in r:
+            out["qid"] = r["question_id"]
+        return out
+    return r
+
+
 def load_pathvqa(
     root: str | Path,
     split: str = "train",
@@ -464,23 +481,27 @@ def load_pathvqa(
     strict: bool = False,
     verify_images: bool = True,
 ) -> tuple[list[VQAExample], LoadReport]:
-    """PathVQA (``pvqa``): ``qas/<split>/<split>_qa.pkl`` or ``.json`` + ``images/<split>/``."""
+    """PathVQA (``pvqa``): ``qas/<split>/<split>_qa.pkl`` (or ``.json``; or the LXMERT-style
+    ``<split>_vqa.pkl`` with ``img_id``/``sent``/``label``) + ``images/<split>/``."""
     root = Path(root)
     split = {"validation": "val", "valid": "val"}.get(split, split)
     qa_dir = root / "qas" / split
-    pkl, js = qa_dir / f"{split}_qa.pkl", qa_dir / f"{split}_qa.json"
-    if js.is_file():
-        rows = _read_json(js)
-        src = js
-    elif pkl.is_file():
-        src = pkl
+    candidates = [qa_dir / f"{split}_qa.json", qa_dir / f"{split}_qa.pkl"]
+    candidates.append(qa_dir / f"{split}_vqa.pkl")
+    src = next((c for c in candidates if c.is_file()), None)
+    if src is None:
+        names = ", ".join(c.name for c in candidates[1:])
+        raise FileNotFoundError(f"annotation file not found: {candidates[0]} (nor {names})")
+    if src.suffix == ".json":
+        rows = _read_json(src)
+    else:
         try:
-            with open(pkl, "rb") as f:
+            with open(src, "rb") as f:
                 rows = _PlainUnpickler(f).load()
         except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as e:
-            raise DatasetError(f"cannot read {pkl}: {e}") from e
-    else:
-        raise FileNotFoundError(f"annotation file not found: {pkl} (nor {js.name})")
+            raise DatasetError(f"cannot read {src}: {e}") from e
+    if isinstance(rows, list):
+        rows = [_from_lxmert(r) for r in rows]
     if not isinstance(rows, list):
         raise DatasetError(f"{src}: expected a list of {{image, question, answer}} records")
     report = LoadReport("pathvqa", split)

@@ -290,6 +290,29 @@ def test_pathvqa_official_pickles(tmp_path, fmt):
         load_pathvqa(root, "test")
 
 
+def test_pathvqa_lxmert_style_pickle(tmp_path):
+    root = make_pathvqa(tmp_path / "pvqa")
+    qa = root / "qas" / "train"
+    (qa / "train_qa.pkl").unlink()
+    rows = [
+        {
+            "img_id": "train_0000",
+            "sent": "Is this benign?",
+            "label": {"no": 1.0},
+            "question_id": 17,
+        },
+        {"img_id": "train_0001", "sent": "What is shown?", "label": {"a": 0.3, "gland": 0.9}},
+        {"img_id": "train_0001", "sent": "Unanswered?", "label": {}},
+    ]
+    (qa / "train_vqa.pkl").write_bytes(pickle.dumps(rows))
+    exs, rep = load_pathvqa(root, "train")
+    assert [(e.qid, e.answer, e.answer_type) for e in exs] == [
+        ("17", "no", "closed"),
+        ("1", "gland", "open"),
+    ]
+    assert rep.skipped == {"malformed_record": 1}
+
+
 def test_pathvqa_refuses_pickles_with_code(tmp_path):
     root = make_pathvqa(tmp_path / "pvqa")
     evil = pickle.dumps([{"image": Path("x"), "question": "q", "answer": "a"}])
