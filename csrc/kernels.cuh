@@ -18,13 +18,18 @@
 // The fp32 results are added to global memory with atomics (red.global.add.f32).
 #pragma once
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
 #include <stdint.h>
 
 #include <stdexcept>
 #include <string>
+
+#ifdef FGPO_EMULATE
+#include "emulate.h"  // CPU stand-ins for the PTX below (tests/test_cuda_math.py)
+#else
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#endif
 
 #include "launch.h"
 #include "tile_math.h"
@@ -54,6 +59,7 @@ constexpr int kBwdBytes = (2 * BM * LDG + BN * LDC + 2 * BM * LDC) * 2;
 constexpr int kSmemBytes = kMainBytes > kBwdBytes ? kMainBytes : kBwdBytes;
 static_assert(kSmemBytes <= 48 * 1024, "static shared memory limit");
 
+#ifndef FGPO_EMULATE
 // ---- PTX wrappers -------------------------------------------------------------------------------
 
 __device__ __forceinline__ uint32_t smem_u32(const void* p) {
@@ -116,6 +122,9 @@ struct Mma<__half> {
     return *reinterpret_cast<uint32_t*>(&v);
   }
 };
+
+#define FGPO_LAUNCH(kern, grid, block, stream, ...) kern<<<grid, block, 0, stream>>>(__VA_ARGS__)
+#endif  // !FGPO_EMULATE
 
 // ---- tile loads ---------------------------------------------------------------------------------
 
@@ -524,23 +533,14 @@ void launch_fwd(const FwdArgs& a) {
   const T* w = static_cast<const T*>(a.w);
   const T* wr = static_cast<const T*>(a.wr);
   const bool kl = a.hr != nullptr;
-  if (kl) {
-    fgpo_fwd_kernel<T, true><<<grid, THREADS, 0, a.stream>>>(h, hr, w, wr, a.n, a.d, a.dr, a.v,
-                                                             a.inv_t, tps, a.partial);
-  } else {
-    fgpo_fwd_kernel<T, false><<<grid, THREADS, 0, a.stream>>>(h, hr, w, wr, a.n, a.d, a.dr, a.v,
-                                                              a.inv_t, tps, a.partial);
-  }
+  auto fwd = kl ? fgpo_fwd_kernel<T, true> : fgpo_fwd_kernel<T, false>;
+  FGPO_LAUNCH(fwd, grid, THREADS, a.stream, h, hr, w, wr, a.n, a.d, a.dr, a.v, a.inv_t, tps,
+              a.partial);
   check_launch("forward");
   const int mt = 128;
   const unsigned mb = static_cast<unsigned>((a.n + mt - 1) / mt);
-  if (kl) {
-    fgpo_merge_kernel<true><<<mb, mt, 0, a.stream>>>(a.partial, splits, a.n, a.lse, a.lser,
-                                                     a.fkl, a.rkl);
-  } else {
-    fgpo_merge_kernel<false><<<mb, mt, 0, a.stream>>>(a.partial, splits, a.n, a.lse, nullptr,
-                                                      nullptr, nullptr);
-  }
+  auto merge = kl ? fgpo_merge_kernel<true> : fgpo_merge_kernel<false>;
+  FGPO_LAUNCH(merge, mb, mt, a.stream, a.partial, splits, a.n, a.lse, a.lser, a.fkl, a.rkl);
   check_launch("merge");
 }
 
@@ -552,11 +552,8 @@ void launch_bwd(const BwdArgs& a) {
     throw std::invalid_argument("fgpo_kernels._C: backward grid too large (rows > 4M?)");
   }
   dim3 grid(static_cast<unsigned>(n_tiles), static_cast<unsigned>(row_blocks));
-  if (a.hr != nullptr) {
-    fgpo_bwd_kernel<T, true><<<grid, THREADS, 0, a.stream>>>(a);
-  } else {
-    fgpo_bwd_kernel<T, false><<<grid, THREADS, 0, a.stream>>>(a);
-  }
+  auto bwd = a.hr != nullptr ? fgpo_bwd_kernel<T, true> : fgpo_bwd_kernel<T, false>;
+  FGPO_LAUNCH(bwd, grid, THREADS, a.stream, a);
   check_launch("backward");
 }
 

@@ -1,7 +1,11 @@
 // Host-side launch interface between the pybind11 binding and the kernel translation units.
 #pragma once
 
+#ifdef FGPO_EMULATE
+#include "emulate.h"
+#else
 #include <cuda_runtime.h>
+#endif
 
 namespace fgpo {
 

@@ -125,9 +125,18 @@ def _splits(n: int, v: int, device: torch.device) -> int:
     ext = _ext()
     row_blocks = -(-n // ext.BLOCK_ROWS)
     n_tiles = -(-v // ext.BLOCK_VOCAB)
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = _sm_count(device)
     want = -(-(6 * sms) // row_blocks)
     return max(1, min(n_tiles, want))
+
+
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _launch_context(device: torch.device):
+    """(device guard, raw cudaStream_t of the current stream) for a launch on ``device``."""
+    return torch.cuda.device(device), torch.cuda.current_stream(device).cuda_stream
 
 
 def _check_device(x: Tensor) -> None:
@@ -152,12 +161,12 @@ def _fwd_impl(h, hr, w, wr, temperature: float, splits: int) -> tuple[Tensor, ..
     h, hr, w, wr = _pad8(h), _pad8(hr), _pad8(w), _pad8(wr)
     s = splits if splits > 0 else _splits(n, v, h.device)
     partial = torch.empty(s * (6 if kl else 2) * n, **f32)
-    with torch.cuda.device(h.device):
+    guard, stream = _launch_context(h.device)
+    with guard:
         ext.fwd(
             _ptr(h), _ptr(hr), _ptr(w), _ptr(wr), n, h.shape[1], hr.shape[1] if kl else 0, v,
             1.0 / temperature, _DTYPE_CODE[h.dtype], s, _ptr(partial), _ptr(lse),
-            _ptr(lser) if kl else 0, _ptr(fkl) if kl else 0, _ptr(rkl) if kl else 0,
-            torch.cuda.current_stream(h.device).cuda_stream,
+            _ptr(lser) if kl else 0, _ptr(fkl) if kl else 0, _ptr(rkl) if kl else 0, stream,
         )  # fmt: skip
     return lse, lser, fkl, rkl
 
@@ -190,13 +199,13 @@ def _bwd_impl(
     if not kl:
         gs[0] = gs[1] = gs[3] = None
     if n and (need_h or need_hr or need_w or need_wr):
-        with torch.cuda.device(h.device):
+        guard, stream = _launch_context(h.device)
+        with guard:
             ext.bwd(
                 _ptr(hp), _ptr(hrp), _ptr(wp), _ptr(wrp), n, hp.shape[1],
                 hrp.shape[1] if kl else 0, v, 1.0 / temperature, _DTYPE_CODE[h.dtype],
                 *(_ptr(x) for x in stats), *(_ptr(x) for x in gs),
-                _ptr(dh), _ptr(dhr), _ptr(dw), _ptr(dwr),
-                torch.cuda.current_stream(h.device).cuda_stream,
+                _ptr(dh), _ptr(dhr), _ptr(dw), _ptr(dwr), stream,
             )  # fmt: skip
 
     def out(x, cols):
