@@ -8,7 +8,7 @@ The records are the reference JSON format the trainer reads: a list of objects w
 ``chosen``, ``rejected`` (tagged), ``image_path``, optional ``rejected_image_path``, ``id``,
 ``qid``; plus ``was_correct``, ``answer_type``, ``dataset`` and ``corrupt_source`` for analysis.
 Examples that yield no pair are counted by reason (``prepare_report.json``), never dropped
-silently.
+silently. Image paths in the records are absolute.
 
 Library use (the demo passes its own greedy generator)::
 
@@ -84,7 +84,7 @@ def prepare_pairs(
             "prompt": ex.question,
             "chosen": edit.chosen,
             "rejected": edit.rejected,
-            "image_path": _trainer_image(ex.image_path, Path(out_dir) / "images"),
+            "image_path": _absolute(_trainer_image(ex.image_path, Path(out_dir) / "images")),
             "was_correct": edit.was_correct,
             "answer_type": ex.answer_type,
             "dataset": ex.dataset,
@@ -99,12 +99,18 @@ def prepare_pairs(
                 log.warning("no corrupted image for %s/%s: %s", ex.id, ex.qid, e)
                 res = None
             if res is not None and res.path:
-                rec["rejected_image_path"] = res.path
+                rec["rejected_image_path"] = _absolute(res.path)
                 rec["corrupt_source"] = res.source
                 stats[f"corrupt:{res.source}"] += 1
         records.append(rec)  # step: record
         stats["pairs"] += 1
     return records
+
+
+def _absolute(path: str) -> str:
+    # The trainer resolves relative paths against the JSON file's folder, not the working
+    # directory this run used: write absolute ones.
+    return str(Path(path).resolve())
 
 
 def _trainer_image(path: str, image_dir: Path) -> str:

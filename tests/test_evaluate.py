@@ -176,6 +176,7 @@ def test_prepare_pairs_records_images_and_counted_skips(tmp_path):
     for r in recs:
         assert {"prompt", "chosen", "rejected", "image_path", "id", "qid"} <= set(r)
         assert Path(r["rejected_image_path"]).is_file()
+        assert Path(r["image_path"]).is_absolute() and Path(r["rejected_image_path"]).is_absolute()
         for key in ("chosen", "rejected"):
             assert parse_mask_tags(r[key])[1], f"{key} of {r['id']} has no tagged span"
     assert r1["corrupt_source"] == "fallback"  # no lesion annotation: whole-image noise
@@ -441,3 +442,17 @@ def test_prepare_pairs_unreadable_files_are_counted_and_dicom_becomes_png(tmp_pa
     assert out["n_unanswered"] == 1 and out["n_closed"] == 2
     assert out["n_unreadable_image"] == 1 and out["n_corrupt_failed"] == 1
     assert out["n_grounding"] == 2  # example 0 and the DICOM one
+
+
+def test_cli_prepare_with_a_relative_root_writes_paths_the_trainer_resolves(tmp_path, monkeypatch):
+    from fgpo.cli import main
+    from test_datasets import make_vqa_rad
+
+    make_vqa_rad(tmp_path / "rad")
+    (tmp_path / "a.json").write_text(json.dumps([{"id": "synpic100", "qid": "1", "answer": "Yes"}]))
+    monkeypatch.chdir(tmp_path)
+    args = ["prepare", "--dataset", "vqa_rad", "--root", "rad", "--split", "train", "--limit", "1"]
+    assert main([*args, "--answers", "a.json", "--out", "sub/out"]) == 0
+    (rec,) = load_records(str(tmp_path / "sub" / "out" / "pairs.json"))
+    for key in ("image_path", "rejected_image_path"):
+        assert Path(rec[key]).is_absolute() and Path(rec[key]).is_file()
