@@ -445,8 +445,9 @@ def test_prepare_pairs_unreadable_files_are_counted_and_dicom_becomes_png(tmp_pa
 
 
 def test_cli_prepare_with_a_relative_root_writes_paths_the_trainer_resolves(tmp_path, monkeypatch):
-    from fgpo.cli import main
     from test_datasets import make_vqa_rad
+
+    from fgpo.cli import main
 
     make_vqa_rad(tmp_path / "rad")
     (tmp_path / "a.json").write_text(json.dumps([{"id": "synpic100", "qid": "1", "answer": "Yes"}]))
