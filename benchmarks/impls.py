@@ -1,0 +1,243 @@
+"""Adapters: every implementation the runner compares, behind one small interface.
+
+``skip_reason(impl, case, device, interpreter_ok)`` says (cheaply, in the parent process) why an
+impl cannot run a case, or returns None; ``build(impl, case, device)`` (in the worker process)
+makes the inputs and returns ``(fn, leaves, note)``: ``fn()`` runs the forward and returns the
+scalar to backpropagate, ``leaves`` are the tensors whose ``.grad`` it fills.
+
+What each impl computes, per op (all from hidden states and the head weight ``w``; the policy
+hidden states and ``w`` receive gradients unless ``--frozen-weight``; the reference side is
+frozen):
+
+token_kl (mixed KL, λ = 0.5: both directions in one call)
+    torch / triton / cuda   ``fgpo_kernels.token_kl(h, hr, w, w.detach(), impl=...)``
+    materialized            the same with ``impl="reference"`` (full N x V logits, autograd)
+    liger_jsd_b0 / _b1      Liger-Kernel's fused linear JSD at β=0 (forward KL) / β=1 (reverse
+                            KL): ONE direction per call. CPU: its chunked torch loss
+                            ``LigerFusedLinearJSDLoss`` (torch.compile'd chunks, as shipped;
+                            ``--liger-compile off`` turns compile off); GPU: its Triton
+                            ``LigerFusedLinearJSD``.
+token_logprobs (log π(y) per row)
+    torch / triton / cuda   ``fgpo_kernels.token_logprobs(h, w, y, impl=...)``
+    materialized            ``impl="reference"``
+    liger_flce              Liger's fused linear cross entropy, ``reduction="none"`` (GPU)
+    cce                     Cut Cross-Entropy ``linear_cross_entropy``, ``reduction="none"``
+                            (GPU; its default gradient filtering)
+    torch_lce               ``torch.nn.functional.linear_cross_entropy`` with
+                            ``LinearCrossEntropyOptions()`` (PyTorch's own chunked path), when
+                            the installed torch has it
+fire_mpo_step: see ``benchmarks/e2e.py`` (impls torch / triton / cuda / materialized).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+OURS = ("torch", "triton", "cuda")
+IMPLS = {
+    "token_kl": (*OURS, "materialized", "liger_jsd_b0", "liger_jsd_b1"),
+    "token_logprobs": (*OURS, "materialized", "liger_flce", "cce", "torch_lce"),
+    "fire_mpo_step": (*OURS, "materialized"),
+}
+ALL_IMPLS = tuple(dict.fromkeys(i for v in IMPLS.values() for i in v))
+PEERS = {"liger": "liger_kernel", "cce": "cut_cross_entropy"}
+
+
+def _has(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def peer_version(impl: str) -> str:
+    """Version of the package behind an impl ("" for ours)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    dist = {"liger": "liger-kernel", "cce": "cut-cross-entropy", "torch": "torch"}
+    key = "liger" if impl.startswith("liger") else "torch" if impl == "torch_lce" else impl
+    if key not in dist or impl == "torch":
+        return ""
+    try:
+        return version(dist[key])
+    except PackageNotFoundError:
+        return ""
+
+
+def skip_reason(impl: str, case, device: str, interpreter_ok: bool) -> str | None:
+    """None if ``impl`` can run ``case`` on ``device``, else why not (one line)."""
+    if impl not in IMPLS.get(case.op, ()):
+        return f"{impl} does not implement {case.op}"
+    gpu = device == "cuda"
+    if impl in OURS:
+        if impl == "triton" and not gpu:
+            if not (interpreter_ok and case.note == "interpreter"):
+                return (
+                    "triton on CPU runs only in the interpreter (TRITON_INTERPRET=1); "
+                    "timed at the tiny interpreter shape only"
+                )
+            if not _has("triton"):
+                return "triton is not installed"
+            return _ours_status(impl, interpret=True)
+        if impl == "cuda" and not gpu:
+            return "impl 'cuda' needs a CUDA device"
+        if case.op == "fire_mpo_step" and not _has_loss():
+            return "fgpo_kernels.FiReMPOLoss is not available in this install"
+        return _ours_status(impl, interpret=False)
+    if impl == "materialized":
+        return None
+    if impl.startswith("liger"):
+        if not _has("liger_kernel"):
+            return "liger-kernel is not installed (pip install -e '.[bench]')"
+        if impl == "liger_flce" and not gpu:
+            return (
+                "Liger's fused linear cross entropy is a Triton kernel (CUDA only); Liger has "
+                "no chunked CPU cross entropy"
+            )
+        return None
+    if impl == "cce":
+        if not gpu:
+            return "Cut Cross-Entropy's kernels are Triton (CUDA only)"
+        if not _has("cut_cross_entropy"):
+            return "cut-cross-entropy is not installed (pip install -e '.[bench]')"
+        return None
+    if impl == "torch_lce":
+        import torch
+
+        if not hasattr(torch.nn.functional, "linear_cross_entropy") or not hasattr(
+            torch.nn, "LinearCrossEntropyOptions"
+        ):
+            return f"torch {torch.__version__} has no chunked linear_cross_entropy"
+        return None
+    return f"unknown impl {impl!r}"
+
+
+def _has_loss() -> bool:
+    try:
+        import fgpo_kernels as fk
+
+        return hasattr(fk, "FiReMPOLoss")
+    except Exception:
+        return False
+
+
+def _ours_status(impl: str, interpret: bool) -> str | None:
+    if interpret:
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    import fgpo_kernels as fk
+
+    st = fk.backend_status()[impl]
+    return None if st["available"] else st["reason"]
+
+
+# ----------------------------------------------------------------------------- worker side
+
+
+def _dtype(name: str):
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def build(impl: str, case, device: str, grad_w: bool = True, liger_eager: bool = False, seed=0):
+    """Inputs for ``case`` and a closure running ``impl`` on them: ``(fn, leaves, note)``."""
+    import torch
+
+    dt = _dtype(case.dtype)
+    if case.op == "fire_mpo_step":
+        from . import e2e
+
+        b, seq_len, resp, span = case.seq
+        w, seqs, hc = e2e.make_inputs(b, seq_len, resp, span, case.d, case.v, dt, device,
+                                      grad_w=grad_w, seed=seed)  # fmt: skip
+        if impl == "materialized":
+            fn = lambda: e2e.materialized_step(w, seqs, hc)
+            note = "full logits for every position of the 8 passes"
+        else:
+            fn = lambda: e2e.ours_step(w, seqs, hc, impl)
+            note = "FiReMPOLoss: span rows only, one fused pass"
+        return fn, e2e.leaves(w, seqs), note
+
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    n, d, v = case.n, case.d, case.v
+    h = torch.randn(n, d, generator=g).to(device=device, dtype=dt).requires_grad_(True)
+    hr = torch.randn(n, d, generator=g).to(device=device, dtype=dt)
+    w = (torch.randn(v, d, generator=g) * (2.0 / d**0.5)).to(device=device, dtype=dt)
+    w.requires_grad_(grad_w)
+    y = torch.randint(0, v, (n,), generator=g).to(device)
+    leaves = [h, w] if grad_w else [h]
+    wr = w.detach()  # the frozen reference shares the head (LoRA); no gradient on its side
+    note = ""
+
+    if case.op == "token_kl":
+        if impl in OURS or impl == "materialized":
+            import fgpo_kernels as fk
+
+            name = "reference" if impl == "materialized" else impl
+            fn = lambda: fk.token_kl(h, hr, w, wr, lambda_=0.5, impl=name).loss
+            note = "both KL directions" + (" (interpreter)" if case.note and impl == "triton"
+                                           else "")  # fmt: skip
+        elif impl.startswith("liger_jsd"):
+            beta = 0.0 if impl.endswith("b0") else 1.0
+            if device == "cuda":
+                from liger_kernel.transformers.fused_linear_jsd import LigerFusedLinearJSD
+
+                mod = LigerFusedLinearJSD(jsd_beta=beta)
+                fn = lambda: mod(h, w, hr, wr, None)
+                note = "Triton fused linear JSD; one KL direction"
+            else:
+                from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
+
+                mod = LigerFusedLinearJSDLoss(
+                    weight_hard_loss=0.0, weight_soft_loss=1.0, beta=beta,
+                    compiled=not liger_eager,
+                )  # fmt: skip
+                fn = lambda: mod(h, w, hr, wr, y)
+                note = ("chunked, eager" if liger_eager else "chunked, torch.compile") + (
+                    "; one KL direction"
+                )
+        else:
+            raise ValueError(f"{impl} does not implement token_kl")
+        return fn, leaves, note
+
+    if case.op == "token_logprobs":
+        if impl in OURS or impl == "materialized":
+            import fgpo_kernels as fk
+
+            name = "reference" if impl == "materialized" else impl
+            fn = lambda: fk.token_logprobs(h, w, y, impl=name).sum()
+            note = "(interpreter)" if case.note and impl == "triton" else ""
+        elif impl == "liger_flce":
+            from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+            mod = LigerFusedLinearCrossEntropyLoss(reduction="none")
+            fn = lambda: -mod(w, h, y).sum()
+        elif impl == "cce":
+            from cut_cross_entropy import linear_cross_entropy
+
+            fn = lambda: -linear_cross_entropy(h, w, y, reduction="none").sum()
+            note = "default filter_eps"
+        elif impl == "torch_lce":
+            import torch.nn.functional as F
+
+            opts = torch.nn.LinearCrossEntropyOptions()
+            fn = lambda: -F.linear_cross_entropy(h, w, y, reduction="none", options=opts).sum()
+            note = "LinearCrossEntropyOptions() defaults"
+        else:
+            raise ValueError(f"{impl} does not implement token_logprobs")
+        return fn, leaves, note
+    raise ValueError(f"unknown op {case.op!r}")
+
+
+def matmul_flops(case, mode: str, grad_w: bool) -> float:
+    """Matmul FLOPs the op must do (no recomputation counted): forward = the logit matmuls
+    (2 for token_kl, 1 for token_logprobs); backward = dH and, when the head is trained, dW.
+    Liger/CCE-style ops that fold the backward into the forward are credited the same amount.
+    0 for fire_mpo_step (its row count depends on the masks)."""
+    if case.op == "fire_mpo_step":
+        return 0.0
+    one = 2.0 * case.n * case.d * case.v
+    fwd = one * (2 if case.op == "token_kl" else 1)
+    bwd = one * (2 if grad_w else 1)
+    return {"forward": fwd, "backward": bwd, "full": fwd + bwd}[mode]

@@ -1,0 +1,81 @@
+"""The benchmark runner works from a fresh install, and its end-to-end baseline is the same loss.
+
+Runs ``python -m benchmarks.run`` on the ``tiny`` preset (a few subprocesses, seconds each),
+checks the CSV it writes, draws it with ``benchmarks.plot``, and checks that the materialized
+FiRe-MPO step the end-to-end benchmark times computes the same loss and gradients as
+``FiReMPOLoss``.
+"""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+REQUIRED = ["op", "impl", "device", "dtype", "N", "D", "V", "mode", "p20_ms", "p50_ms",
+            "p80_ms", "peak_mb", "commit", "version"]  # fmt: skip
+
+
+def test_runner_tiny_preset_writes_rows_and_plots(tmp_path):
+    out = tmp_path / "res"
+    cmd = [
+        sys.executable, "-m", "benchmarks.run", "--preset", "tiny", "--device", "cpu",
+        "--ops", "token_kl", "fire_mpo_step", "--impls", "torch", "materialized", "cuda",
+        "liger_jsd_b0", "--repeats", "2", "--no-matmul-rate", "--threads", "1", "--out", str(out),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    with open(out / "results.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert set(REQUIRED) <= set(rows[0]), sorted(rows[0])
+    got = {(r["op"], r["impl"], r["mode"]): r for r in rows}
+    for op in ("token_kl", "fire_mpo_step"):
+        for impl in ("torch", "materialized"):
+            for mode in ("forward", "full"):
+                r = got[(op, impl, mode)]
+                assert r["status"] == "ok", r
+                assert 0 < float(r["p20_ms"]) <= float(r["p50_ms"]) <= float(r["p80_ms"]), r
+                assert float(r["peak_mb"]) >= 0, r
+                assert r["device"] == "cpu" and r["dtype"] == "float32", r
+        cuda = got[(op, "cuda", "all")]
+        assert cuda["status"] == "skipped" and "CUDA" in cuda["reason"], cuda
+    liger = [r for r in rows if r["impl"] == "liger_jsd_b0"]
+    assert liger, "a peer row (ok, or skipped with a reason) must be written"
+    assert all(r["status"] == "ok" or r["reason"] for r in liger), liger
+    # The materialized step keeps full logits: it must need more memory than ours.
+    e2e = {r["impl"]: float(r["peak_mb"]) for r in rows
+           if r["op"] == "fire_mpo_step" and r["mode"] == "full"}  # fmt: skip
+    assert e2e["materialized"] > e2e["torch"], e2e
+
+    pytest.importorskip("matplotlib")
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.plot", str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    pngs = list(out.glob("*.png"))
+    assert pngs and all(p.stat().st_size > 1000 for p in pngs), pngs
+
+
+def test_materialized_step_is_the_same_objective():
+    fk = pytest.importorskip("fgpo_kernels")
+    if not hasattr(fk, "FiReMPOLoss"):
+        pytest.skip("FiReMPOLoss not available")
+    from benchmarks import e2e
+
+    b, seq_len, resp, span, d, v = 3, 23, 11, 5, 17, 301
+    w, seqs, hc = e2e.make_inputs(b, seq_len, resp, span, d, v, torch.float64, "cpu", seed=3)
+    hc = torch.tensor([1.0, 0.0, 1.0], dtype=torch.float64)
+    ref = e2e.materialized_step(w, seqs, hc)
+    g_ref = torch.autograd.grad(ref, [s.policy for s in seqs.values()])
+    ours = e2e.ours_step(w, seqs, hc, "torch")
+    g_ours = torch.autograd.grad(ours, [s.policy for s in seqs.values()])
+    assert torch.allclose(ours, ref, rtol=1e-10, atol=1e-12), (ours.item(), ref.item())
+    for a, r in zip(g_ours, g_ref):
+        assert torch.allclose(a, r, rtol=1e-8, atol=1e-12), (a - r).abs().max()
