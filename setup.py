@@ -56,7 +56,7 @@ setup(
             "pydicom>=2.4",
             "trl>=1.16",  # tests/test_loss.py checks the DPO preset against TRL's sigmoid DPO
         ],
-        "bench": ["pytest-benchmark", "matplotlib", "liger-kernel", "psutil"],
+        "bench": ["pytest-benchmark", "matplotlib", "liger-kernel", "cut-cross-entropy", "psutil"],
     },
     entry_points={"console_scripts": ["fgpo=fgpo.cli:main"]},
     ext_modules=ext_modules,
