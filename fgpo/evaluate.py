@@ -223,7 +223,7 @@ def add_arguments(p) -> None:
     p.add_argument("--model", help="HF id/dir or tiny-* (fgpo.models.load_model)")
     p.add_argument("--adapter", help="a PEFT adapter folder to load on top of --model")
     p.add_argument("--dtype", default="float32")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default: 64 (160 for reports)")
     p.add_argument("--predictions", help="JSON list of {id, qid, answer}: score these instead")
     p.add_argument("--no-grounding", action="store_true", help="skip the grounding score")
     p.add_argument("--corrupt-mode", choices=MODES, default="noise")
@@ -259,11 +259,11 @@ def run(args) -> int:
             )
         fns.answer = lambda ex: table[(ex.id, ex.qid)]
     if args.model:
-        from .prepare import answer_logprob_fn, greedy_answer_fn, load_hf
+        from .prepare import _max_new, answer_logprob_fn, greedy_answer_fn, load_hf
 
         model, proc, device = load_hf(args.model, dtype=args.dtype, adapter=args.adapter)
         if fns.answer is None:
-            fns.answer = greedy_answer_fn(model, proc, device, max_new_tokens=args.max_new_tokens)
+            fns.answer = greedy_answer_fn(model, proc, device, max_new_tokens=_max_new(args))
         if not args.no_grounding:
             fns.logprob = answer_logprob_fn(model, proc, device)
     seg = load_segmenter(args.segmenter) if args.segmenter else None

@@ -236,7 +236,7 @@ def add_arguments(p) -> None:
     g.add_argument("--model", help="HF id/dir or tiny-* (fgpo.models.load_model)")
     g.add_argument("--adapter", help="a PEFT adapter folder to load on top of --model")
     g.add_argument("--answers", help="JSON list of {id, qid, answer} instead of a model")
-    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--max-new-tokens", type=int, default=None, help="default: 64 (160 for reports)")
     g.add_argument("--dtype", default="float32")
     g = p.add_argument_group("editor")
     g.add_argument("--editor", choices=("reference", "llm"), default="reference")
@@ -309,7 +309,7 @@ def run(args) -> int:
         answer_fn = _answers_from_file(args.answers)
     else:
         model, proc, device = load_hf(args.model, dtype=args.dtype, adapter=args.adapter)
-        answer_fn = greedy_answer_fn(model, proc, device, max_new_tokens=args.max_new_tokens)
+        answer_fn = greedy_answer_fn(model, proc, device, max_new_tokens=_max_new(args))
     out = Path(args.out)
     stats: Counter = Counter()
     t0 = time.perf_counter()
@@ -328,3 +328,9 @@ def run(args) -> int:
     print(f"{report.summary()}")
     print(f"wrote {len(records)} pairs to {path}; counts: {dict(sorted(stats.items()))}")
     return 0
+
+
+def _max_new(args) -> int:
+    if args.max_new_tokens is not None:
+        return args.max_new_tokens
+    return 160 if args.dataset == "iu_xray" else 64
