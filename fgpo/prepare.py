@@ -49,8 +49,9 @@ def prepare_pairs(
 
     ``answer_fn(example) -> str`` is the model's greedy answer. Corrupted images go to
     ``image_dir`` (default ``<out_dir>/rejected_images``). ``stats`` (a Counter), when given,
-    receives ``pairs`` and one ``skip:<reason>`` count per skipped example. Duplicate pairs
-    (same id, chosen, rejected) are kept once. Errors of an LLM endpoint that persist after its
+    receives ``pairs``, one ``skip:<reason>`` count per skipped example and ``corrupt:<source>``
+    (annotation / segmenter / fallback / none). Duplicate pairs (same id, qid, chosen,
+    rejected) are kept once. Errors of an LLM endpoint that persist after its
     retries (:class:`LLMEditorError`) propagate: they mean a misconfigured endpoint.
     """
     stats = stats if stats is not None else Counter()
@@ -102,6 +103,8 @@ def prepare_pairs(
                 rec["rejected_image_path"] = _absolute(res.path)
                 rec["corrupt_source"] = res.source
                 stats[f"corrupt:{res.source}"] += 1
+            elif res is not None:  # no region and fallback="skip": no v' (has_corrupt = 0)
+                stats["corrupt:none"] += 1
         records.append(rec)  # step: record
         stats["pairs"] += 1
     return records
