@@ -24,6 +24,7 @@ import random
 import re
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -452,7 +453,13 @@ class LLMEditor:
         if self._key:
             headers["Authorization"] = f"Bearer {self._key}"
         req = urllib.request.Request(self.url, data=data, headers=headers, method="POST")
-        with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+        host = urllib.parse.urlsplit(self.url).hostname or ""
+        if host in ("localhost", "::1") or host.startswith("127."):
+            # a local server is never reached through an http_proxy from the environment
+            opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        else:
+            opener = urllib.request.build_opener()
+        with opener.open(req, timeout=self.timeout) as resp:
             return json.loads(resp.read().decode("utf-8"))
 
     def complete(self, messages: list[dict]) -> dict:

@@ -207,6 +207,15 @@ def server():
     s.close()
 
 
+@pytest.fixture(autouse=True)
+def _unreachable_proxy(monkeypatch):
+    # Requests to the loopback server must not go through a proxy from the environment.
+    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY"):
+        monkeypatch.setenv(var, "http://10.255.255.1:9")
+    for var in ("no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+
+
 @pytest.fixture
 def key(monkeypatch):
     monkeypatch.setenv("FGPO_TEST_LLM_KEY", "sk-test-123")
