@@ -242,7 +242,7 @@ class ReferenceEditor:
         if atype == "report":
             raise SkipExample("report_needs_llm_editor", str(example.id))
         gt = str(example.answer).strip()
-        if atype == "closed" and polarity(gt) is not None and normalize(gt) in YES_WORDS | NO_WORDS:
+        if normalize(gt) in YES_WORDS | NO_WORDS:  # yes/no, whatever the dataset calls it
             return self._yes_no(example, y, polarity(gt))
         if getattr(example, "options", None) and any(
             contains_phrase(gt, o) for o in example.options

@@ -106,6 +106,8 @@ def test_reference_yes_no():
     check_pair(right, ["No", "no"], ["Yes", "a"], True)
     neg = e.edit(ex("Is the heart enlarged?", "yes", "closed"), "The heart is not enlarged.")
     assert strip_tags(neg.chosen) == "The heart is enlarged." and not neg.was_correct
+    as_open = e.edit(ex(q, "Yes", "open"), "No, there is no nodule in the lung.")
+    assert as_open.chosen == wrong.chosen  # yes/no answers labelled OPEN (VQA-RAD) alike
     short = e.edit(ex(q, "yes", "closed"), "Nodule")
     assert strip_tags(short.chosen) == "Yes" and strip_tags(short.rejected) == "Nodule"
     with pytest.raises(SkipExample) as s:
