@@ -93,13 +93,15 @@ def save_checkpoint(
     *,
     rank: int,
     trainable: dict[str, torch.Tensor],
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
+    optimizer_state: dict[str, Any],
+    scheduler_state: dict[str, Any],
     state: dict[str, Any],
     export: Any = None,
     keep: int = 0,
 ) -> str:
-    """Write checkpoint ``step`` (every process calls this; rank 0 writes the shared parts).
+    """Write checkpoint ``step``. Every process calls this (it writes its RNG state); rank 0
+    writes the shared parts from ``trainable`` (full tensors by name) and the optimizer and
+    scheduler states, which only rank 0 needs to hold.
 
     ``export(path)`` (rank 0) writes the usable artifact (adapter or Hub model + processor).
     ``keep`` > 0 deletes older checkpoints beyond that many.
@@ -114,8 +116,8 @@ def save_checkpoint(
     if rank == 0:
         torch.save({k: v.detach().cpu().clone() for k, v in trainable.items()},
                    os.path.join(tmp, "trainable.pt"))  # fmt: skip
-        torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
-        torch.save(scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
+        torch.save(optimizer_state, os.path.join(tmp, "optimizer.pt"))
+        torch.save(scheduler_state, os.path.join(tmp, "scheduler.pt"))
         if export is not None:
             export(tmp)
         with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
@@ -133,35 +135,32 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(
-    path: str,
-    *,
-    rank: int,
-    trainable: dict[str, torch.Tensor],
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-) -> dict[str, Any]:
-    """Restore parameters (in place), optimizer, scheduler and this rank's RNG; returns the
-    trainer state."""
+def load_checkpoint(path: str, *, rank: int, names: set[str]) -> dict[str, Any]:
+    """Read checkpoint ``path`` and restore this rank's RNG states.
+
+    Returns ``trainable`` (tensors by name, checked against ``names``), ``optimizer``,
+    ``scheduler`` and ``state`` (the trainer state); the caller puts them in place.
+    """
     saved = torch.load(os.path.join(path, "trainable.pt"), map_location="cpu", weights_only=True)
-    missing = sorted(set(trainable) - set(saved))
-    unexpected = sorted(set(saved) - set(trainable))
+    missing, unexpected = sorted(names - set(saved)), sorted(set(saved) - names)
     if missing or unexpected:
         raise ValueError(
             f"checkpoint {path} does not match the model: missing {missing[:5]}, "
             f"unexpected {unexpected[:5]} (was it written with another model or LoRA setting?)"
         )
-    with torch.no_grad():
-        for k, p in trainable.items():
-            p.copy_(saved[k].to(device=p.device, dtype=p.dtype))
-    opt = torch.load(os.path.join(path, "optimizer.pt"), map_location="cpu", weights_only=False)
-    optimizer.load_state_dict(opt)
-    scheduler.load_state_dict(torch.load(os.path.join(path, "scheduler.pt"), weights_only=False))
     rng_path = os.path.join(path, f"rng-{rank}.pt")
     if not os.path.exists(rng_path):
         raise ValueError(
             f"{path} has no RNG state for rank {rank}: resume with the same number of processes"
         )
-    set_rng_state(torch.load(rng_path, weights_only=False))
+    out = {
+        "trainable": saved,
+        "optimizer": torch.load(
+            os.path.join(path, "optimizer.pt"), map_location="cpu", weights_only=False
+        ),
+        "scheduler": torch.load(os.path.join(path, "scheduler.pt"), weights_only=False),
+    }
     with open(os.path.join(path, "trainer_state.json")) as f:
-        return json.load(f)
+        out["state"] = json.load(f)
+    set_rng_state(torch.load(rng_path, weights_only=False))
+    return out

@@ -49,6 +49,9 @@ class TrainConfig:
     use_rslora: bool = True
     train_vision: bool = False
     """Full fine-tuning only: also train the vision tower and projector (default frozen)."""
+    fsdp: bool = True
+    """Full fine-tuning under torchrun: shard policy and reference with FSDP2 (each decoder
+    layer a unit). LoRA runs always use DDP (the adapters are small)."""
 
     # --- loss --------------------------------------------------------------------------------
     preset: str = "fire_mpo"

@@ -76,8 +76,14 @@ def build_tokenizer() -> Any:
     )
 
 
-def build_tiny(name: str, hidden: int = 64, layers: int = 2, seed: int = 0) -> tuple[Any, Any]:
-    """A random tiny model of the named architecture and its ``VLProcessor`` (in memory)."""
+def build_tiny(
+    name: str, hidden: int = 64, layers: int = 2, seed: int = 0, vocab_size: int | None = None
+) -> tuple[Any, Any]:
+    """A random tiny model of the named architecture and its ``VLProcessor`` (in memory).
+
+    ``vocab_size`` pads the model's vocabulary beyond the tokenizer's (for memory benchmarks
+    with a realistic LM head); None = the tokenizer's size.
+    """
     import torch
     import transformers as T
 
@@ -95,7 +101,7 @@ def build_tiny(name: str, hidden: int = 64, layers: int = 2, seed: int = 0) -> t
         num_hidden_layers=layers,
         num_attention_heads=heads,
         num_key_value_heads=2,
-        vocab_size=len(tok),
+        vocab_size=max(len(tok), vocab_size or 0),
         pad_token_id=tok.pad_token_id,
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,

@@ -149,14 +149,19 @@ class Trainer:
             M.enable_gradient_checkpointing(model)
         model.train()
         self.model = model
-        self.trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
-        if not self.trainable:
-            raise ValueError("no trainable parameters (LoRA found no target layers?)")
         policy = _Policy(model)
-        if self.world > 1:
+        self.fsdp = self.world > 1 and not cfg.lora and cfg.fsdp
+        self.ref_policy = _Policy(self.reference) if self.reference is not None else None
+        if self.fsdp:
+            self._shard(policy)
+            self._shard(self.ref_policy)
+        elif self.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
             policy = nn.parallel.DistributedDataParallel(policy, device_ids=ids)
         self.policy = policy
+        self.trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        if not self.trainable:
+            raise ValueError("no trainable parameters (LoRA found no target layers?)")
         decay = [p for n, p in self.trainable.items() if p.ndim >= 2]
         no_decay = [p for n, p in self.trainable.items() if p.ndim < 2]
         self.optimizer = torch.optim.AdamW(
@@ -169,6 +174,14 @@ class Trainer:
             eps=cfg.adam_eps,
         )
         self.loss_fn = fk.FiReMPOLoss(**cfg.loss_kwargs(), reduction="sum")
+
+    def _shard(self, policy: nn.Module) -> None:
+        """FSDP2: each decoder layer is a unit, the rest (embeddings, vision, head) the root."""
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in getattr(M.language_model(policy.model), "layers", []):
+            fully_shard(layer)
+        fully_shard(policy)
 
     def load_data(self) -> None:
         """Dataset, the scan for unusable examples, and the step plan."""
@@ -278,10 +291,13 @@ class Trainer:
     def forward(self, b: dict[str, Any]):
         """Reference and policy hidden states of all ``n_seq * B`` sequences, and the weights."""
         inputs = self._model_inputs(b)
-        ref_model = self.reference if self.reference is not None else self.model
-        with M.reference_context(ref_model) as ref:
-            h_ref = M.backbone_hidden_states(ref, **inputs)
-            w_ref = M.lm_head_weight(ref) if self.reference is not None else None
+        w_ref = None
+        if self.ref_policy is not None:  # full fine-tuning: the frozen copy (maybe sharded)
+            with torch.no_grad():
+                h_ref, w_ref = self.ref_policy(**inputs)
+        else:  # LoRA: the same model with its adapters disabled
+            with M.reference_context(self.model) as ref:
+                h_ref = M.backbone_hidden_states(ref, **inputs)
         h, w = self.policy(**inputs)
         return h, h_ref, w, w_ref
 
@@ -319,7 +335,11 @@ class Trainer:
         tokens = 0
         for k, b in enumerate(micro):
             sync = k == len(micro) - 1 or self.world == 1
-            ctx = contextlib.nullcontext() if sync else self.policy.no_sync()
+            if self.fsdp:
+                self.policy.set_requires_gradient_sync(sync)
+                ctx = contextlib.nullcontext()
+            else:
+                ctx = contextlib.nullcontext() if sync else self.policy.no_sync()
             with ctx:
                 h, h_ref, w, w_ref = self.forward(b)
                 out = self.compute_loss(b, h, h_ref, w, w_ref)
@@ -351,10 +371,10 @@ class Trainer:
             tokens = int(vec[-1])
         params = list(self.trainable.values())
         if self.cfg.max_grad_norm > 0:
-            gnorm = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm))
+            gnorm = torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm)
         else:
-            gnorm = float(torch.linalg.vector_norm(
-                torch.stack([p.grad.norm() for p in params if p.grad is not None])))  # fmt: skip
+            gnorm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        gnorm = float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
@@ -409,27 +429,57 @@ class Trainer:
             "position_in_epoch": (step % self.steps_per_epoch) * self.cfg.global_batch_size,
             "global_batch_size": self.cfg.global_batch_size,
             "world_size": self.world,
+            "fsdp": self.fsdp,
             "skipped": self.skipped,
             "config": self.cfg.to_dict(),
         }
 
-    def _export(self, path: str) -> None:
+    def _full_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Trainable tensors and optimizer state, gathered in full (collective under FSDP)."""
+        if not self.fsdp:
+            return self.trainable, self.optimizer.state_dict()
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_optimizer_state_dict,
+        )
+
+        full = {k: v.full_tensor() for k, v in self.trainable.items()}
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return full, get_optimizer_state_dict(self.policy, self.optimizer, options=opts)
+
+    def _export(self, path: str, full: dict[str, torch.Tensor]) -> None:
         if M.is_peft(self.model):
             self.model.save_pretrained(os.path.join(path, "adapter"))
+            return
+        out = os.path.join(path, "model")
+        if self.fsdp:  # the module holds shards: write the weights gathered by save()
+            sd = {k: v for k, v in self.model.state_dict().items() if not hasattr(v, "device_mesh")}
+            sd.update(full)
+            self.model.save_pretrained(out, state_dict={k: v.cpu() for k, v in sd.items()})
         else:
-            self.model.save_pretrained(os.path.join(path, "model"))
-            self.processor.save_pretrained(os.path.join(path, "model"))
+            self.model.save_pretrained(out)
+        self.processor.save_pretrained(out)
 
     def save(self, step: int) -> str:
+        full, opt_state = self._full_state()
+        frozen_full = None
+        if self.fsdp and not M.is_peft(self.model):
+            # Frozen shards (vision tower) are gathered on every rank for the export too.
+            frozen_full = {
+                k: v.full_tensor()
+                for k, v in self.model.state_dict().items()
+                if hasattr(v, "full_tensor") and k not in full
+            }
+        export = lambda path: self._export(path, {**full, **(frozen_full or {})})
         return ckpt.save_checkpoint(
             self.cfg.output_dir,
             step,
             rank=self.rank,
-            trainable=self.trainable,
-            optimizer=self.optimizer,
-            scheduler=self.scheduler,
+            trainable=full if self.is_main else {},
+            optimizer_state=opt_state,
+            scheduler_state=self.scheduler.state_dict(),
             state=self._state(step),
-            export=self._export,
+            export=export,
             keep=self.cfg.save_total_limit,
         )
 
@@ -438,22 +488,41 @@ class Trainer:
         path = path or ckpt.latest_checkpoint(self.cfg.output_dir)
         if path is None:
             return 0
-        state = ckpt.load_checkpoint(
-            path,
-            rank=self.rank,
-            trainable=self.trainable,
-            optimizer=self.optimizer,
-            scheduler=self.scheduler,
-        )
+        got = ckpt.load_checkpoint(path, rank=self.rank, names=set(self.trainable))
+        state = got["state"]
         if state["global_batch_size"] != self.cfg.global_batch_size:
             raise ValueError(
                 f"{path} was written with global_batch_size={state['global_batch_size']}, "
                 f"the config has {self.cfg.global_batch_size}"
             )
-        if state["world_size"] != self.world:
+        if state["world_size"] != self.world or bool(state.get("fsdp")) != self.fsdp:
             raise ValueError(
-                f"{path} was written by {state['world_size']} processes, not {self.world}"
+                f"{path} was written by {state['world_size']} processes (fsdp={state.get('fsdp')})"
+                f", this run has {self.world} (fsdp={self.fsdp})"
             )
+        with torch.no_grad():
+            for k, p in self.trainable.items():
+                src = got["trainable"][k].to(device=p.device, dtype=p.dtype)
+                if hasattr(p, "device_mesh"):  # FSDP2 shard: keep this rank's part
+                    from torch.distributed.tensor import distribute_tensor
+
+                    src = distribute_tensor(src, p.device_mesh, p.placements)
+                p.copy_(src)
+        if self.fsdp:
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                set_optimizer_state_dict,
+            )
+
+            set_optimizer_state_dict(
+                self.policy,
+                self.optimizer,
+                optim_state_dict=got["optimizer"],
+                options=StateDictOptions(full_state_dict=True),
+            )
+        else:
+            self.optimizer.load_state_dict(got["optimizer"])
+        self.scheduler.load_state_dict(got["scheduler"])
         return int(state["step"])
 
     # ------------------------------------------------------------------------------------------
