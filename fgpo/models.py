@@ -411,7 +411,12 @@ def backbone_hidden_states(model: nn.Module, **inputs: Any) -> torch.Tensor:
     ``pixel_values``, ``image_grid_thw``, ``mm_token_type_ids``). The inner model is called
     through the PEFT wrapper's module tree so LoRA layers (and ``disable_adapter``) apply.
     """
-    out = backbone(model)(**inputs, use_cache=False, return_dict=True)
+    inner = backbone(model)
+    pix = inputs.get("pixel_values")
+    if pix is not None and pix.is_floating_point():
+        dtype = next((p.dtype for p in inner.parameters() if p.is_floating_point()), pix.dtype)
+        inputs["pixel_values"] = pix.to(dtype)  # processors return fp32; bf16 models want bf16
+    out = inner(**inputs, use_cache=False, return_dict=True)
     return out.last_hidden_state
 
 
@@ -511,5 +516,9 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
     """Non-reentrant activation checkpointing of the Hub model's layers."""
     m = _unwrap(model)
     if getattr(m, "supports_gradient_checkpointing", False):
-        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        kwargs = {"use_reentrant": False}
+        if hasattr(m, "activation_checkpointing_enable"):  # the transformers >= 5.x name
+            m.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         m.config.use_cache = False

@@ -547,9 +547,12 @@ class Trainer:
         row: dict[str, Any] = {}
         every = self.cfg.save_steps
         last_saved = start if resume else -1
+        done = start
         try:
             for step in range(start, end):
+                rng_at_step = ckpt.rng_state()
                 row = self.train_step(step)
+                done = step + 1
                 if (step + 1) % max(self.cfg.log_steps, 1) == 0 or step + 1 == end:
                     self.log(row)
                 if bar is not None:
@@ -560,6 +563,14 @@ class Trainer:
                     last_saved = step + 1
             if end > start and last_saved != end:
                 self.save(end)
+        except BaseException:
+            # A failure (bad file met mid-run, Ctrl-C) keeps the completed steps: checkpoint
+            # them with the RNG as it was at the step boundary. Single process only: with
+            # several, the others may not reach the collective save.
+            if self.world == 1 and done > max(last_saved, 0):
+                ckpt.set_rng_state(rng_at_step)
+                self.save(done)
+            raise
         finally:
             if bar is not None:
                 bar.close()

@@ -156,6 +156,31 @@ def test_exact_resume(tmp_path, prefs, llava):
     assert full.scheduler.state_dict()["last_epoch"] == second.scheduler.state_dict()["last_epoch"]
 
 
+def test_failure_mid_run_checkpoints_completed_steps(tmp_path, prefs, llava):
+    kw = dict(max_steps=2, save_steps=0, lora_dropout=0.3)
+    full = _trainer(_cfg(tmp_path / "a", prefs, **kw), llava)
+    full.train()
+    tr = _trainer(_cfg(tmp_path / "b", prefs, **kw), llava)
+    tr.load()
+    tr.load_data()
+    encode = tr.encode
+
+    def failing(step):
+        if step == 1:
+            raise RuntimeError("image vanished")
+        return encode(step)
+
+    tr.encode = failing
+    with pytest.raises(RuntimeError, match="vanished"):
+        tr.train()
+    assert (tmp_path / "b" / "run" / "latest").read_text() == "checkpoint-1"
+    again = _trainer(_cfg(tmp_path / "b", prefs, **kw), llava)
+    assert again.train(resume=True)["start_step"] == 1
+    a, b = _trainable(full), _trainable(again)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
 def test_checkpoint_is_atomic_and_pruned(tmp_path, prefs, llava):
     tr = _trainer(_cfg(tmp_path, prefs, max_steps=3, save_steps=1, save_total_limit=2), llava)
     tr.train()
