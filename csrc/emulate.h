@@ -202,7 +202,13 @@ struct Mma {
   }
 };
 
+inline void red_add2(float* dst, float a, float b) {
+  atomicAdd(dst, a);
+  atomicAdd(dst + 1, b);
+}
+
 }  // namespace fgpo
 
-#define FGPO_LAUNCH(kern, grid, block, stream, ...) \
+#define FGPO_DYNAMIC_SMEM(name, bytes) static __attribute__((aligned(16))) unsigned char name[bytes]
+#define FGPO_LAUNCH(kern, grid, block, smem, stream, ...) \
   ::emu::launch(dim3(grid), dim3(block), [&] { kern(__VA_ARGS__); })

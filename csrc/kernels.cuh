@@ -1,21 +1,22 @@
 // Forward and backward kernels of the fused token statistics (tensor cores: mma.sync m16n8k16).
 //
-// Layout. A CTA of 4 warps owns BM = 64 rows and walks vocabulary tiles of BN = 64 columns; warp
-// w owns rows 16w..16w+15 of every tile (the FlashAttention-2 split), so each row's running
-// statistics live in the 4 threads of one quad and need no shared memory. Per vocabulary tile the
-// logits z = h W^T (and zr = hr Wr^T) are accumulated in fp32 registers over D in BK = 32 slices
-// that cp.async brings into a 3-stage shared-memory ring; ldmatrix feeds the tensor cores.
+// Layout. A CTA of 8 warps owns BM = 128 rows and walks vocabulary tiles of BN = 128 columns;
+// the warps form a 4 (rows) x 2 (columns) grid, each computing a 32 x 64 piece of the logit tile
+// (2 x 8 m16n8 accumulators per dot). Per vocabulary tile the logits z = h W^T (and
+// zr = hr Wr^T) are accumulated in fp32 registers over D in BK = 32 slices that cp.async brings
+// into a 3-stage shared-memory ring; ldmatrix feeds the tensor cores. With a shared weight, one
+// W slice serves both dots (twice the mma work per shared-memory byte).
 //
-// Forward: each thread keeps the online statistics of tile_math.h for its 2 rows over its own
-// columns, merges them across the quad at the end, and writes one partial per (row, vocabulary
-// split); fgpo_merge_kernel folds the splits (log-sum-exp merge) into lse, lser, fkl, rkl.
-// With a shared weight, one W slice in shared memory serves both dots.
+// Forward: each thread keeps the online statistics of tile_math.h for its 4 rows over its own
+// columns; at the end they are merged across the quad (shuffles) and across the 2 column warps
+// (shared memory), and one partial per (row, vocabulary split) is written; fgpo_merge_kernel
+// folds the splits (log-sum-exp merge) into lse, lser, fkl, rkl.
 //
-// Backward: each CTA recomputes one 64 x 64 logit tile, turns it into G (and Gr) in registers,
+// Backward: each CTA recomputes one 128 x 128 logit tile, turns it into G (and Gr) in registers,
 // stores them in the input dtype in shared memory (the only logits that ever exist), and
 // multiplies them out chunk by chunk over D: dh += G W / T (A = G, B = W chunk through
 // ldmatrix.trans) and dW += G^T h / T (A = G^T and B = h chunk, both through ldmatrix.trans).
-// The fp32 results are added to global memory with atomics (red.global.add.f32).
+// The fp32 results are added to global memory with reductions (red.global.add.v2.f32 on sm_90).
 #pragma once
 
 #include <stdint.h>
@@ -38,26 +39,38 @@ namespace fgpo {
 
 constexpr int BM = kBlockRows;   // rows per CTA
 constexpr int BN = kBlockVocab;  // vocabulary columns per tile
-constexpr int BK = 32;           // reduction slice over D
-constexpr int LDS = BK + 8;      // padded smem row (80 B): ldmatrix rows hit distinct banks
-constexpr int STAGES = 3;
-constexpr int WARPS = 4;
+constexpr int WARPS_M = 4;       // warp grid over the tile: rows x columns
+constexpr int WARPS_N = 2;
+constexpr int WARPS = WARPS_M * WARPS_N;
 constexpr int THREADS = 32 * WARPS;
-constexpr int NT = BN / 8;  // n8 tiles per warp row strip
-constexpr int DC = 64;      // backward: D chunk multiplied out at a time
-constexpr int LDG = BN + 8;  // padded rows of the G tile (144 B)
-constexpr int LDC = DC + 8;  // padded rows of the backward chunks (144 B)
+constexpr int WTM = BM / WARPS_M;  // warp tile: 32 rows x 64 columns
+constexpr int WTN = BN / WARPS_N;
+constexpr int MT = WTM / 16;  // m16 tiles per warp
+constexpr int NT = WTN / 8;   // n8 tiles per warp
+constexpr int BK = 32;        // reduction slice over D
+constexpr int LDS = BK + 8;   // padded smem row (80 B): ldmatrix rows hit distinct banks
+constexpr int STAGES = 3;
+constexpr int DC = 64;        // backward: D chunk multiplied out at a time
+constexpr int LDG = BN + 8;   // padded rows of the G tile
+constexpr int LDC = DC + 8;   // padded rows of the backward chunks
+// Backward products (M = BM rows for dh, BN vocabulary rows for dW; N = DC): the same warp grid.
+constexpr int BWM = BM / WARPS_M;  // 32
+constexpr int BWN = DC / WARPS_N;  // 32
+constexpr int BMT = BWM / 16;
+constexpr int BNT = BWN / 8;
 
-static_assert(BM == 16 * WARPS, "one 16-row strip per warp");
-static_assert(BN == BM, "the dW pass maps 16 vocabulary rows to each warp");
-static_assert(BK % 16 == 0 && BN % 16 == 0 && DC % 16 == 0, "k16 / n16 steps");
+static_assert(WTM % 16 == 0 && WTN % 16 == 0, "warp tile: m16 x n16 steps");
+static_assert(BN == BM, "the dW pass maps vocabulary rows onto the same warp grid as rows");
+static_assert(BK % 16 == 0 && DC % (16 * WARPS_N) == 0, "k16 / n16 steps");
 
-// Shared memory: the main-loop ring, reused after it by the backward epilogue.
+// Shared memory (dynamic): the main-loop ring, reused after it by the epilogues.
 constexpr int kStageElems = (2 * BM + BN) * LDS;
 constexpr int kMainBytes = STAGES * kStageElems * 2;
+constexpr int kXchgBytes = WARPS_N * BM * kStatsKL * 4;  // forward cross-warp merge
 constexpr int kBwdBytes = (2 * BM * LDG + BN * LDC + 2 * BM * LDC) * 2;
-constexpr int kSmemBytes = kMainBytes > kBwdBytes ? kMainBytes : kBwdBytes;
-static_assert(kSmemBytes <= 48 * 1024, "static shared memory limit");
+constexpr int kFwdSmem = kMainBytes > kXchgBytes ? kMainBytes : kXchgBytes;
+constexpr int kBwdSmem = kMainBytes > kBwdBytes ? kMainBytes : kBwdBytes;
+static_assert(kBwdSmem <= 160 * 1024, "fits sm_80 (164 KB) and sm_90 (227 KB) per CTA");
 
 #ifndef FGPO_EMULATE
 // ---- PTX wrappers -------------------------------------------------------------------------------
@@ -123,7 +136,19 @@ struct Mma<__half> {
   }
 };
 
-#define FGPO_LAUNCH(kern, grid, block, stream, ...) kern<<<grid, block, 0, stream>>>(__VA_ARGS__)
+// dst[0] += a, dst[1] += b (8-byte aligned): one vector reduction on sm_90, two before it.
+__device__ __forceinline__ void red_add2(float* dst, float a, float b) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(dst), "f"(a), "f"(b) : "memory");
+#else
+  atomicAdd(dst, a);
+  atomicAdd(dst + 1, b);
+#endif
+}
+
+#define FGPO_DYNAMIC_SMEM(name, bytes) extern __shared__ __align__(16) unsigned char name[]
+#define FGPO_LAUNCH(kern, grid, block, smem, stream, ...) \
+  kern<<<grid, block, smem, stream>>>(__VA_ARGS__)
 #endif  // !FGPO_EMULATE
 
 // ---- tile loads ---------------------------------------------------------------------------------
@@ -135,6 +160,7 @@ template <int ROWS, int COLS, int LD, typename T>
 __device__ __forceinline__ void load_tile(T* s, const T* g, long long nrows, long long K,
                                           long long row0, long long k0) {
   constexpr int CPR = COLS / 8;  // chunks per row
+#pragma unroll
   for (int c = threadIdx.x; c < ROWS * CPR; c += THREADS) {
     int r = c / CPR, kc = (c % CPR) * 8;
     long long gr = row0 + r, gk = k0 + kc;
@@ -147,17 +173,21 @@ __device__ __forceinline__ void load_tile(T* s, const T* g, long long nrows, lon
 // ---- main loop: acc0 = A0[rows] B^T (and acc1 = A1[rows] B^T) over K ----------------------------
 
 template <typename T, bool TWO>
-__device__ __forceinline__ void mainloop(float (&acc0)[NT][4], float (&acc1)[NT][4], T* smem,
-                                         const T* a0, const T* a1, const T* b, long long n,
-                                         long long v, long long K, long long row0, long long v0) {
+__device__ __forceinline__ void mainloop(float (&acc0)[MT][NT][4], float (&acc1)[MT][NT][4],
+                                         T* smem, const T* a0, const T* a1, const T* b,
+                                         long long n, long long v, long long K, long long row0,
+                                         long long v0) {
 #pragma unroll
-  for (int j = 0; j < NT; ++j)
+  for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      acc0[j][e] = 0.f;
-      if (TWO) acc1[j][e] = 0.f;
-    }
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        acc0[mt][j][e] = 0.f;
+        if (TWO) acc1[mt][j][e] = 0.f;
+      }
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int wm = warp % WARPS_M, wn = warp / WARPS_M;
   const int kt_n = static_cast<int>((K + BK - 1) / BK);
 
   auto load = [&](int stage, int kt) {
@@ -181,25 +211,31 @@ __device__ __forceinline__ void mainloop(float (&acc0)[NT][4], float (&acc1)[NT]
       cp_async_commit();
     }
     const T* st = smem + (kt % STAGES) * kStageElems;
-    const T* sa0 = st;
-    const T* sa1 = st + BM * LDS;
-    const T* sb = st + 2 * BM * LDS;
+    const T* sa0 = st + (wm * WTM) * LDS;
+    const T* sa1 = st + (BM + wm * WTM) * LDS;
+    const T* sb = st + (2 * BM + wn * WTN) * LDS;
 #pragma unroll
     for (int kk = 0; kk < BK / 16; ++kk) {
-      uint32_t fa0[4], fa1[4];
-      const int a_off = (warp * 16 + (lane % 16)) * LDS + kk * 16 + (lane / 16) * 8;
-      ldsm_x4(fa0, sa0 + a_off);
-      if (TWO) ldsm_x4(fa1, sa1 + a_off);
+      uint32_t fa0[MT][4], fa1[MT][4];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        const int a_off = (mt * 16 + (lane % 16)) * LDS + kk * 16 + (lane / 16) * 8;
+        ldsm_x4(fa0[mt], sa0 + a_off);
+        if (TWO) ldsm_x4(fa1[mt], sa1 + a_off);
+      }
 #pragma unroll
       for (int jp = 0; jp < NT / 2; ++jp) {
         uint32_t fb[4];
         ldsm_x4(fb, sb + (jp * 16 + (lane % 8) + (lane / 16) * 8) * LDS + kk * 16 +
                         ((lane / 8) % 2) * 8);
-        Mma<T>::run(acc0[2 * jp], fa0, fb[0], fb[1]);
-        Mma<T>::run(acc0[2 * jp + 1], fa0, fb[2], fb[3]);
-        if (TWO) {
-          Mma<T>::run(acc1[2 * jp], fa1, fb[0], fb[1]);
-          Mma<T>::run(acc1[2 * jp + 1], fa1, fb[2], fb[3]);
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          Mma<T>::run(acc0[mt][2 * jp], fa0[mt], fb[0], fb[1]);
+          Mma<T>::run(acc0[mt][2 * jp + 1], fa0[mt], fb[2], fb[3]);
+          if (TWO) {
+            Mma<T>::run(acc1[mt][2 * jp], fa1[mt], fb[0], fb[1]);
+            Mma<T>::run(acc1[mt][2 * jp + 1], fa1[mt], fb[2], fb[3]);
+          }
         }
       }
     }
@@ -210,10 +246,10 @@ __device__ __forceinline__ void mainloop(float (&acc0)[NT][4], float (&acc1)[NT]
 
 // Recompute the logit tile(s) for rows [row0, row0+BM) x vocabulary [v0, v0+BN).
 template <typename T, bool KL>
-__device__ __forceinline__ void logit_tiles(float (&z)[NT][4], float (&zr)[NT][4], T* smem,
-                                            const T* h, const T* hr, const T* w, const T* wr,
-                                            long long n, long long d, long long dr, long long v,
-                                            long long row0, long long v0) {
+__device__ __forceinline__ void logit_tiles(float (&z)[MT][NT][4], float (&zr)[MT][NT][4],
+                                            T* smem, const T* h, const T* hr, const T* w,
+                                            const T* wr, long long n, long long d, long long dr,
+                                            long long v, long long row0, long long v0) {
   if (!KL) {
     mainloop<T, false>(z, zr, smem, h, nullptr, w, n, v, d, row0, v0);
   } else if (wr == nullptr) {  // shared weight: one W slice feeds both dots
@@ -228,71 +264,113 @@ __device__ __forceinline__ void logit_tiles(float (&z)[NT][4], float (&zr)[NT][4
 
 // grid (row blocks, vocabulary splits); each split walks tiles [t0, t1).
 template <typename T, bool KL>
-__global__ void __launch_bounds__(THREADS) fgpo_fwd_kernel(const T* __restrict__ h,
-                                                           const T* __restrict__ hr,
-                                                           const T* __restrict__ w,
-                                                           const T* __restrict__ wr, long long n,
-                                                           long long d, long long dr, long long v,
-                                                           float inv_t, int tiles_per_split,
-                                                           float* __restrict__ partial) {
-  __shared__ __align__(16) unsigned char smem_raw[kSmemBytes];
+__global__ void __launch_bounds__(THREADS, 1)
+    fgpo_fwd_kernel(const T* __restrict__ h, const T* __restrict__ hr, const T* __restrict__ w,
+                    const T* __restrict__ wr, long long n, long long d, long long dr, long long v,
+                    float inv_t, int tiles_per_split, float* __restrict__ partial) {
+  FGPO_DYNAMIC_SMEM(smem_raw, kFwdSmem);
   T* smem = reinterpret_cast<T*>(smem_raw);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int wm = warp % WARPS_M, wn = warp / WARPS_M;
   const int g = lane / 4, c = lane % 4;
   const long long row0 = (long long)blockIdx.x * BM;
   const long long n_tiles = (v + BN - 1) / BN;
   const long long t0 = (long long)blockIdx.y * tiles_per_split;
   const long long t1 = t0 + tiles_per_split < n_tiles ? t0 + tiles_per_split : n_tiles;
 
-  KLState st[2] = {kl_init(), kl_init()};  // rows g and g + 8 of this warp's strip
-  LseState ls[2] = {lse_init(), lse_init()};
-  float z[NT][4], zr[NT][4];
+  KLState st[MT][2];  // rows wm*WTM + mt*16 + g + 8*half of the tile
+  LseState ls[MT][2];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      st[mt][half] = kl_init();
+      ls[mt][half] = lse_init();
+    }
+  float z[MT][NT][4], zr[MT][NT][4];
 
   for (long long t = t0; t < t1; ++t) {
     const long long v0 = t * BN;
     logit_tiles<T, KL>(z, zr, smem, h, hr, w, wr, n, d, dr, v, row0, v0);
 #pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      tile_update<NT, KL>(st[half], ls[half], z, zr, half, c, v0, v, inv_t);
-    }
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int half = 0; half < 2; ++half)
+        tile_update<NT, KL>(st[mt][half], ls[mt][half], z[mt], zr[mt], half, c, v0 + wn * WTN, v,
+                            inv_t);
   }
 
-  // Merge the quad's column subsets, then lane c == 0 writes the row's partial.
+  // Merge the quad's column subsets (shuffles), then the column warps (shared memory; the ring
+  // is free: the last main loop ended with a barrier).
+  float* xs = reinterpret_cast<float*>(smem_raw);  // [WARPS_N][kStatsKL][BM]
+  constexpr int NS = KL ? kStatsKL : kStatsLP;
 #pragma unroll
-  for (int half = 0; half < 2; ++half) {
+  for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-    for (int off = 1; off < 4; off <<= 1) {
-      if (KL) {
-        KLState o;
-        o.m = __shfl_xor_sync(0xffffffffu, st[half].m, off);
-        o.s = __shfl_xor_sync(0xffffffffu, st[half].s, off);
-        o.a = __shfl_xor_sync(0xffffffffu, st[half].a, off);
-        o.mr = __shfl_xor_sync(0xffffffffu, st[half].mr, off);
-        o.sr = __shfl_xor_sync(0xffffffffu, st[half].sr, off);
-        o.b = __shfl_xor_sync(0xffffffffu, st[half].b, off);
-        kl_merge(st[half], o);
-      } else {
-        LseState o;
-        o.m = __shfl_xor_sync(0xffffffffu, ls[half].m, off);
-        o.s = __shfl_xor_sync(0xffffffffu, ls[half].s, off);
-        lse_merge(ls[half], o);
+    for (int half = 0; half < 2; ++half) {
+      KLState& s = st[mt][half];
+      LseState& l = ls[mt][half];
+#pragma unroll
+      for (int off = 1; off < 4; off <<= 1) {
+        if (KL) {
+          KLState o;
+          o.m = __shfl_xor_sync(0xffffffffu, s.m, off);
+          o.s = __shfl_xor_sync(0xffffffffu, s.s, off);
+          o.a = __shfl_xor_sync(0xffffffffu, s.a, off);
+          o.mr = __shfl_xor_sync(0xffffffffu, s.mr, off);
+          o.sr = __shfl_xor_sync(0xffffffffu, s.sr, off);
+          o.b = __shfl_xor_sync(0xffffffffu, s.b, off);
+          kl_merge(s, o);
+        } else {
+          LseState o;
+          o.m = __shfl_xor_sync(0xffffffffu, l.m, off);
+          o.s = __shfl_xor_sync(0xffffffffu, l.s, off);
+          lse_merge(l, o);
+        }
+      }
+      if (c == 0) {
+        const int r = wm * WTM + mt * 16 + g + 8 * half;
+        float* x = xs + (wn * NS) * BM + r;
+        if (KL) {
+          x[0 * BM] = s.m;
+          x[1 * BM] = s.s;
+          x[2 * BM] = s.a;
+          x[3 * BM] = s.mr;
+          x[4 * BM] = s.sr;
+          x[5 * BM] = s.b;
+        } else {
+          x[0 * BM] = l.m;
+          x[1 * BM] = l.s;
+        }
       }
     }
-    const long long row = row0 + warp * 16 + g + 8 * half;
-    if (c == 0 && row_valid(row, n)) {
-      constexpr int NS = KL ? kStatsKL : kStatsLP;
-      float* p = partial + (long long)blockIdx.y * NS * n + row;
-      if (KL) {
-        p[0 * n] = st[half].m;
-        p[1 * n] = st[half].s;
-        p[2 * n] = st[half].a;
-        p[3 * n] = st[half].mr;
-        p[4 * n] = st[half].sr;
-        p[5 * n] = st[half].b;
-      } else {
-        p[0 * n] = ls[half].m;
-        p[1 * n] = ls[half].s;
+  __syncthreads();
+  for (int r = threadIdx.x; r < BM; r += THREADS) {
+    const long long row = row0 + r;
+    if (!row_valid(row, n)) continue;
+    float* p = partial + (long long)blockIdx.y * NS * n + row;
+    if (KL) {
+      KLState acc = kl_init();
+      for (int q = 0; q < WARPS_N; ++q) {
+        const float* x = xs + (q * NS) * BM + r;
+        KLState o = {x[0], x[BM], x[2 * BM], x[3 * BM], x[4 * BM], x[5 * BM]};
+        kl_merge(acc, o);
       }
+      p[0 * n] = acc.m;
+      p[1 * n] = acc.s;
+      p[2 * n] = acc.a;
+      p[3 * n] = acc.mr;
+      p[4 * n] = acc.sr;
+      p[5 * n] = acc.b;
+    } else {
+      LseState acc = lse_init();
+      for (int q = 0; q < WARPS_N; ++q) {
+        const float* x = xs + (q * NS) * BM + r;
+        LseState o = {x[0], x[BM]};
+        lse_merge(acc, o);
+      }
+      p[0 * n] = acc.m;
+      p[1 * n] = acc.s;
     }
   }
 }
@@ -331,6 +409,70 @@ __global__ void fgpo_merge_kernel(const float* __restrict__ partial, int splits,
 
 __device__ __forceinline__ float ld_or0(const float* p, long long i) { return p ? p[i] : 0.f; }
 
+// acc (BMT x BNT m16n8 tiles) = A[m rows, k] B[k, n] over k in [0, K16 * 16): A from an smem tile
+// (row-major [m][k], or [k][m] when A_TRANS), B from a row-major [k][n] smem tile.
+template <typename T, bool A_TRANS, int K16>
+__device__ __forceinline__ void smem_product(float (&acc)[BMT][BNT][4], const T* a, int lda,
+                                             const T* b, int ldb, int m0, int n0) {
+  const int lane = threadIdx.x % 32;
+#pragma unroll
+  for (int kk = 0; kk < K16; ++kk) {
+    uint32_t fa[BMT][4];
+#pragma unroll
+    for (int mt = 0; mt < BMT; ++mt) {
+      if (A_TRANS) {
+        ldsm_x4_t(fa[mt], a + (kk * 16 + (lane % 8) + (lane / 16) * 8) * lda + m0 + mt * 16 +
+                              ((lane / 8) % 2) * 8);
+      } else {
+        ldsm_x4(fa[mt], a + (m0 + mt * 16 + (lane % 16)) * lda + kk * 16 + (lane / 16) * 8);
+      }
+    }
+#pragma unroll
+    for (int jp = 0; jp < BNT / 2; ++jp) {
+      uint32_t fb[4];
+      ldsm_x4_t(fb, b + (kk * 16 + (lane % 8) + ((lane / 8) % 2) * 8) * ldb + n0 + jp * 16 +
+                        (lane / 16) * 8);
+#pragma unroll
+      for (int mt = 0; mt < BMT; ++mt) {
+        Mma<T>::run(acc[mt][2 * jp], fa[mt], fb[0], fb[1]);
+        Mma<T>::run(acc[mt][2 * jp + 1], fa[mt], fb[2], fb[3]);
+      }
+    }
+  }
+}
+
+// out[(r0 + row) * K + d0 + col] += acc * scale for the warp's (row, col) fragment positions.
+__device__ __forceinline__ void flush(float* out, const float (&acc)[BMT][BNT][4], long long r0,
+                                      long long rows, long long K, long long d0, int m0, int n0,
+                                      float scale) {
+  const int lane = threadIdx.x % 32;
+  const int g = lane / 4, c = lane % 4;
+#pragma unroll
+  for (int mt = 0; mt < BMT; ++mt)
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const long long row = r0 + m0 + mt * 16 + g + 8 * half;
+      if (row >= rows) continue;
+#pragma unroll
+      for (int j = 0; j < BNT; ++j) {
+        const long long col = d0 + n0 + frag_col(j, c, 0);
+        if (col < K) {
+          red_add2(out + row * K + col, acc[mt][j][2 * half] * scale,
+                   acc[mt][j][2 * half + 1] * scale);
+        }
+      }
+    }
+}
+
+__device__ __forceinline__ void zero(float (&acc)[BMT][BNT][4]) {
+#pragma unroll
+  for (int mt = 0; mt < BMT; ++mt)
+#pragma unroll
+    for (int j = 0; j < BNT; ++j)
+#pragma unroll
+      for (int q = 0; q < 4; ++q) acc[mt][j][q] = 0.f;
+}
+
 // One side of the backward product for a weight Wk (V, K) and up to two (G tile, hidden, dh)
 // entries that share it: dh_e += G_e Wk / T for each entry, dW += sum_e G_e^T H_e / T.
 template <typename T, int NE>
@@ -342,8 +484,8 @@ __device__ __forceinline__ void bwd_side(T* smem, const T* const (&gs)[2], const
 #pragma unroll
   for (int e = 0; e < NE; ++e) any_dh |= dh[e] != nullptr;
   if (!any_dh && dw == nullptr) return;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int g = lane / 4, c = lane % 4;
+  const int warp = threadIdx.x / 32;
+  const int m0 = (warp % WARPS_M) * BWM, n0 = (warp / WARPS_M) * BWN;
   T* wc = smem + 2 * BM * LDG;  // (BN, DC) chunk of Wk
   T* hc = wc + BN * LDC;        // NE x (BM, DC) chunks of the hidden states
 
@@ -357,87 +499,31 @@ __device__ __forceinline__ void bwd_side(T* smem, const T* const (&gs)[2], const
     cp_async_wait<0>();
     __syncthreads();
 
+    float acc[BMT][BNT][4];
     // dh_e[rows, d0:d0+DC] += G_e[rows, :] Wc   (M = rows, N = DC, K = BN)
 #pragma unroll
     for (int e = 0; e < NE; ++e) {
       if (dh[e] == nullptr) continue;
-      float acc[DC / 8][4];
-#pragma unroll
-      for (int j = 0; j < DC / 8; ++j)
-#pragma unroll
-        for (int q = 0; q < 4; ++q) acc[j][q] = 0.f;
-#pragma unroll
-      for (int kk = 0; kk < BN / 16; ++kk) {
-        uint32_t fa[4];
-        ldsm_x4(fa, gs[e] + (warp * 16 + (lane % 16)) * LDG + kk * 16 + (lane / 16) * 8);
-#pragma unroll
-        for (int jp = 0; jp < DC / 16; ++jp) {
-          uint32_t fb[4];
-          ldsm_x4_t(fb, wc + (kk * 16 + (lane % 8) + ((lane / 8) % 2) * 8) * LDC + jp * 16 +
-                            (lane / 16) * 8);
-          Mma<T>::run(acc[2 * jp], fa, fb[0], fb[1]);
-          Mma<T>::run(acc[2 * jp + 1], fa, fb[2], fb[3]);
-        }
-      }
-#pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        const long long row = row0 + warp * 16 + g + 8 * half;
-        if (!row_valid(row, n)) continue;
-#pragma unroll
-        for (int j = 0; j < DC / 8; ++j)
-#pragma unroll
-          for (int q = 0; q < 2; ++q) {
-            const long long col = d0 + j * 8 + 2 * c + q;
-            if (col < K) atomicAdd(dh[e] + row * K + col, acc[j][2 * half + q] * inv_t);
-          }
-      }
+      zero(acc);
+      smem_product<T, false, BN / 16>(acc, gs[e], LDG, wc, LDC, m0, n0);
+      flush(dh[e], acc, row0, n, K, d0, m0, n0, inv_t);
     }
-
     // dW[vocab, d0:d0+DC] += sum_e G_e^T Hc_e   (M = vocabulary rows, N = DC, K = rows)
     if (dw != nullptr) {
-      float acc[DC / 8][4];
+      zero(acc);
 #pragma unroll
-      for (int j = 0; j < DC / 8; ++j)
-#pragma unroll
-        for (int q = 0; q < 4; ++q) acc[j][q] = 0.f;
-#pragma unroll
-      for (int e = 0; e < NE; ++e) {
-#pragma unroll
-        for (int kk = 0; kk < BM / 16; ++kk) {
-          uint32_t fa[4];
-          ldsm_x4_t(fa, gs[e] + (kk * 16 + (lane % 8) + (lane / 16) * 8) * LDG + warp * 16 +
-                            ((lane / 8) % 2) * 8);
-#pragma unroll
-          for (int jp = 0; jp < DC / 16; ++jp) {
-            uint32_t fb[4];
-            ldsm_x4_t(fb, hc + e * BM * LDC + (kk * 16 + (lane % 8) + ((lane / 8) % 2) * 8) * LDC +
-                              jp * 16 + (lane / 16) * 8);
-            Mma<T>::run(acc[2 * jp], fa, fb[0], fb[1]);
-            Mma<T>::run(acc[2 * jp + 1], fa, fb[2], fb[3]);
-          }
-        }
-      }
-#pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        const long long vr = v0 + warp * 16 + g + 8 * half;
-        if (!col_valid(vr, v)) continue;
-#pragma unroll
-        for (int j = 0; j < DC / 8; ++j)
-#pragma unroll
-          for (int q = 0; q < 2; ++q) {
-            const long long col = d0 + j * 8 + 2 * c + q;
-            if (col < K) atomicAdd(dw + vr * K + col, acc[j][2 * half + q] * inv_t);
-          }
-      }
+      for (int e = 0; e < NE; ++e)
+        smem_product<T, true, BM / 16>(acc, gs[e], LDG, hc + e * BM * LDC, LDC, m0, n0);
+      flush(dw, acc, v0, v, K, d0, m0, n0, inv_t);
     }
     __syncthreads();  // the chunk buffers are refilled next iteration
   }
 }
 
-// grid (vocabulary tiles, row blocks): one 64 x 64 logit tile per CTA.
+// grid (vocabulary tiles, row blocks): one BM x BN logit tile per CTA.
 template <typename T, bool KL>
-__global__ void __launch_bounds__(THREADS) fgpo_bwd_kernel(BwdArgs a) {
-  __shared__ __align__(16) unsigned char smem_raw[kSmemBytes];
+__global__ void __launch_bounds__(THREADS, 1) fgpo_bwd_kernel(BwdArgs a) {
+  FGPO_DYNAMIC_SMEM(smem_raw, kBwdSmem);
   T* smem = reinterpret_cast<T*>(smem_raw);
   const T* h = static_cast<const T*>(a.h);
   const T* hr = static_cast<const T*>(a.hr);
@@ -445,43 +531,46 @@ __global__ void __launch_bounds__(THREADS) fgpo_bwd_kernel(BwdArgs a) {
   const T* wr = static_cast<const T*>(a.wr);
   const long long n = a.n, v = a.v;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int wm = warp % WARPS_M, wn = warp / WARPS_M;
   const int g = lane / 4, c = lane % 4;
   const long long v0 = (long long)blockIdx.x * BN;
   const long long row0 = (long long)blockIdx.y * BM;
 
-  float z[NT][4], zr[NT][4];
+  float z[MT][NT][4], zr[MT][NT][4];
   logit_tiles<T, KL>(z, zr, smem, h, hr, w, wr, n, a.d, a.dr, v, row0, v0);
 
   // G (and Gr) into shared memory, in the input dtype; masked rows/columns are exact zeros.
   T* gs = smem;
   T* grs = smem + BM * LDG;
 #pragma unroll
-  for (int half = 0; half < 2; ++half) {
-    const int lrow = warp * 16 + g + 8 * half;
-    const long long row = row0 + lrow;
-    const bool rv = row_valid(row, n);
-    RowGrad rg = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-    if (rv) {
-      rg.lse = a.lse[row];
-      rg.g_lp = ld_or0(a.g_lp, row);
-      if (KL) {
-        rg.lser = a.lser[row];
-        rg.fkl = a.fkl[row];
-        rg.rkl = a.rkl[row];
-        rg.g_fkl = ld_or0(a.g_fkl, row);
-        rg.g_rkl = ld_or0(a.g_rkl, row);
-        rg.g_lpr = ld_or0(a.g_lpr, row);
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int lrow = wm * WTM + mt * 16 + g + 8 * half;
+      const long long row = row0 + lrow;
+      const bool rv = row_valid(row, n);
+      RowGrad rg = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+      if (rv) {
+        rg.lse = a.lse[row];
+        rg.g_lp = ld_or0(a.g_lp, row);
+        if (KL) {
+          rg.lser = a.lser[row];
+          rg.fkl = a.fkl[row];
+          rg.rkl = a.rkl[row];
+          rg.g_fkl = ld_or0(a.g_fkl, row);
+          rg.g_rkl = ld_or0(a.g_rkl, row);
+          rg.g_lpr = ld_or0(a.g_lpr, row);
+        }
+      }
+      float gv[NT][2], grv[NT][2];
+      tile_grads<NT, KL>(gv, grv, z[mt], zr[mt], half, c, v0 + wn * WTN, v, rv, rg, a.inv_t);
+#pragma unroll
+      for (int j = 0; j < NT; ++j) {
+        const int off = lrow * LDG + wn * WTN + frag_col(j, c, 0);
+        *reinterpret_cast<uint32_t*>(gs + off) = Mma<T>::pack(gv[j][0], gv[j][1]);
+        if (KL) *reinterpret_cast<uint32_t*>(grs + off) = Mma<T>::pack(grv[j][0], grv[j][1]);
       }
     }
-    float gv[NT][2], grv[NT][2];
-    tile_grads<NT, KL>(gv, grv, z, zr, half, c, v0, v, rv, rg, a.inv_t);
-#pragma unroll
-    for (int j = 0; j < NT; ++j) {
-      const int off = lrow * LDG + frag_col(j, c, 0);
-      *reinterpret_cast<uint32_t*>(gs + off) = Mma<T>::pack(gv[j][0], gv[j][1]);
-      if (KL) *reinterpret_cast<uint32_t*>(grs + off) = Mma<T>::pack(grv[j][0], grv[j][1]);
-    }
-  }
   __syncthreads();
 
   if (!KL) {
@@ -516,6 +605,24 @@ inline void check_launch(const char* what) {
   }
 }
 
+// Kernels above 48 KB of dynamic shared memory must opt in (per kernel, per device).
+template <typename K>
+inline void allow_smem(K kernel, int bytes, const char* what) {
+#ifndef FGPO_EMULATE
+  cudaError_t err = cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel),
+                                         cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  if (err != cudaSuccess) {
+    throw std::runtime_error(std::string("fgpo_kernels._C: ") + what + " needs " +
+                             std::to_string(bytes) + " bytes of shared memory per block: " +
+                             cudaGetErrorString(err));
+  }
+#else
+  (void)kernel;
+  (void)bytes;
+  (void)what;
+#endif
+}
+
 template <typename T>
 void launch_fwd(const FwdArgs& a) {
   const long long n_tiles = (a.v + BN - 1) / BN;
@@ -534,13 +641,14 @@ void launch_fwd(const FwdArgs& a) {
   const T* wr = static_cast<const T*>(a.wr);
   const bool kl = a.hr != nullptr;
   auto fwd = kl ? fgpo_fwd_kernel<T, true> : fgpo_fwd_kernel<T, false>;
-  FGPO_LAUNCH(fwd, grid, THREADS, a.stream, h, hr, w, wr, a.n, a.d, a.dr, a.v, a.inv_t, tps,
-              a.partial);
+  allow_smem(fwd, kFwdSmem, "forward");
+  FGPO_LAUNCH(fwd, grid, THREADS, kFwdSmem, a.stream, h, hr, w, wr, a.n, a.d, a.dr, a.v, a.inv_t,
+              tps, a.partial);
   check_launch("forward");
   const int mt = 128;
   const unsigned mb = static_cast<unsigned>((a.n + mt - 1) / mt);
   auto merge = kl ? fgpo_merge_kernel<true> : fgpo_merge_kernel<false>;
-  FGPO_LAUNCH(merge, mb, mt, a.stream, a.partial, splits, a.n, a.lse, a.lser, a.fkl, a.rkl);
+  FGPO_LAUNCH(merge, mb, mt, 0, a.stream, a.partial, splits, a.n, a.lse, a.lser, a.fkl, a.rkl);
   check_launch("merge");
 }
 
@@ -549,11 +657,12 @@ void launch_bwd(const BwdArgs& a) {
   const long long n_tiles = (a.v + BN - 1) / BN;
   const long long row_blocks = (a.n + BM - 1) / BM;
   if (n_tiles > 0x7fffffffLL || row_blocks > 65535) {
-    throw std::invalid_argument("fgpo_kernels._C: backward grid too large (rows > 4M?)");
+    throw std::invalid_argument("fgpo_kernels._C: backward grid too large (rows > 8M?)");
   }
   dim3 grid(static_cast<unsigned>(n_tiles), static_cast<unsigned>(row_blocks));
   auto bwd = a.hr != nullptr ? fgpo_bwd_kernel<T, true> : fgpo_bwd_kernel<T, false>;
-  FGPO_LAUNCH(bwd, grid, THREADS, a.stream, a);
+  allow_smem(bwd, kBwdSmem, "backward");
+  FGPO_LAUNCH(bwd, grid, THREADS, kBwdSmem, a.stream, a);
   check_launch("backward");
 }
 

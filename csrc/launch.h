@@ -58,7 +58,7 @@ void launch_bwd_bf16(const BwdArgs& a);
 void launch_bwd_f16(const BwdArgs& a);
 
 // Tile sizes shared with the host (Python chooses the number of vocabulary splits from them).
-constexpr int kBlockRows = 64;
-constexpr int kBlockVocab = 64;
+constexpr int kBlockRows = 128;
+constexpr int kBlockVocab = 128;
 
 }  // namespace fgpo

@@ -293,8 +293,8 @@ def _rel(torch, a, b):
 @pytest.mark.parametrize(
     "mode,n,d,dr,v,splits,temp",
     [
-        ("shared", 70, 72, 72, 301, 3, 0.9),  # 2 row blocks (ragged), K not a multiple of 32
-        ("separate", 37, 40, 56, 130, 0, 1.0),  # different D per side, auto splits
+        ("shared", 70, 72, 72, 301, 3, 0.9),  # ragged rows and columns, K not a multiple of 32
+        ("separate", 137, 40, 56, 260, 0, 1.0),  # 2 row blocks, different D per side, auto splits
         ("separate", 5, 45, 19, 65, 1, 1.3),  # D % 8 != 0: zero-padded copies
         ("logprob", 9, 24, 24, 77, 2, 0.7),
     ],
