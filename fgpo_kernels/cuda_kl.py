@@ -121,12 +121,12 @@ def _ptr(x: Tensor | None) -> int:
 
 
 def _splits(n: int, v: int, device: torch.device) -> int:
-    """Vocabulary splits so that row blocks x splits fills the GPU about twice (~3 CTAs/SM)."""
+    """Vocabulary splits so that row blocks x splits is about 4 waves (1 CTA per SM fits)."""
     ext = _ext()
     row_blocks = -(-n // ext.BLOCK_ROWS)
     n_tiles = -(-v // ext.BLOCK_VOCAB)
     sms = _sm_count(device)
-    want = -(-(6 * sms) // row_blocks)
+    want = -(-(4 * sms) // row_blocks)
     return max(1, min(n_tiles, want))
 
 
