@@ -33,6 +33,7 @@ import json
 import os
 import platform
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -40,6 +41,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from . import impls as impls_mod
+from . import report
 from .shapes import OPS, Case, default_preset, presets
 
 COLUMNS = [
@@ -130,6 +132,7 @@ def _device_name(device: str) -> str:
 
 
 def worker(spec: dict) -> dict:
+    """Run the cases of ``spec`` (one on CPU; on CUDA all cases of one (op, impl)) in order."""
     import torch
 
     if spec.get("threads"):
@@ -138,10 +141,26 @@ def worker(spec: dict) -> dict:
     if spec["kind"] == "matmul":
         rates = {dt: _matmul_rate(device, dt, spec["size"]) for dt in spec["dtypes"]}
         return {"device_name": _device_name(device), "rates": rates}
+    for i, c in enumerate(spec["cases"]):
+        c = dict(c)
+        c["seq"] = tuple(c["seq"]) if c.get("seq") else None
+        try:
+            res = _run_case(spec, Case(**c), device)
+        except Exception as exc:  # e.g. CUDA out of memory: report it, go on with the next
+            res = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+        # One line per case, as soon as it is done: a later crash cannot take it away.
+        print(MARK + json.dumps({"index": i, **res}), flush=True)
+        if device == "cuda" and "error" in res and "CUDA error" in res["error"]:
+            sys.exit(3)  # the context is gone; the parent reruns the rest in fresh processes
+        if device == "cuda":
+            gc.collect()
+            torch.cuda.empty_cache()
+    return None
 
-    c = dict(spec["case"])
-    c["seq"] = tuple(c["seq"]) if c.get("seq") else None
-    case = Case(**c)
+
+def _run_case(spec: dict, case: Case, device: str) -> dict:
+    import torch
+
     fn, leaves, note = impls_mod.build(
         spec["impl"], case, device, grad_w=spec["grad_w"], liger_eager=spec["liger_eager"]
     )
@@ -188,8 +207,6 @@ def worker(spec: dict) -> dict:
         times[mode] = ts
 
     peaks = {}
-    if not cuda:
-        _strict_malloc()
     for mode in spec["modes"]:
         gc.collect()
         out = None
@@ -235,26 +252,30 @@ def _git_commit() -> str:
         return "unknown"
 
 
-def _spawn(spec: dict, timeout: float, interpret: bool) -> tuple[dict | None, str]:
+def _spawn(spec: dict, timeout: float, interpret: bool) -> tuple[list[dict], str]:
+    """Run a worker; (the result lines it printed, why it failed or "")."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     if interpret:
         env["TRITON_INTERPRET"] = "1"
     cmd = [sys.executable, "-m", "benchmarks.run", "--worker", json.dumps(spec)]
+    why = ""
     try:
         proc = subprocess.run(
             cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
         )
-    except subprocess.TimeoutExpired:
-        return None, f"timeout after {timeout:.0f} s"
-    for line in proc.stdout.splitlines():
-        if line.startswith(MARK):
-            return json.loads(line[len(MARK) :]), ""
-    tail = [ln for ln in (proc.stderr or "").strip().splitlines() if ln.strip()]
-    why = tail[-1].strip() if tail else ""
-    if proc.returncode < 0:
-        why = f"killed by signal {-proc.returncode} (out of memory?) {why}".strip()
-    return None, f"worker failed (rc {proc.returncode}): {why}"[:300]
+        stdout, stderr, rc = proc.stdout, proc.stderr, proc.returncode
+    except subprocess.TimeoutExpired as exc:
+        stdout = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+        stderr, rc, why = "", None, f"timeout after {timeout:.0f} s"
+    found = [json.loads(ln[len(MARK) :]) for ln in stdout.splitlines() if ln.startswith(MARK)]
+    if rc not in (0, None):
+        tail = [ln for ln in (stderr or "").strip().splitlines() if ln.strip()]
+        last = tail[-1].strip() if tail else ""
+        if rc < 0:
+            last = f"killed by signal {-rc} (out of memory?) {last}".strip()
+        why = f"worker failed (rc {rc}): {last}"[:300]
+    return found, why
 
 
 def _fmt(x, nd=2) -> str:
@@ -288,6 +309,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--liger-compile", choices=("on", "off"), default=None,
                     help="torch.compile Liger's CPU chunked losses (Liger's default; costs "
                     "20-40 s per case on 2 cores). Default: on, off for --quick/tiny")  # fmt: skip
+    ap.add_argument("--batch", action="store_true",
+                    help="a subprocess per (op, impl), not per case (CUDA: always)")  # fmt: skip
     ap.add_argument("--no-matmul-rate", action="store_true", help="skip the matmul-rate probe")
     ap.add_argument("--list", action="store_true", help="print presets and impls, then exit")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -298,7 +321,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.worker is not None:
         res = worker(json.loads(args.worker))
-        print(MARK + json.dumps(res), flush=True)
+        if res is not None:
+            print(MARK + json.dumps(res), flush=True)
         return 0
 
     ps = presets()
@@ -344,78 +368,126 @@ def main(argv=None) -> int:
     if not args.no_matmul_rate:
         dts = sorted({c.dtype for c in cases})
         size = 8192 if device == "cuda" else 2048
-        res, why = _spawn(
+        found, why = _spawn(
             {"kind": "matmul", "device": device, "dtypes": dts, "size": size,
              "threads": args.threads},
             timeout=300, interpret=False,
         )  # fmt: skip
-        if res:
-            rates, device_name = res["rates"], res["device_name"]
+        if found:
+            rates, device_name = found[0]["rates"], found[0]["device_name"]
             for dt, r in rates.items():
                 print(f"matmul rate {device_name} {dt} ({size}^3): {r:.2f} TFLOP/s", flush=True)
         else:
             print(f"matmul rate probe failed: {why}", flush=True)
     meta["device_name"] = device_name
 
-    work = []
-    for case in cases:
-        names = impls_mod.IMPLS[case.op]
-        for impl in names:
-            if args.impls is None or impl in args.impls:
-                work.append((case, impl))
+    # (cases, impl) groups, one subprocess each: one case per process on CPU (peak RSS is per
+    # process), all cases of one (op, impl) per process on CUDA (allocator stats reset per case).
+    groups: list[tuple[list[Case], str]] = []
     rows = []
+    for case in cases:
+        for impl in impls_mod.IMPLS[case.op]:
+            if args.impls is not None and impl not in args.impls:
+                continue
+            reason = impls_mod.skip_reason(impl, case, device, preset.interpreter_ok)
+            if reason:
+                base = _base_row(case, impl, meta, args, repeats)
+                rows.append({**base, "mode": "all", "status": "skipped", "reason": reason})
+                print(f"{_label(case, impl)}: skipped ({reason})", flush=True)
+                continue
+            if device == "cuda" or args.batch:
+                for g in groups:
+                    if g[1] == impl and g[0][0].op == case.op:
+                        g[0].append(case)
+                        break
+                else:
+                    groups.append(([case], impl))
+            else:
+                groups.append(([case], impl))
+
+    if device == "cuda":  # the SPEC 4 comparisons first, in case the time runs out
+        order = ("cuda", "triton", "materialized", "liger_jsd_b0", "liger_jsd_b1", "liger_flce",
+                 "cce", "torch_lce", "torch")  # fmt: skip
+        groups.sort(key=lambda g: order.index(g[1]) if g[1] in order else len(order))
+    # A SIGTERM (e.g. from `timeout`) ends the parent through SystemExit, which makes
+    # subprocess.run kill the running worker; rows already written stay.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+
+    path = out_dir / "results.csv"
+    if not (args.append and path.exists()):
+        with open(path, "w", newline="") as f:
+            csv.DictWriter(f, fieldnames=COLUMNS).writeheader()
+    _write(path, rows)  # the skipped rows; each group's rows follow as soon as it ends
     t_all = time.time()
-    for k, (case, impl) in enumerate(work, 1):
-        label = f"[{k}/{len(work)}] {case.op} {impl} N={case.n} D={case.d} V={case.v} {case.dtype}"
-        base = _base_row(case, impl, meta, args, repeats)
-        reason = impls_mod.skip_reason(impl, case, device, preset.interpreter_ok)
-        if reason:
-            rows.append({**base, "mode": "all", "status": "skipped", "reason": reason})
-            print(f"{label}: skipped ({reason})", flush=True)
-            continue
+    for k, (gcases, impl) in enumerate(groups, 1):
         spec = {
-            "kind": "case", "case": asdict(case), "impl": impl, "device": device,
-            "modes": list(modes), "repeats": repeats, "min_repeats": min(2, repeats),
-            "warmup": args.warmup, "max_seconds": max_seconds, "grad_w": not args.frozen_weight,
-            "liger_eager": liger_eager, "threads": args.threads,
+            "kind": "cases", "cases": [asdict(c) for c in gcases], "impl": impl,
+            "device": device, "modes": list(modes), "repeats": repeats,
+            "min_repeats": min(2, repeats), "warmup": args.warmup, "max_seconds": max_seconds,
+            "grad_w": not args.frozen_weight, "liger_eager": liger_eager, "threads": args.threads,
         }  # fmt: skip
         load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
         t0 = time.time()
-        res, why = _spawn(spec, timeout, interpret=(impl == "triton" and device == "cpu"))
-        if res is None:
-            rows.append({**base, "mode": "all", "status": "error", "reason": why,
-                         "load1": _fmt(load)})  # fmt: skip
-            print(f"{label}: ERROR {why}", flush=True)
-            continue
-        parts = []
-        for mode in modes:
-            ts = res["times"][mode]
-            p50 = _percentile(ts, 0.5)
-            flops = impls_mod.matmul_flops(case, mode, not args.frozen_weight)
-            tfl = flops / (p50 * 1e-3) / 1e12 if flops else None
-            rate = rates.get(case.dtype)
-            row = {
-                **base, "mode": mode, "status": "ok", "note": res["note"],
-                "p20_ms": _fmt(_percentile(ts, 0.2), 3), "p50_ms": _fmt(p50, 3),
-                "p80_ms": _fmt(_percentile(ts, 0.8), 3), "peak_mb": _fmt(res["peaks"][mode], 1),
-                "tflops": _fmt(tfl, 4), "matmul_tflops": _fmt(rate, 3),
-                "matmul_frac": _fmt(tfl / rate if tfl and rate else None, 3),
-                "repeats": len(ts), "load1": _fmt(load),
-            }  # fmt: skip
-            rows.append(row)
-            parts.append(f"{mode} {p50:.1f} ms / {_fmt(res['peaks'][mode], 1)} MB")
-        print(f"{label}: {'; '.join(parts)} ({time.time() - t0:.0f} s)", flush=True)
+        interp = impl == "triton" and device == "cpu"
+        found, why = _spawn(spec, timeout * len(gcases), interpret=interp)
+        results = [None] * len(gcases)
+        for r in found:
+            results[r.pop("index")] = r
+        missing = [i for i, r in enumerate(results) if r is None]
+        if missing and len(gcases) > 1 and why and not why.startswith("timeout"):
+            # the process died mid-batch: run the cases it did not finish one by one
+            print(f"[{k}/{len(groups)}] {impl}: worker died ({why}); retrying one by one")
+            for i in missing:
+                f1, w1 = _spawn({**spec, "cases": [asdict(gcases[i])]}, timeout, interp)
+                results[i] = f1[0] if f1 else {"error": w1 or "no result"}
+        results = [r if r is not None else {"error": why or "no result"} for r in results]
+        for case, res1 in zip(gcases, results):
+            new_rows = _case_rows(case, impl, res1, meta, args, repeats, modes, rates, load)
+            _write(path, new_rows)
+            rows += new_rows
+            label = f"[{k}/{len(groups)}] {_label(case, impl)}"
+            if "error" in res1:
+                print(f"{label}: ERROR {res1['error']}", flush=True)
+            else:
+                parts = [f"{m} {_percentile(res1['times'][m], 0.5):.1f} ms / "
+                         f"{_fmt(res1['peaks'][m], 1)} MB" for m in modes]  # fmt: skip
+                print(f"{label}: {'; '.join(parts)} ({time.time() - t0:.0f} s)", flush=True)
 
-    path = out_dir / "results.csv"
-    new = not (args.append and path.exists())
-    with open(path, "w" if new else "a", newline="") as f:
-        wr = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
-        if new:
-            wr.writeheader()
-        wr.writerows(rows)
-    print(f"\nwrote {len(rows)} rows to {path} in {time.time() - t_all:.0f} s")
-    print(summary_table(rows))
+    print(f"\nwrote {len(rows)} rows to {path} in {time.time() - t_all:.0f} s\n")
+    print(report.table(rows))
     return 0 if all(r["status"] != "error" for r in rows) else 1
+
+
+def _write(path: Path, rows: list[dict]) -> None:
+    with open(path, "a", newline="") as f:
+        csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore").writerows(rows)
+
+
+def _label(case: Case, impl: str) -> str:
+    return f"{case.op} {impl} N={case.n} D={case.d} V={case.v} {case.dtype}"
+
+
+def _case_rows(case, impl, res, meta, args, repeats, modes, rates, load) -> list[dict]:
+    base = _base_row(case, impl, meta, args, repeats)
+    if "error" in res:
+        return [{**base, "mode": "all", "status": "error", "reason": res["error"],
+                 "load1": _fmt(load)}]  # fmt: skip
+    rows = []
+    for mode in modes:
+        ts = res["times"][mode]
+        p50 = _percentile(ts, 0.5)
+        flops = impls_mod.matmul_flops(case, mode, not args.frozen_weight)
+        tfl = flops / (p50 * 1e-3) / 1e12 if flops else None
+        rate = rates.get(case.dtype)
+        rows.append({
+            **base, "mode": mode, "status": "ok", "note": res["note"],
+            "p20_ms": _fmt(_percentile(ts, 0.2), 3), "p50_ms": _fmt(p50, 3),
+            "p80_ms": _fmt(_percentile(ts, 0.8), 3), "peak_mb": _fmt(res["peaks"][mode], 1),
+            "tflops": "" if tfl is None else f"{tfl:.4g}", "matmul_tflops": _fmt(rate, 3),
+            "matmul_frac": _fmt(tfl / rate if tfl and rate else None, 3),
+            "repeats": len(ts), "load1": _fmt(load),
+        })  # fmt: skip
+    return rows
 
 
 def _version() -> str:
@@ -439,41 +511,6 @@ def _base_row(case: Case, impl: str, meta: dict, args, repeats: int) -> dict:
         "p20_ms": "", "p50_ms": "", "p80_ms": "", "peak_mb": "", "tflops": "",
         "matmul_tflops": "", "matmul_frac": "", "reason": "", "note": "", "load1": "",
     }  # fmt: skip
-
-
-def summary_table(rows: list[dict], mode: str = "full") -> str:
-    """Markdown table of one mode: time and peak per impl, and the ratio to materialized."""
-    ok = [r for r in rows if r["status"] == "ok" and r["mode"] == mode]
-    if not ok:
-        return f"(no '{mode}' rows)"
-    ref = {
-        (r["op"], r["N"], r["D"], r["V"], r["dtype"], r["shape"]): r
-        for r in ok
-        if r["impl"] == "materialized"
-    }
-    lines = [
-        f"| op | shape | N | D | V | impl | {mode} p50 ms | peak MB | time / mat. | mem / mat. |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in ok:
-        m = ref.get((r["op"], r["N"], r["D"], r["V"], r["dtype"], r["shape"]))
-        tr = mr = ""
-        if m and r["impl"] != "materialized":
-            tr = _ratio(r["p50_ms"], m["p50_ms"])
-            mr = _ratio(r["peak_mb"], m["peak_mb"])
-        lines.append(
-            f"| {r['op']} | {r['shape']} | {r['N']} | {r['D']} | {r['V']} | {r['impl']} | "
-            f"{r['p50_ms']} | {r['peak_mb']} | {tr} | {mr} |"
-        )
-    return "\n".join(lines)
-
-
-def _ratio(a, b) -> str:
-    try:
-        a, b = float(a), float(b)
-    except (TypeError, ValueError):
-        return ""
-    return f"{a / b:.2f}" if b > 0 else ""
 
 
 if __name__ == "__main__":

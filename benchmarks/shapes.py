@@ -107,7 +107,7 @@ def presets() -> dict[str, Preset]:
     # GPU: SPEC section 4 shape (bf16, N=8192, Qwen2.5-VL-7B head) plus the few-rows case,
     # the other heads at N=1024, and the end-to-end step at real size.
     d7, v7, _ = MODELS["qwen2.5-vl-7b"]
-    gs = [(n, d7, v7) for n in (256, 512, 1024, 8192)]
+    gs = [(n, d7, v7) for n in (8192, 256, 512, 1024)]
     gs += [(1024, MODELS[m][0], MODELS[m][1]) for m in ("qwen3-vl-4b", "llava-med-7b")]
     gpu = []
     for n, d, v in gs:

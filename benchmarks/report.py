@@ -1,0 +1,94 @@
+"""Tables from the runner's CSV: ``python -m benchmarks.report DIR [--mode full] [--op ...]``.
+
+One markdown row per (case, impl): p50 time, peak memory, achieved TFLOP/s and its fraction of
+the device's measured matmul rate (SPEC section 4), and time and memory relative to the
+materialized path on the same case. Skipped and failed rows are listed after the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+from pathlib import Path
+
+
+def _f(x) -> float | None:
+    try:
+        return float(x)
+    except (TypeError, ValueError):
+        return None
+
+
+def _ratio(a, b) -> str:
+    a, b = _f(a), _f(b)
+    return f"{a / b:.2f}" if a is not None and b else ""
+
+
+def _case_key(r: dict) -> tuple:
+    return (r["op"], r["device"], r["dtype"], r["N"], r["D"], r["V"], r.get("shape", ""),
+            r.get("seq", ""))  # fmt: skip
+
+
+def table(rows: list[dict], mode: str = "full", ops=None, skipped: bool = True) -> str:
+    """Markdown table of one mode (latest row per case and impl)."""
+    ok: dict[tuple, dict] = {}
+    for r in rows:
+        if r["status"] == "ok" and r["mode"] == mode and (not ops or r["op"] in ops):
+            ok[(*_case_key(r), r["impl"])] = r
+    lines = [
+        f"| op | shape | N | D | V | dtype | impl | {mode} p50 ms | peak MB | TFLOP/s "
+        "| of matmul | time / mat. | mem / mat. |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    ref = {_case_key(r): r for r in ok.values() if r["impl"] == "materialized"}
+    for r in ok.values():
+        m = ref.get(_case_key(r))
+        tr = mr = ""
+        if m is not None and r["impl"] != "materialized":
+            tr, mr = _ratio(r["p50_ms"], m["p50_ms"]), _ratio(r["peak_mb"], m["peak_mb"])
+        frac = _f(r.get("matmul_frac"))
+        lines.append(
+            f"| {r['op']} | {r.get('shape', '')} | {r['N']} | {r['D']} | {r['V']} | {r['dtype']} "
+            f"| {r['impl']} | {r['p50_ms']} | {r['peak_mb']} | {r.get('tflops', '')} "
+            f"| {'' if frac is None else f'{100 * frac:.0f}%'} | {tr} | {mr} |"
+        )
+    if len(lines) == 2:
+        lines = [f"(no '{mode}' rows)"]
+    if skipped:
+        seen = set()
+        for r in rows:
+            if r["status"] in ("skipped", "error") and (not ops or r["op"] in ops):
+                k = (r["op"], r["impl"], r["status"], r.get("reason", ""))
+                if k not in seen:
+                    seen.add(k)
+                    lines.append(f"- {r['op']} / {r['impl']}: {r['status']}: {r.get('reason')}")
+    return "\n".join(lines)
+
+
+def read(dir_or_file: Path) -> list[dict]:
+    paths = [dir_or_file] if dir_or_file.is_file() else sorted(dir_or_file.glob("*.csv"))
+    rows = []
+    for p in paths:
+        with open(p, newline="") as f:
+            rows += list(csv.DictReader(f))
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.report", description=__doc__)
+    ap.add_argument("path", help="a results directory or CSV file")
+    ap.add_argument("--mode", default="full")
+    ap.add_argument("--op", nargs="+", default=None)
+    ap.add_argument("--no-skipped", action="store_true")
+    args = ap.parse_args(argv)
+    rows = read(Path(args.path))
+    if not rows:
+        print(f"no rows in {args.path}", file=sys.stderr)
+        return 1
+    print(table(rows, args.mode, args.op, skipped=not args.no_skipped))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
