@@ -235,12 +235,36 @@ def test_bad_data_is_counted_not_fatal(tmp_path, prefs, llava):
         _trainer(_cfg(tmp_path, str(path)), llava).train()
 
 
-@pytest.mark.parametrize("name", ["tiny-qwen2-vl", "tiny-qwen2.5-vl"])
+@pytest.mark.parametrize("name", ["tiny-qwen2-vl", "tiny-qwen2.5-vl", "tiny-qwen3-vl"])
 def test_qwen_models_train(tmp_path, prefs, name):
+    import transformers
+
+    if name == "tiny-qwen3-vl" and not hasattr(transformers, "Qwen3VLConfig"):
+        pytest.skip("no Qwen3-VL in this transformers")
     cfg = _cfg(tmp_path, prefs, model=name, max_steps=1, gradient_checkpointing=True)
     summary = Trainer(cfg).train()
     row = summary["last_metrics"]
     assert row["loss/rank"] == pytest.approx(0.693147, abs=1e-5) and row["grad_norm"] > 0
+
+
+def test_dpo_preset_uses_response_mask_and_no_corrupt_passes(tmp_path, prefs, llava):
+    tr = _trainer(_cfg(tmp_path, prefs, preset="dpo", micro_batch_size=8, max_steps=1), llava)
+    tr.load()
+    tr.load_data()
+    assert (tr.loss_fn.gamma, tr.loss_fn.alpha) == (0.0, 0.0)
+    (b,) = tr.encode(0)
+    assert b["n_seq"] == 2 and b["input_ids"].shape[0] == 16  # (v', ·) never encoded
+    row = tr.train_step(0)
+    assert "visual/loss" not in row
+    # logps/chosen sums over every response token (eos included), not just the span.
+    n = b["batch_size"]
+    with torch.no_grad():
+        tr2 = _trainer(_cfg(tmp_path, prefs, preset="dpo"), llava)
+        tr2.load()
+        logits = tr2.model(**tr2._model_inputs(b)).logits[:n].double()
+    t, m = b["targets"][:n], b["response_mask"][:n].double()
+    lp = torch.log_softmax(logits, -1).gather(-1, t.clamp(min=0)[..., None])[..., 0]
+    assert row["logps/chosen"] == pytest.approx(float((lp * m).sum(-1).mean()), rel=1e-5)
 
 
 def test_cli_tiny_config(tmp_path):
