@@ -34,11 +34,18 @@ dW[tile, chunk] += G^T h[rows, chunk] / T, accumulated with fp32 ``tl.atomic_add
 buffers (as Cut Cross-Entropy does). Nothing of size rows x V ever exists; dW is skipped entirely
 when the weight needs no gradient (LoRA), and so is every other gradient nobody asked for.
 
+The atomics are the price of never holding G: dh receives V / BLOCK_V adds per element and dW
+N / BLOCK_N; each program does 2-3 tile matmuls per atomic tile it adds, which is why the tiles are
+as large as registers allow without spilling. (Not yet timed on a GPU: the alternative without
+atomics writes G for a chunk of rows and uses two GEMMs.)
+
 Offsets are int64 (row * stride exceeds 2^31 at V = 152064, N = 16384); every load is masked, so
-any N, V, D works. GPU block sizes come from one small explicit table (no autotuning); under
-TRITON_INTERPRET=1 (how CI runs these kernels on CPU) larger vocabulary tiles keep the
-interpreter fast. fp32 inputs use IEEE fp32 dots (no TF32), bf16/fp16 inputs use tensor cores
-with fp32 accumulation.
+any N, V, D works. GPU block sizes come from one small explicit table, GPU_CONFIGS (no
+autotuning); the tests compile every entry ahead of time for sm_80 and sm_90 and check that none
+spills registers and that 16-bit inputs use mma / wgmma. fp32 inputs use IEEE fp32 dots (exact,
+no TF32; FMA, so smaller tiles); bf16/fp16 inputs use tensor cores with fp32 accumulation. Under
+TRITON_INTERPRET=1 (how CI runs these kernels on CPU) large vocabulary tiles keep the interpreter
+fast: it pays per operation, not per element.
 """
 
 from __future__ import annotations
@@ -90,15 +97,16 @@ class KernelConfig(NamedTuple):
 
 # The shipped GPU configurations, one line each (no autotuning). The tests compile every entry
 # ahead of time for sm_80 and sm_90 (for each kernel variant it serves) and check that nothing
-# spills and that 16-bit inputs use tensor cores (mma / wgmma). fp32 inputs use IEEE dots (FMA,
-# exact to fp32), which need smaller tiles; ptxas spills the log-prob-only forward with 2 stages.
+# spills and that 16-bit inputs use tensor cores (mma / wgmma); all entries were checked spill-free
+# with triton 3.6.0 and 3.7.1. fp32 inputs use IEEE dots (FMA, exact to fp32), which need smaller
+# tiles and fewer stages (with 2 stages ptxas spills the log-prob forward and the fp32 backward).
 GPU_CONFIGS = {
     "fwd_few_rows": KernelConfig(64, 128, 64, 8, 3),  # bf16/fp16, N <= _FEW_ROWS
     "fwd": KernelConfig(128, 64, 64, 8, 3),  # bf16/fp16, many rows
     "bwd": KernelConfig(64, 128, 32, 8, 3),  # bf16/fp16
     "fwd_fp32": KernelConfig(64, 64, 32, 8, 2),
     "fwd_fp32_logprob": KernelConfig(64, 64, 32, 8, 1),
-    "bwd_fp32": KernelConfig(64, 64, 16, 8, 2),
+    "bwd_fp32": KernelConfig(64, 64, 16, 8, 1),
 }
 # Rows at or below which the 16-bit forward uses the smaller row block (more programs per row).
 _FEW_ROWS = 1024
@@ -183,9 +191,10 @@ if triton is not None:
         sr = tl.zeros((BLOCK_N,), dtype=tl.float32)
         a = tl.zeros((BLOCK_N,), dtype=tl.float32)
         b = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        t0 = pid_s * tiles_per_split
-        t1 = tl.minimum(t0 + tiles_per_split, tl.cdiv(V, BLOCK_V))
-        for t in range(t0, t1):
+        # The last split may own fewer real tiles; its extra tiles are fully masked (they change
+        # nothing) and cost no wall time, since the other programs run as many iterations.
+        for i in range(0, tiles_per_split):
+            t = pid_s * tiles_per_split + i
             cols = (t * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
             col_ok = cols < V
             z, zr = _tile_logits(
@@ -210,15 +219,20 @@ if triton is not None:
                 b = b * alpha_r - tl.sum(er * diff, axis=1)
                 mr = mr_new
             m = m_new
-        out = part_ptr + rows * n_splits + pid_s
-        plane = N * n_splits
+        out = part_ptr + rows * n_splits + pid_s  # rows is int64
+        plane = N * n_splits  # one statistic's (N, n_splits) plane; step plane by plane
         tl.store(out, m, mask=row_ok)
-        tl.store(out + plane, s, mask=row_ok)
+        out += plane
+        tl.store(out, s, mask=row_ok)
         if HAS_REF:
-            tl.store(out + 2 * plane, mr, mask=row_ok)
-            tl.store(out + 3 * plane, sr, mask=row_ok)
-            tl.store(out + 4 * plane, a, mask=row_ok)
-            tl.store(out + 5 * plane, b, mask=row_ok)
+            out += plane
+            tl.store(out, mr, mask=row_ok)
+            out += plane
+            tl.store(out, sr, mask=row_ok)
+            out += plane
+            tl.store(out, a, mask=row_ok)
+            out += plane
+            tl.store(out, b, mask=row_ok)
 
     @triton.jit
     def _bwd_kernel(

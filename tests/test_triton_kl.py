@@ -146,6 +146,18 @@ def test_backward_every_gradient_flag(mode, need):
 
 
 @needs_triton
+def test_backward_many_row_blocks_grouped_order():
+    """More row blocks than one program group (GROUP_N), with a partial last group."""
+    n = 16 * (triton_kl._BWD_GROUP_N + 2) - 5
+    h, hr, w, wr = _inputs(n, 20, 150, 24, shared=False)
+    stats = triton_kl.forward(h, hr, w, wr, 1.0, splits=2, config=TINY)
+    _check_forward(stats, torch_impl.forward(*_f64((h, hr, w, wr)), 1.0), 2e-6, "[groups] ")
+    gs = _grads_in(n, True)
+    need = (True, True, True, True)
+    _check_backward((h, hr, w, wr, 1.0), stats, gs, need, 1e-5, "[groups] ", config=TINY)
+
+
+@needs_triton
 def test_backward_none_incoming_gradients_are_zero():
     """g_fkl / g_rkl / g_lpr may be None (= zero), as the contract says."""
     n, d, v = 17, 24, 301
