@@ -139,6 +139,12 @@ def _launch_context(device: torch.device):
     return torch.cuda.device(device), torch.cuda.current_stream(device).cuda_stream
 
 
+def _check_dtypes(h: Tensor, *others: Tensor | None) -> None:
+    for name, x in zip(("hr", "w", "wr"), others):
+        if x is not None and x.dtype != h.dtype:
+            raise TypeError(f"impl 'cuda': {name} has dtype {x.dtype} but h has {h.dtype}")
+
+
 def _check_device(x: Tensor) -> None:
     if x.device.type != "cuda":
         raise RuntimeError(f"impl 'cuda' needs CUDA tensors, got a tensor on {x.device}")
@@ -151,6 +157,7 @@ def _fwd_impl(h, hr, w, wr, temperature: float, splits: int) -> tuple[Tensor, ..
     if ext is None:
         raise RuntimeError(f"fgpo_kernels._C is not importable: {_IMPORT_ERROR}")
     _check_device(h)
+    _check_dtypes(h, hr, w, wr)
     n, v = h.shape[0], w.shape[0]
     f32 = dict(dtype=torch.float32, device=h.device)
     kl = hr is not None
@@ -179,6 +186,7 @@ def _bwd_impl(
     if ext is None:
         raise RuntimeError(f"fgpo_kernels._C is not importable: {_IMPORT_ERROR}")
     _check_device(h)
+    _check_dtypes(h, hr, w, wr)
     kl, shared = hr is not None, wr is None
     n, d, v = h.shape[0], h.shape[1], w.shape[0]
     dr = hr.shape[1] if kl else 0

@@ -344,18 +344,36 @@ def test_emulated_gradient_subsets(emulated_cuda):
 
 
 def test_emulated_public_api_within_2x_of_pytorch(emulated_cuda):
-    """token_kl(impl="cuda") end to end (autograd, custom ops) vs the float64 definition."""
+    """token_kl(impl="cuda") end to end (autograd, custom ops) vs the float64 definition: error
+    within 2x of the materialized path run in bf16 (+ small atol), as SPEC section 4 asks."""
     import math
 
-    from conftest import rel_err
-    from test_token_kl import _materialized_error, make_case, run
+    import fgpo_kernels as fk
 
     _, torch = emulated_cuda
-    case = make_case(lead=(3, 9), d=40, v=300, dtype=torch.bfloat16, mask="weights")
-    grads = ("h", "hr", "w")
-    ref, base = _materialized_error(case, torch.bfloat16, grads, temperature=0.8)
-    got = run(case, "cuda", grads=grads, temperature=0.8)
+    g = torch.Generator().manual_seed(11)
+    lead, d, v = (3, 9), 40, 300
+    h = torch.randn(*lead, d, generator=g, dtype=torch.float64)
+    hr = h + 0.3 * torch.randn(*lead, d, generator=g, dtype=torch.float64)
+    w = torch.randn(v, d, generator=g, dtype=torch.float64) * (3 / math.sqrt(d))
+    tgt = torch.randint(0, v, lead, generator=g)
+    tgt[0, :2] = -100
+    mask = torch.where(torch.rand(lead, generator=g) < 0.3, 5.0, 1.0).double()
+    mask[1, 3] = 0.0
+    h, hr, w = (x.bfloat16() for x in (h, hr, w))
+
+    def run(impl, dtype):
+        hh, hhr, ww = (x.detach().to(dtype).clone().requires_grad_() for x in (h, hr, w))
+        o = fk.token_kl(hh, hhr, ww, mask=mask, targets=tgt, temperature=0.8, impl=impl)
+        (o.loss + 0.5 * o.policy_logps.sum() - 0.3 * o.ref_logps.sum()).backward()
+        vals = {"loss": o.loss, "fkl": o.forward_kl, "rkl": o.reverse_kl, "lp": o.policy_logps,
+                "lpr": o.ref_logps, "dh": hh.grad, "dhr": hhr.grad, "dw": ww.grad}  # fmt: skip
+        return {k: x.detach().double() for k, x in vals.items()}
+
+    ref = run("reference", torch.float64)
+    low = run("reference", torch.bfloat16)
+    got = run("cuda", torch.bfloat16)
     for k, r in ref.items():
-        e = rel_err(got[k], r)
-        assert math.isfinite(e)
-        assert e <= 2 * base[k] + 1e-3, f"{k}: {e:.3e} vs pytorch {base[k]:.3e}"
+        e, e0 = _rel(torch, got[k], r), _rel(torch, low[k], r)
+        assert math.isfinite(e), k
+        assert e <= 2 * e0 + 1e-3, f"{k}: {e:.3e} vs materialized bf16 {e0:.3e}"
