@@ -18,8 +18,10 @@ Modes (each in a FRESH subprocess so no mode sees another's allocations):
 - ``ours``: ``fgpo_kernels.FiReMPOLoss(impl=...)`` (one fused pass over the masked rows).
 
 Memory = the process's peak resident set during the step minus its resident set just before it
-(``VmHWM`` is reset through ``/proc/self/clear_refs`` first). It includes the gradients the step
-produces (the hidden-state grads; plus the ``(V, D)`` weight grad with ``--weight-grad``).
+(``VmHWM`` is reset through ``/proc/self/clear_refs`` first). Time is wall-clock (forward,
+backward, total) and the process's CPU time (user + system, all threads: steadier than wall
+time on a shared machine). Memory includes the gradients the step produces (the hidden-state
+grads; plus the ``(V, D)`` weight grad with ``--weight-grad``).
 """
 
 from __future__ import annotations
@@ -114,22 +116,23 @@ def worker(args) -> dict:
     gc.collect()
     rss0 = _rss_kib("VmRSS")
     _reset_peak()
-    t0 = time.perf_counter()
+    c0, t0 = time.process_time(), time.perf_counter()
     if args.mode == "ours":
         loss = loss_fn(w, chosen, rejected, cc, rc, has_corrupt=hc).loss
     else:
         loss = materialized_loss(w, seqs, hc, cfg, args.mode == "materialized_masked")
     t1 = time.perf_counter()
     loss.backward()
-    t2 = time.perf_counter()
+    t2, c2 = time.perf_counter(), time.process_time()
     peak = _rss_kib("VmHWM")
     return dict(
         mode=args.mode, impl=args.impl if args.mode == "ours" else "-", B=args.b,
         seq_len=args.seq_len, masked=args.masked, D=args.d, V=args.v,
         weight_grad=args.weight_grad, threads=torch.get_num_threads(),
         loss=float(loss.detach()), fwd_s=round(t1 - t0, 3), bwd_s=round(t2 - t1, 3),
-        total_s=round(t2 - t0, 3), peak_extra_mib=round((peak - rss0) / 1024, 1),
-        rss_before_mib=round(rss0 / 1024, 1), load1=os.getloadavg()[0],
+        total_s=round(t2 - t0, 3), cpu_s=round(c2 - c0, 3),
+        peak_extra_mib=round((peak - rss0) / 1024, 1), rss_before_mib=round(rss0 / 1024, 1),
+        load1=os.getloadavg()[0],
         chunk_elems=os.environ.get("FGPO_TORCH_CHUNK_ELEMS", "default"),
     )  # fmt: skip
 
@@ -169,7 +172,8 @@ def main(argv=None) -> int:
         rows.append(row)
         print(
             f"{mode:20s} loss={row['loss']:.6f} fwd={row['fwd_s']:.2f}s bwd={row['bwd_s']:.2f}s "
-            f"total={row['total_s']:.2f}s peak_extra={row['peak_extra_mib']:.0f} MiB "
+            f"total={row['total_s']:.2f}s cpu={row['cpu_s']:.1f}s "
+            f"peak_extra={row['peak_extra_mib']:.0f} MiB "
             f"(load1 {row['load1']:.1f})",
             flush=True,
         )

@@ -270,7 +270,7 @@ class FiReMPOLoss(torch.nn.Module):
             wr = weight.detach()  # the reference is frozen even when the head is trained
         elif wr is not None:
             wr = wr.detach()
-        out = token_kl(
+        out = _fused_token_kl(
             torch.cat(h_parts),
             torch.cat(hr_parts),
             weight,
@@ -363,6 +363,18 @@ class FiReMPOLoss(torch.nn.Module):
             raise ValueError(f"has_corrupt is on {has_corrupt.device}, hidden states on {device}")
         hc = has_corrupt.detach()
         return hc if hc.dtype.is_floating_point else hc.float()
+
+
+@torch.compiler.disable
+def _fused_token_kl(*args, **kwargs):
+    """``token_kl``, always run eagerly: under ``torch.compile`` the step is compiled around it.
+
+    The op selects rows by data (``nonzero``) and its impls launch their own kernels; Dynamo
+    cannot trace the Triton interpreter's Python (TRITON_INTERPRET=1) nor gains anything from
+    tracing a call that is one opaque fused kernel per direction, so it is kept out of the graph.
+    Autograd still connects the compiled pieces through it.
+    """
+    return token_kl(*args, **kwargs)
 
 
 def _why_needed(name: str, loss: FiReMPOLoss) -> str:

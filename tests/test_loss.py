@@ -483,9 +483,10 @@ def test_bad_inputs_raise_clear_errors():
 # ---------------------------------------------------------------- torch.compile
 
 
-def test_torch_compile_matches_eager():
+@pytest.mark.parametrize("impl", [p for p in IMPLS if p.id in ("torch", "triton", "cuda")])
+def test_torch_compile_matches_eager(impl):
     batch = make_batch(b=2, seq_len=7, d=24, v=257)
-    loss_fn = FiReMPOLoss(impl="torch", alpha=0.2, gamma=0.3)
+    loss_fn = FiReMPOLoss(impl=impl, alpha=0.2, gamma=0.3)
 
     def step(w, c, r, cc, rc, hc):
         out = loss_fn(w, c, r, cc, rc, has_corrupt=hc)
