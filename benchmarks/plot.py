@@ -98,8 +98,11 @@ def plot_sweep(key, lines, out_dir: Path, plt) -> Path:
         if mem:
             ax_m.plot([m[0] for m in mem], [max(m[1], 0.1) for m in mem], ls, color=color,
                       marker=marker, label=impl)  # fmt: skip
+    xs_all = sorted({p[0] for pts in lines.values() for p in pts})
     for ax, ylab in ((ax_t, f"{mode} time, p50 (ms)"), (ax_m, "peak extra memory (MB)")):
         ax.set_xscale("log", base=2)
+        ax.set_xticks(xs_all, [str(x) for x in xs_all])
+        ax.minorticks_off()
         ax.set_yscale("log")
         ax.set_xlabel(x_name)
         ax.set_ylabel(ylab)

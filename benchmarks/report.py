@@ -66,6 +66,35 @@ def table(rows: list[dict], mode: str = "full", ops=None, skipped: bool = True) 
     return "\n".join(lines)
 
 
+def spec_verdict(rows: list[dict]) -> str:
+    """SPEC section 4 (CPU): token_kl fwd+bwd at N=4096, D=512, V=32000, fp32, impl torch:
+    peak extra memory <= 10% of the materialized path's, time <= the materialized path's."""
+    pick = {}
+    for r in rows:
+        if (r["op"], r["N"], r["D"], r["V"], r["dtype"], r["mode"], r["status"]) == (
+            "token_kl",
+            "4096",
+            "512",
+            "32000",
+            "float32",
+            "full",
+            "ok",
+        ) and r["device"] == "cpu":
+            pick[r["impl"]] = r
+    if "torch" not in pick or "materialized" not in pick:
+        return "SPEC 4 CPU check: needs ok 'full' rows of torch and materialized (preset spec)"
+    t, m = pick["torch"], pick["materialized"]
+    tr = _f(t["p50_ms"]) / _f(m["p50_ms"])
+    mr = _f(t["peak_mb"]) / _f(m["peak_mb"])
+    ok_t, ok_m = tr <= 1.0, mr <= 0.10
+    return (
+        f"SPEC 4 CPU check (token_kl fwd+bwd, N=4096 D=512 V=32000 fp32): torch "
+        f"{t['p50_ms']} ms / {t['peak_mb']} MB vs materialized {m['p50_ms']} ms / "
+        f"{m['peak_mb']} MB -> time x{tr:.2f} ({'PASS' if ok_t else 'FAIL'}: <= 1), "
+        f"memory x{mr:.3f} ({'PASS' if ok_m else 'FAIL'}: <= 0.10)"
+    )
+
+
 def read(dir_or_file: Path) -> list[dict]:
     paths = [dir_or_file] if dir_or_file.is_file() else sorted(dir_or_file.glob("*.csv"))
     rows = []
@@ -87,6 +116,8 @@ def main(argv=None) -> int:
         print(f"no rows in {args.path}", file=sys.stderr)
         return 1
     print(table(rows, args.mode, args.op, skipped=not args.no_skipped))
+    if any(r["N"] == "4096" and r["V"] == "32000" and r["D"] == "512" for r in rows):
+        print("\n" + spec_verdict(rows))
     return 0
 
 

@@ -347,7 +347,7 @@ def main(argv=None) -> int:
     modes = tuple(args.modes or preset.modes)
     repeats = args.repeats or preset.repeats
     quick = preset.name in ("quick", "tiny")
-    max_seconds = args.max_seconds or (2.0 if quick else 30.0)
+    max_seconds = args.max_seconds or (2.0 if quick else 20.0)
     liger_eager = (args.liger_compile or ("off" if quick else "on")) == "off"
     timeout = args.case_timeout or (300.0 if quick else 900.0)
     if device == "cuda":  # a GPU run of the CPU presets: same shapes, device dtype as given
@@ -423,7 +423,8 @@ def main(argv=None) -> int:
         spec = {
             "kind": "cases", "cases": [asdict(c) for c in gcases], "impl": impl,
             "device": device, "modes": list(modes), "repeats": repeats,
-            "min_repeats": min(2, repeats), "warmup": args.warmup, "max_seconds": max_seconds,
+            "min_repeats": min(2 if quick else 3, repeats), "warmup": args.warmup,
+            "max_seconds": max_seconds,
             "grad_w": not args.frozen_weight, "liger_eager": liger_eager, "threads": args.threads,
         }  # fmt: skip
         load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
@@ -455,6 +456,8 @@ def main(argv=None) -> int:
 
     print(f"\nwrote {len(rows)} rows to {path} in {time.time() - t_all:.0f} s\n")
     print(report.table(rows))
+    if preset.name == "spec":
+        print("\n" + report.spec_verdict(rows))
     return 0 if all(r["status"] != "error" for r in rows) else 1
 
 
