@@ -78,6 +78,8 @@ class TrainConfig:
     """``error``: malformed ``<mask>`` tags stop before training; ``skip``: count and skip."""
     cache_examples: bool = False
     """Keep encoded examples in memory (small sets, many epochs)."""
+    prefetch: bool = True
+    """Encode the next step's batch in a background thread while the current one computes."""
     generate_tiny_data: int = 0
     """If > 0 and ``train_file`` does not exist, write that many synthetic records there."""
 

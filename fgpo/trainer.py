@@ -26,6 +26,7 @@ import json
 import math
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -325,10 +326,13 @@ class Trainer:
             ref_weight=w_ref,
         )
 
-    def train_step(self, step: int) -> dict[str, Any]:
-        """One optimizer step over the global batch; returns the step's metrics row."""
+    def train_step(self, step: int, micro: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        """One optimizer step over the global batch; returns the step's metrics row.
+
+        ``micro`` are the step's micro-batches when already encoded (prefetched).
+        """
         t0 = time.perf_counter()
-        micro = self.encode(step)
+        micro = self.encode(step) if micro is None else micro
         scale = self.world / self.cfg.global_batch_size  # DDP averages over the world
         sums: dict[str, float] = {}
         counts: dict[str, float] = {}
@@ -548,10 +552,17 @@ class Trainer:
         every = self.cfg.save_steps
         last_saved = start if resume else -1
         done = start
+        # Encoding (image decode + preprocessing) of step s+1 overlaps the compute of step s;
+        # it is a pure function of the step, so prefetching changes nothing else.
+        pool = ThreadPoolExecutor(1) if self.cfg.prefetch and end > start else None
+        nxt = pool.submit(self.encode, start) if pool is not None else None
         try:
             for step in range(start, end):
                 rng_at_step = ckpt.rng_state()
-                row = self.train_step(step)
+                micro = nxt.result() if nxt is not None else None
+                if pool is not None and step + 1 < end:
+                    nxt = pool.submit(self.encode, step + 1)
+                row = self.train_step(step, micro)
                 done = step + 1
                 if (step + 1) % max(self.cfg.log_steps, 1) == 0 or step + 1 == end:
                     self.log(row)
@@ -572,6 +583,8 @@ class Trainer:
                 self.save(done)
             raise
         finally:
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
             if bar is not None:
                 bar.close()
             if self.is_main:
