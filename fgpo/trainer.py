@@ -93,6 +93,12 @@ class Trainer:
     ) -> None:
         if (model is None) != (processor is None):
             raise ValueError("pass both model and processor, or neither")
+        if processor is not None and not hasattr(processor, "encode_prompt"):
+            raise TypeError(
+                f"processor must be a fgpo.models.VLProcessor, got {type(processor).__name__}; "
+                "build one with fgpo.models.processor_for_config(model.config, tokenizer, "
+                "image_processor)"
+            )
         self.cfg = cfg
         if cfg.cpu_threads:
             torch.set_num_threads(int(cfg.cpu_threads))

@@ -74,6 +74,35 @@ def _trainable(tr: Trainer) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in tr.trainable.items()}
 
 
+def test_lora_language_model_only_and_reference_context(llava):
+    base, proc = llava
+    pm = models.apply_lora(copy.deepcopy(base), TrainConfig(lora_r=4, lora_alpha=8))
+    names = [n for n, p in pm.named_parameters() if p.requires_grad]
+    assert names and all("language_model" in n and "lora_" in n for n in names)
+    assert pm.peft_config["default"].use_rslora and pm.peft_config["default"].r == 4
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.normal_()  # make the adapters matter
+    from PIL import Image
+
+    ids, img = proc.encode_prompt(Image.new("RGB", (28, 28)), "which side ?")
+    x = torch.tensor([ids])
+    inputs = dict(input_ids=x, attention_mask=torch.ones_like(x), **img)
+    want = models.backbone_hidden_states(base, **inputs)
+    with models.reference_context(pm) as ref:
+        got = models.backbone_hidden_states(ref, **inputs)
+        assert not got.requires_grad
+    torch.testing.assert_close(got, want)
+    assert not torch.allclose(models.backbone_hidden_states(pm, **inputs), want)
+    assert models.lm_head_weight(pm) is models.lm_head_weight(pm.get_base_model())
+
+
+def test_trainer_rejects_a_hub_processor(tmp_path, prefs, llava):
+    with pytest.raises(TypeError, match="VLProcessor"):
+        Trainer(_cfg(tmp_path, prefs), model=llava[0], processor=llava[1].tokenizer)
+
+
 def test_first_step_matches_materialized_logits(tmp_path, prefs, llava):
     """At LoRA init policy == reference: rank loss = log 2, KL = 0, and the logged log-probs
     equal Σ_span log softmax(model(...).logits) at the shifted targets (alignment end to end)."""
