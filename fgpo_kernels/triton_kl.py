@@ -50,6 +50,7 @@ fast: it pays per operation, not per element.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import NamedTuple
 
@@ -439,6 +440,11 @@ def _prepare(h, hr, w, wr):
     return h, hr, w, wr
 
 
+def _on_device(x: Tensor):
+    """Launch on the tensors' GPU, not whichever one is current."""
+    return torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()
+
+
 def _launch_opts(cfg: KernelConfig) -> dict:
     return {} if _interpreting() else {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
 
@@ -459,14 +465,15 @@ def forward(h, hr, w, wr, temperature, *, splits: int | None = None, config=None
     s = triton.cdiv(n_tiles, tiles_per_split)  # every split owns at least one tile
     part = torch.empty((6 if has_ref else 2, n, s), dtype=torch.float32, device=h.device)
     hr_, wr_ = (hr if has_ref else h), (w if shared else wr)
-    _fwd_kernel[(n_row_blocks, s)](
-        h, hr_, w, wr_, part,
-        n, v, d, dr, h.stride(0), hr_.stride(0), w.stride(0), wr_.stride(0),
-        1.0 / temperature, tiles_per_split, s,
-        BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
-        HAS_REF=has_ref, SHARED=shared, PREC=_PREC[h.dtype], PREC_R=_PREC[hr_.dtype],
-        **_launch_opts(cfg),
-    )  # fmt: skip
+    with _on_device(h):
+        _fwd_kernel[(n_row_blocks, s)](
+            h, hr_, w, wr_, part,
+            n, v, d, dr, h.stride(0), hr_.stride(0), w.stride(0), wr_.stride(0),
+            1.0 / temperature, tiles_per_split, s,
+            BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
+            HAS_REF=has_ref, SHARED=shared, PREC=_PREC[h.dtype], PREC_R=_PREC[hr_.dtype],
+            **_launch_opts(cfg),
+        )  # fmt: skip
     lse = _merge(part[0], part[1])
     if not has_ref:
         return lse, None, None, None
@@ -519,15 +526,16 @@ def backward(
     hr_, wr_ = (hr if has_ref else h), (w if shared else wr)
     dummy = stats  # stands in for the gradient buffers nobody asked for (never touched)
     grid = (triton.cdiv(n, cfg.block_n) * triton.cdiv(v, cfg.block_v),)
-    _bwd_kernel[grid](
-        h, hr_, w, wr_, stats,
-        dummy if dh is None else dh, dummy if dhr is None else dhr,
-        dummy if dw is None else dw, dummy if dwr is None else dwr,
-        n, v, d, dr, h.stride(0), hr_.stride(0), w.stride(0), wr_.stride(0),
-        1.0 / temperature,
-        BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d, GROUP_N=_BWD_GROUP_N,
-        HAS_REF=has_ref, SHARED=shared, PREC=_PREC[h.dtype], PREC_R=_PREC[hr_.dtype],
-        DO_DH=need_h, DO_DW=need_w, DO_DHR=need_hr, DO_DWR=need_wr,
-        **_launch_opts(cfg),
-    )  # fmt: skip
+    with _on_device(h):
+        _bwd_kernel[grid](
+            h, hr_, w, wr_, stats,
+            dummy if dh is None else dh, dummy if dhr is None else dhr,
+            dummy if dw is None else dw, dummy if dwr is None else dwr,
+            n, v, d, dr, h.stride(0), hr_.stride(0), w.stride(0), wr_.stride(0),
+            1.0 / temperature,
+            BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d, GROUP_N=_BWD_GROUP_N,
+            HAS_REF=has_ref, SHARED=shared, PREC=_PREC[h.dtype], PREC_R=_PREC[hr_.dtype],
+            DO_DH=need_h, DO_DW=need_w, DO_DHR=need_hr, DO_DWR=need_wr,
+            **_launch_opts(cfg),
+        )  # fmt: skip
     return dh, dhr, dw, dwr

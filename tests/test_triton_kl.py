@@ -202,6 +202,21 @@ def test_nan_row_stays_in_its_row():
     assert torch.isfinite(torch.stack([lse, lser, fkl, rkl])[:, others]).all()
 
 
+def test_probe_says_why_when_unusable(monkeypatch):
+    pytest.importorskip("triton")
+    from fgpo_kernels import triton_kl as tk
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    st = tk.probe()
+    assert not st["available"] and "CUDA" in st["reason"] and "TRITON_INTERPRET" in st["reason"]
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert tk.probe()["available"]
+    monkeypatch.setattr(tk, "triton", None)
+    st = tk.probe()
+    assert not st["available"] and "triton" in st["reason"]
+
+
 def test_split_choice_fills_the_gpu(monkeypatch):
     pytest.importorskip("triton")
     from fgpo_kernels import triton_kl as tk
