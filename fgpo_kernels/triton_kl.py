@@ -71,6 +71,15 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def _old_interpreter() -> bool:
+    import numpy as np
+
+    def major_minor(v: str) -> tuple:
+        return tuple(int(p) for p in v.split(".")[:2] if p.isdigit())
+
+    return major_minor(triton.__version__) < (3, 7) and major_minor(np.__version__) >= (2,)
+
+
 def probe() -> dict:
     if triton is None:
         return {
@@ -83,6 +92,13 @@ def probe() -> dict:
             "available": False,
             "built": True,
             "reason": "no CUDA device (set TRITON_INTERPRET=1 to run on CPU tensors)",
+        }
+    if _interpreting() and _old_interpreter():
+        return {
+            "available": False,
+            "built": True,
+            "reason": f"triton {triton.__version__}'s interpreter cannot run loops with runtime "
+            "bounds under numpy 2 (needs triton >= 3.7 to run on CPU)",
         }
     mode = "interpreter (TRITON_INTERPRET=1)" if _interpreting() else "CUDA"
     return {"available": True, "built": True, "reason": f"triton {triton.__version__}, {mode}"}
@@ -109,7 +125,7 @@ GPU_CONFIGS = {
     "fwd_fp32_logprob": KernelConfig(64, 64, 32, 8, 1),
     "bwd_fp32": KernelConfig(64, 64, 16, 8, 1),
 }
-# Rows at or below which the 16-bit forward uses the smaller row block (more programs per row).
+# Rows at or below which the 16-bit forward uses the smaller row block (less padding).
 _FEW_ROWS = 1024
 _BWD_GROUP_N = 8
 

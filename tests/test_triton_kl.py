@@ -211,6 +211,10 @@ def test_probe_says_why_when_unusable(monkeypatch):
     st = tk.probe()
     assert not st["available"] and "CUDA" in st["reason"] and "TRITON_INTERPRET" in st["reason"]
     monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(tk, "_old_interpreter", lambda: True)
+    st = tk.probe()
+    assert not st["available"] and ">= 3.7" in st["reason"]
+    monkeypatch.setattr(tk, "_old_interpreter", lambda: False)
     assert tk.probe()["available"]
     monkeypatch.setattr(tk, "triton", None)
     st = tk.probe()
