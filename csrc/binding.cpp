@@ -191,6 +191,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("device_count", &device_count, "(number of CUDA devices, error message or '')");
   m.attr("BLOCK_ROWS") = fgpo::kBlockRows;
   m.attr("BLOCK_VOCAB") = fgpo::kBlockVocab;
+  m.attr("SMEM_BYTES") = fgpo::kMaxSmemBytes;
   m.attr("ARCHS") = FGPO_ARCHS;
   m.attr("CUDART_VERSION") = CUDART_VERSION;
 }

@@ -71,6 +71,7 @@ constexpr int kBwdBytes = (2 * BM * LDG + BN * LDC + 2 * BM * LDC) * 2;
 constexpr int kFwdSmem = kMainBytes > kXchgBytes ? kMainBytes : kXchgBytes;
 constexpr int kBwdSmem = kMainBytes > kBwdBytes ? kMainBytes : kBwdBytes;
 static_assert(kBwdSmem <= 160 * 1024, "fits sm_80 (164 KB) and sm_90 (227 KB) per CTA");
+static_assert(kFwdSmem <= kMaxSmemBytes && kBwdSmem == kMaxSmemBytes, "update launch.h");
 
 #ifndef FGPO_EMULATE
 // ---- PTX wrappers -------------------------------------------------------------------------------

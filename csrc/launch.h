@@ -60,5 +60,8 @@ void launch_bwd_f16(const BwdArgs& a);
 // Tile sizes shared with the host (Python chooses the number of vocabulary splits from them).
 constexpr int kBlockRows = 128;
 constexpr int kBlockVocab = 128;
+// Dynamic shared memory of the largest kernel (the backward), checked in kernels.cuh; the GPU
+// must allow this much per block (sm_80: 163 KB, sm_90: 227 KB; sm_86/89: 99 KB is too little).
+constexpr int kMaxSmemBytes = 124928;
 
 }  // namespace fgpo

@@ -84,6 +84,16 @@ def probe() -> dict:
             "reason": f"{built}, but {name} is sm_{cap[0]}{cap[1]}; the kernels need sm_80+",
         }
         return _PROBE
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    optin = getattr(props, "shared_memory_per_block_optin", None)
+    if optin is not None and optin < ext.SMEM_BYTES:
+        _PROBE = {
+            "available": False,
+            "built": True,
+            "reason": f"{built}, but {name} allows {optin} bytes of shared memory per block and "
+            f"the kernels need {ext.SMEM_BYTES} (an sm_80/sm_90 data-center GPU)",
+        }
+        return _PROBE
     if _SELFTEST_RUNNING:  # called from inside the self-test: answer without recursing
         return {"available": True, "built": True, "reason": "self-test in progress"}
     fail = _self_test() if os.environ.get("FGPO_CUDA_SELFTEST", "1") != "0" else None

@@ -194,6 +194,7 @@ def test_installed_module_imports_without_gpu():
     mod = importlib.import_module("fgpo_kernels._C")
     assert set(mod.ARCHS.split(";")) >= {"80", "90"} or os.environ.get("FGPO_CUDA_ARCHS")
     assert mod.BLOCK_ROWS == 128 and mod.BLOCK_VOCAB == 128
+    assert 48 * 1024 < mod.SMEM_BYTES <= 163 * 1024  # opt-in fits sm_80 (A100) and sm_90
     count, why = mod.device_count()
     if not torch.cuda.is_available():
         assert count == 0 and why, "no GPU here: the runtime must say why it sees none"
