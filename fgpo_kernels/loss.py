@@ -258,6 +258,12 @@ class FiReMPOLoss(torch.nn.Module):
                     f"{name}.targets is ignore_index={self.ignore_index} at positions where "
                     f"{name}.mask is nonzero; every weighted position needs a target"
                 )
+            bad = (tgt < 0) | (tgt >= weight.shape[0])
+            if bool(bad.any()):
+                raise ValueError(
+                    f"{name}.targets must be in [0, V={weight.shape[0]}) where {name}.mask is "
+                    f"nonzero; found {int(bad.sum())} outside, e.g. {tgt[bad][:5].tolist()}"
+                )
             w_rows = m[ex, pos]
             h_parts.append(seq.policy[ex, pos])
             hr_parts.append(seq.ref.detach()[ex, pos])
@@ -278,7 +284,6 @@ class FiReMPOLoss(torch.nn.Module):
             mask=torch.cat(kw_parts),
             targets=torch.cat(t_parts),
             lambda_=self.lambda_,
-            ignore_index=-1,
             reduction="none",
             impl=self.impl,
         )

@@ -446,6 +446,9 @@ def test_bad_inputs_raise_clear_errors():
     shorter = SequenceStates(r.policy[:, :7], r.ref[:, :7], r.targets[:, :7], r.mask[:, :7])
     bad_t = c.targets.clone()
     bad_t[0, 0] = -100  # ignore_index where the mask is 1
+    neg_t, big_t = c.targets.clone(), r.targets.clone()
+    neg_t[1, 0] = -1  # not ignore_index: must not be silently skipped
+    big_t[2, 0] = 500
     cases = [
         (lambda: loss_fn(w, c, short, cc, rc), ValueError, "rejected has batch size B=2"),
         (lambda: loss_fn(w, c, shorter, cc, rc), ValueError, "rejected has length L=7"),
@@ -459,6 +462,10 @@ def test_bad_inputs_raise_clear_errors():
         (lambda: loss_fn(w[:, :20], c, r, cc, rc), ValueError, "weight has D=20"),
         (lambda: loss_fn(w, c._replace(targets=bad_t), r, cc, rc), ValueError,
          "chosen.targets is ignore_index"),
+        (lambda: loss_fn(w, c._replace(targets=neg_t), r, cc, rc), ValueError,
+         r"chosen.targets must be in \[0, V=500\)"),
+        (lambda: loss_fn(w, c, r._replace(targets=big_t), cc, rc), ValueError,
+         "rejected.targets must be in"),
         (lambda: loss_fn(w, c._replace(mask=c.mask[:, :5]), r, cc, rc), ValueError, "chosen.mask"),
         (lambda: loss_fn(w, c._replace(targets=c.targets.float()), r, cc, rc), TypeError,
          "chosen.targets"),
