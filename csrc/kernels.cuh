@@ -489,18 +489,43 @@ __device__ __forceinline__ void bwd_side(T* smem, const T* const (&gs)[2], const
   const int m0 = (warp % WARPS_M) * BWM, n0 = (warp / WARPS_M) * BWN;
   T* wc = smem + 2 * BM * LDG;  // (BN, DC) chunk of Wk
   T* hc = wc + BN * LDC;        // NE x (BM, DC) chunks of the hidden states
+  float acc[BMT][BNT][4];
+
+  if (dw == nullptr) {
+    // No weight gradient (LoRA): only W chunks are needed, so they ping-pong between wc and the
+    // (unused) hidden-state area; chunk i+1 streams in while chunk i is multiplied out.
+    static_assert(BN * LDC <= BM * LDC, "second W buffer fits the hidden-state area");
+    load_tile<BN, DC, LDC>(wc, wk, v, K, v0, 0);
+    cp_async_commit();
+    int i = 0;
+    for (long long d0 = 0; d0 < K; d0 += DC, ++i) {
+      T* cur = (i & 1) ? hc : wc;  // a select, not an indexed array (which would hit the stack)
+      T* nxt = (i & 1) ? wc : hc;
+      if (d0 + DC < K) load_tile<BN, DC, LDC>(nxt, wk, v, K, v0, d0 + DC);
+      cp_async_commit();
+      cp_async_wait<1>();  // chunk i has landed (chunk i+1 may still be in flight)
+      __syncthreads();
+#pragma unroll
+      for (int e = 0; e < NE; ++e) {
+        if (dh[e] == nullptr) continue;
+        zero(acc);
+        smem_product<T, false, BN / 16>(acc, gs[e], LDG, cur, LDC, m0, n0);
+        flush(dh[e], acc, row0, n, K, d0, m0, n0, inv_t);
+      }
+      __syncthreads();  // cur is refilled at iteration i + 1
+    }
+    cp_async_wait<0>();
+    return;
+  }
 
   for (long long d0 = 0; d0 < K; d0 += DC) {
     load_tile<BN, DC, LDC>(wc, wk, v, K, v0, d0);
-    if (dw != nullptr) {
 #pragma unroll
-      for (int e = 0; e < NE; ++e) load_tile<BM, DC, LDC>(hc + e * BM * LDC, hk[e], n, K, row0, d0);
-    }
+    for (int e = 0; e < NE; ++e) load_tile<BM, DC, LDC>(hc + e * BM * LDC, hk[e], n, K, row0, d0);
     cp_async_commit();
     cp_async_wait<0>();
     __syncthreads();
 
-    float acc[BMT][BNT][4];
     // dh_e[rows, d0:d0+DC] += G_e[rows, :] Wc   (M = rows, N = DC, K = BN)
 #pragma unroll
     for (int e = 0; e < NE; ++e) {
@@ -510,13 +535,11 @@ __device__ __forceinline__ void bwd_side(T* smem, const T* const (&gs)[2], const
       flush(dh[e], acc, row0, n, K, d0, m0, n0, inv_t);
     }
     // dW[vocab, d0:d0+DC] += sum_e G_e^T Hc_e   (M = vocabulary rows, N = DC, K = rows)
-    if (dw != nullptr) {
-      zero(acc);
+    zero(acc);
 #pragma unroll
-      for (int e = 0; e < NE; ++e)
-        smem_product<T, true, BM / 16>(acc, gs[e], LDG, hc + e * BM * LDC, LDC, m0, n0);
-      flush(dw, acc, v0, v, K, d0, m0, n0, inv_t);
-    }
+    for (int e = 0; e < NE; ++e)
+      smem_product<T, true, BM / 16>(acc, gs[e], LDG, hc + e * BM * LDC, LDC, m0, n0);
+    flush(dw, acc, v0, v, K, d0, m0, n0, inv_t);
     __syncthreads();  // the chunk buffers are refilled next iteration
   }
 }

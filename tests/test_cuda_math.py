@@ -329,18 +329,27 @@ def test_emulated_kernels_match_float64(emulated_cuda, mode, n, d, dr, v, splits
         assert _rel(torch, a, b) <= 6e-3, (name, _rel(torch, a, b))
 
 
-def test_emulated_gradient_subsets(emulated_cuda):
-    """need_* flags: only what is asked for comes back, and it does not change with the rest."""
+@pytest.mark.parametrize("mode", ["shared", "separate"])
+def test_emulated_gradient_subsets(emulated_cuda, mode):
+    """need_* flags: only what is asked for comes back, equal to the full computation; D = 200
+    spans 4 backward chunks (the LoRA path double-buffers them)."""
     cuda_kl, torch = emulated_cuda
-    h, hr, w, wr, gs = _emu_case(torch, "shared", 20, 32, 32, 100, seed=5)
+    sep = mode == "separate"
+    h, hr, w, wr, gs = _emu_case(torch, mode, 20, 200, 136, 150, seed=5)
     stats = cuda_kl.forward(h, hr, w, wr, 1.0)
-    full = cuda_kl.backward(h, hr, w, wr, 1.0, *stats, *gs, True, True, True, False)
+    full = cuda_kl.backward(h, hr, w, wr, 1.0, *stats, *gs, True, True, True, sep)
+    lora = cuda_kl.backward(h, hr, w, wr, 1.0, *stats, *gs, True, True, False, False)
     only_w = cuda_kl.backward(h, hr, w, wr, 1.0, *stats, *gs, False, False, True, False)
-    only_h = cuda_kl.backward(h, hr, w, wr, 1.0, *stats, *gs, True, False, False, False)
+    assert lora[2] is None and lora[3] is None
     assert only_w[0] is None and only_w[1] is None and only_w[3] is None
-    assert only_h[1] is None and only_h[2] is None
-    assert torch.allclose(only_w[2], full[2], rtol=1e-5, atol=1e-6)
-    assert torch.allclose(only_h[0], full[0], rtol=1e-5, atol=1e-6)
+    for a, b in ((lora[0], full[0]), (lora[1], full[1]), (only_w[2], full[2])):
+        assert a.shape == b.shape and torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+    dbl = lambda x: None if x is None else x.double()
+    from fgpo_kernels import torch_impl
+
+    ref = torch_impl.backward(dbl(h), dbl(hr), dbl(w), dbl(wr), 1.0, *(dbl(x) for x in stats),
+                              *(dbl(x) for x in gs), True, True, False, False)  # fmt: skip
+    assert _rel(torch, lora[0], ref[0]) <= 6e-3 and _rel(torch, lora[1], ref[1]) <= 6e-3
 
 
 def test_emulated_public_api_within_2x_of_pytorch(emulated_cuda):
