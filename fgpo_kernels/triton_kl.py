@@ -124,10 +124,19 @@ GPU_CONFIGS = {
     "fwd_fp32": KernelConfig(64, 64, 32, 8, 2),
     "fwd_fp32_logprob": KernelConfig(64, 64, 32, 8, 1),
     "bwd_fp32": KernelConfig(64, 64, 16, 8, 1),
+    "g": KernelConfig(64, 128, 64, 8, 3),  # bf16/fp16 gblock G tiles
+    "g_fp32": KernelConfig(64, 64, 32, 8, 2),
 }
 # Rows at or below which the 16-bit forward uses the smaller row block (less padding).
 _FEW_ROWS = 1024
 _BWD_GROUP_N = 8
+# Backward modes (env FGPO_TRITON_BWD): "gblock" writes the logit gradient of one vocabulary chunk
+# and runs library GEMMs; "atomic" accumulates every tile with fp32 atomics (see the docstring).
+BWD_MODES = ("gblock", "atomic")
+# gblock: elements of the (rows x chunk) gradient buffer(s) at most (env FGPO_TRITON_GBLOCK_ELEMS),
+# and a chunk never wider than this many columns (the buffer never spans a whole LM vocabulary).
+_GBLOCK_ELEMS = 1 << 25
+_GBLOCK_MAX_COLS = 16384
 
 if triton is not None:
 
@@ -185,6 +194,59 @@ if triton is not None:
                     )
                     accr = tl.dot(xr, wrt, accr, input_precision=PREC_R)
         return acc * inv_t, accr * inv_t
+
+    @triton.jit
+    def _grouped_pid(n_row_blocks, n_col_blocks, GROUP_N: tl.constexpr):
+        """(row block, column block) of this program in grouped order: GROUP_N consecutive row
+        blocks walk the column blocks together, so their W and H tiles are reused from L2."""
+        pid = tl.program_id(0)
+        per_group = GROUP_N * n_col_blocks
+        first = (pid // per_group) * GROUP_N
+        group_size = tl.minimum(n_row_blocks - first, GROUP_N)
+        pid_n = first + (pid % per_group) % group_size
+        pid_v = (pid % per_group) // group_size
+        return pid_n, pid_v
+
+    @triton.jit
+    def _tile_grads(
+        z, zr,  # fp32 logit tiles (BLOCK_N, BLOCK_V) from _tile_logits
+        stats_ptr,  # (8, N) fp32: lse, lser, fkl, rkl, g_fkl, g_rkl, g_lp, g_lpr
+        rows, row_ok, ok,  # int64 rows, their mask, the (row, column) validity mask
+        N,
+        HAS_REF: tl.constexpr,
+    ):  # fmt: skip
+        """fp32 (G, Gr) tiles of the logit gradient (zero outside ``ok``; Gr = G without a
+        reference), from the saved per-row statistics and incoming per-row gradients."""
+        lse = tl.load(stats_ptr + rows, mask=row_ok, other=0.0)
+        g_lp = tl.load(stats_ptr + 6 * N + rows, mask=row_ok, other=0.0)
+        logp = z - lse[:, None]
+        p = tl.exp(logp)
+        if HAS_REF:
+            lser = tl.load(stats_ptr + N + rows, mask=row_ok, other=0.0)
+            fkl = tl.load(stats_ptr + 2 * N + rows, mask=row_ok, other=0.0)
+            rkl = tl.load(stats_ptr + 3 * N + rows, mask=row_ok, other=0.0)
+            g_fkl = tl.load(stats_ptr + 4 * N + rows, mask=row_ok, other=0.0)
+            g_rkl = tl.load(stats_ptr + 5 * N + rows, mask=row_ok, other=0.0)
+            g_lpr = tl.load(stats_ptr + 7 * N + rows, mask=row_ok, other=0.0)
+            logr = zr - lser[:, None]
+            r = tl.exp(logr)
+            d = logp - logr
+            g = (
+                g_fkl[:, None] * (p - r)
+                + g_rkl[:, None] * p * (d - rkl[:, None])
+                - g_lp[:, None] * p
+            )
+            gr = (
+                g_fkl[:, None] * r * (-d - fkl[:, None])
+                + g_rkl[:, None] * (r - p)
+                - g_lpr[:, None] * r
+            )
+            g = tl.where(ok, g, 0.0)
+            gr = tl.where(ok, gr, 0.0)
+        else:
+            g = tl.where(ok, -g_lp[:, None] * p, 0.0)
+            gr = g
+        return g, gr
 
     @triton.jit
     def _fwd_kernel(
@@ -265,14 +327,7 @@ if triton is not None:
         DO_DHR: tl.constexpr, DO_DWR: tl.constexpr,  # reference gradients wanted (DWR: separate)
     ):  # fmt: skip
         # Grouped program order: GROUP_N consecutive row blocks walk the vocabulary tiles together.
-        pid = tl.program_id(0)
-        n_row_blocks = tl.cdiv(N, BLOCK_N)
-        n_col_blocks = tl.cdiv(V, BLOCK_V)
-        per_group = GROUP_N * n_col_blocks
-        first = (pid // per_group) * GROUP_N
-        group_size = tl.minimum(n_row_blocks - first, GROUP_N)
-        pid_n = first + (pid % per_group) % group_size
-        pid_v = (pid % per_group) // group_size
+        pid_n, pid_v = _grouped_pid(tl.cdiv(N, BLOCK_N), tl.cdiv(V, BLOCK_V), GROUP_N)
 
         rows = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
         cols = (pid_v * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
@@ -284,35 +339,9 @@ if triton is not None:
             D, DR, stride_h, stride_hr, stride_w, stride_wr, inv_t,
             BLOCK_N, BLOCK_V, BLOCK_D, HAS_REF, SHARED, PREC, PREC_R,
         )  # fmt: skip
-        lse = tl.load(stats_ptr + rows, mask=row_ok, other=0.0)
-        g_lp = tl.load(stats_ptr + 6 * N + rows, mask=row_ok, other=0.0)
-        logp = z - lse[:, None]
-        p = tl.exp(logp)
-        if HAS_REF:
-            lser = tl.load(stats_ptr + N + rows, mask=row_ok, other=0.0)
-            fkl = tl.load(stats_ptr + 2 * N + rows, mask=row_ok, other=0.0)
-            rkl = tl.load(stats_ptr + 3 * N + rows, mask=row_ok, other=0.0)
-            g_fkl = tl.load(stats_ptr + 4 * N + rows, mask=row_ok, other=0.0)
-            g_rkl = tl.load(stats_ptr + 5 * N + rows, mask=row_ok, other=0.0)
-            g_lpr = tl.load(stats_ptr + 7 * N + rows, mask=row_ok, other=0.0)
-            logr = zr - lser[:, None]
-            r = tl.exp(logr)
-            d = logp - logr
-            g = (
-                g_fkl[:, None] * (p - r)
-                + g_rkl[:, None] * p * (d - rkl[:, None])
-                - g_lp[:, None] * p
-            )
-            gr = (
-                g_fkl[:, None] * r * (-d - fkl[:, None])
-                + g_rkl[:, None] * (r - p)
-                - g_lpr[:, None] * r
-            )
-            gr = tl.where(ok, gr, 0.0).to(hr_ptr.dtype.element_ty)
-        else:
-            g = -g_lp[:, None] * p
-            gr = g
-        g = tl.where(ok, g, 0.0).to(h_ptr.dtype.element_ty)
+        g, gr = _tile_grads(z, zr, stats_ptr, rows, row_ok, ok, N, HAS_REF)
+        g = g.to(h_ptr.dtype.element_ty)
+        gr = gr.to(hr_ptr.dtype.element_ty)
 
         offs_d = tl.arange(0, BLOCK_D)
         # Policy weight chunks: dh (G W), dW (G^T h [+ Gr^T hr when shared]), dhr when shared.
@@ -382,6 +411,48 @@ if triton is not None:
                         dwr_ptr + cols[:, None] * DR + dk[None, :], part, mask=cd_ok, sem="relaxed"
                     )
 
+    @triton.jit
+    def _g_kernel(
+        h_ptr, hr_ptr, w_ptr, wr_ptr,  # inputs (see _tile_logits)
+        stats_ptr,  # (8, N) fp32: lse, lser, fkl, rkl, g_fkl, g_rkl, g_lp, g_lpr
+        g_ptr, gr_ptr,  # (N, >= chunk_v) buffers in the input dtypes: G / T and Gr / T
+        N, V, D, DR, stride_h, stride_hr, stride_w, stride_wr, stride_g, stride_gr,
+        inv_t,  # 1 / temperature
+        v0,  # first vocabulary column of the chunk
+        chunk_v,  # columns in the chunk (v0 + chunk_v <= V)
+        BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+        GROUP_N: tl.constexpr,  # row blocks that sweep the chunk's tiles together (L2 reuse)
+        HAS_REF: tl.constexpr, SHARED: tl.constexpr, PREC: tl.constexpr, PREC_R: tl.constexpr,
+        DO_G: tl.constexpr, DO_GR: tl.constexpr,  # which gradient tiles to write
+    ):  # fmt: skip
+        """gblock backward, step 1: the logit-gradient tiles of one vocabulary chunk, written to
+        a (rows x chunk) buffer for the library GEMMs (already divided by T)."""
+        pid_n, pid_v = _grouped_pid(tl.cdiv(N, BLOCK_N), tl.cdiv(chunk_v, BLOCK_V), GROUP_N)
+        rows = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+        local = (pid_v * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
+        cols = v0 + local
+        row_ok = rows < N
+        col_ok = local < chunk_v
+        ok = row_ok[:, None] & col_ok[None, :]
+        z, zr = _tile_logits(
+            h_ptr, hr_ptr, w_ptr, wr_ptr, rows, cols, row_ok, col_ok,
+            D, DR, stride_h, stride_hr, stride_w, stride_wr, inv_t,
+            BLOCK_N, BLOCK_V, BLOCK_D, HAS_REF, SHARED, PREC, PREC_R,
+        )  # fmt: skip
+        g, gr = _tile_grads(z, zr, stats_ptr, rows, row_ok, ok, N, HAS_REF)
+        if DO_G:
+            tl.store(
+                g_ptr + rows[:, None] * stride_g + local[None, :],
+                (g * inv_t).to(g_ptr.dtype.element_ty),
+                mask=ok,
+            )
+        if DO_GR:
+            tl.store(
+                gr_ptr + rows[:, None] * stride_gr + local[None, :],
+                (gr * inv_t).to(gr_ptr.dtype.element_ty),
+                mask=ok,
+            )
+
 
 # ------------------------------------------------------------------------------------ host side
 
@@ -404,14 +475,16 @@ def _interp_config(n: int, d: int) -> KernelConfig:
 
 
 def gpu_config_name(kind: str, n: int, dtype: torch.dtype, has_ref: bool) -> str:
-    """The GPU_CONFIGS entry used for a launch (``kind`` is "fwd" or "bwd")."""
+    """The GPU_CONFIGS entry used for a launch (``kind``: "fwd", "bwd" or "g")."""
+    if kind not in ("fwd", "bwd", "g"):
+        raise ValueError(f"gpu_config_name: kind must be 'fwd', 'bwd' or 'g', got {kind!r}")
     if dtype == torch.float32:
         if kind == "fwd" and not has_ref:
             return "fwd_fp32_logprob"
         return f"{kind}_fp32"
     if kind == "fwd":
         return "fwd_few_rows" if n <= _FEW_ROWS else "fwd"
-    return "bwd"
+    return kind
 
 
 def _config(kind: str, n: int, d: int, dtype: torch.dtype, has_ref: bool) -> KernelConfig:
@@ -512,7 +585,63 @@ def _merge(m: Tensor, s: Tensor) -> Tensor:
     return top[:, 0] + torch.log((s * torch.exp(m - top)).sum(1))
 
 
+def bwd_mode(mode: str | None = None) -> str:
+    """The backward mode: ``mode`` if given, else env FGPO_TRITON_BWD, else "gblock"."""
+    chosen = mode if mode is not None else (os.environ.get("FGPO_TRITON_BWD") or "gblock")
+    if chosen not in BWD_MODES:
+        src = "mode" if mode is not None else "FGPO_TRITON_BWD"
+        raise ValueError(f"impl 'triton': {src} must be one of {BWD_MODES}, got {chosen!r}")
+    return chosen
+
+
+def _gblock_elems(chunk_elems: int | None) -> int:
+    if chunk_elems is not None:
+        value, src = chunk_elems, "chunk_elems"
+    else:
+        raw, src = os.environ.get("FGPO_TRITON_GBLOCK_ELEMS"), "FGPO_TRITON_GBLOCK_ELEMS"
+        if not raw:
+            return _GBLOCK_ELEMS
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ValueError(f"impl 'triton': {src} must be an integer, got {raw!r}") from None
+    if value < 1:
+        raise ValueError(f"impl 'triton': {src} must be positive, got {value}")
+    return int(value)
+
+
+def chunk_columns(rows: int, v: int, block_v: int, budget: int) -> int:
+    """gblock vocabulary chunk width: a multiple of ``block_v`` with rows x width <= budget
+    (at least one tile), at most _GBLOCK_MAX_COLS, no wider than V rounded up to a tile."""
+    vc = budget // max(1, rows) // block_v * block_v
+    cap = max(block_v, _GBLOCK_MAX_COLS // block_v * block_v)
+    return max(block_v, min(vc, cap, -(-v // block_v) * block_v))
+
+
 def backward(
+    h, hr, w, wr, temperature, lse, lser, fkl, rkl, g_fkl, g_rkl, g_lp, g_lpr,
+    need_h, need_hr, need_w, need_wr, *, config=None, mode=None, chunk_elems=None,
+):  # fmt: skip
+    """Contract of ``_backend.py``. ``mode`` ("gblock" / "atomic", default env FGPO_TRITON_BWD
+    or gblock), ``config`` (kernel tiles) and ``chunk_elems`` (gblock buffer budget, default env
+    FGPO_TRITON_GBLOCK_ELEMS or 2^25) override the defaults (tests, benchmarks)."""
+    args = (h, hr, w, wr, temperature, lse, lser, fkl, rkl, g_fkl, g_rkl, g_lp, g_lpr,
+            need_h, need_hr, need_w, need_wr)  # fmt: skip
+    if bwd_mode(mode) == "gblock":
+        return _backward_gblock(*args, config=config, chunk_elems=_gblock_elems(chunk_elems))
+    return _backward_atomic(*args, config=config)
+
+
+def _stats(n, dev, lse, lser, fkl, rkl, g_fkl, g_rkl, g_lp, g_lpr) -> Tensor:
+    """(8, N) fp32 per-row inputs of the gradient kernels (None = zero)."""
+    zero = torch.zeros(n, dtype=torch.float32, device=dev)
+    return torch.stack(
+        [zero if x is None else x.to(torch.float32) for x in
+         (lse, lser, fkl, rkl, g_fkl, g_rkl, g_lp, g_lpr)]
+    )  # fmt: skip
+
+
+def _backward_atomic(
     h, hr, w, wr, temperature, lse, lser, fkl, rkl, g_fkl, g_rkl, g_lp, g_lpr,
     need_h, need_hr, need_w, need_wr, *, config=None,
 ):  # fmt: skip
@@ -533,11 +662,7 @@ def backward(
     dhr, dwr = buf(n, dr, need_hr), buf(v, dr, need_wr)
     if not (need_h or need_w or need_hr or need_wr):
         return dh, dhr, dw, dwr
-    zero = torch.zeros(n, dtype=torch.float32, device=dev)
-    stats = torch.stack(
-        [zero if x is None else x.to(torch.float32) for x in
-         (lse, lser, fkl, rkl, g_fkl, g_rkl, g_lp, g_lpr)]
-    )  # fmt: skip
+    stats = _stats(n, dev, lse, lser, fkl, rkl, g_fkl, g_rkl, g_lp, g_lpr)
     cfg = config or _config("bwd", n, max(d, dr), h.dtype, has_ref)
     hr_, wr_ = (hr if has_ref else h), (w if shared else wr)
     dummy = stats  # stands in for the gradient buffers nobody asked for (never touched)
@@ -554,4 +679,162 @@ def backward(
             DO_DH=need_h, DO_DW=need_w, DO_DHR=need_hr, DO_DWR=need_wr,
             **_launch_opts(cfg),
         )  # fmt: skip
+    return dh, dhr, dw, dwr
+
+
+# ------------------------------------------------------------------- gblock backward: host side
+
+_OUT_DTYPE_GEMM: dict = {}  # device -> whether torch.mm / addmm accept out_dtype=float32 there
+
+
+def _fp32_out_gemm(a: Tensor) -> bool:
+    """16-bit CUDA operands and a torch whose cuBLAS GEMMs can write fp32 (``out_dtype``)."""
+    if a.dtype == torch.float32 or a.device.type != "cuda":
+        return False
+    key = (str(a.device), a.dtype)
+    if key not in _OUT_DTYPE_GEMM:
+        try:
+            x = torch.ones((2, 2), dtype=a.dtype, device=a.device)
+            out = torch.empty((2, 2), dtype=torch.float32, device=a.device)
+            torch.mm(x, x, out_dtype=torch.float32, out=out)
+            res = torch.addmm(out, x, x, out_dtype=torch.float32)
+            _OUT_DTYPE_GEMM[key] = bool((res == 4).all())
+        except (TypeError, RuntimeError):
+            _OUT_DTYPE_GEMM[key] = False
+    return _OUT_DTYPE_GEMM[key]
+
+
+def _gemm_store(out: Tensor, a: Tensor, b: Tensor) -> None:
+    """out (fp32) = a @ b."""
+    if a.dtype == torch.float32:
+        torch.mm(a, b, out=out)
+    elif _fp32_out_gemm(a):
+        torch.mm(a, b, out_dtype=torch.float32, out=out)  # fp32 accumulate and store
+    else:
+        out.copy_(torch.mm(a, b))  # one rounding to the input dtype, like the materialized path
+
+
+class _Acc:
+    """An fp32 (rows, D) accumulator over vocabulary chunks: acc += a @ b.
+
+    fp32 operands: in-place addmm. 16-bit CUDA operands: cuBLAS reads the old sum and writes
+    the new one in fp32 (``addmm(..., out_dtype=float32)``) into a second buffer, then the two
+    swap (no aliasing of input and output, no extra pass over the sum). Otherwise (CPU, or a
+    torch without ``out_dtype``): the chunk's product is rounded to the input dtype, then added in
+    fp32."""
+
+    def __init__(self, rows: int, cols: int, device) -> None:
+        self.sum = torch.zeros((rows, cols), dtype=torch.float32, device=device)
+        self.spare: Tensor | None = None
+
+    def add(self, a: Tensor, b: Tensor) -> None:
+        if a.dtype == torch.float32:
+            self.sum.addmm_(a, b)
+        elif _fp32_out_gemm(a):
+            if self.spare is None:
+                self.spare = torch.empty_like(self.sum)
+            torch.addmm(self.sum, a, b, out_dtype=torch.float32, out=self.spare)
+            self.sum, self.spare = self.spare, self.sum
+        else:
+            self.sum.add_(torch.mm(a, b))
+
+
+def _backward_gblock(
+    h, hr, w, wr, temperature, lse, lser, fkl, rkl, g_fkl, g_rkl, g_lp, g_lpr,
+    need_h, need_hr, need_w, need_wr, *, config=None, chunk_elems=_GBLOCK_ELEMS,
+):  # fmt: skip
+    """Per vocabulary chunk: a Triton kernel writes G / T (and Gr / T) for all rows in the input
+    dtype, then library GEMMs do dh += G W_c, dW_c = G^T h (written once, no atomics)."""
+    h, hr, w, wr = _prepare(h, hr, w, wr)
+    n, d = h.shape
+    v = w.shape[0]
+    has_ref, shared = hr is not None, wr is None
+    dr = hr.shape[1] if has_ref else d
+    need_hr = bool(need_hr and has_ref)
+    need_wr = bool(need_wr and has_ref and not shared)
+    need_h, need_w = bool(need_h), bool(need_w)
+    dev = h.device
+    dw = torch.zeros((v, d), dtype=torch.float32, device=dev) if need_w else None
+    dwr = torch.zeros((v, dr), dtype=torch.float32, device=dev) if need_wr else None
+    do_g = need_h or need_w
+    do_gr = has_ref and (need_hr or need_wr or (shared and need_w))
+    if n == 0 or not (do_g or do_gr):
+        z = [torch.zeros((n, c), dtype=torch.float32, device=dev) if need else None
+             for c, need in ((d, need_h), (dr, need_hr))]  # fmt: skip
+        return z[0], z[1], dw, dwr
+    stats = _stats(n, dev, lse, lser, fkl, rkl, g_fkl, g_rkl, g_lp, g_lpr)
+    cfg = config or _config("g", n, max(d, dr), h.dtype, has_ref)
+    hr_, wr_ = (hr if has_ref else h), (w if shared else wr)
+
+    # Gradient buffers. Shared weight: one buffer, G rows on top of Gr rows, so the shared dW is
+    # ONE GEMM over 2N rows (against [h; hr]) and dh, dhr one GEMM against the W chunk.
+    g_rows = n if do_g else 0
+    gr_rows = n if do_gr else 0
+    vc = chunk_columns(g_rows + gr_rows, v, cfg.block_v, chunk_elems)
+    if shared:
+        buf = torch.empty((g_rows + gr_rows, vc), dtype=h.dtype, device=dev)
+        gbuf, grbuf = buf[:g_rows], buf[g_rows:]
+    else:
+        gbuf = torch.empty((g_rows, vc), dtype=h.dtype, device=dev)
+        grbuf = torch.empty((gr_rows, vc), dtype=hr_.dtype, device=dev)
+    g_arg = gbuf if do_g else grbuf
+    gr_arg = grbuf if do_gr else g_arg
+
+    # Left operands (row ranges of the buffers) and accumulators of each GEMM.
+    stacked = shared and need_h and need_hr  # dh and dhr: one GEMM of [G; Gr] with the W chunk
+    if stacked:
+        acc_h, acc_hr = _Acc(2 * n, d, dev), None
+    else:
+        acc_h = _Acc(n, d, dev) if need_h else None
+        acc_hr = _Acc(n, dr, dev) if need_hr else None
+    if shared and need_w and has_ref:
+        w_rhs = torch.cat([h, hr])  # dW_c = [G; Gr]^T [h; hr]
+    else:
+        w_rhs = h
+
+    n_row_blocks = triton.cdiv(n, cfg.block_n)
+    opts = _launch_opts(cfg)
+    with _on_device(h):
+        for v0 in range(0, v, vc):
+            vl = min(vc, v - v0)
+            grid = (n_row_blocks * triton.cdiv(vl, cfg.block_v),)
+            _g_kernel[grid](
+                h, hr_, w, wr_, stats, g_arg, gr_arg,
+                n, v, d, dr, h.stride(0), hr_.stride(0), w.stride(0), wr_.stride(0),
+                g_arg.stride(0), gr_arg.stride(0),
+                1.0 / temperature, v0, vl,
+                BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
+                GROUP_N=_BWD_GROUP_N, HAS_REF=has_ref, SHARED=shared,
+                PREC=_PREC[h.dtype], PREC_R=_PREC[hr_.dtype], DO_G=do_g, DO_GR=do_gr,
+                **opts,
+            )  # fmt: skip
+            cols = slice(v0, v0 + vl)
+            g_c = gbuf[:, :vl] if do_g else None
+            gr_c = grbuf[:, :vl] if do_gr else None
+            if shared:
+                w_c = w[cols]
+                if stacked:
+                    acc_h.add(buf[:, :vl], w_c)
+                else:
+                    if need_h:
+                        acc_h.add(g_c, w_c)
+                    if need_hr:
+                        acc_hr.add(gr_c, w_c)
+                if need_w:
+                    lhs = buf[:, :vl] if has_ref else g_c
+                    _gemm_store(dw[cols], lhs.t(), w_rhs)
+            else:
+                if need_h:
+                    acc_h.add(g_c, w[cols])
+                if need_w:
+                    _gemm_store(dw[cols], g_c.t(), h)
+                if need_hr:
+                    acc_hr.add(gr_c, wr[cols])
+                if need_wr:
+                    _gemm_store(dwr[cols], gr_c.t(), hr)
+    if stacked:
+        dh, dhr = acc_h.sum[:n], acc_h.sum[n:]
+    else:
+        dh = acc_h.sum if acc_h is not None else None
+        dhr = acc_hr.sum if acc_hr is not None else None
     return dh, dhr, dw, dwr

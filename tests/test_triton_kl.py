@@ -1,4 +1,5 @@
-"""The Triton kernels themselves: odd shapes, forced vocabulary splits, every gradient flag, bf16
+"""The Triton kernels themselves: odd shapes, forced vocabulary splits, every gradient flag, both
+backward modes (gblock: G chunks + library GEMMs, with several forced chunks; atomic), bf16
 through the (patched) interpreter, and ahead-of-time compilation of every shipped GPU
 configuration for sm_80 / sm_90 (no GPU needed): no register spills, tensor cores for 16-bit."""
 
@@ -70,10 +71,15 @@ def _grads_in(n, has_ref):
     return gs
 
 
-def _check_backward(args, stats, gs, need, tol, label, config=None):
+BWD = ["gblock", "atomic"]
+
+
+def _check_backward(args, stats, gs, need, tol, label, config=None, mode=None, chunk_elems=None):
     """Backend backward against the float64 chunked PyTorch impl (same contract)."""
     h, hr, w, wr, t = args
-    got = triton_kl.backward(h, hr, w, wr, t, *stats, *gs, *need, config=config)
+    got = triton_kl.backward(
+        h, hr, w, wr, t, *stats, *gs, *need, config=config, mode=mode, chunk_elems=chunk_elems
+    )  # fmt: skip
     ref = torch_impl.backward(
         *_f64((h, hr, w, wr)), t, *_f64(stats), *_f64(gs), *need
     )  # fmt: skip
@@ -106,15 +112,19 @@ def test_forward_odd_sizes_and_forced_splits(mode, splits):
 
 
 @needs_triton
+@pytest.mark.parametrize("bwd", BWD)
 @pytest.mark.parametrize("mode", ["shared", "separate", "logprob"])
-def test_single_row(mode):
+def test_single_row(mode, bwd):
     h, hr, w, wr = _inputs(1, 24, 333, 40, shared=mode == "shared", logprob_only=mode == "logprob")
     stats = triton_kl.forward(h, hr, w, wr, 1.0, splits=2, config=TINY)
     _check_forward(stats, torch_impl.forward(*_f64((h, hr, w, wr)), 1.0), 2e-6, f"[{mode}] ")
     has_ref = hr is not None
     need = (True, has_ref, True, has_ref and wr is not None)
     gs = _grads_in(1, has_ref)
-    _check_backward((h, hr, w, wr, 1.0), stats, gs, need, 1e-5, f"[{mode}] ", config=TINY)
+    label = f"[{mode}/{bwd}] "
+    # gblock: a budget of one tile per chunk (333 columns = 6 chunks, the last one ragged).
+    args = (h, hr, w, wr, 1.0)
+    _check_backward(args, stats, gs, need, 1e-5, label, config=TINY, mode=bwd, chunk_elems=1)
 
 
 @needs_triton
@@ -132,7 +142,8 @@ def test_single_row(mode):
         ("logprob", (True, False, False, False)),
     ],
 )
-def test_backward_every_gradient_flag(mode, need):
+@pytest.mark.parametrize("bwd", BWD)
+def test_backward_every_gradient_flag(mode, need, bwd):
     n, d, v, dr = 29, 37, 517, 53
     h, hr, w, wr = _inputs(n, d, v, dr, shared=mode == "shared", logprob_only=mode == "logprob")
     t = 1.3
@@ -140,13 +151,17 @@ def test_backward_every_gradient_flag(mode, need):
     gs = _grads_in(n, hr is not None)
     if hr is not None:
         gs[1][::4] = 0.0  # some rows without a reverse-KL gradient
-    label = f"[{mode}/{need}] "
-    _check_backward((h, hr, w, wr, t), stats, gs, need, 1e-5, label, config=TINY)
-    _check_backward((h, hr, w, wr, t), stats, gs, need, 1e-5, label + "default ")
+    label = f"[{mode}/{need}/{bwd}] "
+    args = (h, hr, w, wr, t)
+    # gblock: chunks of 128 (2N buffer rows) or 256 columns (N rows); the last one is ragged.
+    elems = 2 * n * 128
+    _check_backward(args, stats, gs, need, 1e-5, label, TINY, mode=bwd, chunk_elems=elems)
+    _check_backward(args, stats, gs, need, 1e-5, label + "default ", mode=bwd)
 
 
 @needs_triton
-def test_backward_many_row_blocks_grouped_order():
+@pytest.mark.parametrize("bwd", BWD)
+def test_backward_many_row_blocks_grouped_order(bwd):
     """More row blocks than one program group (GROUP_N), with a partial last group."""
     n = 16 * (triton_kl._BWD_GROUP_N + 2) - 5
     h, hr, w, wr = _inputs(n, 20, 150, 24, shared=False)
@@ -154,25 +169,105 @@ def test_backward_many_row_blocks_grouped_order():
     _check_forward(stats, torch_impl.forward(*_f64((h, hr, w, wr)), 1.0), 2e-6, "[groups] ")
     gs = _grads_in(n, True)
     need = (True, True, True, True)
-    _check_backward((h, hr, w, wr, 1.0), stats, gs, need, 1e-5, "[groups] ", config=TINY)
+    _check_backward((h, hr, w, wr, 1.0), stats, gs, need, 1e-5, "[groups] ", TINY, mode=bwd)
 
 
 @needs_triton
-def test_backward_none_incoming_gradients_are_zero():
+@pytest.mark.parametrize("bwd", BWD)
+def test_backward_none_incoming_gradients_are_zero(bwd):
     """g_fkl / g_rkl / g_lpr may be None (= zero), as the contract says."""
     n, d, v = 17, 24, 301
     h, hr, w, wr = _inputs(n, d, v)
     stats = triton_kl.forward(h, hr, w, wr, 1.0)
     g_lp = torch.randn(n, device=DEV)
     need = (True, True, True, False)
-    got = triton_kl.backward(h, hr, w, wr, 1.0, *stats, None, None, g_lp, None, *need)
+    got = triton_kl.backward(h, hr, w, wr, 1.0, *stats, None, None, g_lp, None, *need, mode=bwd)
     zero = torch.zeros(n, device=DEV)
-    ref = triton_kl.backward(h, hr, w, wr, 1.0, *stats, zero, zero, g_lp, zero, *need)
+    ref = triton_kl.backward(h, hr, w, wr, 1.0, *stats, zero, zero, g_lp, zero, *need, mode=bwd)
     for a, b in zip(got, ref):
         assert (a is None) == (b is None)
         if a is not None:
             assert torch.equal(a, b)
     assert got[1].abs().max() == 0  # the reference gets nothing from a policy log-prob
+
+
+@needs_triton
+@pytest.mark.parametrize("mode", ["shared", "separate"])
+def test_gblock_env_budget_and_modes_agree(mode, monkeypatch):
+    """FGPO_TRITON_GBLOCK_ELEMS forces chunks (V = 7 * 64 + 3, not a multiple of the tile or of
+    the chunk); gblock and atomic agree with each other and with float64."""
+    n, d, v, dr = 21, 19, 451, 27
+    h, hr, w, wr = _inputs(n, d, v, dr, shared=mode == "shared")
+    t = 0.7
+    stats = triton_kl.forward(h, hr, w, wr, t)
+    gs = _grads_in(n, True)
+    need = (True, True, True, mode == "separate")
+    vc = triton_kl.chunk_columns(2 * n, v, TINY.block_v, 2 * n * 150)
+    assert vc == 128 and -(-v // vc) == 4 and v % vc
+    monkeypatch.setenv("FGPO_TRITON_GBLOCK_ELEMS", str(2 * n * 150))
+    label = f"[{mode}/env budget] "
+    _check_backward((h, hr, w, wr, t), stats, gs, need, 1e-5, label, config=TINY)
+    calls = []
+    real = triton_kl._g_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            calls.append(grid)
+            return real[grid]
+
+    monkeypatch.setattr(triton_kl, "_g_kernel", Spy())
+    monkeypatch.setenv("FGPO_TRITON_BWD", "gblock")
+    gb = triton_kl.backward(h, hr, w, wr, t, *stats, *gs, *need, config=TINY)
+    assert len(calls) == 4, f"expected 4 vocabulary chunks, got launches {calls}"
+    monkeypatch.setenv("FGPO_TRITON_BWD", "atomic")
+    at = triton_kl.backward(h, hr, w, wr, t, *stats, *gs, *need, config=TINY)
+    assert len(calls) == 4, "FGPO_TRITON_BWD=atomic must not launch the G kernel"
+    for name, a, b in zip(("dh", "dhr", "dw", "dwr"), gb, at):
+        assert (a is None) == (b is None), name
+        if a is not None:
+            assert rel_err(a.cpu(), b.cpu()) < 1e-5, name
+
+
+def test_bwd_mode_and_budget_validation(monkeypatch):
+    pytest.importorskip("triton")
+    from fgpo_kernels import triton_kl as tk
+
+    monkeypatch.delenv("FGPO_TRITON_BWD", raising=False)
+    assert tk.bwd_mode() == "gblock"
+    monkeypatch.setenv("FGPO_TRITON_BWD", "atomic")
+    assert tk.bwd_mode() == "atomic"
+    assert tk.bwd_mode("gblock") == "gblock"  # the argument wins over the environment
+    monkeypatch.setenv("FGPO_TRITON_BWD", "fast")
+    with pytest.raises(ValueError, match="FGPO_TRITON_BWD"):
+        tk.bwd_mode()
+    with pytest.raises(ValueError, match="mode"):
+        tk.bwd_mode("gemm")
+    monkeypatch.setenv("FGPO_TRITON_GBLOCK_ELEMS", "lots")
+    with pytest.raises(ValueError, match="FGPO_TRITON_GBLOCK_ELEMS"):
+        tk._gblock_elems(None)
+    monkeypatch.setenv("FGPO_TRITON_GBLOCK_ELEMS", "0")
+    with pytest.raises(ValueError, match="FGPO_TRITON_GBLOCK_ELEMS"):
+        tk._gblock_elems(None)
+    monkeypatch.delenv("FGPO_TRITON_GBLOCK_ELEMS")
+    assert tk._gblock_elems(None) == 1 << 25 and tk._gblock_elems(1000) == 1000
+
+
+def test_chunk_columns_respect_budget_and_tile():
+    pytest.importorskip("triton")
+    from fgpo_kernels import triton_kl as tk
+
+    v = 152064
+    for rows in (1, 300, 600, 8192, 16384, 65536):
+        for block_v in (64, 128):
+            for budget in (1 << 20, 1 << 25):
+                vc = tk.chunk_columns(rows, v, block_v, budget)
+                assert vc % block_v == 0 and block_v <= vc <= tk._GBLOCK_MAX_COLS
+                assert vc < v  # never a (rows x whole vocabulary) buffer
+                assert rows * vc <= budget or vc == block_v
+    # SPEC section 4's GPU shape: 2N buffer rows (policy and reference) within 2^25 elements.
+    assert tk.chunk_columns(2 * 8192, v, 128, 1 << 25) == 2048
+    # A small vocabulary: one chunk, no wider than V rounded up to a tile.
+    assert tk.chunk_columns(10, 1000, 128, 1 << 25) == 1024
 
 
 @needs_triton
@@ -189,7 +284,10 @@ def test_bf16_through_patched_interpreter(mode):
     has_ref = hr is not None
     need = (True, has_ref, True, mode == "separate")
     gs = _grads_in(n, has_ref)
-    _check_backward((h, hr, w, wr, 1.0), stats, gs, need, 1.5e-2, f"[{mode}/bf16] ")
+    for bwd in BWD:  # gblock: one (interpreter) tile per chunk, 512 + 188 columns
+        label = f"[{mode}/bf16/{bwd}] "
+        args = (h, hr, w, wr, 1.0)
+        _check_backward(args, stats, gs, need, 1.5e-2, label, mode=bwd, chunk_elems=1)
 
 
 @needs_triton
@@ -254,6 +352,15 @@ _BWD_MODES = {  # (mode, DO_DH, DO_DW, DO_DHR, DO_DWR)
     "separate_policy": ("separate", True, True, False, False),
     "separate_full": ("separate", True, True, True, True),
 }
+_G_MODES = {  # gblock G kernel: (mode, DO_G, DO_GR)
+    "logprob": ("logprob", True, False),
+    "shared_lora": ("shared", True, False),
+    "shared_ref": ("shared", False, True),
+    "shared_full": ("shared", True, True),
+    "separate_policy": ("separate", True, False),
+    "separate_ref": ("separate", False, True),
+    "separate_full": ("separate", True, True),
+}
 _SHIPPED = {  # config name -> (dtype, kernel, variants)
     "fwd_few_rows": ("bf16", "fwd", ("logprob", "shared", "separate")),
     "fwd": ("bf16", "fwd", ("logprob", "shared", "separate")),
@@ -261,6 +368,8 @@ _SHIPPED = {  # config name -> (dtype, kernel, variants)
     "fwd_fp32": ("fp32", "fwd", ("shared", "separate")),
     "fwd_fp32_logprob": ("fp32", "fwd", ("logprob",)),
     "bwd_fp32": ("fp32", "bwd", tuple(_BWD_MODES)),
+    "g": ("bf16", "g", tuple(_G_MODES)),
+    "g_fp32": ("fp32", "g", tuple(_G_MODES)),
 }
 
 
@@ -285,16 +394,16 @@ def _aot_worker(jobs_json: str) -> None:
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     for job in json.loads(jobs_json):
         cfg = mod.GPU_CONFIGS[job["config"]]
-        kernel = mod._fwd_kernel if job["kernel"] == "fwd" else mod._bwd_kernel
+        kernel = {"fwd": mod._fwd_kernel, "bwd": mod._bwd_kernel, "g": mod._g_kernel}[job["kernel"]]
         consts = dict(BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d)
         consts.update(job["flags"])
-        if job["kernel"] == "bwd":
+        if job["kernel"] in ("bwd", "g"):
             consts["GROUP_N"] = mod._BWD_GROUP_N
         sig, attrs = {}, {}
         for i, name in enumerate(kernel.arg_names):
             if name in consts:
                 sig[name] = "constexpr"
-            elif name in ("h_ptr", "hr_ptr", "w_ptr", "wr_ptr"):
+            elif name in ("h_ptr", "hr_ptr", "w_ptr", "wr_ptr", "g_ptr", "gr_ptr"):
                 sig[name] = "*" + job["dtype"]
             elif name.endswith("_ptr"):
                 sig[name] = "*fp32"
@@ -333,6 +442,9 @@ def _jobs() -> list:
             for variant in variants:
                 if kernel == "fwd":
                     flags = dict(_FWD_MODES[variant])
+                elif kernel == "g":
+                    mode, do_g, do_gr = _G_MODES[variant]
+                    flags = dict(_FWD_MODES[mode], DO_G=do_g, DO_GR=do_gr)
                 else:
                     mode, dh, dw, dhr, dwr = _BWD_MODES[variant]
                     flags = dict(_FWD_MODES[mode], DO_DH=dh, DO_DW=dw, DO_DHR=dhr, DO_DWR=dwr)
@@ -397,7 +509,7 @@ def test_gpu_config_choice_names_shipped_entries():
     pytest.importorskip("triton")
     from fgpo_kernels import triton_kl as tk
 
-    for kind in ("fwd", "bwd"):
+    for kind in ("fwd", "bwd", "g"):
         for n in (1, 300, 5000):
             for dtype in (torch.float32, torch.bfloat16, torch.float16):
                 for has_ref in (False, True):
