@@ -25,19 +25,41 @@ rows (hundreds of masked positions) and a huge V: the number of splits is chosen
 row blocks x splits is about a few waves of SMs, and row blocks are the fastest grid axis so the
 programs running at the same time read the same W tiles (W is read from HBM about once).
 
-Backward (``_bwd_kernel``): one program per (row block, vocabulary tile), in grouped order
-(GROUP_N row blocks share the vocabulary sweep, so W and H tiles are reused from L2). Each program
-recomputes its logit tiles, forms G (and Gr) from the saved per-row lse, lser, fkl, rkl and the
-incoming per-row gradients, casts them to the input dtype (as the materialized path does), then
-loops over D in BLOCK_D chunks: dh[rows, chunk] += G W[tile, chunk] / T and
-dW[tile, chunk] += G^T h[rows, chunk] / T, accumulated with fp32 ``tl.atomic_add`` into fp32
-buffers (as Cut Cross-Entropy does). Nothing of size rows x V ever exists; dW is skipped entirely
-when the weight needs no gradient (LoRA), and so is every other gradient nobody asked for.
+Backward: two modes, chosen by env FGPO_TRITON_BWD (or ``backward(mode=...)``); both form G (and
+Gr) tile by tile with the same code (``_tile_grads``): recompute the logit tiles, then G from the
+saved per-row lse, lser, fkl, rkl and the incoming per-row gradients, zero outside the valid
+rows/columns, rounded to the input dtype (as the materialized path rounds its logit gradient).
+Every gradient nobody asked for is skipped (no dW work at all for LoRA).
 
-The atomics are the price of never holding G: dh receives V / BLOCK_V adds per element and dW
-N / BLOCK_N; each program does 2-3 tile matmuls per atomic tile it adds, which is why the tiles are
-as large as registers allow without spilling. (Not yet timed on a GPU: the alternative without
-atomics writes G for a chunk of rows and uses two GEMMs.)
+"gblock" (default): for each vocabulary chunk [v0, v0 + Vc):
+  1. ``_g_kernel``, one program per (row block, tile of the chunk) in grouped order (GROUP_N row
+     blocks sweep the chunk's tiles together, so W and H tiles are reused from L2), writes G / T
+     (and Gr / T) into a (rows x Vc) buffer in the input dtype (1/T folded in before rounding);
+  2. library GEMMs (cuBLAS on a GPU): dh += G W_c, dW_c = G^T h (and dhr += Gr Wr_c,
+     dWr_c = Gr^T hr). Shared weight: G rows sit on top of Gr rows in one buffer, so dh and dhr
+     are ONE GEMM against W_c and the shared dW_c = [G; Gr]^T [h; hr] is one GEMM with K = 2N.
+  dW_c is written once per chunk (no atomics, deterministic). dh sums over chunks in fp32: with
+  16-bit CUDA operands cuBLAS reads the old sum and writes the new one in fp32
+  (``addmm(..., out_dtype=float32)`` into a second buffer, the two swap); without that (CPU,
+  older torch) each chunk's product is rounded to the input dtype and added in fp32.
+  Vc is a multiple of BLOCK_V with (buffer rows) x Vc <= 2^25 elements (env
+  FGPO_TRITON_GBLOCK_ELEMS) and Vc <= 16384: the buffer is rows x V_block, never rows x V.
+"atomic": one program per (row block, vocabulary tile) of the whole vocabulary, grouped order;
+  after forming G it loops over D in BLOCK_D chunks: dh[rows, chunk] += G W[tile, chunk] / T and
+  dW[tile, chunk] += G^T h[rows, chunk] / T with fp32 ``tl.atomic_add`` into fp32 buffers (as
+  Cut Cross-Entropy does). Nothing of size rows x V_block exists at all.
+
+Why gblock is the default (estimates; no GPU has timed either mode yet): at N = 8192, D = 3584,
+V = 152064 the atomic mode issues N*D*V*(1/BLOCK_V + 1/BLOCK_N) ~ 1e11 fp32 atomic adds for dh
+and dW alone (1.4e11 with dhr), likely slower than the ~5e13 flops of matmuls themselves. gblock
+replaces them by G traffic (written once, read twice: 3 * N * V * 2 bytes per buffer, ~15 GB for G
+and Gr, ~5 ms at H100 bandwidth) plus the fp32 dh sum read and written once per chunk
+(2 * rows * D * 4 bytes per chunk, ~35 GB at Vc = 2048: read and written by the GEMM epilogue;
+how much of it shows is for a GPU to measure; doubling the budget halves it), and runs 2/3 of the
+backward's flops (4 of the 6 matmuls with a reference) at cuBLAS speed. Extra
+memory: the buffer (64 MiB at the default budget in bf16) and the second fp32 dh sum. With few
+rows (N = 300) the atomic count is ~25x smaller, so there the atomic mode may be competitive:
+``benchmarks/notes_triton.md`` lists what a GPU session must measure.
 
 Offsets are int64 (row * stride exceeds 2^31 at V = 152064, N = 16384); every load is masked, so
 any N, V, D works. GPU block sizes come from one small explicit table, GPU_CONFIGS (no
