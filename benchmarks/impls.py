@@ -24,8 +24,8 @@ token_logprobs (log π(y) per row)
     cce                     Cut Cross-Entropy ``linear_cross_entropy``, ``reduction="none"``
                             (GPU; its default gradient filtering)
     torch_lce               ``torch.nn.functional.linear_cross_entropy`` with
-                            ``LinearCrossEntropyOptions()`` (PyTorch's own chunked path), when
-                            the installed torch has it
+                            ``LinearCrossEntropyOptions(batch_chunk_size=2**21 // V)`` (PyTorch's
+                            own chunked path, with our chunk budget), when torch has it
 fire_mpo_step: see ``benchmarks/e2e.py`` (impls torch / triton / cuda / materialized).
 """
 
@@ -149,8 +149,9 @@ def build(impl: str, case, device: str, grad_w: bool = True, liger_eager: bool =
         from . import e2e
 
         b, seq_len, resp, span = case.seq
+        # The head is frozen here (LoRA, as FiRe-MPO trains): gradients go to the hidden states.
         w, seqs, hc = e2e.make_inputs(b, seq_len, resp, span, case.d, case.v, dt, device,
-                                      grad_w=grad_w, seed=seed)  # fmt: skip
+                                      grad_w=False, seed=seed)  # fmt: skip
         if impl == "materialized":
             fn = lambda: e2e.materialized_step(w, seqs, hc)
             note = "full logits for every position of the 8 passes"
@@ -221,9 +222,13 @@ def build(impl: str, case, device: str, grad_w: bool = True, liger_eager: bool =
         elif impl == "torch_lce":
             import torch.nn.functional as F
 
-            opts = torch.nn.LinearCrossEntropyOptions()
+            # Same chunk budget as our torch impl (2**21 logits per chunk). The default
+            # heuristic ("aspect_ratio:2" for fp32) picks next_pow2(N / ceil(V / D)) / 2 rows,
+            # i.e. 2-row chunks at N=512, V=32768, D=256, which is 10x slower on CPU.
+            rows = max(1, min(n, (1 << 21) // v))
+            opts = torch.nn.LinearCrossEntropyOptions(batch_chunk_size=rows)
             fn = lambda: -F.linear_cross_entropy(h, w, y, reduction="none", options=opts).sum()
-            note = "LinearCrossEntropyOptions() defaults"
+            note = f"batch_chunk_size={rows} (2**21 // V, as ours)"
         else:
             raise ValueError(f"{impl} does not implement token_logprobs")
         return fn, leaves, note
