@@ -24,8 +24,9 @@ token_logprobs (log π(y) per row)
     cce                     Cut Cross-Entropy ``linear_cross_entropy``, ``reduction="none"``
                             (GPU; its default gradient filtering)
     torch_lce               ``torch.nn.functional.linear_cross_entropy`` with
-                            ``LinearCrossEntropyOptions(batch_chunk_size=2**21 // V)`` (PyTorch's
-                            own chunked path, with our chunk budget), when torch has it
+                            ``LinearCrossEntropyOptions()`` (PyTorch's own chunked path), when
+                            torch has it; on CPU with ``batch_chunk_size=2**21 // V`` (our
+                            chunk budget: its fp32 default picks 2-row chunks there)
 fire_mpo_step: see ``benchmarks/e2e.py`` (impls torch / triton / cuda / materialized).
 """
 
@@ -222,13 +223,17 @@ def build(impl: str, case, device: str, grad_w: bool = True, liger_eager: bool =
         elif impl == "torch_lce":
             import torch.nn.functional as F
 
-            # Same chunk budget as our torch impl (2**21 logits per chunk). The default
-            # heuristic ("aspect_ratio:2" for fp32) picks next_pow2(N / ceil(V / D)) / 2 rows,
-            # i.e. 2-row chunks at N=512, V=32768, D=256, which is 10x slower on CPU.
-            rows = max(1, min(n, (1 << 21) // v))
-            opts = torch.nn.LinearCrossEntropyOptions(batch_chunk_size=rows)
+            if device == "cuda":  # its defaults were tuned on CUDA
+                opts = torch.nn.LinearCrossEntropyOptions()
+                note = "LinearCrossEntropyOptions() defaults"
+            else:
+                # Our torch impl's chunk budget (2**21 logits per chunk): the default fp32
+                # heuristic ("aspect_ratio:2") picks next_pow2(N / ceil(V / D)) / 2 rows, i.e.
+                # 2-row chunks at N=512, V=32768, D=256, 15x slower on CPU.
+                rows = max(1, min(n, (1 << 21) // v))
+                opts = torch.nn.LinearCrossEntropyOptions(batch_chunk_size=rows)
+                note = f"batch_chunk_size={rows} (2**21 // V, as ours)"
             fn = lambda: -F.linear_cross_entropy(h, w, y, reduction="none", options=opts).sum()
-            note = f"batch_chunk_size={rows} (2**21 // V, as ours)"
         else:
             raise ValueError(f"{impl} does not implement token_logprobs")
         return fn, leaves, note
