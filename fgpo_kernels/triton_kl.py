@@ -776,14 +776,16 @@ def _backward_gblock(
     need_wr = bool(need_wr and has_ref and not shared)
     need_h, need_w = bool(need_h), bool(need_w)
     dev = h.device
-    dw = torch.zeros((v, d), dtype=torch.float32, device=dev) if need_w else None
-    dwr = torch.zeros((v, dr), dtype=torch.float32, device=dev) if need_wr else None
     do_g = need_h or need_w
     do_gr = has_ref and (need_hr or need_wr or (shared and need_w))
     if n == 0 or not (do_g or do_gr):
-        z = [torch.zeros((n, c), dtype=torch.float32, device=dev) if need else None
-             for c, need in ((d, need_h), (dr, need_hr))]  # fmt: skip
-        return z[0], z[1], dw, dwr
+        z = [torch.zeros(shape, dtype=torch.float32, device=dev) if need else None
+             for shape, need in (((n, d), need_h), ((n, dr), need_hr), ((v, d), need_w),
+                                 ((v, dr), need_wr))]  # fmt: skip
+        return tuple(z)
+    # Every chunk writes its rows of dW / dWr exactly once: no zero fill needed.
+    dw = torch.empty((v, d), dtype=torch.float32, device=dev) if need_w else None
+    dwr = torch.empty((v, dr), dtype=torch.float32, device=dev) if need_wr else None
     stats = _stats(n, dev, lse, lser, fkl, rkl, g_fkl, g_rkl, g_lp, g_lpr)
     cfg = config or _config("g", n, max(d, dr), h.dtype, has_ref)
     hr_, wr_ = (hr if has_ref else h), (w if shared else wr)

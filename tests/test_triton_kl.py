@@ -268,6 +268,21 @@ def test_gblock_fp32_output_gemm_path(mode, monkeypatch):
             assert e <= 1.5e-2, f"[{mode}] {name}: rel err {e:.3e}"
 
 
+@needs_triton
+def test_gblock_zero_rows_and_nothing_needed():
+    """No rows: zero gradients of the right shapes, and nothing asked: all None (no launch)."""
+    h, hr, w, wr = _inputs(5, 16, 100, 12, shared=False)
+    stats = triton_kl.forward(h, hr, w, wr, 1.0)
+    gs = _grads_in(5, True)
+    z = [None if x is None else x[:0] for x in (h, hr, *stats, *gs)]
+    got = triton_kl.backward(z[0], z[1], w, wr, 1.0, *z[2:], True, True, True, True, mode="gblock")
+    shapes = [(0, 16), (0, 12), (100, 16), (100, 12)]
+    for g, shape in zip(got, shapes):
+        assert g.shape == shape and g.dtype == torch.float32 and not g.abs().sum()
+    none = triton_kl.backward(h, hr, w, wr, 1.0, *stats, *gs, False, False, False, False)
+    assert none == (None, None, None, None)
+
+
 def test_bwd_mode_and_budget_validation(monkeypatch):
     pytest.importorskip("triton")
     from fgpo_kernels import triton_kl as tk
