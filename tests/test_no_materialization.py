@@ -30,7 +30,9 @@ class _LargestTensor(TorchDispatchMode):
 
 
 def _largest(impl, n, d, v, monkeypatch):
-    monkeypatch.setenv("FGPO_TORCH_CHUNK_ELEMS", str(8 * v))  # 8-row chunks
+    # Small chunk budgets, so that a chunk is far below N x V at this small size.
+    monkeypatch.setenv("FGPO_TORCH_CHUNK_ELEMS", str(8 * v))
+    monkeypatch.setenv("FGPO_TRITON_GBLOCK_ELEMS", str(8 * v))
     h = torch.randn(n, d, requires_grad=True)
     hr = torch.randn(n, d, requires_grad=True)
     w = (torch.randn(v, d) / d**0.5).requires_grad_()
@@ -45,7 +47,7 @@ def _largest(impl, n, d, v, monkeypatch):
 def test_no_rows_by_vocab_tensor(impl, monkeypatch):
     if not _registry._usable_on(impl, torch.device("cpu"))[0]:
         pytest.skip(f"{impl} unavailable")
-    n, d, v = 96, 16, 1500
+    n, d, v = 96, 16, 6000
     largest = _largest(impl, n, d, v, monkeypatch)
     # The weight and its gradient are V x D floats; nothing may approach N x V.
     assert largest <= 4 * max(v * d, n * v // 4), (largest, 4 * n * v)
@@ -53,5 +55,5 @@ def test_no_rows_by_vocab_tensor(impl, monkeypatch):
 
 def test_reference_does_materialize(monkeypatch):
     # The check above can fail: the materialized definition trips it.
-    n, d, v = 96, 16, 1500
+    n, d, v = 96, 16, 6000
     assert _largest("reference", n, d, v, monkeypatch) >= 4 * n * v

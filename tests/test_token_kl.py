@@ -295,3 +295,18 @@ def test_bad_inputs_name_the_argument():
     for fn, exc, word in bad:
         with pytest.raises(exc, match=word):
             fn()
+
+
+@pytest.mark.parametrize("grads", [("h", "w"), ("h", "hr", "w"), ("hr",), ("h", "hr", "w", "wr")])
+def test_torch_impl_many_tiles(monkeypatch, grads):
+    """Force many row chunks x vocabulary chunks (online log-sum-exp across column chunks)."""
+    from fgpo_kernels import torch_impl
+
+    monkeypatch.setattr(torch_impl, "_MIN_ROWS", 8)
+    monkeypatch.setattr(torch_impl, "_MIN_COLS", 64)
+    monkeypatch.setenv("FGPO_TORCH_CHUNK_ELEMS", "700")  # 8 rows x 87 columns
+    assert torch_impl._tiles(37, 1003) == (8, 87)
+    case = make_case(lead=(37,), v=1003, mask="weights", shared="wr" not in grads)
+    ref = run(case, "reference", grads=grads, upcast=True, temperature=0.8)
+    got = run(case, "torch", grads=grads, temperature=0.8)
+    compare(got, ref, 2e-5, 1e-4, "[torch tiles] ")
