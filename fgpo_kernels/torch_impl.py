@@ -1,8 +1,11 @@
 """Chunked pure-PyTorch implementation of the fused token statistics (any device).
 
 Math: see ``_backend.py``. Work is tiled in two dimensions: row chunks of R rows and vocabulary
-chunks of C columns (R * C near ``FGPO_TORCH_CHUNK_ELEMS``, default 2**22 elements = 16 MB in
-fp32), so only R x C tensors exist and every row chunk streams the weight once. Small row
+chunks of C columns (R * C near ``FGPO_TORCH_CHUNK_ELEMS``, default 2**19 elements = 2 MB in
+fp32, so that the ~10 elementwise passes per tile run from L2 cache; measured on a 2-core Xeon,
+one thread, N=4096, D=512, V=32000: 2**19 -> 5.8 s, 2**22 -> 6.9 s, 2**23 -> 8.5 s fwd+bwd CPU
+time, against 9.9 s for the materialized path), so only R x C tensors exist and every row chunk
+streams the weight once. Small row
 chunks alone would re-read the whole weight (V x D, 2 GB at V=152064, D=3584) for every few
 rows; small vocabulary chunks alone would re-read the hidden states; the 2-D tiling bounds both.
 
@@ -35,7 +38,7 @@ def probe() -> dict:
 
 def _tiles(n: int, v: int) -> tuple[int, int]:
     """(rows per chunk, vocabulary columns per chunk)."""
-    budget = int(os.environ.get("FGPO_TORCH_CHUNK_ELEMS", 1 << 22))
+    budget = int(os.environ.get("FGPO_TORCH_CHUNK_ELEMS", 1 << 19))
     rows = max(1, min(n, max(_MIN_ROWS, budget // max(v, 1))))
     cols = max(1, min(v, max(_MIN_COLS, budget // rows)))
     return rows, cols
