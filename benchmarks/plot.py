@@ -67,9 +67,14 @@ def sweeps(rows: list[dict]):
                 xs = {r[x_name] for r in grs}
                 if len(xs) < 2:
                     continue
-                lines = defaultdict(list)
+                latest: dict[tuple, dict] = {}  # one point per (impl, x): the latest run
                 for r in grs:
-                    lines[r["impl"]].append((int(r[x_name]), r))
+                    k = (r["impl"], int(r[x_name]))
+                    if k not in latest or r.get("timestamp", "") >= latest[k].get("timestamp", ""):
+                        latest[k] = r
+                lines = defaultdict(list)
+                for (impl, x), r in latest.items():
+                    lines[impl].append((x, r))
                 desc = ", ".join(f"{k}={v}" for k, v in zip(fixed, fix))
                 yield (op, device, dtype, mode, x_name, desc, fix), lines
 

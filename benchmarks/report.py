@@ -71,15 +71,8 @@ def spec_verdict(rows: list[dict]) -> str:
     peak extra memory <= 10% of the materialized path's, time <= the materialized path's."""
     pick = {}
     for r in rows:
-        if (r["op"], r["N"], r["D"], r["V"], r["dtype"], r["mode"], r["status"]) == (
-            "token_kl",
-            "4096",
-            "512",
-            "32000",
-            "float32",
-            "full",
-            "ok",
-        ) and r["device"] == "cpu":
+        key = tuple(str(r[k]) for k in ("op", "N", "D", "V", "dtype", "mode", "status", "device"))
+        if key == ("token_kl", "4096", "512", "32000", "float32", "full", "ok", "cpu"):
             pick[r["impl"]] = r
     if "torch" not in pick or "materialized" not in pick:
         return "SPEC 4 CPU check: needs ok 'full' rows of torch and materialized (preset spec)"
@@ -116,7 +109,7 @@ def main(argv=None) -> int:
         print(f"no rows in {args.path}", file=sys.stderr)
         return 1
     print(table(rows, args.mode, args.op, skipped=not args.no_skipped))
-    if any(r["N"] == "4096" and r["V"] == "32000" and r["D"] == "512" for r in rows):
+    if any((r["N"], r["D"], r["V"]) == ("4096", "512", "32000") for r in rows):
         print("\n" + spec_verdict(rows))
     return 0
 
