@@ -726,14 +726,20 @@ def _fp32_out_gemm(a: Tensor) -> bool:
     return _OUT_DTYPE_GEMM[key]
 
 
+def _dense_on_cpu(a: Tensor) -> Tensor:
+    """CPU torch (2.13) bf16 mm reads past the columns of a row-strided left operand (a column
+    slice of a wider buffer) and returns NaN from the uninitialized padding: copy it dense."""
+    return a.contiguous() if a.device.type == "cpu" else a
+
+
 def _gemm_store(out: Tensor, a: Tensor, b: Tensor) -> None:
     """out (fp32) = a @ b."""
     if a.dtype == torch.float32:
         torch.mm(a, b, out=out)
     elif _fp32_out_gemm(a):
         torch.mm(a, b, out_dtype=torch.float32, out=out)  # fp32 accumulate and store
-    else:
-        out.copy_(torch.mm(a, b))  # one rounding to the input dtype, like the materialized path
+    else:  # one rounding to the input dtype, like the materialized path
+        out.copy_(torch.mm(_dense_on_cpu(a), b))
 
 
 class _Acc:
@@ -758,7 +764,7 @@ class _Acc:
             torch.addmm(self.sum, a, b, out_dtype=torch.float32, out=self.spare)
             self.sum, self.spare = self.spare, self.sum
         else:
-            self.sum.add_(torch.mm(a, b))
+            self.sum.add_(torch.mm(_dense_on_cpu(a), b))
 
 
 def _backward_gblock(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import zlib
 
 import torch
 
@@ -21,8 +22,9 @@ torch.set_flush_denormal(True)
 
 @pytest.fixture(autouse=True)
 def _seed(request):
-    # A fresh but reproducible seed per test (derived from its id), so shapes differ across tests.
-    seed = abs(hash(request.node.nodeid)) % (2**31)
+    # A reproducible seed per test, derived from its id (so inputs differ across tests);
+    # FGPO_TEST_SEED=k draws another set of inputs for every test.
+    seed = zlib.crc32(request.node.nodeid.encode()) ^ int(os.environ.get("FGPO_TEST_SEED", "0"))
     torch.manual_seed(seed)
     yield
 

@@ -173,7 +173,8 @@ def _materialized_error(case, dtype, grads, **kw):
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_low_precision_within_2x_of_pytorch(impl, dtype):
+@pytest.mark.parametrize("draw", range(3))  # several draws: a NaN once came from 2 seeds in 12
+def test_low_precision_within_2x_of_pytorch(impl, dtype, draw):
     case = make_case(lead=(41,), d=64, v=1009, dtype=dtype, mask="weights")
     grads = ("h", "hr", "w")
     ref, base = _materialized_error(case, dtype, grads)

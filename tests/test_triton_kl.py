@@ -105,10 +105,10 @@ def test_forward_odd_sizes_and_forced_splits(mode, splits):
     t = 0.85
     got = triton_kl.forward(h, hr, w, wr, t, splits=splits, config=TINY)
     ref = torch_impl.forward(*_f64((h, hr, w, wr)), t)
-    _check_forward(got, ref, 2e-6, f"[{mode}/splits={splits}] ")
+    _check_forward(got, ref, 2e-5, f"[{mode}/splits={splits}] ")
     # The default (interpreter) configuration and split choice give the same numbers.
     again = triton_kl.forward(h, hr, w, wr, t)
-    _check_forward(again, ref, 2e-6, f"[{mode}/default] ")
+    _check_forward(again, ref, 2e-5, f"[{mode}/default] ")
 
 
 @needs_triton
@@ -117,7 +117,7 @@ def test_forward_odd_sizes_and_forced_splits(mode, splits):
 def test_single_row(mode, bwd):
     h, hr, w, wr = _inputs(1, 24, 333, 40, shared=mode == "shared", logprob_only=mode == "logprob")
     stats = triton_kl.forward(h, hr, w, wr, 1.0, splits=2, config=TINY)
-    _check_forward(stats, torch_impl.forward(*_f64((h, hr, w, wr)), 1.0), 2e-6, f"[{mode}] ")
+    _check_forward(stats, torch_impl.forward(*_f64((h, hr, w, wr)), 1.0), 2e-5, f"[{mode}] ")
     has_ref = hr is not None
     need = (True, has_ref, True, has_ref and wr is not None)
     gs = _grads_in(1, has_ref)
@@ -166,7 +166,7 @@ def test_backward_many_row_blocks_grouped_order(bwd):
     n = 16 * (triton_kl._BWD_GROUP_N + 2) - 5
     h, hr, w, wr = _inputs(n, 20, 150, 24, shared=False)
     stats = triton_kl.forward(h, hr, w, wr, 1.0, splits=2, config=TINY)
-    _check_forward(stats, torch_impl.forward(*_f64((h, hr, w, wr)), 1.0), 2e-6, "[groups] ")
+    _check_forward(stats, torch_impl.forward(*_f64((h, hr, w, wr)), 1.0), 2e-5, "[groups] ")
     gs = _grads_in(n, True)
     need = (True, True, True, True)
     _check_backward((h, hr, w, wr, 1.0), stats, gs, need, 1e-5, "[groups] ", TINY, mode=bwd)
