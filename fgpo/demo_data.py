@@ -13,8 +13,9 @@ model's grounding measured. Questions are closed:
 
 ``left``/``right`` are image sides. In every answer the one word that decides it comes after a
 context shared by the right and the wrong answer, so a minimal edit changes exactly one token
-(``fgpo.editors.ReferenceEditor`` flips present/absent and swaps left/right). Everything is deterministic given ``seed``; ``contrast``
-(lesion brightness above the tissue, 0-255 scale) sets how hard the task is.
+(``fgpo.editors.ReferenceEditor`` flips present/absent and swaps left/right). Everything is
+deterministic given ``seed``; ``contrast`` (lesion brightness above the tissue, 0-255 scale)
+sets how hard the task is.
 """
 
 from __future__ import annotations

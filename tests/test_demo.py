@@ -137,7 +137,7 @@ def test_verdict_is_computed_from_the_numbers():
     win = demo.verdict(_fake_report(0.90, 0.85))
     assert "every baseline" in win["summary"]
     lose_dpo = demo.verdict(_fake_report(0.84, 0.86))
-    assert "does not beat DPO" in lose_dpo["summary"]
+    assert "not above DPO on at least one metric" in lose_dpo["summary"]
     assert any("below DPO on closed accuracy by 2.00 points" in s for s in lose_dpo["details"])
     worse = demo.verdict(_fake_report(0.79, 0.86))
     assert "does NOT improve on the SFT start" in worse["summary"]
