@@ -146,11 +146,11 @@ def plot_e2e(rows: list[dict], out_dir: Path, plt) -> list[Path]:
         b, seq_len, resp, span = seq.split("x")
         fig.suptitle(
             f"one FiRe-MPO step, {shape}: D={d}, V={v}, B={b}, L={seq_len}, "
-            f"response {resp}, span {span}, 8 passes, {dtype} on {rs[0].get('device_name')}",
+            f"response {resp}, span {span}, 8 passes\n{dtype} on {rs[0].get('device_name')}",
             fontsize=9,
         )
         fig.tight_layout()
-        tag = shape.replace(":", "_").replace("/", "_")
+        tag = shape.replace(":", "_").replace("/", "_") + f"_B{b}_L{seq_len}"
         path = out_dir / f"fire_mpo_step_{device}_{dtype}_{tag}.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)
