@@ -35,3 +35,15 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     den = b.norm().item()
     num = (a - b).norm().item()
     return num / den if den > 0 else num
+
+
+def compare(got: dict, ref: dict, vtol: float, gtol: float, label: str = "") -> None:
+    """Every entry of ``ref`` against ``got``: same shape, finite, norm-relative error within
+    ``gtol`` for gradients (keys starting with "d") and ``vtol`` for values."""
+    for k, r in ref.items():
+        g = got[k]
+        assert g.shape == r.shape, f"{label}{k}: shape {tuple(g.shape)} vs {tuple(r.shape)}"
+        assert torch.isfinite(g).all(), f"{label}{k}: non-finite values"
+        e = rel_err(g, r)
+        tol = gtol if k.startswith("d") else vtol
+        assert e <= tol, f"{label}{k}: rel err {e:.3e} > {tol:.1e}\n got {g}\n ref {r}"

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import rel_err
+from conftest import compare, rel_err
 
 import fgpo_kernels as fk
 from fgpo_kernels import FiReMPOLoss, SequenceStates, _registry
@@ -122,16 +122,6 @@ def ours(batch, impl, dtype=torch.float32, loss_fn=None, **cfg):
     for k, s in seqs.items():
         res["d_" + k] = s.policy.grad if s.policy.grad is not None else torch.zeros_like(s.policy)
     return res, out
-
-
-def compare(got, ref, vtol, gtol, label=""):
-    for k, r in ref.items():
-        g = got[k]
-        assert g.shape == r.shape, f"{label}{k}: shape {tuple(g.shape)} vs {tuple(r.shape)}"
-        assert torch.isfinite(g).all(), f"{label}{k}: non-finite values"
-        e = rel_err(g, r)
-        tol = gtol if k.startswith("d") else vtol
-        assert e <= tol, f"{label}{k}: rel err {e:.3e} > {tol:.1e}\n got {g}\n ref {r}"
 
 
 # ---------------------------------------------------------------- correctness

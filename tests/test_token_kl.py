@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import rel_err
+from conftest import compare, rel_err
 
 import fgpo_kernels as fk
 from fgpo_kernels import _registry
@@ -112,16 +112,6 @@ def run(
         if x.requires_grad:
             res["d" + k] = x.grad
     return res
-
-
-def compare(got, ref, vtol, gtol, label=""):
-    for k, r in ref.items():
-        g = got[k]
-        assert g.shape == r.shape, f"{label}{k}: shape {tuple(g.shape)} vs {tuple(r.shape)}"
-        assert torch.isfinite(g).all(), f"{label}{k}: non-finite values"
-        e = rel_err(g, r)
-        tol = gtol if k.startswith("d") else vtol
-        assert e <= tol, f"{label}{k}: rel err {e:.3e} > {tol:.1e}"
 
 
 @pytest.mark.parametrize("impl", IMPLS)
