@@ -179,6 +179,14 @@ class _NoCtx:
         pass
 
 
+def _select_rows(active: Tensor | None, *xs: Tensor | None):
+    """(row indices or None when every row is active, each x restricted to the active rows)."""
+    if active is None or bool(active.all()):
+        return None, xs
+    rows = active.nonzero().squeeze(-1)
+    return rows, tuple(None if x is None else x.index_select(0, rows) for x in xs)
+
+
 def _expand(vals: Tensor | None, rows: Tensor | None, n: int, like: Tensor) -> Tensor:
     """Rows computed for the selected positions, zeros elsewhere, as fp32 (n,)."""
     if vals is None:
@@ -238,14 +246,7 @@ def token_kl(
         active = m != 0
         if tgt is not None:
             active = active | (tgt >= 0)
-    rows = None
-    if active is not None and not bool(active.all()):
-        rows = active.nonzero().squeeze(-1)
-        h, hr, tgt_sel = h.index_select(0, rows), hr.index_select(0, rows), None
-        if tgt is not None:
-            tgt_sel = tgt.index_select(0, rows)
-    else:
-        tgt_sel = tgt
+    rows, (h, hr, tgt_sel) = _select_rows(active, h, hr, tgt)
     tgt_rows = (
         tgt_sel
         if tgt_sel is not None
@@ -300,11 +301,7 @@ def token_logprobs(
     )
     name = _registry.resolve(impl, h.device)
     n = h.shape[0]
-    rows = None
-    valid = tgt >= 0
-    if not bool(valid.all()):
-        rows = valid.nonzero().squeeze(-1)
-        h, tgt = h.index_select(0, rows), tgt.index_select(0, rows)
+    rows, (h, tgt) = _select_rows(tgt >= 0, h, tgt)
     lp = _stats(h, None, w, None, tgt, temperature, name)[2]
     return _expand(lp, rows, n, hidden).reshape(lead)
 
