@@ -3,7 +3,7 @@
 Both run the same tiny LLaVA (``fgpo.tiny``; LoRA on the language model, reference = adapters
 disabled), the same batch and the same optimizer step. They differ only in the loss path:
 
-- ``ours``: ``fgpo.trainer.Trainer``: backbone hidden states, ``FiReMPOLoss`` projects only the
+- ``ours``: ``fgpo.train.Trainer``: backbone hidden states, ``FiReMPOLoss`` projects only the
   masked rows with the fused kernels; no logits exist.
 - ``materialized``: the Hub forward (``model(...).logits``: full (tokens x vocab) logits of all
   4B policy and 4B reference sequences), ``log_softmax`` everywhere, the same objective from
@@ -56,7 +56,7 @@ class _Out:
 
 def materialized_trainer_cls():
     from fgpo import models as M
-    from fgpo.trainer import Trainer
+    from fgpo.train import Trainer
 
     class MaterializedTrainer(Trainer):
         """Same trainer, loss from full logits (the way the kernels avoid)."""
@@ -94,13 +94,13 @@ def materialized_trainer_cls():
 
 
 def worker(args) -> dict:
-    from fgpo import tiny
-    from fgpo.config import TrainConfig
-    from fgpo.trainer import Trainer
+    from fgpo.models import tiny
+    from fgpo.pairs.synthetic import make_preference_set
+    from fgpo.train import TrainConfig, Trainer
 
     torch.set_num_threads(args.threads)
     out_dir = tempfile.mkdtemp(prefix="fgpo_bench_")
-    prefs = tiny.make_preference_set(os.path.join(out_dir, "data"), n=args.batch, seed=0)
+    prefs = make_preference_set(os.path.join(out_dir, "data"), n=args.batch, seed=0)
     model, proc = tiny.build_tiny(
         "tiny-llava", hidden=args.hidden, layers=args.layers, vocab_size=args.vocab
     )

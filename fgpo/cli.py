@@ -17,10 +17,10 @@ import importlib
 import sys
 
 _COMMANDS = {
-    "train": ("fgpo.train", "FiRe-MPO training of a vision-language model"),
-    "prepare": ("fgpo.prepare", "build on-policy preference pairs from a VQA/report dataset"),
-    "eval": ("fgpo.evaluate", "closed/open accuracy, report F1 and grounding score"),
-    "demo": ("fgpo.demo", "the embedded end-to-end demo (CPU, no network)"),
+    "train": ("fgpo.train.command", "FiRe-MPO training of a vision-language model"),
+    "prepare": ("fgpo.pairs.prepare", "build on-policy preference pairs from a VQA/report dataset"),
+    "eval": ("fgpo.eval.evaluate", "closed/open accuracy, report F1 and grounding score"),
+    "demo": ("fgpo.demo.run", "the embedded end-to-end demo (CPU, no network)"),
     "example": ("fgpo.example", "a small working example of the fused ops"),
 }
 

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fgpo.corrupt import (
+from fgpo.data import VQAExample
+from fgpo.pairs.corrupt import (
     CorruptConfig,
     corrupt_example,
     corrupt_image,
@@ -15,7 +16,6 @@ from fgpo.corrupt import (
     mask_from_polygons,
     seed_from_id,
 )
-from fgpo.datasets import VQAExample
 
 H, W = 97, 131  # odd sizes
 BOX = (40, 30, 81, 61)  # x0, y0, x1, y1 (exclusive ends)
@@ -265,7 +265,7 @@ def centre_segmenter(image, ex):
 
 
 def test_load_segmenter_from_a_spec(rng):
-    from fgpo.corrupt import load_segmenter
+    from fgpo.pairs.corrupt import load_segmenter
 
     seg = load_segmenter("test_corrupt:centre_segmenter")
     res = corrupt_image(scan(rng), example(), CorruptConfig(segmenter=seg))

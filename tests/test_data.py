@@ -8,7 +8,9 @@ import os
 import pytest
 import torch
 
-from fgpo import data, models, tiny
+from fgpo import data, models
+from fgpo.models import tiny
+from fgpo.pairs.synthetic import make_preference_set
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -79,7 +81,7 @@ def test_encode_alignment_and_masks(llava):
 
 
 def _records(tmp_path, n=6):
-    path = tiny.make_preference_set(str(tmp_path), n=n, seed=1)
+    path = make_preference_set(str(tmp_path), n=n, seed=1)
     with open(path) as f:
         return path, json.load(f)
 
@@ -93,7 +95,7 @@ def test_dataset_skips_and_errors(tmp_path, llava):
     recs[3]["chosen"] = recs[3]["chosen"].replace("<mask>", "").replace("</mask>", "")
     recs[3]["rejected"] = recs[3]["rejected"].replace("<mask>", "").replace("</mask>", "")
     recs[4]["chosen"] = "a <mask>b"
-    with pytest.raises(data.MaskTagError, match=r"record 4 \(id='tiny-00004'\) field 'chosen'"):
+    with pytest.raises(data.MaskTagError, match=r"record 4 \(id='tiny-1-4'\) field 'chosen'"):
         data.PreferenceDataset(recs, proc, image_root=str(tmp_path))
     ds = data.PreferenceDataset(recs, proc, image_root=str(tmp_path), on_bad_tags="skip")
     items = [ds[k] for k in range(len(ds))]

@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fgpo.datasets import (
-    REPORT_QUESTION,
+from fgpo.data import (
     DatasetError,
     VQAExample,
     examples_from_json,
@@ -22,7 +21,8 @@ from fgpo.datasets import (
     load_vqa_rad,
     open_image,
 )
-from fgpo.dicom import DicomError, apply_window, read_dicom
+from fgpo.data.dicom import DicomError, apply_window, read_dicom
+from fgpo.data.loaders import REPORT_QUESTION
 
 pydicom = pytest.importorskip("pydicom")
 from pydicom.data import get_testdata_file  # noqa: E402

@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from fgpo import demo, demo_data, demo_model
 from fgpo.cli import main
+from fgpo.data import synthetic as demo_data
+from fgpo.demo import model as demo_model
+from fgpo.demo import run as demo
 
 
 def test_dataset_is_deterministic_and_labels_match_the_images():
@@ -91,12 +93,12 @@ def test_greedy_answers_match_step_by_step_full_logits():
 
 
 def test_grounding_matches_fgpo_evaluate(tmp_path):
-    from fgpo.corrupt import CorruptConfig
-    from fgpo.datasets import open_image
-    from fgpo.evaluate import grounding_score
+    from fgpo.data import open_image
+    from fgpo.eval import grounding_score
+    from fgpo.pairs.corrupt import CorruptConfig
 
     raw = demo_data.make_dataset(12, 4)
-    vqa = demo._write_split(raw, tmp_path)
+    vqa = demo_data.write_examples(raw, tmp_path)
     tok = demo_model.WordTokenizer(demo_data.vocabulary())
     model = demo_model.build_tiny_llava(len(tok), tok.image_token_id, seed=1)
     run = demo.Runner(tok, model.n_image_tokens)
@@ -115,7 +117,7 @@ def test_grounding_matches_fgpo_evaluate(tmp_path):
     for ex in vqa:
         if ex.has_lesion:
             by_q[(ex.question, ex.answer, np.asarray(open_image(ex.image_path)).tobytes())] = ex
-            from fgpo.corrupt import corrupt_image
+            from fgpo.pairs.corrupt import corrupt_image
 
             bad = corrupt_image(open_image(ex.image_path), ex, cfg).image
             by_q[(ex.question, ex.answer, np.asarray(bad.convert("L")).tobytes())] = ex

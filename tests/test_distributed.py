@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from fgpo import tiny
+from fgpo.pairs.synthetic import make_preference_set
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -30,7 +30,7 @@ def setup(tmp_path_factory):
     base = tmp_path_factory.mktemp("dist")
     env = dict(os.environ, FGPO_CACHE=str(base / "cache"), OMP_NUM_THREADS="1")
     env.pop("WORLD_SIZE", None)
-    prefs = tiny.make_preference_set(str(base / "data"), n=16, seed=5)
+    prefs = make_preference_set(str(base / "data"), n=16, seed=5)
     cfg = dict(
         model="tiny-llava",
         dtype="float32",
@@ -56,7 +56,7 @@ def setup(tmp_path_factory):
     path.write_text(yaml.safe_dump(cfg))
     # Build the tiny model once so the processes do not race on the cache.
     subprocess.run(
-        [sys.executable, "-c", "from fgpo import tiny; tiny.ensure_tiny_model('tiny-llava')"],
+        [sys.executable, "-c", "import fgpo.models.tiny as t; t.ensure_tiny_model('tiny-llava')"],
         env=env,
         check=True,
     )

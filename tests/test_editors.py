@@ -9,19 +9,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from fgpo.data import parse_mask_tags
-from fgpo.datasets import VQAExample
-from fgpo.editors import (
-    Editor,
-    LLMEditor,
-    LLMEditorError,
-    ReferenceEditor,
-    SkipExample,
-    change_ratio,
-    polarity,
-    strip_tags,
-    tag_diff,
-)
+from fgpo.data import SkipExample, VQAExample, parse_mask_tags, strip_tags
+from fgpo.pairs.editors import Editor, ReferenceEditor
+from fgpo.pairs.llm import LLMEditor, LLMEditorError
+from fgpo.pairs.text import change_ratio, polarity, tag_diff
 
 
 def ex(question, answer, atype="open", options=(), id="7", qid="3"):

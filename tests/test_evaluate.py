@@ -11,11 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fgpo.corrupt import CorruptConfig
-from fgpo.data import PreferenceDataset, load_records, parse_mask_tags
-from fgpo.datasets import VQAExample
-from fgpo.editors import ReferenceEditor, SkipExample
-from fgpo.evaluate import (
+from fgpo.data import PreferenceDataset, SkipExample, VQAExample, load_records, parse_mask_tags
+from fgpo.eval import (
     ModelFns,
     answer_recall,
     closed_correct,
@@ -25,7 +22,7 @@ from fgpo.evaluate import (
     score_answers,
     token_f1,
 )
-from fgpo.prepare import prepare_pairs
+from fgpo.pairs import CorruptConfig, ReferenceEditor, prepare_pairs
 
 BOX = (12, 9, 27, 22)
 
@@ -382,8 +379,8 @@ def test_answer_logprob_matches_materialized_logits():
     """The CLI's log-prob (hidden states + token_logprobs) equals log_softmax of full logits."""
     import torch
 
-    from fgpo.prepare import answer_logprob_fn
-    from fgpo.tiny import build_tiny
+    from fgpo.models.inference import answer_logprob_fn
+    from fgpo.models.tiny import build_tiny
 
     model, proc = build_tiny("tiny-llava")
     model.eval()
@@ -404,8 +401,7 @@ def test_answer_logprob_matches_materialized_logits():
 def test_prepare_pairs_unreadable_files_are_counted_and_dicom_becomes_png(tmp_path):
     from pydicom.data import get_testdata_file
 
-    from fgpo.data import open_image as trainer_open_image
-    from fgpo.datasets import open_image
+    from fgpo.data import open_image
 
     exs = examples(tmp_path)[:3]
     gone = exs[1]
@@ -436,7 +432,7 @@ def test_prepare_pairs_unreadable_files_are_counted_and_dicom_becomes_png(tmp_pa
     assert "rejected_image_path" not in recs[1]
     ct = recs[2]
     assert ct["image_path"].endswith(".png") and Path(ct["image_path"]).is_file()
-    assert trainer_open_image(ct["image_path"]).size == (128, 128)
+    assert open_image(ct["image_path"]).size == (128, 128)
     assert Path(ct["rejected_image_path"]).is_file()
     out = evaluate({"answer": answer, "logprob": lesion_reader}, [*exs, dcm])
     assert out["n_unanswered"] == 1 and out["n_closed"] == 2

@@ -11,9 +11,10 @@ import os
 import pytest
 import torch
 
-from fgpo import models, tiny
-from fgpo.config import TrainConfig
-from fgpo.trainer import Trainer
+from fgpo import models
+from fgpo.models import tiny
+from fgpo.pairs.synthetic import make_preference_set
+from fgpo.train import TrainConfig, Trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -38,7 +39,7 @@ def llava():
 
 @pytest.fixture(scope="module")
 def prefs(tmp_path_factory):
-    return tiny.make_preference_set(str(tmp_path_factory.mktemp("prefs")), n=16, seed=3)
+    return make_preference_set(str(tmp_path_factory.mktemp("prefs")), n=16, seed=3)
 
 
 def _cfg(tmp_path, prefs, **kw) -> TrainConfig:
@@ -111,7 +112,7 @@ def test_first_step_matches_materialized_logits(tmp_path, prefs, llava):
     tr.load_data()
     head = models.lm_head_weight(tr.model)
     calls = []
-    hook = models._unwrap(tr.model).lm_head.register_forward_hook(lambda *a: calls.append(1))
+    hook = models.unwrap(tr.model).lm_head.register_forward_hook(lambda *a: calls.append(1))
     (b,) = tr.encode(0)
     row = tr.train_step(0)
     hook.remove()
@@ -297,7 +298,7 @@ def test_dpo_preset_uses_response_mask_and_no_corrupt_passes(tmp_path, prefs, ll
 
 
 def test_cli_tiny_config(tmp_path):
-    from fgpo import train
+    from fgpo.train import command as train
 
     out = tmp_path / "cli"
     args = argparse.Namespace(

@@ -26,9 +26,20 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from ..data import (
+    LOADERS,
+    DatasetError,
+    SkipExample,
+    VQAExample,
+    has_tags,
+    is_dicom,
+    load_dataset,
+    open_image,
+    write_records,
+)
 from .corrupt import MODES, CorruptConfig, corrupt_example, load_segmenter, seed_from_id
-from .datasets import LOADERS, DatasetError, VQAExample, is_dicom, load_dataset, open_image
-from .editors import Editor, LLMEditor, LLMEditorError, ReferenceEditor, SkipExample, has_tags
+from .editors import Editor, ReferenceEditor
+from .llm import LLMEditor, LLMEditorError
 
 log = logging.getLogger(__name__)
 
@@ -128,104 +139,6 @@ def _trainer_image(path: str, image_dir: Path) -> str:
     return str(out)
 
 
-def write_records(records: list[dict], path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(records, f, indent=1, ensure_ascii=False)
-    return path
-
-
-# ----------------------------------------------------------------------------- model answers
-
-
-def load_hf(
-    model_name: str,
-    *,
-    dtype: str = "float32",
-    adapter: str | None = None,
-    device: str | None = None,
-):
-    """(model, processor, device) through ``fgpo.models.load_model`` (+ a PEFT adapter dir)."""
-    import torch
-
-    from .models import load_model
-
-    model, proc = load_model(model_name, dtype=dtype)
-    if adapter:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, adapter)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model.to(device).eval()
-    return model, proc, device
-
-
-def _model_inputs(proc, image, question: str, device, answer_ids=()):
-    import torch
-
-    ids, img = proc.encode_prompt(image, question)
-    input_ids = torch.tensor([list(ids) + list(answer_ids)], device=device)
-    inputs = {
-        "input_ids": input_ids,
-        "attention_mask": torch.ones_like(input_ids),
-        **{k: v.to(device) for k, v in img.items()},
-        **{k: v.to(device) for k, v in proc.extra_model_inputs(input_ids).items()},
-    }
-    return inputs, len(ids)
-
-
-def greedy_answer_fn(model, proc, device, *, max_new_tokens: int = 64) -> AnswerFn:
-    """Greedy answers (``model.generate``, no sampling) for examples."""
-    import torch
-
-    from .datasets import open_image
-
-    @torch.no_grad()
-    def answer(ex: VQAExample) -> str:
-        inputs, n = _model_inputs(proc, open_image(ex.image_path), ex.question, device)
-        out = model.generate(
-            **inputs,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=proc.pad_token_id,
-            eos_token_id=proc.eos_token_id,
-        )
-        return proc.decode(out[0, n:], skip_special_tokens=True).strip()
-
-    return answer
-
-
-def answer_logprob_fn(model, proc, device):
-    """``logprob(image, question, answer) -> float``: the summed log-prob of the answer tokens
-    (eos included, as the trainer encodes responses: ``fgpo.data.encode_example``) given the
-    image and question, from backbone hidden states and the LM-head weight through
-    ``fgpo_kernels.token_logprobs`` (no logits tensor)."""
-    import torch
-
-    import fgpo_kernels as fk
-
-    from .data import IGNORE_INDEX, encode_example
-    from .models import backbone_hidden_states, lm_head_weight
-
-    @torch.no_grad()
-    def logprob(image, question: str, answer: str) -> float:
-        enc = encode_example(proc, image, question, answer.strip())
-        input_ids = enc["input_ids"][None].to(device)
-        inputs = {
-            "input_ids": input_ids,
-            "attention_mask": enc["attention_mask"][None].to(device),
-            **{k: v.to(device) for k, v in enc["image"].items()},
-            **{k: v.to(device) for k, v in proc.extra_model_inputs(input_ids).items()},
-        }
-        hidden = backbone_hidden_states(model, **inputs)[0]
-        targets = enc["targets"].to(hidden.device)
-        rows = targets != IGNORE_INDEX  # already aligned: hidden row t predicts targets[t]
-        return float(fk.token_logprobs(hidden[rows], lm_head_weight(model), targets[rows]).sum())
-
-    return logprob
-
-
 # ----------------------------------------------------------------------------- CLI
 
 
@@ -311,8 +224,11 @@ def run(args) -> int:
     if args.answers:
         answer_fn = _answers_from_file(args.answers)
     else:
-        model, proc, device = load_hf(args.model, dtype=args.dtype, adapter=args.adapter)
-        answer_fn = greedy_answer_fn(model, proc, device, max_new_tokens=_max_new(args))
+        from ..models.inference import default_max_new_tokens, greedy_answer_fn, load_for_inference
+
+        model, proc, device = load_for_inference(args.model, dtype=args.dtype, adapter=args.adapter)
+        max_new = args.max_new_tokens or default_max_new_tokens(args.dataset)
+        answer_fn = greedy_answer_fn(model, proc, device, max_new_tokens=max_new)
     out = Path(args.out)
     stats: Counter = Counter()
     t0 = time.perf_counter()
@@ -331,9 +247,3 @@ def run(args) -> int:
     print(f"{report.summary()}")
     print(f"wrote {len(records)} pairs to {path}; counts: {dict(sorted(stats.items()))}")
     return 0
-
-
-def _max_new(args) -> int:
-    if args.max_new_tokens is not None:
-        return args.max_new_tokens
-    return 160 if args.dataset == "iu_xray" else 64

@@ -35,10 +35,10 @@ from torch import nn
 
 import fgpo_kernels as fk
 
+from .. import models as M
+from ..data import PreferenceCollator, PreferenceDataset
 from . import checkpoint as ckpt
-from . import models as M
 from .config import TrainConfig
-from .data import PreferenceCollator, PreferenceDataset
 
 _MODEL_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")
 _GROUPS = ("chosen", "rejected", "chosen_corrupt", "rejected_corrupt")
@@ -133,7 +133,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # LoRA init is identical on every process
         model, processor, reference = self._given
         if model is None:
-            from . import tiny
+            from ..models import tiny
 
             if tiny.is_tiny_name(cfg.model):
                 if self.is_main:
@@ -195,9 +195,9 @@ class Trainer:
         cfg = self.cfg
         if cfg.generate_tiny_data and not os.path.exists(cfg.train_file):
             if self.is_main:
-                from . import tiny
+                from ..pairs.synthetic import make_preference_set
 
-                tiny.make_preference_set(
+                make_preference_set(
                     os.path.dirname(os.path.abspath(cfg.train_file)) or ".",
                     n=cfg.generate_tiny_data,
                     seed=cfg.seed,

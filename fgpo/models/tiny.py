@@ -1,28 +1,23 @@
-"""Tiny random vision-language models and a small generated preference set, built offline.
+"""Tiny random vision-language models, built offline: the one tiny-model builder and the one
+tokenizer of the project (tests, the demo, ``fgpo train --config tiny``).
 
 ``tiny-llava``, ``tiny-qwen2-vl``, ``tiny-qwen2.5-vl`` and ``tiny-qwen3-vl`` (when the installed
 transformers has Qwen3-VL) are real Hub architectures with a few layers of width 64, random
-weights, a word-level tokenizer trained on the generator's sentences and a PIL image processor
+weights, a word-level tokenizer over a fixed vocabulary (the generated data's words and common
+radiology words) and a PIL image processor
 (no torchvision). ``ensure_tiny_model(name)`` builds one once into a cache directory
 (``$FGPO_CACHE`` or ``~/.cache/fgpo``) so ``load_model`` can read it through the Auto classes.
-
-``make_preference_set(out_dir, n)`` writes ``n`` records in the reference JSON format: a
-synthetic "scan" with a bright lesion on the left or right, the question about it, a chosen
-answer naming the right side and a rejected one naming the wrong side, the differing words
-inside ``<mask>`` tags, and for every other record a lesion-corrupted copy of the image.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import random
 from typing import Any
 
-import numpy as np
+from ..data import synthetic
 
 TINY_NAMES = ("tiny-llava", "tiny-qwen2-vl", "tiny-qwen2.5-vl", "tiny-qwen3-vl")
-_VERSION = "v1"  # bump when the builders change so caches are rebuilt
+_VERSION = "v2"  # bump when the builders change so caches are rebuilt
 
 _SIDES = ("left", "right")
 _FINDINGS = ("nodule", "opacity", "effusion", "mass", "lesion")
@@ -55,16 +50,24 @@ def cache_dir() -> str:
     return os.environ.get("FGPO_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "fgpo")
 
 
-def build_tokenizer() -> Any:
-    """A word-level fast tokenizer over the generator's vocabulary (lower-cased, punctuation
-    split), with pad/unk/bos/eos and the image tokens of both families as special tokens."""
+def vocabulary() -> list[str]:
+    """The tiny tokenizer's words: the generated data's (:mod:`fgpo.data.synthetic`) and a few
+    common radiology words, so small hand-written test answers encode without unknown words."""
+    words = [*_WORDS, *_SIDES, *_FINDINGS, *_ORGANS, ".", ",", "?", ":", *synthetic.vocabulary()]
+    return list(dict.fromkeys(words))
+
+
+def build_tokenizer(words: list[str] | None = None) -> Any:
+    """A word-level fast tokenizer (lower-cased, punctuation split) over ``words`` (default:
+    :func:`vocabulary`), with pad/unk/bos/eos and the image tokens of both families as special
+    tokens."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    words = [*_WORDS, *_SIDES, *_FINDINGS, *_ORGANS, ".", ",", "?", ":"]
+    words = vocabulary() if words is None else words
     trainer = trainers.WordLevelTrainer(special_tokens=_SPECIALS, min_frequency=1)
     tok.train_from_iterator([" ".join(words)], trainer)
     return PreTrainedTokenizerFast(
@@ -87,7 +90,7 @@ def build_tiny(
     import torch
     import transformers as T
 
-    from .models import processor_for_config
+    from .processor import processor_for_config
 
     if not is_tiny_name(name):
         raise ValueError(f"unknown tiny model {name!r}; choose from {TINY_NAMES}")
@@ -198,61 +201,4 @@ def ensure_tiny_model(name: str) -> str:
         import shutil
 
         shutil.rmtree(tmp, ignore_errors=True)
-    return path
-
-
-# ----------------------------------------------------------------------------------------------
-# Preference data
-# ----------------------------------------------------------------------------------------------
-
-
-def _scan(rng: np.random.Generator, side: str, size: int = 32) -> np.ndarray:
-    img = rng.normal(60, 12, (size, size)).clip(0, 255)
-    cx = size // 4 if side == "left" else 3 * size // 4
-    cy = int(rng.integers(size // 4, 3 * size // 4))
-    yy, xx = np.mgrid[:size, :size]
-    blob = ((yy - cy) ** 2 + (xx - cx) ** 2) <= (size // 8) ** 2
-    img[blob] = 220
-    return np.repeat(img[..., None], 3, axis=2).astype(np.uint8), blob
-
-
-def make_preference_set(
-    out_dir: str, n: int = 32, seed: int = 0, corrupt_every: int = 2, size: int = 32
-) -> str:
-    """Write ``n`` synthetic preference records and their images; returns the JSON path.
-
-    Image paths in the JSON are relative to the JSON file's directory.
-    """
-    from PIL import Image
-
-    os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
-    rng = np.random.default_rng(seed)
-    prng = random.Random(seed)
-    records = []
-    for i in range(n):
-        side = _SIDES[i % 2]
-        wrong = _SIDES[1 - i % 2]
-        finding = prng.choice(_FINDINGS)
-        organ = prng.choice(_ORGANS)
-        arr, blob = _scan(rng, side, size)
-        rel = f"images/{i:05d}.png"
-        Image.fromarray(arr).save(os.path.join(out_dir, rel))
-        rec = {
-            "id": f"tiny-{i:05d}",
-            "qid": i,
-            "prompt": f"which side of the {organ} shows the {finding} ?",
-            "chosen": f"the {finding} is seen in the <mask>{side}</mask> {organ} .",
-            "rejected": f"the {finding} is seen in the <mask>{wrong}</mask> {organ} .",
-            "image_path": rel,
-        }
-        if corrupt_every and i % corrupt_every == 0:
-            noisy = arr.astype(np.float64)
-            noisy[blob] += rng.normal(0, 45, (int(blob.sum()), 3))
-            crel = f"images/{i:05d}_corrupt.png"
-            Image.fromarray(noisy.clip(0, 255).astype(np.uint8)).save(os.path.join(out_dir, crel))
-            rec["rejected_image_path"] = crel
-        records.append(rec)
-    path = os.path.join(out_dir, "preferences.json")
-    with open(path, "w") as f:
-        json.dump(records, f, indent=1)
     return path

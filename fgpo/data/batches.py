@@ -1,8 +1,4 @@
-"""Preference data: mask tags → token masks, encoding, the dataset and the collator.
-
-Records are the reference JSON format: a list of objects with ``prompt``, ``chosen`` and
-``rejected`` (the differing spans inside ``<mask>…</mask>``), ``image_path``, optional
-``rejected_image_path`` (the lesion-corrupted image v'), ``id`` and ``qid``.
+"""Preference records → token ids, shifted targets, span/response masks, padded batches.
 
 Alignment is done once, here: for a sequence of ids ``x`` (prompt then response),
 ``targets[t] = x[t+1]`` where ``x[t+1]`` is a response token (else -100), and the masks are
@@ -18,7 +14,6 @@ masks, over-long) are skipped and counted by reason (``PreferenceDataset.skipped
 from __future__ import annotations
 
 import itertools
-import json
 import os
 from collections import Counter
 from dataclasses import dataclass
@@ -26,91 +21,11 @@ from typing import Any
 
 import torch
 
-OPEN_TAG = "<mask>"
-CLOSE_TAG = "</mask>"
+from .errors import MaskTagError, SkipExample
+from .images import open_image
+from .records import load_records, parse_mask_tags
+
 IGNORE_INDEX = -100
-
-
-class MaskTagError(ValueError):
-    """Unbalanced or nested ``<mask>`` tags."""
-
-
-class SkipExample(Exception):
-    """An example that cannot be used; ``reason`` is a short key for the skip counter."""
-
-    def __init__(self, reason: str, detail: str = "") -> None:
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
-
-
-def parse_mask_tags(text: str) -> tuple[str, list[tuple[int, int]]]:
-    """Remove ``<mask>``/``</mask>`` tags; return the clean text and the spans' char ranges.
-
-    >>> parse_mask_tags("the <mask>left</mask> lung")
-    ('the left lung', [(4, 8)])
-
-    Raises ``MaskTagError`` for a closing tag without an opening one, an opening tag inside an
-    open span (nesting), or a span left open at the end. Empty spans are kept as ``(i, i)``.
-    """
-    if not isinstance(text, str):
-        raise TypeError(f"text must be a str, got {type(text).__name__}")
-    out: list[str] = []
-    spans: list[tuple[int, int]] = []
-    pos = 0  # position in the clean text
-    i = 0
-    start: int | None = None
-    while i < len(text):
-        if text.startswith(OPEN_TAG, i):
-            if start is not None:
-                raise MaskTagError(f"nested {OPEN_TAG} at character {i} of {text!r}")
-            start = pos
-            i += len(OPEN_TAG)
-        elif text.startswith(CLOSE_TAG, i):
-            if start is None:
-                raise MaskTagError(f"{CLOSE_TAG} without {OPEN_TAG} at character {i} of {text!r}")
-            spans.append((start, pos))
-            start = None
-            i += len(CLOSE_TAG)
-        else:
-            out.append(text[i])
-            pos += 1
-            i += 1
-    if start is not None:
-        raise MaskTagError(f"unclosed {OPEN_TAG} (opened at clean character {start}) in {text!r}")
-    return "".join(out), spans
-
-
-def load_records(path: str) -> list[dict[str, Any]]:
-    """Read a JSON list (or JSON lines) of preference records; checks the required keys."""
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    stripped = text.lstrip()
-    if stripped.startswith("["):
-        records = json.loads(text)
-    else:
-        records = [json.loads(line) for line in text.splitlines() if line.strip()]
-    if not isinstance(records, list):
-        raise ValueError(f"{path}: expected a JSON list of records, got {type(records).__name__}")
-    for k, r in enumerate(records):
-        if not isinstance(r, dict):
-            raise ValueError(f"{path}: record {k} is a {type(r).__name__}, not an object")
-        missing = [key for key in ("prompt", "chosen", "rejected", "image_path") if key not in r]
-        if missing:
-            raise ValueError(f"{path}: record {k} (id={r.get('id')!r}) lacks {missing}")
-    return records
-
-
-def open_image(path: str) -> Any:
-    """Open an image as RGB, raising ``SkipExample`` when missing or unreadable."""
-    from PIL import Image, UnidentifiedImageError
-
-    if not os.path.exists(path):
-        raise SkipExample("missing_image", path)
-    try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise SkipExample("unreadable_image", f"{path}: {e}") from None
 
 
 def _tokenize_response(tokenizer: Any, text: str, spans: list[tuple[int, int]]):
@@ -304,6 +219,28 @@ class PreferenceDataset:
         return EncodedPair(k, str(r.get("id", k)), chosen, rejected, cc, rc, img, cimg)
 
 
+_SEQ_KEYS = ("input_ids", "attention_mask", "targets", "span_mask", "response_mask")
+
+
+def pad_sequences(seqs: list[dict[str, Any]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad encoded sequences (:func:`encode_response` outputs) into ``(S, L)`` tensors:
+    the pad id, attention 0, targets -100 and masks 0 after each sequence's end."""
+    width = max(s["input_ids"].numel() for s in seqs)
+    n = len(seqs)
+    out = {
+        "input_ids": torch.full((n, width), int(pad_token_id), dtype=torch.long),
+        "attention_mask": torch.zeros((n, width), dtype=torch.long),
+        "targets": torch.full((n, width), IGNORE_INDEX, dtype=torch.long),
+        "span_mask": torch.zeros((n, width)),
+        "response_mask": torch.zeros((n, width)),
+    }
+    for i, s in enumerate(seqs):
+        m = s["input_ids"].numel()
+        for key in _SEQ_KEYS:
+            out[key][i, :m] = s[key]
+    return out
+
+
 def _cat_images(images: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     # LLaVA: (1, C, H, W) per image; Qwen-VL: (patches, dim) + (1, 3) grid; both concat on dim 0.
     return {k: torch.cat([im[k] for im in images], 0) for k in images[0]}
@@ -339,19 +276,7 @@ class PreferenceCollator:
                     c = getattr(it, f"{key}_corrupt")
                     seqs.append(c if c is not None else getattr(it, key))
                     images.append(it.corrupt_image if c is not None else it.image)
-        width = max(s["input_ids"].numel() for s in seqs)
-        n = len(seqs)
-        out: dict[str, Any] = {
-            "input_ids": torch.full((n, width), self.pad_token_id, dtype=torch.long),
-            "attention_mask": torch.zeros((n, width), dtype=torch.long),
-            "targets": torch.full((n, width), IGNORE_INDEX, dtype=torch.long),
-            "span_mask": torch.zeros((n, width)),
-            "response_mask": torch.zeros((n, width)),
-        }
-        for i, s in enumerate(seqs):
-            m = s["input_ids"].numel()
-            for key in ("input_ids", "attention_mask", "targets", "span_mask", "response_mask"):
-                out[key][i, :m] = s[key]
+        out: dict[str, Any] = pad_sequences(seqs, self.pad_token_id)
         out.update(_cat_images(images))
         out["has_corrupt"] = has if four else torch.zeros(len(items))
         out["n_seq"] = 4 if four else 2

@@ -356,7 +356,7 @@ def _safe(s: str) -> str:
 
 def corrupt_example(example: Any, cfg: CorruptConfig | None, out_dir: str | Path) -> CorruptResult:
     """Corrupt ``example.image_path`` and write ``<out_dir>/<id>_<qid>_<mode>.png`` (lossless)."""
-    from .datasets import open_image
+    from ..data import open_image
 
     cfg = cfg or CorruptConfig()
     image = open_image(example.image_path)

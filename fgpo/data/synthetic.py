@@ -3,7 +3,7 @@
 Each example is a small grayscale "scan": a dark field holding an elliptical organ with a
 smooth, low-frequency tissue texture and pixel noise, and zero or one round lesion (slightly
 brighter than the tissue around it) in the left or the right half of the image. The lesion's
-pixel mask is known, so the lesion can be removed from the image (``fgpo.corrupt``) and the
+pixel mask is known, so the lesion can be removed from the image (``fgpo.pairs.corrupt``) and the
 model's grounding measured. Questions are closed:
 
     presence  "is there a lesion in the image ?"  ->  "lesion present ."  (label yes)
@@ -13,7 +13,7 @@ model's grounding measured. Questions are closed:
 
 ``left``/``right`` are image sides. In every answer the one word that decides it comes after a
 context shared by the right and the wrong answer, so a minimal edit changes exactly one token
-(``fgpo.editors.ReferenceEditor`` flips present/absent and swaps left/right). Everything is
+(``fgpo.pairs.ReferenceEditor`` flips present/absent and swaps left/right). Everything is
 deterministic given ``seed``; ``contrast`` (lesion brightness above the tissue, 0-255 scale)
 sets how hard the task is.
 """
@@ -21,8 +21,11 @@ sets how hard the task is.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
+
+from .examples import VQAExample
 
 QUESTIONS = {
     "presence": "is there a lesion in the image ?",
@@ -156,3 +159,42 @@ def vocabulary() -> list[str]:
             if w not in words:
                 words.append(w)
     return words
+
+
+def wrong_label(qtype: str, label: str) -> str:
+    """The other closed label of a question type (``yes`` <-> ``no``, ``left`` <-> ``right``)."""
+    a, b = CLOSED_LABELS[qtype]
+    return b if label == a else a
+
+
+def write_examples(examples: list[LesionExample], root: str | Path) -> list[VQAExample]:
+    """Write each scan (and its lesion mask) as PNG under ``root``; return the matching
+    :class:`VQAExample` records (closed questions; the label as the answer, the answer sentence
+    in ``meta["template"]``; side questions list their options)."""
+    from PIL import Image
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    out = []
+    for e in examples:
+        img_path = root / f"{e.id}.png"
+        Image.fromarray(e.image).save(img_path)
+        mask_path = None
+        if e.has_lesion:
+            mask_path = root / f"{e.id}_mask.png"
+            Image.fromarray(e.mask.astype(np.uint8) * 255).save(mask_path)
+        out.append(
+            VQAExample(
+                id=e.id,
+                qid=e.qtype,
+                image_path=str(img_path),
+                question=e.question,
+                answer=e.label,
+                answer_type="closed",
+                dataset="synthetic-lesion",
+                lesion_mask_path=str(mask_path) if mask_path else None,
+                options=list(CLOSED_LABELS["side"]) if e.qtype == "side" else [],
+                meta={"template": e.answer},
+            )
+        )
+    return out

@@ -22,7 +22,7 @@ Layouts (relative to ``root``):
   with ``images/``; or the original OpenI layout: ``ecgen-radiology/*.xml`` reports and the PNGs
   (``NLMCXR_png/`` or ``images/``), every report split deterministically by id.
 
-Images may be DICOM files (read with windowing by :mod:`fgpo.dicom`).
+Images may be DICOM files (read with windowing by :mod:`fgpo.data.dicom`).
 """
 
 from __future__ import annotations
@@ -33,14 +33,15 @@ import logging
 import pickle
 import re
 import xml.etree.ElementTree as ET
-from collections import Counter
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .errors import DatasetError
+from .examples import LoadReport, VQAExample
+from .images import is_dicom
+
 log = logging.getLogger(__name__)
 
-ANSWER_TYPES = ("closed", "open", "report")
 REPORT_QUESTION = "Describe the findings of this chest X-ray."
 
 # Labels of SLAKE detection boxes that are findings rather than normal anatomy.
@@ -64,129 +65,6 @@ _ABNORMAL_WORDS = (
     "enlarged",
     "abnormal",
 )
-
-
-class DatasetError(ValueError):
-    """An annotation file or image that cannot be used (the message names the path)."""
-
-
-@dataclass
-class VQAExample:
-    """One question (or report) about one image; lesion geometry is in image pixels.
-
-    ``lesion_boxes`` are ``(x0, y0, x1, y1)``; ``lesion_polygons`` lists of ``(x, y)``;
-    ``lesion_mask_path`` an image whose nonzero pixels are the lesion. Any combination may be
-    given; their union is the region the corruption uses.
-    """
-
-    id: str
-    qid: str
-    image_path: str
-    question: str
-    answer: str
-    answer_type: str = "open"
-    modality: str | None = None
-    dataset: str = ""
-    lesion_mask_path: str | None = None
-    lesion_boxes: list[tuple[float, float, float, float]] = field(default_factory=list)
-    lesion_polygons: list[list[tuple[float, float]]] = field(default_factory=list)
-    options: list[str] = field(default_factory=list)
-    meta: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if self.answer_type not in ANSWER_TYPES:
-            raise ValueError(f"answer_type must be one of {ANSWER_TYPES}, got {self.answer_type!r}")
-        self.id, self.qid = str(self.id), str(self.qid)
-
-    @property
-    def has_lesion(self) -> bool:
-        return bool(self.lesion_mask_path or self.lesion_boxes or self.lesion_polygons)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass
-class LoadReport:
-    """What a loader read and what it skipped (counts per reason plus the first few details)."""
-
-    dataset: str
-    split: str
-    loaded: int = 0
-    skipped: Counter = field(default_factory=Counter)
-    details: list[str] = field(default_factory=list)
-    max_details: int = 20
-
-    def skip(self, reason: str, detail: str) -> None:
-        self.skipped[reason] += 1
-        if len(self.details) < self.max_details:
-            self.details.append(f"{reason}: {detail}")
-
-    @property
-    def n_skipped(self) -> int:
-        return sum(self.skipped.values())
-
-    def summary(self) -> str:
-        s = f"{self.dataset}/{self.split}: loaded {self.loaded}"
-        if self.skipped:
-            s += ", skipped " + ", ".join(f"{n} {r}" for r, n in sorted(self.skipped.items()))
-        return s
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "dataset": self.dataset,
-            "split": self.split,
-            "loaded": self.loaded,
-            "skipped": dict(self.skipped),
-            "details": list(self.details),
-        }
-
-
-# ----------------------------------------------------------------------------- images
-
-
-def is_dicom(path: str | Path) -> bool:
-    """True for ``.dcm``/``.dicom`` files and for files with the DICOM preamble magic."""
-    p = Path(path)
-    if p.suffix.lower() in (".dcm", ".dicom"):
-        return True
-    try:
-        with open(p, "rb") as f:
-            f.seek(128)
-            return f.read(4) == b"DICM"
-    except OSError:
-        return False
-
-
-def open_image(path: str | Path, *, window: Any = "auto"):
-    """Open an image as a PIL image in mode ``L`` or ``RGB`` (DICOM with windowing).
-
-    Raises :class:`DatasetError` naming the path when the file is missing or unreadable.
-    """
-    from PIL import Image, UnidentifiedImageError
-
-    p = Path(path)
-    if not p.is_file():
-        raise DatasetError(f"image file not found: {p}")
-    if is_dicom(p):
-        from .dicom import read_dicom
-
-        return read_dicom(p, window=window)
-    try:
-        with Image.open(p) as im:
-            im.load()
-            if im.mode in ("L", "RGB"):
-                return im.copy()
-            if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-                import numpy as np
-
-                a = np.asarray(im, dtype=np.float64)
-                lo, hi = float(a.min()), float(a.max())
-                a = (a - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(a)
-                return Image.fromarray(a.round().astype(np.uint8), mode="L")
-            return im.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise DatasetError(f"cannot read image {p}: {e}") from e
 
 
 class _ImageChecker:

@@ -1,19 +1,9 @@
-"""``fgpo eval``: closed accuracy, open exact match / recall, report token F1, grounding score.
+"""``fgpo eval``: answer metrics (:mod:`.metrics`) and the grounding score for one model.
 
-Metrics (answers normalized: lower case, words and numbers only, articles dropped):
-
-- closed accuracy: yes/no questions compare the answer's polarity (its first yes/no-like word:
-  "yes", "no", "not", "absent", ...) with the ground truth's; "A or B" questions need the
-  answer to name exactly the right option; other closed answers need the ground truth as a
-  whole-word phrase in the answer.
-- open exact match: normalized answer == normalized ground truth.
-- open recall: share of the ground truth's words found in the answer (multiset), as in
-  LLaVA-Med's open-question recall.
-- token F1 (reports): SQuAD-style bag-of-words F1 between generated and reference report.
-- grounding score: mean over examples with a lesion region of
-  ``log p(answer | v, q) - log p(answer | v', q)``, the drop of the summed log-prob of the
-  ground-truth answer when the lesion is corrupted. Higher means the answer rests on the visual
-  evidence; ~0 means the model ignores the lesion.
+Grounding score: mean over examples with a lesion region of
+``log p(answer | v, q) - log p(answer | v', q)``, the drop of the summed log-prob of the
+ground-truth answer when the lesion is corrupted (v' made exactly as ``fgpo prepare`` makes it).
+Higher means the answer rests on the visual evidence; ~0 means the model ignores the lesion.
 """
 
 from __future__ import annotations
@@ -21,15 +11,14 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .corrupt import MODES, CorruptConfig, corrupt_image, load_segmenter
-from .datasets import LOADERS, DatasetError, VQAExample, load_dataset, open_image
-from .editors import NO_WORDS, YES_WORDS, contains_phrase, normalize, polarity, tokens
+from ..data import LOADERS, DatasetError, VQAExample, load_dataset, open_image
+from ..pairs.corrupt import MODES, CorruptConfig, corrupt_image, load_segmenter
+from .metrics import mean, score_answers
 
 log = logging.getLogger(__name__)
 
@@ -43,75 +32,6 @@ class ModelFns:
 
     answer: Callable[[VQAExample], str] | None = None
     logprob: LogprobFn | None = None
-
-
-# ----------------------------------------------------------------------------- metrics
-
-
-def closed_correct(pred: str, gt: str, options: Sequence[str] = ()) -> bool:
-    """Whether a closed-question answer is right (see the module docstring)."""
-    if normalize(gt) in YES_WORDS | NO_WORDS:
-        p = polarity(pred)
-        return p is not None and p == polarity(gt)
-    if options and any(contains_phrase(gt, o) for o in options):
-        named = {normalize(o) for o in options if contains_phrase(pred, o)}
-        right = {normalize(o) for o in options if contains_phrase(gt, o)}
-        return named == right
-    return contains_phrase(pred, gt)
-
-
-def exact_match(pred: str, gt: str) -> bool:
-    return normalize(pred) == normalize(gt)
-
-
-def answer_recall(pred: str, gt: str) -> float:
-    """Share of the ground truth's words (multiset) that appear in the prediction."""
-    g = Counter(t for t, _, _ in tokens(gt))
-    if not g:
-        return 0.0
-    p = Counter(t for t, _, _ in tokens(pred))
-    return sum((g & p).values()) / sum(g.values())
-
-
-def token_f1(pred: str, gt: str) -> float:
-    """Bag-of-words F1 (SQuAD-style) between prediction and reference."""
-    p = Counter(t for t, _, _ in tokens(pred))
-    g = Counter(t for t, _, _ in tokens(gt))
-    if not p or not g:
-        return float(p == g)
-    common = sum((p & g).values())
-    if common == 0:
-        return 0.0
-    prec, rec = common / sum(p.values()), common / sum(g.values())
-    return 2 * prec * rec / (prec + rec)
-
-
-def _mean(xs: Sequence[float]) -> float | None:
-    return sum(xs) / len(xs) if xs else None
-
-
-def score_answers(examples: Sequence[VQAExample], preds: Sequence[str]) -> dict[str, Any]:
-    """Accuracy metrics for predictions aligned with ``examples``; None where a kind is absent."""
-    if len(examples) != len(preds):
-        raise ValueError(f"{len(examples)} examples but {len(preds)} predictions")
-    closed, em, rec, f1 = [], [], [], []
-    for ex, p in zip(examples, preds):
-        if ex.answer_type == "closed":
-            closed.append(float(closed_correct(p, ex.answer, ex.options)))
-        elif ex.answer_type == "open":
-            em.append(float(exact_match(p, ex.answer)))
-            rec.append(answer_recall(p, ex.answer))
-        else:
-            f1.append(token_f1(p, ex.answer))
-    return {
-        "closed_accuracy": _mean(closed),
-        "n_closed": len(closed),
-        "open_exact_match": _mean(em),
-        "open_recall": _mean(rec),
-        "n_open": len(em),
-        "report_token_f1": _mean(f1),
-        "n_report": len(f1),
-    }
 
 
 def grounding_score(
@@ -163,7 +83,7 @@ def grounding_score(
             }
         )
     return {
-        "grounding_score": _mean(drops),
+        "grounding_score": mean(drops),
         "n_grounding": len(drops),
         "n_no_lesion_region": n_no_region,
         "n_unreadable_image": n_unreadable,
@@ -259,11 +179,17 @@ def run(args) -> int:
             )
         fns.answer = lambda ex: table[(ex.id, ex.qid)]
     if args.model:
-        from .prepare import _max_new, answer_logprob_fn, greedy_answer_fn, load_hf
+        from ..models.inference import (
+            answer_logprob_fn,
+            default_max_new_tokens,
+            greedy_answer_fn,
+            load_for_inference,
+        )
 
-        model, proc, device = load_hf(args.model, dtype=args.dtype, adapter=args.adapter)
+        model, proc, device = load_for_inference(args.model, dtype=args.dtype, adapter=args.adapter)
         if fns.answer is None:
-            fns.answer = greedy_answer_fn(model, proc, device, max_new_tokens=_max_new(args))
+            max_new = args.max_new_tokens or default_max_new_tokens(args.dataset)
+            fns.answer = greedy_answer_fn(model, proc, device, max_new_tokens=max_new)
         if not args.no_grounding:
             fns.logprob = answer_logprob_fn(model, proc, device)
     seg = load_segmenter(args.segmenter) if args.segmenter else None

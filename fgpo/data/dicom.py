@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from .errors import DatasetError
+
 # (center, width) in the modality's units (HU for CT).
 PRESETS: dict[str, tuple[float, float]] = {
     "ct_soft_tissue": (40.0, 400.0),
@@ -34,7 +36,7 @@ PRESETS: dict[str, tuple[float, float]] = {
 _MODALITY_DEFAULT = {"CT": "ct_soft_tissue"}
 
 
-class DicomError(ValueError):
+class DicomError(DatasetError):
     """A DICOM file that cannot be turned into an image (the message names the file)."""
 
 

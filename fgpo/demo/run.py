@@ -36,8 +36,8 @@ import torch
 
 import fgpo_kernels as fk
 
-from . import demo_data as dd
-from . import demo_model as dm
+from ..data import synthetic as dd
+from . import model as dm
 
 METHODS = ("fire_mpo", "dpo", "fire_mpo_no_visual", "sft_continue")
 REPORT_KEYS = {  # report.json object per method
@@ -107,38 +107,6 @@ class DemoConfig:
 # ----------------------------------------------------------------------------- data
 
 
-def _write_split(examples: list[dd.LesionExample], root: Path) -> list[Any]:
-    """PNG scans (+ lesion masks) on disk and the matching ``fgpo.datasets.VQAExample``s."""
-    from PIL import Image
-
-    from .datasets import VQAExample
-
-    root.mkdir(parents=True, exist_ok=True)
-    out = []
-    for e in examples:
-        img_path = root / f"{e.id}.png"
-        Image.fromarray(e.image).save(img_path)
-        mask_path = None
-        if e.has_lesion:
-            mask_path = root / f"{e.id}_mask.png"
-            Image.fromarray(e.mask.astype(np.uint8) * 255).save(mask_path)
-        out.append(
-            VQAExample(
-                id=e.id,
-                qid=e.qtype,
-                image_path=str(img_path),
-                question=e.question,
-                answer=e.label,
-                answer_type="closed",
-                dataset="demo-lesion",
-                lesion_mask_path=str(mask_path) if mask_path else None,
-                options=list(dd.CLOSED_LABELS["side"]) if e.qtype == "side" else [],
-                meta={"template": e.answer},
-            )
-        )
-    return out
-
-
 # ----------------------------------------------------------------------------- model calls
 
 
@@ -183,8 +151,8 @@ class EvalSet:
 
 def make_eval_set(examples, raw: list[dd.LesionExample], cfg) -> EvalSet:
     """Corrupted images made exactly as ``fgpo.evaluate.grounding_score`` makes them."""
-    from .corrupt import corrupt_image
-    from .datasets import open_image
+    from ..data import open_image
+    from ..pairs.corrupt import corrupt_image
 
     g_idx, g_cor = [], []
     for i, ex in enumerate(examples):
@@ -199,8 +167,8 @@ def make_eval_set(examples, raw: list[dd.LesionExample], cfg) -> EvalSet:
 def evidence_check(run: Runner, model, examples, raw: list[dd.LesionExample]) -> dict[str, Any]:
     """Share of presence questions about scans WITH a lesion that the model answers "yes", on
     the clean scan and on its corrupted copies: does a corruption mode remove the evidence?"""
-    from .corrupt import CorruptConfig, corrupt_image
-    from .datasets import open_image
+    from ..data import open_image
+    from ..pairs.corrupt import CorruptConfig, corrupt_image
 
     idx = [i for i, e in enumerate(raw) if e.qtype == "presence" and e.has_lesion]
     out: dict[str, Any] = {"n": len(idx)}
@@ -222,7 +190,7 @@ def evidence_check(run: Runner, model, examples, raw: list[dd.LesionExample]) ->
 
 
 def evaluate_model(run: Runner, model, es: EvalSet) -> dict[str, Any]:
-    from .evaluate import score_answers
+    from ..eval.metrics import score_answers
 
     preds = run.greedy(model, [e.question for e in es.examples], es.images)
     acc = score_answers(es.examples, preds)["closed_accuracy"]
@@ -319,8 +287,7 @@ def _word_weights(text: str, spans: list[tuple[int, int]]) -> list[float]:
 
 
 def encode_pairs(records: list[dict], tok: dm.WordTokenizer) -> PairTensors:
-    from .data import parse_mask_tags
-    from .datasets import open_image
+    from ..data import open_image, parse_mask_tags
 
     pt = PairTensors([], [], [], [], [], [], [], [])
     for r in records:
@@ -574,8 +541,8 @@ def _plots(out: Path, report: dict, curves: dict, sft_curve: list, samples) -> l
 
 
 def _samples(raw: list[dd.LesionExample], examples, mode: str, k: int = 6):
-    from .corrupt import CorruptConfig, corrupt_image
-    from .datasets import open_image
+    from ..data import open_image
+    from ..pairs.corrupt import CorruptConfig, corrupt_image
 
     picked = [i for i, e in enumerate(raw) if e.has_lesion][:k]
     out = []
@@ -603,9 +570,10 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     from tqdm.auto import tqdm
 
-    from .corrupt import CorruptConfig
-    from .editors import ReferenceEditor
-    from .prepare import prepare_pairs, write_records
+    from ..data import write_records
+    from ..pairs.corrupt import CorruptConfig
+    from ..pairs.editors import ReferenceEditor
+    from ..pairs.prepare import prepare_pairs
 
     if args.seeds < 1:
         raise SystemExit(f"fgpo demo: --seeds must be >= 1, got {args.seeds}")
@@ -636,7 +604,7 @@ def run(args) -> int:
             cfg.n_test, cfg.data_seed + 2, contrast=cfg.contrast, prefix="test"
         ),
     }
-    vqa = {k: _write_split(v, out / "data" / k) for k, v in raw.items()}
+    vqa = {k: dd.write_examples(v, out / "data" / k) for k, v in raw.items()}
     test_set = make_eval_set(vqa["test"], raw["test"], ccfg)
     t = tick("data", t)
 
