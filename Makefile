@@ -1,29 +1,59 @@
-# Everyday targets. `make test` and `make demo` work on a fresh machine (they install first).
-PY ?= python3
-PIP = $(PY) -m pip
+# Everyday targets. `make demo` and `make test` work on a fresh machine: they use the active
+# virtual environment, or create and use the project's own `.venv`, install the package once,
+# and reinstall (rebuilding the CUDA extension) only when its build files or sources change.
+PYTHON ?= python3
 
-.PHONY: install test demo example lint format bench bench-quick clean
+ifdef VIRTUAL_ENV
+ENV := $(VIRTUAL_ENV)
+else
+ENV := .venv
+endif
+PY := $(ENV)/bin/python
+STAMP := $(ENV)/.fgpo-installed
 
-install:
-	$(PIP) install -q torch==2.13.0 triton==3.7.1
-	$(PIP) install -q -e ".[dev]"
+# torch: an installed one is kept. Otherwise the tested release: on a machine with an NVIDIA
+# GPU PyPI's CUDA build, elsewhere the CPU build from PyTorch's CPU index (not the CUDA build
+# of several GB). triton: the tested release (the Triton tests run in its CPU interpreter).
+TORCH_VERSION ?= 2.13.0
+TRITON_VERSION ?= 3.7.1
+HAVE_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
+ifeq ($(HAVE_GPU),yes)
+TORCH_INDEX ?=
+else
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+endif
+BUILD_INPUTS := pyproject.toml setup.py $(wildcard csrc/*.py csrc/*.cu csrc/*.cuh csrc/*.h csrc/*.cpp)
 
-test: install
+.PHONY: install test demo example lint format bench-quick clean
+
+install: $(STAMP)
+
+$(PY):
+	$(PYTHON) -m venv $(ENV)
+
+$(STAMP): $(PY) $(BUILD_INPUTS)
+	@$(PY) -c "import torch" 2>/dev/null || \
+		$(PY) -m pip install -q torch==$(TORCH_VERSION) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	@$(PY) -c "import triton" 2>/dev/null || $(PY) -m pip install -q triton==$(TRITON_VERSION)
+	$(PY) -m pip install -q -e ".[dev]"
+	@touch $(STAMP)
+
+test: $(STAMP)
 	$(PY) -m pytest tests -q -ra
 
-demo: install
-	fgpo demo --out demo_out
+demo: $(STAMP)
+	$(ENV)/bin/fgpo demo --out demo_out --publish docs/demo --readme README.md
 
-example: install
-	fgpo example
+example: $(STAMP)
+	$(ENV)/bin/fgpo example
 
-lint:
-	ruff check . && ruff format --check .
+lint: $(STAMP)
+	$(PY) -m ruff check . && $(PY) -m ruff format --check .
 
-format:
-	ruff check --fix . && ruff format .
+format: $(STAMP)
+	$(PY) -m ruff check --fix . && $(PY) -m ruff format .
 
-bench-quick: install
+bench-quick: $(STAMP)
 	$(PY) -m benchmarks.run --quick --device cpu --out benchmarks/results/cpu
 
 clean:

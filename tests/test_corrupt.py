@@ -163,6 +163,32 @@ def test_inpaint_follows_a_background_gradient(rng):
     assert err.mean() < 6.0, f"mean error {err.mean():.1f} against the ramp"
 
 
+def test_inpaint_texture_matches_the_pixel_noise_even_next_to_an_edge(rng):
+    """The fill carries the surroundings' pixel noise (not the raw spread of a ring that
+    crosses an organ border, which speckled the patch): patch mean and noise level match."""
+    noise = 6.0
+    a = np.full((H, W), 100.0)
+    x0, y0, x1, y1 = BOX
+    a[:, : x0 - 2] = 20.0  # an organ border two pixels left of the lesion
+    a += rng.normal(0.0, noise, a.shape)
+    a[y0:y1, x0:x1] += 90.0  # the lesion
+    img = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L")
+    out = np.asarray(
+        corrupt_image(img, example(lesion_boxes=[BOX]), CorruptConfig(mode="inpaint")).image
+    )
+    patch = out.astype(float)[y0 + 1 : y1 - 1, x0 + 1 : x1 - 1]
+    # high-frequency residual inside the patch: pixel minus the mean of its 4 neighbours
+    res = patch[1:-1, 1:-1] - 0.25 * (patch[:-2, 1:-1] + patch[2:, 1:-1] + patch[1:-1, :-2]
+                                      + patch[1:-1, 2:])  # fmt: skip
+    want = noise * np.sqrt(1.25)
+    assert 0.6 * want < res.std() < 1.5 * want, f"patch noise {res.std():.1f} vs {want:.1f}"
+    smooth = corrupt_image(
+        img, example(lesion_boxes=[BOX]), CorruptConfig(mode="inpaint", texture=0.0)
+    ).image
+    flat = np.asarray(smooth).astype(float)[y0 + 1 : y1 - 1, x0 + 1 : x1 - 1]
+    assert abs(patch.mean() - flat.mean()) < 2.0  # zero-mean texture on the smooth fill
+
+
 def test_blur_lowers_lesion_contrast_only_near_the_lesion(rng):
     img = scan(rng, tex=0.0)
     res = corrupt_image(img, example(lesion_boxes=[BOX]), CorruptConfig(mode="blur"))

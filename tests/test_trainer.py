@@ -1,5 +1,5 @@
 """Trainer: alignment end to end, no logits, accumulation = large batch, exact resume, full FT,
-bad data, the CLI on configs/tiny.yaml."""
+bad data, the CLI on the shipped tiny config."""
 
 from __future__ import annotations
 
@@ -15,8 +15,6 @@ from fgpo import models
 from fgpo.models import tiny
 from fgpo.pairs.synthetic import make_preference_set
 from fgpo.train import TrainConfig, Trainer
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -297,12 +295,55 @@ def test_dpo_preset_uses_response_mask_and_no_corrupt_passes(tmp_path, prefs, ll
     assert row["logps/chosen"] == pytest.approx(float((lp * m).sum(-1).mean()), rel=1e-5)
 
 
+def test_sft_preset_is_the_chosen_answers_likelihood(tmp_path, prefs, llava):
+    """preset sft: no reference and no rejected pass; the loss is the per-example mean of
+    -log p(y+) over the response tokens (eos included), checked against full logits."""
+    cfg = _cfg(tmp_path, prefs, preset="sft", lora=False, micro_batch_size=8, max_steps=1)
+    tr = _trainer(cfg, llava)
+    tr.load()
+    tr.load_data()
+    assert tr.reference is None and tr.ref_policy is None
+    (b,) = tr.encode(0)
+    assert b["n_seq"] == 1 and b["input_ids"].shape[0] == 8
+    with torch.no_grad():
+        logits = tr.model(**tr._model_inputs(b)).logits.double()
+    t, m = b["targets"], b["response_mask"].double()
+    lp = torch.log_softmax(logits, -1).gather(-1, t.clamp(min=0)[..., None])[..., 0]
+    want = float((-(lp * m).sum(-1) / m.sum(-1)).mean())
+    row = tr.train_step(0)
+    assert row["loss"] == pytest.approx(want, rel=1e-5)
+    assert row["loss/sft"] == pytest.approx(want, rel=1e-5)
+    assert "rewards/margins" not in row
+
+
+def test_eval_hook_is_logged_and_leaves_training_unchanged(tmp_path, prefs, llava):
+    calls = []
+
+    def eval_fn(model):
+        calls.append(model.training)
+        torch.rand(3)  # consumes the RNG: the trainer must put it back
+        return {"score": len(calls)}
+
+    # dropout draws from the RNG in every step after an evaluation
+    plain = _trainer(_cfg(tmp_path / "a", prefs, max_steps=3, lora_dropout=0.2), llava)
+    plain.train()
+    cfg = _cfg(tmp_path / "b", prefs, max_steps=3, eval_steps=2, lora_dropout=0.2)
+    model, proc = llava
+    hooked = Trainer(cfg, model=copy.deepcopy(model), processor=proc, eval_fn=eval_fn)
+    hooked.train()
+    assert calls == [False, False]  # after step 2 and after the last step, in eval mode
+    rows = _read_rows(tmp_path / "b" / "run")
+    assert [r.get("eval/score") for r in rows] == [None, 1.0, 2.0]
+    for k, v in plain.trainable.items():
+        assert torch.equal(v, hooked.trainable[k]), k
+
+
 def test_cli_tiny_config(tmp_path):
     from fgpo.train import command as train
 
     out = tmp_path / "cli"
     args = argparse.Namespace(
-        config=os.path.join(ROOT, "configs", "tiny.yaml"),
+        config="tiny",
         output_dir=str(out),
         max_steps=2,
         resume=False,
@@ -317,9 +358,7 @@ def test_cli_tiny_config(tmp_path):
 
 
 def test_config_yaml_and_overrides(tmp_path):
-    cfg = TrainConfig.from_yaml(
-        os.path.join(ROOT, "configs", "tiny.yaml"), ["lr=2e-5", "lora=false"]
-    )
+    cfg = TrainConfig.from_yaml("tiny", ["lr=2e-5", "lora=false"])
     assert cfg.lr == 2e-5 and cfg.lora is False and cfg.model == "tiny-llava"
     d = TrainConfig()
     assert (d.beta, d.alpha, d.gamma, d.lambda_) == (0.1, 0.01, 0.1, 0.5)

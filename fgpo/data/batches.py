@@ -255,12 +255,16 @@ class PreferenceCollator:
     Right padding with the pad id, targets -100 and masks 0. ``None`` items (skipped) are
     dropped. Output keys: ``input_ids``, ``attention_mask`` (S, L), image tensors in sequence
     order, ``targets``, ``span_mask``, ``response_mask`` (S, L), ``has_corrupt`` (B,),
-    ``n_seq``, ``batch_size``, ``ids``, ``indices``.
+    ``n_seq``, ``batch_size``, ``ids``, ``indices``. ``with_rejected=False`` (supervised
+    fine-tuning) keeps only the chosen sequences (``n_seq = 1``, no corrupt groups).
     """
 
-    def __init__(self, pad_token_id: int, with_corrupt: bool = True) -> None:
+    def __init__(
+        self, pad_token_id: int, with_corrupt: bool = True, *, with_rejected: bool = True
+    ) -> None:
         self.pad_token_id = int(pad_token_id)
-        self.with_corrupt = with_corrupt
+        self.with_corrupt = with_corrupt and with_rejected
+        self.with_rejected = with_rejected
 
     def __call__(self, items: list[EncodedPair | None]) -> dict[str, Any] | None:
         items = [it for it in items if it is not None]
@@ -268,8 +272,11 @@ class PreferenceCollator:
             return None
         has = torch.tensor([float(it.chosen_corrupt is not None) for it in items])
         four = self.with_corrupt and bool(has.any())
-        seqs = [it.chosen for it in items] + [it.rejected for it in items]
-        images = [it.image for it in items] * 2
+        seqs = [it.chosen for it in items]
+        images = [it.image for it in items]
+        if self.with_rejected:
+            seqs += [it.rejected for it in items]
+            images += [it.image for it in items]
         if four:
             for key in ("chosen", "rejected"):
                 for it in items:
@@ -279,7 +286,7 @@ class PreferenceCollator:
         out: dict[str, Any] = pad_sequences(seqs, self.pad_token_id)
         out.update(_cat_images(images))
         out["has_corrupt"] = has if four else torch.zeros(len(items))
-        out["n_seq"] = 4 if four else 2
+        out["n_seq"] = 4 if four else (2 if self.with_rejected else 1)
         out["batch_size"] = len(items)
         out["ids"] = [it.id for it in items]
         out["indices"] = [it.index for it in items]

@@ -23,33 +23,74 @@ from .metrics import mean, score_answers
 log = logging.getLogger(__name__)
 
 LogprobFn = Callable[[Any, str, str], float]
+AnswersFn = Callable[[Sequence[Any], Sequence[str]], list[str]]
+LogprobsFn = Callable[[Sequence[Any], Sequence[str], Sequence[str]], list[float]]
+_CHUNK = 64  # examples per call of a batched function (and per progress-bar tick)
 
 
 @dataclass
 class ModelFns:
-    """What evaluation needs from a model: greedy ``answer(example) -> str`` and, for the
-    grounding score, ``logprob(image, question, answer) -> float`` (summed over answer tokens)."""
+    """What evaluation needs from a model, one example at a time or batched (either works;
+    the batched form wins when both are given):
+
+    - ``answer(example) -> str`` or ``answers(images, questions) -> [str]``: greedy answers;
+    - ``logprob(image, question, answer) -> float`` or ``logprobs(images, questions,
+      answers) -> [float]``: the summed log-prob of an answer's tokens (grounding score).
+
+    :func:`fgpo.models.inference.model_fns` makes the batched pair from a model.
+    """
 
     answer: Callable[[VQAExample], str] | None = None
     logprob: LogprobFn | None = None
+    answers: AnswersFn | None = None
+    logprobs: LogprobsFn | None = None
+
+    @classmethod
+    def of(cls, fns: ModelFns | Mapping[str, Any] | LogprobFn) -> ModelFns:
+        if isinstance(fns, ModelFns):
+            return fns
+        if callable(fns):  # a bare log-prob function (the grounding score's old signature)
+            return cls(logprob=fns)
+        unknown = set(fns) - {"answer", "logprob", "answers", "logprobs"}
+        if unknown:
+            raise ValueError(
+                f"model_fns keys must be 'answer', 'logprob', 'answers' or 'logprobs', got "
+                f"{sorted(unknown)}"
+            )
+        return cls(**fns)
+
+    def score_logprobs(self, images, questions, answers) -> list[float]:
+        if self.logprobs is not None:
+            return [float(x) for x in self.logprobs(images, questions, answers)]
+        if self.logprob is None:
+            raise ValueError("model_fns has no logprob/logprobs function")
+        return [float(self.logprob(i, q, a)) for i, q, a in zip(images, questions, answers)]
+
+
+def _chunks(n: int, desc: str):
+    from tqdm.auto import tqdm
+
+    starts = range(0, n, _CHUNK)
+    return tqdm(starts, desc=desc, leave=False, dynamic_ncols=True, disable=len(starts) < 2)
 
 
 def grounding_score(
-    logprob_fn: LogprobFn,
+    model_fns: ModelFns | Mapping[str, Any] | LogprobFn,
     examples: Iterable[VQAExample],
     corrupt_cfg: CorruptConfig | None = None,
     *,
     include_fallback: bool = False,
 ) -> dict[str, Any]:
-    """Mean drop of ``logprob_fn(image, question, answer)`` when the lesion is corrupted.
+    """Mean drop of the answer's log-prob (``logprob``/``logprobs`` of ``model_fns``, or a bare
+    ``logprob(image, question, answer)`` function) when the lesion is corrupted.
 
     The corrupted image is made exactly as ``fgpo prepare`` makes it (same mode, same seed from
     the example id). Examples without a lesion region (annotation or segmenter) are left out and
     counted, unless ``include_fallback`` (then the whole-image fallback counts too).
     """
+    fns = ModelFns.of(model_fns)
     cfg = corrupt_cfg or CorruptConfig()
-    drops: list[float] = []
-    per: list[dict[str, Any]] = []
+    kept: list[tuple[VQAExample, Any, Any, str]] = []
     n_no_region = n_unreadable = n_corrupt_failed = 0
     for ex in examples:
         try:
@@ -67,30 +108,54 @@ def grounding_score(
         if res.image is None or (res.source == "fallback" and not include_fallback):
             n_no_region += 1
             continue
-        clean = float(logprob_fn(image, ex.question, ex.answer))
-        bad = float(logprob_fn(res.image, ex.question, ex.answer))
-        if not (math.isfinite(clean) and math.isfinite(bad)):
-            raise ValueError(f"logprob_fn returned a non-finite value for {ex.id}/{ex.qid}")
-        drops.append(clean - bad)
-        per.append(
-            {
-                "id": ex.id,
-                "qid": ex.qid,
-                "logp": clean,
-                "logp_corrupt": bad,
-                "drop": clean - bad,
-                "source": res.source,
-            }
-        )
+        kept.append((ex, image, res.image, res.source))
+    per: list[dict[str, Any]] = []
+    for s in _chunks(len(kept), "eval: grounding"):
+        part = kept[s : s + _CHUNK]
+        qs, ans = [k[0].question for k in part], [k[0].answer for k in part]
+        clean = fns.score_logprobs([k[1] for k in part], qs, ans)
+        bad = fns.score_logprobs([k[2] for k in part], qs, ans)
+        for (ex, _, _, source), c, b in zip(part, clean, bad):
+            if not (math.isfinite(c) and math.isfinite(b)):
+                raise ValueError(f"log-prob function gave a non-finite value for {ex.id}/{ex.qid}")
+            per.append(
+                {"id": ex.id, "qid": ex.qid, "logp": c, "logp_corrupt": b, "drop": c - b,
+                 "source": source}
+            )  # fmt: skip
     return {
-        "grounding_score": mean(drops),
-        "n_grounding": len(drops),
+        "grounding_score": mean([p["drop"] for p in per]),
+        "n_grounding": len(per),
         "n_no_lesion_region": n_no_region,
         "n_unreadable_image": n_unreadable,
         "n_corrupt_failed": n_corrupt_failed,
         "corrupt_mode": cfg.mode,
         "per_example": per,
     }
+
+
+def _answer_all(fns: ModelFns, examples: Sequence[VQAExample]):
+    """(answered examples, their answers); unreadable images are counted, not answered."""
+    if fns.answers is None:
+        scored, preds = [], []
+        for ex in examples:
+            try:
+                preds.append((fns.answer(ex) or "").strip())
+                scored.append(ex)
+            except DatasetError as e:  # image missing/unreadable: counted, not scored
+                log.warning("skipping %s/%s: %s", ex.id, ex.qid, e)
+        return scored, preds
+    opened = []
+    for ex in examples:
+        try:
+            opened.append((ex, open_image(ex.image_path)))
+        except DatasetError as e:
+            log.warning("skipping %s/%s: %s", ex.id, ex.qid, e)
+    preds = []
+    for s in _chunks(len(opened), "eval: answers"):
+        part = opened[s : s + _CHUNK]
+        got = fns.answers([p[1] for p in part], [p[0].question for p in part])
+        preds += [(a or "").strip() for a in got]
+    return [p[0] for p in opened], preds
 
 
 def evaluate(
@@ -101,34 +166,24 @@ def evaluate(
     grounding: bool = True,
     include_fallback: bool = False,
 ) -> dict[str, Any]:
-    """All metrics for one model: answers (if ``answer``) and grounding (if ``logprob``)."""
-    if isinstance(model_fns, Mapping):
-        unknown = set(model_fns) - {"answer", "logprob"}
-        if unknown:
-            raise ValueError(f"model_fns keys must be 'answer'/'logprob', got {sorted(unknown)}")
-        model_fns = ModelFns(**model_fns)
-    if model_fns.answer is None and model_fns.logprob is None:
+    """All metrics for one model: answers (if ``answer(s)``) and grounding (if
+    ``logprob(s)``)."""
+    fns = ModelFns.of(model_fns)
+    has_answer = fns.answer is not None or fns.answers is not None
+    has_logprob = fns.logprob is not None or fns.logprobs is not None
+    if not (has_answer or has_logprob):
         raise ValueError("model_fns needs an answer function, a logprob function, or both")
     out: dict[str, Any] = {"n_examples": len(examples)}
-    if model_fns.answer is not None:
-        scored, preds = [], []
-        for ex in examples:
-            try:
-                preds.append((model_fns.answer(ex) or "").strip())
-                scored.append(ex)
-            except DatasetError as e:  # image missing/unreadable: counted, not scored
-                log.warning("skipping %s/%s: %s", ex.id, ex.qid, e)
+    if has_answer:
+        scored, preds = _answer_all(fns, examples)
         out["n_unanswered"] = len(examples) - len(scored)
         out.update(score_answers(scored, preds))
         out["predictions"] = [
             {"id": ex.id, "qid": ex.qid, "answer": p, "ground_truth": ex.answer}
             for ex, p in zip(scored, preds)
         ]
-    if grounding and model_fns.logprob is not None:
-        g = grounding_score(
-            model_fns.logprob, examples, corrupt_cfg, include_fallback=include_fallback
-        )
-        out.update(g)
+    if grounding and has_logprob:
+        out.update(grounding_score(fns, examples, corrupt_cfg, include_fallback=include_fallback))
     return out
 
 
@@ -179,19 +234,15 @@ def run(args) -> int:
             )
         fns.answer = lambda ex: table[(ex.id, ex.qid)]
     if args.model:
-        from ..models.inference import (
-            answer_logprob_fn,
-            default_max_new_tokens,
-            greedy_answer_fn,
-            load_for_inference,
-        )
+        from ..models.inference import default_max_new_tokens, load_for_inference, model_fns
 
         model, proc, device = load_for_inference(args.model, dtype=args.dtype, adapter=args.adapter)
+        max_new = args.max_new_tokens or default_max_new_tokens(args.dataset)
+        batched = model_fns(model, proc, device, max_new_tokens=max_new)
         if fns.answer is None:
-            max_new = args.max_new_tokens or default_max_new_tokens(args.dataset)
-            fns.answer = greedy_answer_fn(model, proc, device, max_new_tokens=max_new)
+            fns.answers = batched["answers"]
         if not args.no_grounding:
-            fns.logprob = answer_logprob_fn(model, proc, device)
+            fns.logprobs = batched["logprobs"]
     seg = load_segmenter(args.segmenter) if args.segmenter else None
     cfg = CorruptConfig(mode=args.corrupt_mode, noise_std=args.noise_std, segmenter=seg)
     metrics = evaluate(

@@ -8,8 +8,9 @@ log-probability of a given answer, batched.
   exactly as the trainer encodes responses, :func:`fgpo.data.encode_example`) given image and
   question, from backbone hidden states and the LM-head weight through
   ``fgpo_kernels.token_logprobs``: no logits tensor.
-- :func:`greedy_answer_fn` / :func:`answer_logprob_fn`: one-example callables of the two, the
-  shape ``fgpo.pairs.prepare_pairs`` and ``fgpo.eval.evaluate`` take.
+- :func:`model_fns`: the batched pair as ``fgpo.eval.evaluate`` takes it;
+  :func:`greedy_answer_fn` / :func:`answer_logprob_fn`: one-example callables of the two (the
+  shape ``fgpo.pairs.prepare_pairs`` takes).
 """
 
 from __future__ import annotations
@@ -60,6 +61,14 @@ def _batches_by_length(lengths: Sequence[int], batch_size: int) -> list[list[int
     return [g[s : s + batch_size] for g in groups.values() for s in range(0, len(g), batch_size)]
 
 
+def _progress(items: list, desc: str | None):
+    if desc is None:
+        return items
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=desc, leave=False, dynamic_ncols=True)
+
+
 def _to(d: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
     return {k: v.to(device) for k, v in d.items()}
 
@@ -78,8 +87,10 @@ def greedy_answers(
     device: str | torch.device = "cpu",
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     batch_size: int = 64,
+    desc: str | None = None,
 ) -> list[str]:
-    """The model's greedy answer to each (image, question); images are PIL images or paths."""
+    """The model's greedy answer to each (image, question); images are PIL images or paths.
+    ``desc`` shows a progress bar with that label."""
     if len(images) != len(questions):
         raise ValueError(f"{len(images)} images but {len(questions)} questions")
     prompts = [
@@ -88,7 +99,7 @@ def greedy_answers(
     ]
     banned = sorted({proc.image_token_id, *getattr(proc, "vision_token_ids", ())})
     out: list[str] = [""] * len(prompts)
-    for idx in _batches_by_length([len(p[0]) for p in prompts], batch_size):
+    for idx in _progress(_batches_by_length([len(p[0]) for p in prompts], batch_size), desc):
         ids = torch.tensor([prompts[i][0] for i in idx], device=device)
         inputs = {
             "input_ids": ids,
@@ -148,6 +159,23 @@ def answer_logprobs(
         lp = fk.token_logprobs(hidden, w, targets, ignore_index=IGNORE_INDEX)
         out += lp.sum(-1).tolist()
     return out
+
+
+def model_fns(
+    model: nn.Module, proc: Any, device, *, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+) -> dict[str, Callable]:
+    """``{"answers": answers(images, questions), "logprobs": logprobs(images, questions,
+    answers)}``: the batched callables :func:`fgpo.eval.evaluate` takes."""
+
+    def answers(images, questions):
+        return greedy_answers(
+            model, proc, images, questions, device=device, max_new_tokens=max_new_tokens
+        )
+
+    def logprobs(images, questions, answer_texts):
+        return answer_logprobs(model, proc, images, questions, answer_texts, device=device)
+
+    return {"answers": answers, "logprobs": logprobs}
 
 
 def greedy_answer_fn(

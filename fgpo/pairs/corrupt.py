@@ -12,8 +12,11 @@ Modes inside the region:
   - ``noise`` (the paper's default): ``v' = clip(v + N(0, noise_std^2))``, std 45 on 0..255, per
     channel, only inside the mask. A bright lesion stays visible under it for a small model.
   - ``inpaint``: remove the evidence: the (slightly dilated) mask is filled from the surrounding
-    background by a harmonic (membrane) fill, coarse-to-fine, plus noise with the background
-    ring's standard deviation (``texture``) so the fill is not a flat patch.
+    background by a harmonic (membrane) fill, coarse-to-fine, plus pixel noise with the
+    surroundings' own pixel-noise level (``texture``), so the patch is neither flat nor speckled.
+    That level is a robust estimate of the ring's high-frequency residual (pixel minus the mean
+    of its 4 neighbours, median absolute deviation), which ignores the ring's smooth shading and
+    the edges it may cross (an organ border), unlike its raw standard deviation.
   - ``blur``: Gaussian blur (``blur_sigma``; default a quarter of the region's size) inside the
     dilated mask.
 
@@ -253,6 +256,23 @@ def _harmonic_fill(a: np.ndarray, hole: np.ndarray, iters: int = 40) -> np.ndarr
     return out
 
 
+def _pixel_noise(a: np.ndarray, hole: np.ndarray) -> np.ndarray:
+    """Per-channel pixel-noise std around ``hole`` (see the module doc): for i.i.d. noise of
+    std s the residual ``x - mean(4 neighbours)`` has std ``s * sqrt(5/4)``; the median absolute
+    deviation makes the estimate robust to edges and shading."""
+    known = ~hole
+    ring = _dilate(hole, 3) & known
+    # residuals only where the pixel and its 4 neighbours are all known background
+    inner = known & ~_dilate(hole, 1)
+    inner[0, :] = inner[-1, :] = inner[:, 0] = inner[:, -1] = False
+    use = ring & inner
+    if use.sum() < 8:
+        use = inner if inner.sum() >= 8 else known
+    r = (a - _neighbour_mean(a))[use]
+    mad = np.median(np.abs(r - np.median(r, axis=0)), axis=0)
+    return 1.4826 * mad / np.sqrt(1.25)
+
+
 def _as_array(image: Any) -> tuple[np.ndarray, str]:
     mode = image.mode if image.mode in ("L", "RGB") else "RGB"
     a = np.asarray(image.convert(mode), dtype=np.float64)
@@ -293,9 +313,7 @@ def inpaint(image: Any, mask: np.ndarray, rng: np.random.Generator, texture: flo
         crop, hole, r0, c0 = a, mask, 0, 0
     filled = _harmonic_fill(crop, hole)
     if texture > 0:
-        ring = _dilate(hole, 3) & ~hole
-        ring = ring if ring.any() else ~hole
-        std = crop[ring].std(axis=0)  # per channel
+        std = _pixel_noise(crop, hole)
         filled[hole] += rng.normal(0.0, 1.0, (int(hole.sum()), a.shape[-1])) * std * texture
     out = a.copy()
     out[r0 : r0 + filled.shape[0], c0 : c0 + filled.shape[1]] = filled

@@ -5,24 +5,33 @@ Defaults are the method's (SPEC section 1 and the FiRe-MPO recipe): β 0.1, α 0
 LoRA r 128 / alpha 256 / dropout 0.05 with rsLoRA on the language model only (vision tower and
 projector frozen); bf16 weights, gradient checkpointing, flash-attn 2 when importable.
 
-    cfg = TrainConfig.from_yaml("configs/tiny.yaml", overrides=["lr=1e-4", "lora=false"])
+    cfg = TrainConfig.from_yaml("tiny", overrides=["lr=1e-4", "lora=false"])  # a shipped config
+    cfg = TrainConfig.from_yaml("my.yaml")                                      # or any file
+
+Shipped example configs live in ``fgpo/configs/`` (``config_names()`` lists them).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 import yaml
 
+_CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+
 # What each loss preset fixes (the rest comes from the fields below). DPO also switches the
-# mask to every response token.
+# mask to every response token. ``sft`` is not a preference loss: supervised fine-tuning on the
+# chosen answers (every response token), the control a preference method must beat.
 PRESETS: dict[str, dict[str, Any]] = {
     "fire_mpo": {},
     "dpo": {"gamma": 0.0, "alpha": 0.0, "mask": "response"},
     "rrpo": {"gamma": 0.0, "lambda_": 1.0},
     "mask_dpo": {"gamma": 0.0, "alpha": 0.0},
+    "sft": {"gamma": 0.0, "alpha": 0.0, "mask": "response"},
 }
 
 
@@ -55,7 +64,8 @@ class TrainConfig:
 
     # --- loss --------------------------------------------------------------------------------
     preset: str = "fire_mpo"
-    """``fire_mpo`` | ``dpo`` | ``rrpo`` | ``mask_dpo``: fixes the terms the method drops."""
+    """``fire_mpo`` | ``dpo`` | ``rrpo`` | ``mask_dpo``: fixes the terms the method drops;
+    ``sft``: supervised fine-tuning on the chosen answers (no reference, no rejected pass)."""
     beta: float = 0.1
     alpha: float = 0.01
     gamma: float = 0.1
@@ -110,6 +120,11 @@ class TrainConfig:
     save_total_limit: int = 2
     """Keep at most this many checkpoints (0 = all)."""
     log_steps: int = 1
+    eval_steps: int = 0
+    """Call the trainer's ``eval_fn`` every this many steps and at the end (0 = never); its
+    numbers are logged as ``eval/<name>``."""
+    run_name: str | None = None
+    """A label for logs and the progress bar (default: the output directory's name)."""
     tensorboard: bool = True
     """Also log to TensorBoard when ``torch.utils.tensorboard`` is importable."""
     progress_bar: bool = True
@@ -156,9 +171,14 @@ class TrainConfig:
         if self.max_steps is not None and self.max_steps < 0:
             raise ValueError(f"max_steps must be >= 0, got {self.max_steps}")
 
+    @property
+    def preset_key(self) -> str:
+        """The preset's table key (``fire-mpo`` -> ``fire_mpo``)."""
+        return self.preset.replace("-", "_")
+
     def loss_kwargs(self) -> dict[str, Any]:
         """Arguments of ``FiReMPOLoss`` after the preset is applied."""
-        fixed = PRESETS[self.preset.replace("-", "_")]
+        fixed = PRESETS[self.preset_key]
         kw = {
             k: float(fixed.get(k, getattr(self, k)))
             for k in ("beta", "alpha", "gamma", "lambda_", "alpha_v1", "alpha_v2")
@@ -170,7 +190,7 @@ class TrainConfig:
         """``span`` or ``response``: the explicit ``mask``, else the preset's, else span."""
         if self.mask is not None:
             return self.mask
-        return PRESETS[self.preset.replace("-", "_")].get("mask", "span")
+        return PRESETS[self.preset_key].get("mask", "span")
 
     def needs_corrupt(self) -> bool:
         """Whether any visual term is on (then the corrupted sequences are encoded)."""
@@ -191,14 +211,37 @@ class TrainConfig:
 
     @classmethod
     def from_yaml(cls, path: str, overrides: list[str] | dict[str, Any] | None = None):
-        """Load ``path`` (YAML mapping) and apply ``overrides`` (``key=value`` strings, values
-        parsed as YAML, or a dict). Relative paths are relative to the working directory."""
+        """Load ``path`` (a YAML file, or the name of a shipped config such as ``tiny``) and
+        apply ``overrides`` (``key=value`` strings, values parsed as YAML, or a dict). Relative
+        paths are relative to the working directory."""
+        path = resolve_config(path)
         with open(path, encoding="utf-8") as f:
             d = yaml.safe_load(f) or {}
         if not isinstance(d, dict):
             raise ValueError(f"{path}: expected a YAML mapping, got {type(d).__name__}")
         d.update(parse_overrides(overrides))
         return cls.from_dict(d)
+
+
+def config_names() -> list[str]:
+    """Names of the example configs shipped in the package (``fgpo/configs/*.yaml``)."""
+    return sorted(p.name[: -len(".yaml")] for p in _CONFIG_DIR.iterdir() if p.suffix == ".yaml")
+
+
+def resolve_config(name_or_path: str) -> str:
+    """An existing file as given, else a shipped config by name (``tiny`` or ``tiny.yaml``);
+    anything else is a ``FileNotFoundError`` naming it and the shipped names."""
+    if os.path.isfile(name_or_path):
+        return name_or_path
+    name = os.path.basename(name_or_path)
+    name = name[: -len(".yaml")] if name.endswith(".yaml") else name
+    shipped = _CONFIG_DIR / f"{name}.yaml"
+    if os.sep not in name_or_path.strip("./") and shipped.is_file():
+        return str(shipped)
+    raise FileNotFoundError(
+        f"config {name_or_path!r} not found: no such file, and no shipped config of that name "
+        f"(shipped: {', '.join(config_names())})"
+    )
 
 
 def parse_overrides(overrides: list[str] | dict[str, Any] | None) -> dict[str, Any]:

@@ -22,10 +22,10 @@ position is a pure function of the step, so resuming needs only the step number.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -33,15 +33,15 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-import fgpo_kernels as fk
-
 from .. import models as M
 from ..data import PreferenceCollator, PreferenceDataset
 from . import checkpoint as ckpt
 from .config import TrainConfig
+from .logs import MetricsLog
+from .objectives import SFT, build_loss, split_sequences
+from .state import resume_trainer, save_trainer
 
 _MODEL_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")
-_GROUPS = ("chosen", "rejected", "chosen_corrupt", "rejected_corrupt")
 
 
 class _Policy(nn.Module):
@@ -79,6 +79,9 @@ class Trainer:
             neither); otherwise ``cfg.model`` is loaded.
         reference: for full fine-tuning, an explicit frozen reference model (default: a frozen
             copy of ``model`` taken before training).
+        eval_fn: ``eval_fn(model) -> {name: number}``, called (on the main process, model in
+            eval mode, no grad) every ``cfg.eval_steps`` steps and after the last one; logged as
+            ``eval/<name>`` in the step's metrics row.
 
     ``train()`` runs to ``cfg.max_steps`` (or the epochs) and returns a summary dict.
     Under ``torchrun`` it initializes the process group itself (gloo on CPU, nccl on GPU).
@@ -90,6 +93,7 @@ class Trainer:
         model: nn.Module | None = None,
         processor: Any = None,
         reference: nn.Module | None = None,
+        eval_fn: Any = None,
     ) -> None:
         if (model is None) != (processor is None):
             raise ValueError("pass both model and processor, or neither")
@@ -104,6 +108,8 @@ class Trainer:
             torch.set_num_threads(int(cfg.cpu_threads))
         self._init_distributed()
         self._given = (model, processor, reference)
+        self.eval_fn = eval_fn
+        self.sft = cfg.preset_key == SFT
         self.model: nn.Module | None = None
         self.summary: dict[str, Any] = {}
 
@@ -142,16 +148,17 @@ class Trainer:
             model, processor = M.load_model(cfg.model, cfg.dtype, cfg.attn_implementation)
         model.to(self.device)
         self.processor = processor
+        self.reference = None  # LoRA: the same model with its adapters disabled; SFT: none
         if cfg.lora:
             model = M.apply_lora(model, cfg)
-            self.reference = None  # same model, adapters disabled
         else:
             for p in model.parameters():
                 p.requires_grad_(True)
             if not cfg.train_vision:
                 M.freeze_vision(model)
-            self.reference = reference if reference is not None else M.frozen_reference(model)
-            self.reference.to(self.device).eval()
+            if not self.sft:
+                self.reference = reference if reference is not None else M.frozen_reference(model)
+                self.reference.to(self.device).eval()
         if cfg.gradient_checkpointing:
             M.enable_gradient_checkpointing(model)
         model.train()
@@ -180,7 +187,7 @@ class Trainer:
             betas=(cfg.adam_beta1, cfg.adam_beta2),
             eps=cfg.adam_eps,
         )
-        self.loss_fn = fk.FiReMPOLoss(**cfg.loss_kwargs(), reduction="sum")
+        self.loss_fn = build_loss(cfg.preset_key, cfg.loss_kwargs())
 
     def _shard(self, policy: nn.Module) -> None:
         """FSDP2: each decoder layer is a unit, the rest (embeddings, vision, head) the root."""
@@ -220,7 +227,9 @@ class Trainer:
             on_bad_tags=cfg.on_bad_tags,
             cache=cfg.cache_examples,
         )
-        self.collator = PreferenceCollator(self.processor.pad_token_id, self.needs_corrupt)
+        self.collator = PreferenceCollator(
+            self.processor.pad_token_id, self.needs_corrupt, with_rejected=not self.sft
+        )
         self.valid = self._scan()
         g = cfg.global_batch_size
         if g % (self.world * cfg.micro_batch_size):
@@ -250,15 +259,14 @@ class Trainer:
         ok = torch.zeros(n, dtype=torch.int64)
         for k in range(self.rank, n, self.world):
             ok[k] = int(self.dataset[k] is not None)
-        counts = torch.zeros(8, dtype=torch.int64)
-        reasons = ("bad_tags", "missing_image", "unreadable_image", "empty_mask", "too_long")
-        for i, r in enumerate(reasons):
-            counts[i] = self.dataset.skipped.get(r, 0)
+        counts = Counter(self.dataset.skipped)  # by the dataset's reasons, whatever they are
         if self.world > 1:
             dist.all_reduce(ok)
-            dist.all_reduce(counts)
-            counts[0] //= self.world  # tag problems are found by every process
-        self.skipped = {r: int(counts[i]) for i, r in enumerate(reasons) if counts[i]}
+            gathered: list[Any] = [None] * self.world
+            dist.all_gather_object(gathered, dict(counts))
+            counts = sum((Counter(g) for g in gathered), Counter())
+            counts["bad_tags"] //= self.world  # tag problems are found by every process
+        self.skipped = {r: int(c) for r, c in sorted(counts.items()) if c}
         return [k for k in range(n) if ok[k]]
 
     def _order(self, epoch: int) -> list[int]:
@@ -298,8 +306,10 @@ class Trainer:
     def forward(self, b: dict[str, Any]):
         """Reference and policy hidden states of all ``n_seq * B`` sequences, and the weights."""
         inputs = self._model_inputs(b)
-        w_ref = None
-        if self.ref_policy is not None:  # full fine-tuning: the frozen copy (maybe sharded)
+        h_ref = w_ref = None
+        if self.sft:  # no reference: the objective is the policy's likelihood alone
+            pass
+        elif self.ref_policy is not None:  # full fine-tuning: the frozen copy (maybe sharded)
             with torch.no_grad():
                 h_ref, w_ref = self.ref_policy(**inputs)
         else:  # LoRA: the same model with its adapters disabled
@@ -308,21 +318,13 @@ class Trainer:
         h, w = self.policy(**inputs)
         return h, h_ref, w, w_ref
 
-    def compute_loss(self, b: dict[str, Any], h, h_ref, w, w_ref) -> fk.FiReMPOOutput:
-        """``FiReMPOLoss`` (sum over the micro-batch) on the hidden states of each group."""
-        bsz, n_seq = b["batch_size"], b["n_seq"]
-        targets = b["targets"].to(self.device)
-        mask = b[self.mask_key].to(self.device)
-        seqs = [
-            fk.SequenceStates(
-                h[i * bsz : (i + 1) * bsz],
-                h_ref[i * bsz : (i + 1) * bsz],
-                targets[i * bsz : (i + 1) * bsz],
-                mask[i * bsz : (i + 1) * bsz],
-            )
-            for i in range(n_seq)
-        ]
-        corrupt = seqs[2:] if n_seq == 4 else [None, None]
+    def compute_loss(self, b: dict[str, Any], h, h_ref, w, w_ref):
+        """The objective (summed over the micro-batch) on the hidden states of each group:
+        ``FiReMPOLoss`` for the preference presets, :class:`~.objectives.SFTLoss` for ``sft``."""
+        seqs = split_sequences(b, h, h_ref, self.mask_key, self.device)
+        if self.sft:
+            return self.loss_fn(w, seqs[0])
+        corrupt = seqs[2:] if b["n_seq"] == 4 else [None, None]
         return self.loss_fn(
             w,
             seqs[0],
@@ -398,142 +400,39 @@ class Trainer:
         return row
 
     # ------------------------------------------------------------------------------------------
-    # logging and checkpoints
+    # checkpoints (the file format and the state's gathering live in checkpoint.py)
     # ------------------------------------------------------------------------------------------
-    def _open_logs(self, resumed_step: int) -> None:
-        self._tb = None
-        if not self.is_main:
-            return
-        os.makedirs(self.cfg.output_dir, exist_ok=True)
-        path = os.path.join(self.cfg.output_dir, "metrics.jsonl")
-        # Rows written after the checkpoint we resume from belong to the lost future: drop them.
-        rows = []
-        if resumed_step and os.path.exists(path):
-            with open(path) as f:
-                rows = [r for r in f if r.strip() and json.loads(r)["step"] <= resumed_step]
-        with open(path, "w") as f:
-            f.writelines(rows)
-        self._metrics = open(path, "a")
-        if self.cfg.tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self._tb = SummaryWriter(os.path.join(self.cfg.output_dir, "tensorboard"))
-            except Exception:  # tensorboard not installed
-                self._tb = None
-
-    def log(self, row: dict[str, Any]) -> None:
-        if not self.is_main:
-            return
-        self._metrics.write(json.dumps(row) + "\n")
-        self._metrics.flush()
-        if self._tb is not None:
-            for k, v in row.items():
-                if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
-                    self._tb.add_scalar(k, v, row["step"])
-
-    def _state(self, step: int) -> dict[str, Any]:
-        return {
-            "step": step,
-            "epoch": step // self.steps_per_epoch,
-            "position_in_epoch": (step % self.steps_per_epoch) * self.cfg.global_batch_size,
-            "global_batch_size": self.cfg.global_batch_size,
-            "world_size": self.world,
-            "fsdp": self.fsdp,
-            "skipped": self.skipped,
-            "config": self.cfg.to_dict(),
-        }
-
-    def _full_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """Trainable tensors and optimizer state, gathered in full (collective under FSDP)."""
-        if not self.fsdp:
-            return self.trainable, self.optimizer.state_dict()
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            get_optimizer_state_dict,
-        )
-
-        full = {k: v.full_tensor() for k, v in self.trainable.items()}
-        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        return full, get_optimizer_state_dict(self.policy, self.optimizer, options=opts)
-
-    def _export(self, path: str, full: dict[str, torch.Tensor]) -> None:
-        if M.is_peft(self.model):
-            self.model.save_pretrained(os.path.join(path, "adapter"))
-            return
-        out = os.path.join(path, "model")
-        if self.fsdp:  # the module holds shards: write the weights gathered by save()
-            sd = {k: v for k, v in self.model.state_dict().items() if not hasattr(v, "device_mesh")}
-            sd.update(full)
-            self.model.save_pretrained(out, state_dict={k: v.cpu() for k, v in sd.items()})
-        else:
-            self.model.save_pretrained(out)
-        self.processor.save_pretrained(out)
-
     def save(self, step: int) -> str:
-        full, opt_state = self._full_state()
-        frozen_full = None
-        if self.fsdp and not M.is_peft(self.model):
-            # Frozen shards (vision tower) are gathered on every rank for the export too.
-            frozen_full = {
-                k: v.full_tensor()
-                for k, v in self.model.state_dict().items()
-                if hasattr(v, "full_tensor") and k not in full
-            }
-        export = lambda path: self._export(path, {**full, **(frozen_full or {})})
-        return ckpt.save_checkpoint(
-            self.cfg.output_dir,
-            step,
-            rank=self.rank,
-            trainable=full if self.is_main else {},
-            optimizer_state=opt_state,
-            scheduler_state=self.scheduler.state_dict(),
-            state=self._state(step),
-            export=export,
-            keep=self.cfg.save_total_limit,
-        )
+        """Checkpoint the state after ``step`` optimizer steps (collective under torchrun)."""
+        return save_trainer(self, step)
 
     def resume(self, path: str | None = None) -> int:
         """Restore the latest (or the given) checkpoint; returns its step (0 if none)."""
-        path = path or ckpt.latest_checkpoint(self.cfg.output_dir)
-        if path is None:
-            return 0
-        got = ckpt.load_checkpoint(path, rank=self.rank, names=set(self.trainable))
-        state = got["state"]
-        if state["global_batch_size"] != self.cfg.global_batch_size:
-            raise ValueError(
-                f"{path} was written with global_batch_size={state['global_batch_size']}, "
-                f"the config has {self.cfg.global_batch_size}"
-            )
-        if state["world_size"] != self.world or bool(state.get("fsdp")) != self.fsdp:
-            raise ValueError(
-                f"{path} was written by {state['world_size']} processes (fsdp={state.get('fsdp')})"
-                f", this run has {self.world} (fsdp={self.fsdp})"
-            )
-        with torch.no_grad():
-            for k, p in self.trainable.items():
-                src = got["trainable"][k].to(device=p.device, dtype=p.dtype)
-                if hasattr(p, "device_mesh"):  # FSDP2 shard: keep this rank's part
-                    from torch.distributed.tensor import distribute_tensor
+        return resume_trainer(self, path)
 
-                    src = distribute_tensor(src, p.device_mesh, p.placements)
-                p.copy_(src)
-        if self.fsdp:
-            from torch.distributed.checkpoint.state_dict import (
-                StateDictOptions,
-                set_optimizer_state_dict,
-            )
+    @property
+    def run_name(self) -> str:
+        return self.cfg.run_name or os.path.basename(os.path.normpath(self.cfg.output_dir))
 
-            set_optimizer_state_dict(
-                self.policy,
-                self.optimizer,
-                optim_state_dict=got["optimizer"],
-                options=StateDictOptions(full_state_dict=True),
-            )
-        else:
-            self.optimizer.load_state_dict(got["optimizer"])
-        self.scheduler.load_state_dict(got["scheduler"])
-        return int(state["step"])
+    def evaluate(self) -> dict[str, float]:
+        """``eval_fn(model)`` on the main process (eval mode, no grad), as ``eval/<name>``.
+
+        The RNG states are put back afterwards, so evaluating never changes training (resume
+        stays exact whether or not a run evaluates)."""
+        out: dict[str, float] = {}
+        if self.is_main and self.eval_fn is not None:
+            rng = ckpt.rng_state()
+            was_training = self.model.training
+            self.model.eval()
+            try:
+                with torch.no_grad():
+                    got = self.eval_fn(self.model)
+            finally:
+                self.model.train(was_training)
+                ckpt.set_rng_state(rng)
+            out = {f"eval/{k}": float(v) for k, v in got.items()}
+        self._barrier()
+        return out
 
     # ------------------------------------------------------------------------------------------
     def train(self, resume: bool = False, stop_after: int | None = None) -> dict[str, Any]:
@@ -546,13 +445,18 @@ class Trainer:
             self.load()
             self.load_data()
         start = self.resume() if resume else 0
-        self._open_logs(start)
+        log = MetricsLog(
+            self.cfg.output_dir,
+            resumed_step=start,
+            enabled=self.is_main,
+            tensorboard=self.cfg.tensorboard,
+        )
         end = self.total_steps if stop_after is None else min(stop_after, self.total_steps)
         bar = None
         if self.is_main and self.cfg.progress_bar and end > start:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=end, initial=start, desc="fgpo train", dynamic_ncols=True)
+            bar = tqdm(total=end, initial=start, desc=self.run_name, dynamic_ncols=True)
         t0 = time.perf_counter()
         row: dict[str, Any] = {}
         every = self.cfg.save_steps
@@ -570,8 +474,12 @@ class Trainer:
                     nxt = pool.submit(self.encode, step + 1)
                 row = self.train_step(step, micro)
                 done = step + 1
-                if (step + 1) % max(self.cfg.log_steps, 1) == 0 or step + 1 == end:
-                    self.log(row)
+                every_eval = self.cfg.eval_steps
+                evaluate = bool(every_eval) and (done % every_eval == 0 or done == end)
+                if evaluate and self.eval_fn is not None:
+                    row.update(self.evaluate())
+                if done % max(self.cfg.log_steps, 1) == 0 or done == end or evaluate:
+                    log.write(row)
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{row['loss']:.4f}", acc=row.get("rewards/accuracies"))
@@ -593,10 +501,7 @@ class Trainer:
                 pool.shutdown(wait=True, cancel_futures=True)
             if bar is not None:
                 bar.close()
-            if self.is_main:
-                self._metrics.close()
-                if self._tb is not None:
-                    self._tb.close()
+            log.close()
         self.summary = {
             "steps": end,
             "start_step": start,
