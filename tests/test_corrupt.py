@@ -169,7 +169,7 @@ def test_inpaint_texture_matches_the_pixel_noise_even_next_to_an_edge(rng):
     noise = 6.0
     a = np.full((H, W), 100.0)
     x0, y0, x1, y1 = BOX
-    a[:, : x0 - 2] = 20.0  # an organ border two pixels left of the lesion
+    a[:, : x0 - 4] = 20.0  # an organ border just outside the (dilated) lesion
     a += rng.normal(0.0, noise, a.shape)
     a[y0:y1, x0:x1] += 90.0  # the lesion
     img = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L")
@@ -187,6 +187,23 @@ def test_inpaint_texture_matches_the_pixel_noise_even_next_to_an_edge(rng):
     ).image
     flat = np.asarray(smooth).astype(float)[y0 + 1 : y1 - 1, x0 + 1 : x1 - 1]
     assert abs(patch.mean() - flat.mean()) < 2.0  # zero-mean texture on the smooth fill
+
+
+def test_inpaint_continues_an_organ_border_across_the_lesion(rng):
+    """A lesion straddling a step edge (organ 120, outside 20): each side of the continued
+    border is filled from its own side, so the dark outside does not smear into the organ."""
+    x0, y0, x1, y1 = BOX
+    edge = (x0 + x1) // 2 - 3
+    truth = np.where(np.arange(W)[None, :] < edge, 20.0, 120.0) * np.ones((H, 1))
+    a = truth + rng.normal(0.0, 4.0, truth.shape)
+    a[y0:y1, x0:x1] += 80.0
+    img = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L")
+    cfg = CorruptConfig(mode="inpaint", texture=0.0)
+    out = np.asarray(corrupt_image(img, example(lesion_boxes=[BOX]), cfg).image).astype(float)
+    err = np.abs(out - truth)[y0:y1, x0:x1]
+    assert err.mean() < 8.0, f"mean error {err.mean():.1f} against the two sides"
+    # inside the organ, away from the border, the fill is the organ's intensity
+    assert np.abs(out[y0:y1, edge + 2 : x1] - 120.0).max() < 20.0
 
 
 def test_blur_lowers_lesion_contrast_only_near_the_lesion(rng):

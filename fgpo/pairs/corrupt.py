@@ -14,6 +14,11 @@ Modes inside the region:
   - ``inpaint``: remove the evidence: the (slightly dilated) mask is filled from the surrounding
     background by a harmonic (membrane) fill, coarse-to-fine, plus pixel noise with the
     surroundings' own pixel-noise level (``texture``), so the patch is neither flat nor speckled.
+    Where the surroundings hold two clearly different intensities (a lesion at an organ's
+    border), the fill is edge-aware: the harmonic extension of the two-class indicator (Otsu on
+    the ring) decides which side each hole pixel is on (its 0.5 level set continues the border
+    across the hole) and each side is filled only from its own class, so the dark outside does
+    not smear into the organ.
     That level is a robust estimate of the ring's high-frequency residual (pixel minus the mean
     of its 4 neighbours, median absolute deviation), which ignores the ring's smooth shading and
     the edges it may cross (an organ border), unlike its raw standard deviation.
@@ -256,6 +261,71 @@ def _harmonic_fill(a: np.ndarray, hole: np.ndarray, iters: int = 40) -> np.ndarr
     return out
 
 
+def _otsu_threshold(v: np.ndarray) -> float:
+    """The threshold between two intensity classes of ``v`` (max between-class variance)."""
+    v = np.sort(v)
+    k = np.arange(1, v.size)
+    csum = np.cumsum(v)[:-1]
+    m0, m1 = csum / k, (v.sum() - csum) / (v.size - k)
+    best = int(np.argmax(k * (v.size - k) * (m0 - m1) ** 2))
+    return float((m0[best] + m1[best]) / 2)
+
+
+def _class_fill(a: np.ndarray, region: np.ndarray, allowed: np.ndarray, iters: int) -> None:
+    """Harmonic fill of ``region`` in place, averaging only over ``allowed`` 4-neighbours (its
+    own class: known pixels of the class and the region itself)."""
+    pa = np.pad(allowed, 1)
+    masks = [pa[:-2, 1:-1], pa[2:, 1:-1], pa[1:-1, :-2], pa[1:-1, 2:]]
+    n = sum(m.astype(np.float64) for m in masks)[..., None]
+    upd = region & (n[..., 0] > 0)
+    for _ in range(iters):
+        p = np.pad(a, ((1, 1), (1, 1), (0, 0)), mode="edge")
+        vals = [p[:-2, 1:-1], p[2:, 1:-1], p[1:-1, :-2], p[1:-1, 2:]]
+        s = sum(v * m[..., None] for v, m in zip(vals, masks))
+        a[upd] = (s / np.maximum(n, 1.0))[upd]
+
+
+def _largest_jump(lum: np.ndarray, ring: np.ndarray, known: np.ndarray) -> float:
+    """Largest absolute difference between a ring pixel and a known 4-neighbour."""
+    best = 0.0
+    for axis in (0, 1):
+        d = np.abs(np.diff(lum, axis=axis))
+        both = np.logical_and(*(np.delete(known, i, axis=axis) for i in (-1, 0)))
+        on_ring = np.logical_or(*(np.delete(ring, i, axis=axis) for i in (-1, 0)))
+        sel = both & on_ring
+        if sel.any():
+            best = max(best, float(d[sel].max()))
+    return best
+
+
+def _edge_aware_fill(a: np.ndarray, hole: np.ndarray, noise: np.ndarray) -> np.ndarray:
+    """The harmonic fill, or, when the ring around the hole crosses a step edge (two intensity
+    classes more than 6 x the pixel noise apart, with neighbouring pixels that jump by half of
+    that), a fill of each side of the continued border from its own class only (module doc)."""
+    known = ~hole
+    ring = _dilate(hole, 2) & known
+    lum = a.mean(axis=-1)
+    if ring.sum() < 8:
+        return _harmonic_fill(a, hole)
+    thr = _otsu_threshold(lum[ring])
+    hi, lo = lum[ring & (lum > thr)], lum[ring & (lum <= thr)]
+    gap = hi.mean() - lo.mean() if min(hi.size, lo.size) >= 3 else 0.0
+    # a step edge, not noise and not a smooth gradient: somewhere on the ring two neighbouring
+    # known pixels differ by at least half the gap (a ramp changes by its slope per pixel)
+    if gap < 6.0 * max(float(noise.mean()), 1.0) or _largest_jump(lum, ring, known) < gap / 2:
+        return _harmonic_fill(a, hole)
+    side = _harmonic_fill((lum > thr).astype(np.float64)[..., None], hole)[..., 0] > 0.5
+    label = np.where(hole, side, lum > thr)
+    out = a.copy()
+    iters = 2 * int(max(np.ptp(np.nonzero(hole)[0]), np.ptp(np.nonzero(hole)[1])) + 1)
+    for c in (False, True):
+        region = hole & (label == c)
+        if region.any():
+            out[region] = a[ring & (label == c)].mean(axis=0)
+            _class_fill(out, region, label == c, max(iters, 20))
+    return out
+
+
 def _pixel_noise(a: np.ndarray, hole: np.ndarray) -> np.ndarray:
     """Per-channel pixel-noise std around ``hole`` (see the module doc): for i.i.d. noise of
     std s the residual ``x - mean(4 neighbours)`` has std ``s * sqrt(5/4)``; the median absolute
@@ -311,10 +381,10 @@ def inpaint(image: Any, mask: np.ndarray, rng: np.random.Generator, texture: flo
     crop, hole = a[r0:r1, c0:c1], mask[r0:r1, c0:c1]
     if hole.all():  # the box has no background (mask fills it): solve on the whole image
         crop, hole, r0, c0 = a, mask, 0, 0
-    filled = _harmonic_fill(crop, hole)
+    noise = _pixel_noise(crop, hole)
+    filled = _edge_aware_fill(crop, hole, noise)
     if texture > 0:
-        std = _pixel_noise(crop, hole)
-        filled[hole] += rng.normal(0.0, 1.0, (int(hole.sum()), a.shape[-1])) * std * texture
+        filled[hole] += rng.normal(0.0, 1.0, (int(hole.sum()), a.shape[-1])) * noise * texture
     out = a.copy()
     out[r0 : r0 + filled.shape[0], c0 : c0 + filled.shape[1]] = filled
     return _to_image(out, mode)
