@@ -11,7 +11,7 @@ import math
 
 import pytest
 import torch
-from conftest import rel_err
+from helpers import rel_err
 
 import fgpo_kernels as fk
 from fgpo_kernels import cuda_kl, torch_impl

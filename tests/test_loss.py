@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import compare, rel_err
+from helpers import compare, rel_err
 
 import fgpo_kernels as fk
 from fgpo_kernels import FiReMPOLoss, SequenceStates, _registry

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import compare, rel_err
+from helpers import compare, rel_err
 
 import fgpo_kernels as fk
 from fgpo_kernels import _registry

@@ -14,7 +14,7 @@ import sys
 
 import pytest
 import torch
-from conftest import rel_err
+from helpers import rel_err
 
 from fgpo_kernels import _registry, torch_impl
 
