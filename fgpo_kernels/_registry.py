@@ -14,6 +14,8 @@ from types import ModuleType
 
 import torch
 
+from ._util import triton_interpret
+
 IMPLS = ("reference", "torch", "triton", "cuda")
 # Preference order for impl=None on each device type.
 _AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("torch",)}
@@ -29,10 +31,6 @@ _ENTRIES = {
     "triton": _Entry("fgpo_kernels.triton_kl"),
     "cuda": _Entry("fgpo_kernels.cuda_kl"),
 }
-
-
-def _triton_interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def _load(name: str) -> tuple[ModuleType | None, str]:
@@ -64,7 +62,7 @@ def _usable_on(name: str, device: torch.device) -> tuple[bool, str]:
     st = status(name)
     if not st["available"]:
         return False, st["reason"]
-    if name == "triton" and device.type != "cuda" and not _triton_interpret():
+    if name == "triton" and device.type != "cuda" and not triton_interpret():
         return False, "impl 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors)"
     if name == "cuda" and device.type != "cuda":
         return False, f"impl 'cuda' needs CUDA tensors, got tensors on {device}"

@@ -29,6 +29,8 @@ import os
 import torch
 from torch import Tensor
 
+from ._util import sm_count
+
 _HALF = (torch.bfloat16, torch.float16)
 _DTYPE_CODE = {torch.bfloat16: 0, torch.float16: 1}
 _C = None
@@ -135,13 +137,9 @@ def _splits(n: int, v: int, device: torch.device) -> int:
     ext = _ext()
     row_blocks = -(-n // ext.BLOCK_ROWS)
     n_tiles = -(-v // ext.BLOCK_VOCAB)
-    sms = _sm_count(device)
+    sms = sm_count(device)
     want = -(-(4 * sms) // row_blocks)
     return max(1, min(n_tiles, want))
-
-
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _launch_context(device: torch.device):

@@ -37,7 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .token_kl import token_kl
+from ._util import check_real
+from .token_kl import IGNORE_INDEX, token_kl
 
 _REDUCTIONS = ("mean", "sum")
 
@@ -149,18 +150,18 @@ class FiReMPOLoss(torch.nn.Module):
         impl: str | None = None,
         *,
         reduction: str = "mean",
-        ignore_index: int = -100,
+        ignore_index: int = IGNORE_INDEX,
     ) -> None:
         super().__init__()
-        _check_real("beta", beta)
+        check_real("beta", beta)
         if beta <= 0:
             raise ValueError(f"beta must be > 0, got {beta}")
         for name, val in (("alpha", alpha), ("gamma", gamma), ("alpha_v1", alpha_v1),
                           ("alpha_v2", alpha_v2)):  # fmt: skip
-            _check_real(name, val)
+            check_real(name, val)
             if val < 0:
                 raise ValueError(f"{name} must be >= 0, got {val}")
-        _check_real("lambda_", lambda_)
+        check_real("lambda_", lambda_)
         if not 0.0 <= lambda_ <= 1.0:
             raise ValueError(f"lambda_ must be in [0, 1], got {lambda_}")
         if reduction not in _REDUCTIONS:
@@ -389,11 +390,6 @@ def _why_needed(name: str, loss: FiReMPOLoss) -> str:
     if name == "rejected_corrupt" and loss.alpha_v2 > 0:
         parts.append(f"alpha_v2={loss.alpha_v2} > 0")
     return " or ".join(parts)
-
-
-def _check_real(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise TypeError(f"{name} must be a finite real number, got {value!r}")
 
 
 def _shape(x) -> str:

@@ -28,6 +28,8 @@ import os
 import torch
 from torch import Tensor
 
+from ._util import acc_dtype
+
 _MIN_ROWS = 512  # rows per chunk when there are that many: the weight is read N / 512 times
 _MIN_COLS = 512
 
@@ -44,13 +46,8 @@ def _tiles(n: int, v: int) -> tuple[int, int]:
     return rows, cols
 
 
-def _acc(x: Tensor) -> torch.dtype:
-    """fp32 accumulation, except that float64 input stays float64 (exact checks)."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 def _logits(h: Tensor, w: Tensor, inv_t: float) -> Tensor:
-    z = (h @ w.T).to(_acc(h))
+    z = (h @ w.T).to(acc_dtype(h))
     return z.mul_(inv_t) if inv_t != 1.0 else z
 
 
@@ -64,7 +61,7 @@ def forward(h, hr, w, wr, temperature):
     n, v = h.shape[0], w.shape[0]
     inv_t = 1.0 / temperature
     wr = w if wr is None else wr
-    acc = _acc(h)
+    acc = acc_dtype(h)
     rows, cols = _tiles(n, v)
     lse = h.new_empty(n, dtype=acc)
     kl = hr is not None
@@ -111,7 +108,7 @@ def forward(h, hr, w, wr, temperature):
 
 def _col(x: Tensor | None, like: Tensor) -> Tensor | None:
     """A per-row vector as an (n, 1) column in the accumulation dtype; None stays None."""
-    return None if x is None else x.to(_acc(like)).unsqueeze(-1)
+    return None if x is None else x.to(acc_dtype(like)).unsqueeze(-1)
 
 
 def _nonzero(g: Tensor | None) -> Tensor | None:
@@ -127,7 +124,7 @@ def backward(h, hr, w, wr, temperature, lse, lser, fkl, rkl, g_fkl, g_rkl, g_lp,
     g_fkl, g_rkl, g_lp, g_lpr = (_nonzero(g) for g in (g_fkl, g_rkl, g_lp, g_lpr))
 
     def zeros(x: Tensor, need: bool) -> Tensor | None:
-        return torch.zeros(x.shape, dtype=_acc(x), device=x.device) if need else None
+        return torch.zeros(x.shape, dtype=acc_dtype(x), device=x.device) if need else None
 
     dh, dw = zeros(h, need_h), zeros(w, need_w)
     dhr = zeros(hr, need_hr) if hr is not None else None

@@ -79,6 +79,9 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from ._util import sm_count as _sm_count
+from ._util import triton_interpret as _interpreting
+
 try:
     import triton
     import triton.language as tl
@@ -87,10 +90,6 @@ try:
 except Exception as exc:  # pragma: no cover - depends on the environment
     triton = tl = None
     _IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def _old_interpreter() -> bool:
@@ -513,12 +512,6 @@ def _config(kind: str, n: int, d: int, dtype: torch.dtype, has_ref: bool) -> Ker
     if _interpreting():
         return _interp_config(n, d)
     return GPU_CONFIGS[gpu_config_name(kind, n, dtype, has_ref)]
-
-
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 1
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _splits(n_row_blocks: int, n_tiles: int, device: torch.device) -> int:

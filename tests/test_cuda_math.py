@@ -261,7 +261,7 @@ def emulated_cuda(emu_ext, monkeypatch):
     monkeypatch.setattr(cuda_kl, "_C", emu_ext)
     monkeypatch.setattr(cuda_kl, "_check_device", lambda x: None)
     monkeypatch.setattr(cuda_kl, "_launch_context", lambda dev: (contextlib.nullcontext(), 0))
-    monkeypatch.setattr(cuda_kl, "_sm_count", lambda dev: 2)
+    monkeypatch.setattr(cuda_kl, "sm_count", lambda dev: 2)
     usable = _registry._usable_on
     monkeypatch.setattr(
         _registry,

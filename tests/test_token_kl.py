@@ -244,6 +244,15 @@ def test_backend_status_and_override(monkeypatch):
     assert _registry.resolve(None, torch.device("cpu")) in ("torch", "triton")
 
 
+def test_ignore_index_constant_is_the_default():
+    """``fk.IGNORE_INDEX`` is the one "no target" id: every public default uses it."""
+    import inspect
+
+    assert fk.IGNORE_INDEX == -100
+    for fn in (fk.token_kl, fk.token_logprobs, fk.FiReMPOLoss):
+        assert inspect.signature(fn).parameters["ignore_index"].default == fk.IGNORE_INDEX
+
+
 def test_explicit_unavailable_impl_raises():
     if torch.cuda.is_available():
         pytest.skip("cuda tensors available")
