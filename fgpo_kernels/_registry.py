@@ -14,6 +14,7 @@ from types import ModuleType
 
 import torch
 
+from ._backend import Backend
 from ._util import triton_interpret
 
 IMPLS = ("reference", "torch", "triton", "cuda")
@@ -23,7 +24,7 @@ _AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("torch",)}
 
 @dataclass
 class _Entry:
-    module: str  # module path exposing forward/backward (see _backend.py) and probe()
+    module: str  # path of a module that satisfies _backend.Backend (probe, forward, backward)
 
 
 _ENTRIES = {
@@ -88,7 +89,8 @@ def resolve(impl: str | None, device: torch.device) -> str:
     return impl
 
 
-def module(name: str) -> ModuleType:
+def module(name: str) -> Backend:
+    """The backend module of impl ``name`` (``RuntimeError`` with the reason if unavailable)."""
     mod, why = _load(name)
     if mod is None:
         raise RuntimeError(f"impl {name!r} is unavailable: {why}")

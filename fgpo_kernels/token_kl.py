@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from . import _registry, reference
+from ._backend import Needs, RowGrads, RowStats
 from ._util import acc_dtype, check_real
 from ._validate import check_token_inputs
 
@@ -101,11 +102,12 @@ class _TokenStats(torch.autograd.Function):
         shared = wr is None
         dh = dhr = dw = dwr = None
         if rows.numel():
+            stats = RowStats(*(take(x) for x in (lse, lser, fkl, rkl)))
+            grads = RowGrads(*(take(g) for g in gs))
+            need = Needs(need_h, need_hr, need_w, need_wr)
             dh, dhr, dw, dwr = _registry.module(ctx.impl).backward(
-                take(h), take(hr), w, wr, ctx.temperature,
-                take(lse), take(lser), take(fkl), take(rkl), *(take(g) for g in gs),
-                need_h, need_hr, need_w, need_wr,
-            )  # fmt: skip
+                take(h), take(hr), w, wr, ctx.temperature, stats, grads, need
+            )
         dh = _scatter(dh, rows, h) if need_h else None
         dhr = _scatter(dhr, rows, hr) if need_hr else None
         if need_w and dw is None:

@@ -79,6 +79,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from ._backend import Grads, Needs, RowGrads, RowStats
 from ._util import sm_count as _sm_count
 from ._util import triton_interpret as _interpreting
 
@@ -553,7 +554,10 @@ def _launch_opts(cfg: KernelConfig) -> dict:
     return {} if _interpreting() else {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
 
 
-def forward(h, hr, w, wr, temperature, *, splits: int | None = None, config=None):
+def forward(
+    h: Tensor, hr: Tensor | None, w: Tensor, wr: Tensor | None, temperature: float,
+    *, splits: int | None = None, config: KernelConfig | None = None,
+) -> RowStats:  # fmt: skip
     """Per-row (lse, lser, fkl, rkl) fp32; ``splits``/``config`` override the choice (tests)."""
     h, hr, w, wr = _prepare(h, hr, w, wr)
     n, d = h.shape
@@ -580,7 +584,7 @@ def forward(h, hr, w, wr, temperature, *, splits: int | None = None, config=None
         )  # fmt: skip
     lse = _merge(part[0], part[1])
     if not has_ref:
-        return lse, None, None, None
+        return RowStats(lse, None, None, None)
     lser = _merge(part[2], part[3])
     top = part[0].amax(dim=1, keepdim=True)
     top_r = part[2].amax(dim=1, keepdim=True)
@@ -589,7 +593,7 @@ def forward(h, hr, w, wr, temperature, *, splits: int | None = None, config=None
     a_over_s = (part[4] * scale).sum(1) / (part[1] * scale).sum(1)
     b_over_sr = (part[5] * scale_r).sum(1) / (part[3] * scale_r).sum(1)
     gap = lser - lse
-    return lse, lser, b_over_sr - gap, a_over_s + gap
+    return RowStats(lse, lser, b_over_sr - gap, a_over_s + gap)
 
 
 def _merge(m: Tensor, s: Tensor) -> Tensor:
@@ -634,40 +638,34 @@ def chunk_columns(rows: int, v: int, block_v: int, budget: int) -> int:
 
 
 def backward(
-    h, hr, w, wr, temperature, lse, lser, fkl, rkl, g_fkl, g_rkl, g_lp, g_lpr,
-    need_h, need_hr, need_w, need_wr, *, config=None, mode=None, chunk_elems=None,
-):  # fmt: skip
+    h: Tensor, hr: Tensor | None, w: Tensor, wr: Tensor | None, temperature: float,
+    stats: RowStats, grads: RowGrads, need: Needs,
+    *, config: KernelConfig | None = None, mode: str | None = None,
+    chunk_elems: int | None = None,
+) -> Grads:  # fmt: skip
     """Contract of ``_backend.py``. ``mode`` ("gblock" / "atomic", default env FGPO_TRITON_BWD
     or gblock), ``config`` (kernel tiles) and ``chunk_elems`` (gblock buffer budget, default env
     FGPO_TRITON_GBLOCK_ELEMS or 2^25) override the defaults (tests, benchmarks)."""
-    args = (h, hr, w, wr, temperature, lse, lser, fkl, rkl, g_fkl, g_rkl, g_lp, g_lpr,
-            need_h, need_hr, need_w, need_wr)  # fmt: skip
+    args = (h, hr, w, wr, temperature, RowStats(*stats), RowGrads(*grads), Needs(*need))
     if bwd_mode(mode) == "gblock":
         return _backward_gblock(*args, config=config, chunk_elems=_gblock_elems(chunk_elems))
     return _backward_atomic(*args, config=config)
 
 
-def _stats(n, dev, lse, lser, fkl, rkl, g_fkl, g_rkl, g_lp, g_lpr) -> Tensor:
-    """(8, N) fp32 per-row inputs of the gradient kernels (None = zero)."""
+def _row_inputs(n: int, dev, stats: RowStats, grads: RowGrads) -> Tensor:
+    """(8, N) fp32 per-row inputs of the gradient kernels (None = zero): lse, lser, fkl, rkl,
+    g_fkl, g_rkl, g_lp, g_lpr."""
     zero = torch.zeros(n, dtype=torch.float32, device=dev)
-    return torch.stack(
-        [zero if x is None else x.to(torch.float32) for x in
-         (lse, lser, fkl, rkl, g_fkl, g_rkl, g_lp, g_lpr)]
-    )  # fmt: skip
+    return torch.stack([zero if x is None else x.to(torch.float32) for x in (*stats, *grads)])
 
 
-def _backward_atomic(
-    h, hr, w, wr, temperature, lse, lser, fkl, rkl, g_fkl, g_rkl, g_lp, g_lpr,
-    need_h, need_hr, need_w, need_wr, *, config=None,
-):  # fmt: skip
+def _backward_atomic(h, hr, w, wr, temperature, stats, grads, need, *, config=None) -> Grads:
     h, hr, w, wr = _prepare(h, hr, w, wr)
     n, d = h.shape
     v = w.shape[0]
     has_ref, shared = hr is not None, wr is None
     dr = hr.shape[1] if has_ref else d
-    need_hr = bool(need_hr and has_ref)
-    need_wr = bool(need_wr and has_ref and not shared)
-    need_h, need_w = bool(need_h), bool(need_w)
+    need_h, need_hr, need_w, need_wr = need.possible(hr, wr)
     dev = h.device
 
     def buf(rows: int, cols: int, need: bool) -> Tensor | None:
@@ -676,15 +674,15 @@ def _backward_atomic(
     dh, dw = buf(n, d, need_h), buf(v, d, need_w)
     dhr, dwr = buf(n, dr, need_hr), buf(v, dr, need_wr)
     if not (need_h or need_w or need_hr or need_wr):
-        return dh, dhr, dw, dwr
-    stats = _stats(n, dev, lse, lser, fkl, rkl, g_fkl, g_rkl, g_lp, g_lpr)
+        return Grads(dh, dhr, dw, dwr)
+    per_row = _row_inputs(n, dev, stats, grads)
     cfg = config or _config("bwd", n, max(d, dr), h.dtype, has_ref)
     hr_, wr_ = (hr if has_ref else h), (w if shared else wr)
-    dummy = stats  # stands in for the gradient buffers nobody asked for (never touched)
+    dummy = per_row  # stands in for the gradient buffers nobody asked for (never touched)
     grid = (triton.cdiv(n, cfg.block_n) * triton.cdiv(v, cfg.block_v),)
     with _on_device(h):
         _bwd_kernel[grid](
-            h, hr_, w, wr_, stats,
+            h, hr_, w, wr_, per_row,
             dummy if dh is None else dh, dummy if dhr is None else dhr,
             dummy if dw is None else dw, dummy if dwr is None else dwr,
             n, v, d, dr, h.stride(0), hr_.stride(0), w.stride(0), wr_.stride(0),
@@ -694,7 +692,7 @@ def _backward_atomic(
             DO_DH=need_h, DO_DW=need_w, DO_DHR=need_hr, DO_DWR=need_wr,
             **_launch_opts(cfg),
         )  # fmt: skip
-    return dh, dhr, dw, dwr
+    return Grads(dh, dhr, dw, dwr)
 
 
 # ------------------------------------------------------------------- gblock backward: host side
@@ -761,9 +759,8 @@ class _Acc:
 
 
 def _backward_gblock(
-    h, hr, w, wr, temperature, lse, lser, fkl, rkl, g_fkl, g_rkl, g_lp, g_lpr,
-    need_h, need_hr, need_w, need_wr, *, config=None, chunk_elems=_GBLOCK_ELEMS,
-):  # fmt: skip
+    h, hr, w, wr, temperature, stats, grads, need, *, config=None, chunk_elems=_GBLOCK_ELEMS
+) -> Grads:
     """Per vocabulary chunk: a Triton kernel writes G / T (and Gr / T) for all rows in the input
     dtype, then library GEMMs do dh += G W_c, dW_c = G^T h (written once, no atomics)."""
     h, hr, w, wr = _prepare(h, hr, w, wr)
@@ -771,9 +768,7 @@ def _backward_gblock(
     v = w.shape[0]
     has_ref, shared = hr is not None, wr is None
     dr = hr.shape[1] if has_ref else d
-    need_hr = bool(need_hr and has_ref)
-    need_wr = bool(need_wr and has_ref and not shared)
-    need_h, need_w = bool(need_h), bool(need_w)
+    need_h, need_hr, need_w, need_wr = need.possible(hr, wr)
     dev = h.device
     do_g = need_h or need_w
     do_gr = has_ref and (need_hr or need_wr or (shared and need_w))
@@ -781,11 +776,11 @@ def _backward_gblock(
         z = [torch.zeros(shape, dtype=torch.float32, device=dev) if need else None
              for shape, need in (((n, d), need_h), ((n, dr), need_hr), ((v, d), need_w),
                                  ((v, dr), need_wr))]  # fmt: skip
-        return tuple(z)
+        return Grads(*z)
     # Every chunk writes its rows of dW / dWr exactly once: no zero fill needed.
     dw = torch.empty((v, d), dtype=torch.float32, device=dev) if need_w else None
     dwr = torch.empty((v, dr), dtype=torch.float32, device=dev) if need_wr else None
-    stats = _stats(n, dev, lse, lser, fkl, rkl, g_fkl, g_rkl, g_lp, g_lpr)
+    per_row = _row_inputs(n, dev, stats, grads)
     cfg = config or _config("g", n, max(d, dr), h.dtype, has_ref)
     hr_, wr_ = (hr if has_ref else h), (w if shared else wr)
 
@@ -822,7 +817,7 @@ def _backward_gblock(
             vl = min(vc, v - v0)
             grid = (n_row_blocks * triton.cdiv(vl, cfg.block_v),)
             _g_kernel[grid](
-                h, hr_, w, wr_, stats, g_arg, gr_arg,
+                h, hr_, w, wr_, per_row, g_arg, gr_arg,
                 n, v, d, dr, h.stride(0), hr_.stride(0), w.stride(0), wr_.stride(0),
                 g_arg.stride(0), gr_arg.stride(0),
                 1.0 / temperature, v0, vl,
@@ -860,4 +855,4 @@ def _backward_gblock(
     else:
         dh = acc_h.sum if acc_h is not None else None
         dhr = acc_hr.sum if acc_hr is not None else None
-    return dh, dhr, dw, dwr
+    return Grads(dh, dhr, dw, dwr)

@@ -17,6 +17,7 @@ import torch
 from helpers import rel_err
 
 from fgpo_kernels import _registry, torch_impl
+from fgpo_kernels._backend import Needs, RowGrads, RowStats
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 _ok, _why = _registry._usable_on("triton", torch.device(DEV))
@@ -68,7 +69,15 @@ def _grads_in(n, has_ref):
     gs = [torch.randn(n, device=DEV) for _ in range(4)]
     if not has_ref:
         gs[0] = gs[1] = gs[3] = None
-    return gs
+    return RowGrads(*gs)
+
+
+def _f64_stats(stats):
+    return RowStats(*_f64(stats))
+
+
+def _f64_grads(gs):
+    return RowGrads(*_f64(gs))
 
 
 BWD = ["gblock", "atomic"]
@@ -77,12 +86,11 @@ BWD = ["gblock", "atomic"]
 def _check_backward(args, stats, gs, need, tol, label, config=None, mode=None, chunk_elems=None):
     """Backend backward against the float64 chunked PyTorch impl (same contract)."""
     h, hr, w, wr, t = args
+    need = Needs(*need)
     got = triton_kl.backward(
-        h, hr, w, wr, t, *stats, *gs, *need, config=config, mode=mode, chunk_elems=chunk_elems
+        h, hr, w, wr, t, stats, gs, need, config=config, mode=mode, chunk_elems=chunk_elems
     )  # fmt: skip
-    ref = torch_impl.backward(
-        *_f64((h, hr, w, wr)), t, *_f64(stats), *_f64(gs), *need
-    )  # fmt: skip
+    ref = torch_impl.backward(*_f64((h, hr, w, wr)), t, _f64_stats(stats), _f64_grads(gs), need)
     for name, g, r in zip(("dh", "dhr", "dw", "dwr"), got, ref):
         if r is None:
             assert g is None, f"{label}{name}: expected None"
@@ -180,10 +188,12 @@ def test_backward_none_incoming_gradients_are_zero(bwd):
     h, hr, w, wr = _inputs(n, d, v)
     stats = triton_kl.forward(h, hr, w, wr, 1.0)
     g_lp = torch.randn(n, device=DEV)
-    need = (True, True, True, False)
-    got = triton_kl.backward(h, hr, w, wr, 1.0, *stats, None, None, g_lp, None, *need, mode=bwd)
+    need = Needs(True, True, True, False)
+    only_lp = RowGrads(None, None, g_lp, None)
+    got = triton_kl.backward(h, hr, w, wr, 1.0, stats, only_lp, need, mode=bwd)
     zero = torch.zeros(n, device=DEV)
-    ref = triton_kl.backward(h, hr, w, wr, 1.0, *stats, zero, zero, g_lp, zero, *need, mode=bwd)
+    zeros = RowGrads(zero, zero, g_lp, zero)
+    ref = triton_kl.backward(h, hr, w, wr, 1.0, stats, zeros, need, mode=bwd)
     for a, b in zip(got, ref):
         assert (a is None) == (b is None)
         if a is not None:
@@ -201,7 +211,7 @@ def test_gblock_env_budget_and_modes_agree(mode, monkeypatch):
     t = 0.7
     stats = triton_kl.forward(h, hr, w, wr, t)
     gs = _grads_in(n, True)
-    need = (True, True, True, mode == "separate")
+    need = Needs(True, True, True, mode == "separate")
     vc = triton_kl.chunk_columns(2 * n, v, TINY.block_v, 2 * n * 150)
     assert vc == 128 and -(-v // vc) == 4 and v % vc
     monkeypatch.setenv("FGPO_TRITON_GBLOCK_ELEMS", str(2 * n * 150))
@@ -217,10 +227,10 @@ def test_gblock_env_budget_and_modes_agree(mode, monkeypatch):
 
     monkeypatch.setattr(triton_kl, "_g_kernel", Spy())
     monkeypatch.setenv("FGPO_TRITON_BWD", "gblock")
-    gb = triton_kl.backward(h, hr, w, wr, t, *stats, *gs, *need, config=TINY)
+    gb = triton_kl.backward(h, hr, w, wr, t, stats, gs, need, config=TINY)
     assert len(calls) == 4, f"expected 4 vocabulary chunks, got launches {calls}"
     monkeypatch.setenv("FGPO_TRITON_BWD", "atomic")
-    at = triton_kl.backward(h, hr, w, wr, t, *stats, *gs, *need, config=TINY)
+    at = triton_kl.backward(h, hr, w, wr, t, stats, gs, need, config=TINY)
     assert len(calls) == 4, "FGPO_TRITON_BWD=atomic must not launch the G kernel"
     for name, a, b in zip(("dh", "dhr", "dw", "dwr"), gb, at):
         assert (a is None) == (b is None), name
@@ -237,8 +247,8 @@ def test_gblock_fp32_output_gemm_path(mode, monkeypatch):
     h, hr, w, wr = _inputs(n, d, v, dr, shared=mode == "shared", dtype=torch.bfloat16)
     stats = triton_kl.forward(h, hr, w, wr, 1.0)
     gs = _grads_in(n, True)
-    need = (True, True, True, mode == "separate")
-    ref = torch_impl.backward(*_f64((h, hr, w, wr)), 1.0, *_f64(stats), *_f64(gs), *need)
+    need = Needs(True, True, True, mode == "separate")
+    ref = torch_impl.backward(*_f64((h, hr, w, wr)), 1.0, _f64_stats(stats), _f64_grads(gs), need)
     real_mm, used = torch.mm, []
 
     def mm(a, b, out_dtype=None, out=None):
@@ -257,7 +267,7 @@ def test_gblock_fp32_output_gemm_path(mode, monkeypatch):
     monkeypatch.setattr(torch, "mm", mm)
     monkeypatch.setattr(torch, "addmm", addmm)
     got = triton_kl.backward(
-        h, hr, w, wr, 1.0, *stats, *gs, *need, config=TINY, mode="gblock", chunk_elems=1
+        h, hr, w, wr, 1.0, stats, gs, need, config=TINY, mode="gblock", chunk_elems=1
     )  # fmt: skip
     monkeypatch.undo()
     assert used.count("addmm") >= 7 and "mm" in used  # 389 columns = 7 chunks of 64
@@ -274,12 +284,16 @@ def test_gblock_zero_rows_and_nothing_needed():
     h, hr, w, wr = _inputs(5, 16, 100, 12, shared=False)
     stats = triton_kl.forward(h, hr, w, wr, 1.0)
     gs = _grads_in(5, True)
-    z = [None if x is None else x[:0] for x in (h, hr, *stats, *gs)]
-    got = triton_kl.backward(z[0], z[1], w, wr, 1.0, *z[2:], True, True, True, True, mode="gblock")
+    empty = lambda xs: [None if x is None else x[:0] for x in xs]
+    everything = Needs(True, True, True, True)
+    got = triton_kl.backward(
+        h[:0], hr[:0], w, wr, 1.0, RowStats(*empty(stats)), RowGrads(*empty(gs)), everything,
+        mode="gblock",
+    )  # fmt: skip
     shapes = [(0, 16), (0, 12), (100, 16), (100, 12)]
     for g, shape in zip(got, shapes):
         assert g.shape == shape and g.dtype == torch.float32 and not g.abs().sum()
-    none = triton_kl.backward(h, hr, w, wr, 1.0, *stats, *gs, False, False, False, False)
+    none = triton_kl.backward(h, hr, w, wr, 1.0, stats, gs, Needs(False, False, False, False))
     assert none == (None, None, None, None)
 
 
