@@ -358,6 +358,17 @@ def test_fire_mpo_preset_is_the_defaults():
         FiReMPOLoss.preset("ppo")
 
 
+def test_loss_presets_is_the_one_public_table():
+    """``fk.LOSS_PRESETS`` (what the trainer reads) is exactly what ``FiReMPOLoss.preset`` uses:
+    name -> coefficient overrides, every other coefficient at its default."""
+    assert set(fk.LOSS_PRESETS) == {"dpo", "rrpo", "mask_dpo", "fire_mpo"}
+    defaults = FiReMPOLoss()
+    for name, fixed in fk.LOSS_PRESETS.items():
+        loss = FiReMPOLoss.preset(name)
+        for k in ("beta", "alpha", "gamma", "lambda_", "alpha_v1", "alpha_v2"):
+            assert getattr(loss, k) == fixed.get(k, getattr(defaults, k)), (name, k)
+
+
 # ---------------------------------------------------------------- switches and accumulation
 
 
