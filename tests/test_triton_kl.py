@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from helpers import rel_err
+from helpers import rel_err, worst
 
 from fgpo_kernels import _registry, torch_impl
 from fgpo_kernels._backend import Needs, RowGrads, RowStats
@@ -58,7 +58,7 @@ def _check_forward(got, ref, tol, label):
             f"{label}{name}: {g.dtype} {g.shape}"
         )
         e = rel_err(g.cpu(), r.cpu())
-        assert e <= tol, f"{label}{name}: rel err {e:.3e} > {tol:.1e}"
+        assert e <= tol, f"{label}{name}: rel err {e:.3e} > {tol:.1e}; {worst(g, r)}"
 
 
 def _grads_in(n, has_ref):
@@ -94,7 +94,7 @@ def _check_backward(args, stats, gs, need, tol, label, config=None, mode=None, c
         assert g is not None, f"{label}{name}: missing"
         assert g.dtype == torch.float32 and g.shape == r.shape, f"{label}{name}: {g.shape}"
         e = rel_err(g.cpu(), r.cpu())
-        assert e <= tol, f"{label}{name}: rel err {e:.3e} > {tol:.1e}"
+        assert e <= tol, f"{label}{name}: rel err {e:.3e} > {tol:.1e}; {worst(g, r)}"
 
 
 # --------------------------------------------------------------------------- correctness
@@ -271,7 +271,7 @@ def test_gblock_fp32_output_gemm_path(mode, monkeypatch):
         assert (g is None) == (r is None), name
         if r is not None:
             e = rel_err(g.cpu(), r.cpu())
-            assert e <= 1.5e-2, f"[{mode}] {name}: rel err {e:.3e}"
+            assert e <= 1.5e-2, f"[{mode}] {name}: rel err {e:.3e}; {worst(g, r)}"
 
 
 @needs_triton
