@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 import fgpo_kernels as fk  # noqa: E402
 from fgpo_kernels import _registry, torch_impl  # noqa: E402
+from fgpo_kernels._backend import Needs, RowGrads, RowStats  # noqa: E402
 
 
 def rel(a, b) -> float:
@@ -71,8 +72,9 @@ def correctness(quick: bool) -> list[dict]:
             exact = [None if x is None else x.double() for x in low]
             t = 0.9
             ref = torch_impl.forward(*exact, t)
-            need = (True, True, True, mode == "separate")
-            ref_b = torch_impl.backward(*exact, t, *ref, *(g.double() for g in gs), *need)
+            need = Needs(True, True, True, mode == "separate")
+            gs64 = RowGrads(*(g.double() for g in gs))
+            ref_b = torch_impl.backward(*exact, t, ref, gs64, need)
             base = materialized_fwd(*low, t)
             row = {"mode": mode, "n": n, "d": d, "v": v, "dtype": str(dtype).split(".")[-1]}
             for nm, b, c in zip(("lse", "lser", "fkl", "rkl"), ref, base):
@@ -82,8 +84,8 @@ def correctness(quick: bool) -> list[dict]:
                 out = mod.forward(*low, t)
                 for nm, a, b in zip(("lse", "lser", "fkl", "rkl"), out, ref):
                     row[f"{impl}_{nm}"] = rel(a, b)
-                st = [x.float() for x in ref]
-                outb = mod.backward(*low, t, *st, *gs, *need)
+                st = RowStats(*(x.float() for x in ref))
+                outb = mod.backward(*low, t, st, RowGrads(*gs), need)
                 for nm, a, b in zip(("dh", "dhr", "dw", "dwr"), outb, ref_b):
                     if b is not None:
                         row[f"{impl}_{nm}"] = rel(a, b)

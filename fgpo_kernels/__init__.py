@@ -1,16 +1,20 @@
 """fgpo_kernels: fused kernels for fine-grained preference optimization (FiRe-MPO).
 
 Public API (see SPEC section 3): ``token_kl``, ``token_logprobs``, ``backend_status``,
-``TokenKLOutput``; the full objective lives in ``FiReMPOLoss`` / ``SequenceStates``.
+``TokenKLOutput``, ``IGNORE_INDEX`` (the target id meaning "no target", -100); the full
+objective lives in ``FiReMPOLoss`` / ``SequenceStates``, its presets in ``LOSS_PRESETS``
+(name -> coefficient overrides; ``FiReMPOLoss.preset(name)``).
 """
 
 from ._registry import backend_status
-from .loss import FiReMPOLoss, FiReMPOOutput, SequenceStates
-from .token_kl import TokenKLOutput, token_kl, token_logprobs
+from .loss import LOSS_PRESETS, FiReMPOLoss, FiReMPOOutput, SequenceStates
+from .token_kl import IGNORE_INDEX, TokenKLOutput, token_kl, token_logprobs
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "IGNORE_INDEX",
+    "LOSS_PRESETS",
     "FiReMPOLoss",
     "FiReMPOOutput",
     "SequenceStates",

@@ -1,10 +1,11 @@
-"""The contract between the public ops and each fused implementation.
+"""The contract between the public ops and each fused implementation, as types.
 
-Every impl except ``reference`` is a module exposing two functions with the signatures below.
-The public layer (``token_kl.py``) validates input, flattens rows, drops rows that need no
-work, handles temperature bookkeeping, the target logit (a cheap gather-dot) and the one-hot part
-of the log-prob gradient, so a backend only does the dense (rows x vocabulary) work, streaming
-over the vocabulary and never materializing rows x V.
+Every impl except ``reference`` is a module that satisfies :class:`Backend`: ``probe``,
+``forward`` and ``backward`` with the signatures below (``torch_impl``, ``triton_kl``,
+``cuda_kl``; ``_registry`` finds them). The public layer (``token_kl.py``) validates input,
+flattens rows, drops rows that need no work, handles temperature bookkeeping, the target logit
+(a cheap gather-dot) and the one-hot part of the log-prob gradient, so a backend only does the
+dense (rows x vocabulary) work, streaming over the vocabulary and never materializing rows x V.
 
 Notation (row i, vocabulary index j, T = temperature):
     z   = h  @ w.T  / T        p = softmax(z),  lse  = logsumexp(z)
@@ -13,23 +14,101 @@ Notation (row i, vocabulary index j, T = temperature):
     fkl = KL(r || p) = sum_j r (log r - log p)
     rkl = KL(p || r) = sum_j p (log p - log r)
 
-forward(h, hr, w, wr, temperature) -> (lse, lser, fkl, rkl)
+forward(h, hr, w, wr, temperature) -> RowStats(lse, lser, fkl, rkl)
     h  (N, D)  float tensor, contiguous.       w  (V, D) same dtype as h.
-    hr (N, Dr) or None (log-prob-only mode: return (lse, None, None, None)).
+    hr (N, Dr) or None (log-prob-only mode: RowStats(lse, None, None, None)).
     wr (V, Dr) or None: None means the reference shares ``w`` (then Dr == D); load each tile of
        ``w`` once and use it for both dots.
-    Returns float32 tensors of shape (N,).
+    Every statistic is a float32 tensor of shape (N,).
 
-backward(h, hr, w, wr, temperature, lse, lser, fkl, rkl, g_fkl, g_rkl, g_lp, g_lpr,
-         need_h, need_hr, need_w, need_wr) -> (dh, dhr, dw, dwr)
+backward(h, hr, w, wr, temperature, stats: RowStats, grads: RowGrads, need: Needs) -> Grads
     The dense gradient w.r.t. the logits of each row is
         G  = g_fkl * (p - r) + g_rkl * p * (d - rkl) - g_lp * p
         Gr = g_fkl * r * (-d - fkl) + g_rkl * (r - p) - g_lpr * r
     (the one-hot part of the log-prob gradients is added by the caller), and
         dh = G @ w / T, dhr = Gr @ wr / T, dw = G.T @ h / T, dwr = Gr.T @ hr / T.
-    g_* are float32 (N,) tensors (g_lpr, g_fkl, g_rkl may be None = zero; in log-prob-only mode
-    hr/lser/fkl/rkl are None and only G = -g_lp * p is used).
-    When wr is None (shared weight) and need_w, dw holds G.T @ h / T + Gr.T @ hr / T and dwr is
-    None. Gradients that are not needed are returned as None. Returned gradients are float32
-    (the caller casts to the input dtype).
+    ``grads`` are float32 (N,) tensors (g_lpr, g_fkl, g_rkl may be None = zero; in log-prob-only
+    mode hr and stats.lser/fkl/rkl are None and only G = -g_lp * p is used).
+    When wr is None (shared weight) and need.w, dw holds G.T @ h / T + Gr.T @ hr / T and dwr is
+    None. Gradients that are not needed are None. Returned gradients are float32 (the caller
+    casts to the input dtype).
 """
+
+from __future__ import annotations
+
+from typing import NamedTuple, Protocol, runtime_checkable
+
+from torch import Tensor
+
+
+class RowStats(NamedTuple):
+    """Per-row statistics of the forward, saved for the backward: float32 ``(N,)`` each;
+    ``lser``, ``fkl``, ``rkl`` are None in log-prob-only mode."""
+
+    lse: Tensor
+    lser: Tensor | None
+    fkl: Tensor | None
+    rkl: Tensor | None
+
+
+class RowGrads(NamedTuple):
+    """Incoming per-row gradients: float32 ``(N,)`` each, or None (= zero)."""
+
+    g_fkl: Tensor | None
+    g_rkl: Tensor | None
+    g_lp: Tensor | None
+    g_lpr: Tensor | None
+
+
+class Needs(NamedTuple):
+    """Which inputs need a gradient (``h``, ``hr``, ``w``, ``wr``)."""
+
+    h: bool
+    hr: bool
+    w: bool
+    wr: bool
+
+    def possible(self, hr: Tensor | None, wr: Tensor | None) -> Needs:
+        """The needs that can exist: ``hr`` only with a reference, ``wr`` only with a
+        separate reference weight (a shared weight's gradient is all in ``w``)."""
+        has_ref = hr is not None
+        return Needs(
+            bool(self.h),
+            bool(self.hr and has_ref),
+            bool(self.w),
+            bool(self.wr and has_ref and wr is not None),
+        )
+
+
+class Grads(NamedTuple):
+    """Gradients w.r.t. ``h``, ``hr``, ``w``, ``wr``: float32, None where not needed."""
+
+    dh: Tensor | None
+    dhr: Tensor | None
+    dw: Tensor | None
+    dwr: Tensor | None
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """What ``_registry.module(name)`` returns: a module with these three functions."""
+
+    def probe(self) -> dict:
+        """``{"available": bool, "built": bool, "reason": str}`` (cheap; never raises)."""
+        ...
+
+    def forward(
+        self, h: Tensor, hr: Tensor | None, w: Tensor, wr: Tensor | None, temperature: float
+    ) -> RowStats: ...
+
+    def backward(
+        self,
+        h: Tensor,
+        hr: Tensor | None,
+        w: Tensor,
+        wr: Tensor | None,
+        temperature: float,
+        stats: RowStats,
+        grads: RowGrads,
+        need: Needs,
+    ) -> Grads: ...

@@ -14,6 +14,9 @@ from types import ModuleType
 
 import torch
 
+from ._backend import Backend
+from ._util import triton_interpret
+
 IMPLS = ("reference", "torch", "triton", "cuda")
 # Preference order for impl=None on each device type.
 _AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("torch",)}
@@ -21,7 +24,7 @@ _AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("torch",)}
 
 @dataclass
 class _Entry:
-    module: str  # module path exposing forward/backward (see _backend.py) and probe()
+    module: str  # path of a module that satisfies _backend.Backend (probe, forward, backward)
 
 
 _ENTRIES = {
@@ -29,10 +32,6 @@ _ENTRIES = {
     "triton": _Entry("fgpo_kernels.triton_kl"),
     "cuda": _Entry("fgpo_kernels.cuda_kl"),
 }
-
-
-def _triton_interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def _load(name: str) -> tuple[ModuleType | None, str]:
@@ -64,7 +63,7 @@ def _usable_on(name: str, device: torch.device) -> tuple[bool, str]:
     st = status(name)
     if not st["available"]:
         return False, st["reason"]
-    if name == "triton" and device.type != "cuda" and not _triton_interpret():
+    if name == "triton" and device.type != "cuda" and not triton_interpret():
         return False, "impl 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors)"
     if name == "cuda" and device.type != "cuda":
         return False, f"impl 'cuda' needs CUDA tensors, got tensors on {device}"
@@ -90,7 +89,8 @@ def resolve(impl: str | None, device: torch.device) -> str:
     return impl
 
 
-def module(name: str) -> ModuleType:
+def module(name: str) -> Backend:
+    """The backend module of impl ``name`` (``RuntimeError`` with the reason if unavailable)."""
     mod, why = _load(name)
     if mod is None:
         raise RuntimeError(f"impl {name!r} is unavailable: {why}")

@@ -14,7 +14,8 @@ exact checks) are handed to impl "triton" (GPU) or "torch": the CUDA kernels hav
 D that is not a multiple of 8 (or a misaligned view) is zero-padded on the fly (a copy of W).
 
 The two entry points are ``torch.library`` custom ops (``fgpo::cuda_token_stats_fwd`` /
-``_bwd``) with fake implementations, so ``torch.compile`` traces through ``token_kl`` without
+``_bwd``, flat tensor arguments: the typed contract is unpacked at that boundary only) with fake
+implementations, so ``torch.compile`` traces through ``token_kl`` without
 graph breaks; autograd lives in ``token_kl._TokenStats``. ``fgpo_kernels._C`` is imported
 lazily (first ``probe()`` or call), never at package import. On first use on a GPU a small
 self-test against impl "torch" runs once; a failure makes the impl unavailable with the reason.
@@ -28,6 +29,9 @@ import os
 
 import torch
 from torch import Tensor
+
+from ._backend import Grads, Needs, RowGrads, RowStats
+from ._util import sm_count
 
 _HALF = (torch.bfloat16, torch.float16)
 _DTYPE_CODE = {torch.bfloat16: 0, torch.float16: 1}
@@ -135,13 +139,9 @@ def _splits(n: int, v: int, device: torch.device) -> int:
     ext = _ext()
     row_blocks = -(-n // ext.BLOCK_ROWS)
     n_tiles = -(-v // ext.BLOCK_VOCAB)
-    sms = _sm_count(device)
+    sms = sm_count(device)
     want = -(-(4 * sms) // row_blocks)
     return max(1, min(n_tiles, want))
-
-
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _launch_context(device: torch.device):
@@ -289,7 +289,10 @@ def _delegate():
     return _registry.module("torch")
 
 
-def forward(h, hr, w, wr, temperature, *, splits: int = 0):
+def forward(
+    h: Tensor, hr: Tensor | None, w: Tensor, wr: Tensor | None, temperature: float,
+    *, splits: int = 0,
+) -> RowStats:  # fmt: skip
     """Per-row (lse, lser, fkl, rkl) fp32 (``lser``.. None in log-prob-only mode).
 
     ``splits`` > 0 fixes the number of vocabulary splits (tests); 0 picks it from the SM count.
@@ -298,30 +301,20 @@ def forward(h, hr, w, wr, temperature, *, splits: int = 0):
         return _delegate().forward(h, hr, w, wr, temperature)
     lse, lser, fkl, rkl = _fwd_op(h, hr, w, wr, float(temperature), int(splits))
     if hr is None:
-        return lse, None, None, None
-    return lse, lser, fkl, rkl
+        return RowStats(lse, None, None, None)
+    return RowStats(lse, lser, fkl, rkl)
 
 
 def backward(
-    h, hr, w, wr, temperature, lse, lser, fkl, rkl, g_fkl, g_rkl, g_lp, g_lpr,
-    need_h, need_hr, need_w, need_wr,
-):  # fmt: skip
+    h: Tensor, hr: Tensor | None, w: Tensor, wr: Tensor | None, temperature: float,
+    stats: RowStats, grads: RowGrads, need: Needs,
+) -> Grads:  # fmt: skip
     if not supports(h.dtype):
-        return _delegate().backward(
-            h, hr, w, wr, temperature, lse, lser, fkl, rkl, g_fkl, g_rkl, g_lp, g_lpr,
-            need_h, need_hr, need_w, need_wr,
-        )  # fmt: skip
-    kl, shared = hr is not None, wr is None
-    dh, dhr, dw, dwr = _bwd_op(
-        h, hr, w, wr, float(temperature), lse, lser, fkl, rkl, g_fkl, g_rkl, g_lp, g_lpr,
-        bool(need_h), bool(need_hr and kl), bool(need_w), bool(need_wr and kl and not shared),
-    )  # fmt: skip
-    return (
-        dh if need_h else None,
-        dhr if (need_hr and kl) else None,
-        dw if need_w else None,
-        dwr if (need_wr and kl and not shared) else None,
-    )
+        return _delegate().backward(h, hr, w, wr, temperature, stats, grads, need)
+    need = Needs(*need).possible(hr, wr)
+    # The custom op takes flat tensors and flags (its schema has no tuples).
+    out = _bwd_op(h, hr, w, wr, float(temperature), *stats, *grads, *need)
+    return Grads(*(g if wanted else None for g, wanted in zip(out, need)))
 
 
 # ---- self-test (first use on a GPU) -------------------------------------------------------------
@@ -366,9 +359,9 @@ def _self_test() -> str | None:
                     err = None if a is None or b is None else _rel(a, b)
                     return f"{mode} forward {name}: rel err {err} (n={n}, d={d}, v={v})"
             gd = [to(x, torch.float32) for x in g]
-            need = (True, kl, True, mode == "separate")
-            got_b = backward(*args16, 0.9, *ref, *gd, *need)
-            ref_b = torch_impl.backward(*args32, 0.9, *ref, *gd, *need)
+            gd, need = RowGrads(*gd), Needs(True, kl, True, mode == "separate")
+            got_b = backward(*args16, 0.9, ref, gd, need)
+            ref_b = torch_impl.backward(*args32, 0.9, ref, gd, need)
             for name, a, b in zip(("dh", "dhr", "dw", "dwr"), got_b, ref_b):
                 if a is None and b is None:
                     continue

@@ -37,7 +37,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .token_kl import token_kl
+from . import _loss_checks as checks
+from ._util import check_real
+from .token_kl import IGNORE_INDEX, TokenKLOutput, token_kl
 
 _REDUCTIONS = ("mean", "sum")
 
@@ -111,7 +113,11 @@ VISUAL_METRIC_KEYS = (
     "rewards/rejected_corrupt",  # β·R(v', y−)
 )
 
-_PRESETS = {
+# The ONE preset table (the trainer reads it too): preset name -> keyword overrides of
+# ``FiReMPOLoss``; every coefficient not named keeps its default (SPEC section 1). DPO and
+# Mask-DPO have the same coefficients: they differ in the mask the caller builds (every response
+# token for DPO, the edited spans for Mask-DPO).
+LOSS_PRESETS: dict[str, dict[str, float]] = {
     # Binary mask = all response tokens (built by the caller), γ = 0, α = 0.
     "dpo": dict(gamma=0.0, alpha=0.0),
     # Span mask, forward KL only, no visual term.
@@ -121,6 +127,36 @@ _PRESETS = {
     # The defaults of SPEC section 1.
     "fire_mpo": dict(),
 }
+
+
+class _Rows(NamedTuple):
+    """The weighted rows of every sequence in use, concatenated in ``segs`` order."""
+
+    policy: Tensor  # (R, D)
+    ref: Tensor  # (R, D_ref), detached: the reference is frozen
+    targets: Tensor  # (R,) int64
+    kl_weight: Tensor  # (R,) the chosen rows' weights, 0 elsewhere (KL on (v, y+) only)
+    segs: list  # per sequence: (name, example index of each row, weight of each row)
+
+
+class _Sums(NamedTuple):
+    """Per-example (B,) sums over the weighted rows of each sequence."""
+
+    reward: dict  # name -> R(s) = Σ m ρ (differentiable)
+    logps: dict  # name -> Σ m log π (detached)
+    mixed_kl: Tensor  # Σ m+ [λ fkl + (1 − λ) rkl] on (v, y+) (differentiable)
+    fkl: Tensor  # Σ m+ fkl (detached)
+    rkl: Tensor  # Σ m+ rkl (detached)
+
+
+class _Terms(NamedTuple):
+    """Per-example (B,) terms of the objective, before the batch reduction."""
+
+    rank: Tensor
+    visual: Tensor
+    v1: Tensor
+    v2: Tensor
+    total: Tensor  # rank + α·kl + γ·visual + alpha_v1·v1 + alpha_v2·v2
 
 
 class FiReMPOLoss(torch.nn.Module):
@@ -149,18 +185,18 @@ class FiReMPOLoss(torch.nn.Module):
         impl: str | None = None,
         *,
         reduction: str = "mean",
-        ignore_index: int = -100,
+        ignore_index: int = IGNORE_INDEX,
     ) -> None:
         super().__init__()
-        _check_real("beta", beta)
+        check_real("beta", beta)
         if beta <= 0:
             raise ValueError(f"beta must be > 0, got {beta}")
         for name, val in (("alpha", alpha), ("gamma", gamma), ("alpha_v1", alpha_v1),
                           ("alpha_v2", alpha_v2)):  # fmt: skip
-            _check_real(name, val)
+            check_real(name, val)
             if val < 0:
                 raise ValueError(f"{name} must be >= 0, got {val}")
-        _check_real("lambda_", lambda_)
+        check_real("lambda_", lambda_)
         if not 0.0 <= lambda_ <= 1.0:
             raise ValueError(f"lambda_ must be in [0, 1], got {lambda_}")
         if reduction not in _REDUCTIONS:
@@ -173,14 +209,14 @@ class FiReMPOLoss(torch.nn.Module):
 
     @classmethod
     def preset(cls, name: str, **overrides) -> FiReMPOLoss:
-        """``"dpo"``, ``"rrpo"``, ``"mask_dpo"`` (or ``"mask-dpo"``), ``"fire_mpo"``
-        (or ``"fire-mpo"``), with keyword overrides. DPO and Mask-DPO have the same
-        coefficients (γ = 0, α = 0); they differ in the data: for DPO the mask passed to
-        ``forward`` must be the whole response mask, for Mask-DPO the span mask."""
+        """A loss from ``LOSS_PRESETS``: ``"dpo"``, ``"rrpo"``, ``"mask_dpo"`` (or
+        ``"mask-dpo"``), ``"fire_mpo"`` (or ``"fire-mpo"``), with keyword overrides. DPO and
+        Mask-DPO have the same coefficients (γ = 0, α = 0); they differ in the data: for DPO the
+        mask passed to ``forward`` must be the whole response mask, for Mask-DPO the span mask."""
         key = name.lower().replace("-", "_") if isinstance(name, str) else name
-        if key not in _PRESETS:
-            raise ValueError(f"unknown preset {name!r}; expected one of {sorted(_PRESETS)}")
-        return cls(**{**_PRESETS[key], **overrides})
+        if key not in LOSS_PRESETS:
+            raise ValueError(f"unknown preset {name!r}; expected one of {sorted(LOSS_PRESETS)}")
+        return cls(**{**LOSS_PRESETS[key], **overrides})
 
     def extra_repr(self) -> str:
         return (
@@ -214,15 +250,35 @@ class FiReMPOLoss(torch.nn.Module):
             ref_weight: ``(V, D_ref)`` LM-head weight of a separate reference model; None =
                 ``weight`` (the LoRA case).
         """
-        b, _ = _check_seq("chosen", chosen, None)
+        seqs, gate = self._check_inputs(
+            weight, ref_weight, chosen, rejected, chosen_corrupt, rejected_corrupt, has_corrupt
+        )
+        rows = _gather_rows(seqs, gate, weight.shape[0], self.ignore_index)
+        out = _fused_stats(rows, weight, ref_weight, self.lambda_, self.impl)
+        sums = _per_example_sums(rows, out, seqs["chosen"].policy.shape[0])
+        terms = self._terms(sums, gate)
+        loss = terms.total.mean() if self.reduction == "mean" else terms.total.sum()
+        rc, rr = sums.reward["chosen"], sums.reward["rejected"]
+        return FiReMPOOutput(
+            loss, terms.rank, terms.visual, sums.mixed_kl, self.beta * rc, self.beta * rr,
+            terms.v1, terms.v2, self._metrics(sums, terms, gate),
+        )  # fmt: skip
+
+    def _check_inputs(
+        self, weight, ref_weight, chosen, rejected, chosen_corrupt, rejected_corrupt, has_corrupt
+    ) -> tuple[dict[str, SequenceStates], Tensor | None]:
+        """Validate every argument. Returns the sequences in use by name (chosen, rejected, and
+        the corrupted ones a term with a nonzero coefficient needs) and the per-example gate of
+        the visual terms (None when no visual term is on)."""
+        b, _ = checks.check_seq("chosen", chosen, None)
         chosen = SequenceStates(*chosen)
-        _check_seq("rejected", rejected, chosen)
+        checks.check_seq("rejected", rejected, chosen)
         seqs = {"chosen": chosen, "rejected": SequenceStates(*rejected)}
         need_cc = self.gamma > 0 or self.alpha_v1 > 0
         need_rc = self.gamma > 0 or self.alpha_v2 > 0
         gate = None
         if need_cc or need_rc:
-            gate = self._corrupt_gate(has_corrupt, b, chosen.policy.device)
+            gate = checks.corrupt_gate(has_corrupt, b, chosen.policy.device)
             for name, seq, need in (("chosen_corrupt", chosen_corrupt, need_cc),
                                     ("rejected_corrupt", rejected_corrupt, need_rc)):  # fmt: skip
                 if not need:
@@ -230,88 +286,23 @@ class FiReMPOLoss(torch.nn.Module):
                 if seq is None:
                     if gate is not None and not bool((gate != 0).any()):
                         continue  # no example has a corrupted image: the term is 0
-                    why = _why_needed(name, self)
-                    raise ValueError(
-                        f"{name} is required when {why}; pass it, or set has_corrupt to all "
-                        f"False for a batch without corrupted images"
-                    )
-                _check_seq(name, seq, chosen)
+                    raise checks.missing_corrupt(name, self)
+                checks.check_seq(name, seq, chosen)
                 seqs[name] = SequenceStates(*seq)
             if gate is None:
                 gate = torch.ones(b, device=chosen.policy.device)
-        _check_weights(weight, ref_weight, chosen)
+        checks.check_weights(weight, ref_weight, chosen)
+        return seqs, gate
 
-        # ---- gather the rows that matter from every sequence in use (one token_kl call)
-        h_parts, hr_parts, t_parts, kw_parts, segs = [], [], [], [], []
-        for name, seq in seqs.items():
-            m = seq.mask.detach()
-            m = m if m.dtype.is_floating_point else m.float()
-            active = m != 0
-            if name.endswith("_corrupt"):
-                active = active & (gate != 0).unsqueeze(-1)
-            # (example, position) of every weighted row; advanced indexing gathers just those
-            # rows, even from a non-contiguous view such as ``hidden[:, :-1]``.
-            ex, pos = active.nonzero().unbind(-1)
-            tgt = seq.targets[ex, pos].long()
-            if bool((tgt == self.ignore_index).any()):
-                raise ValueError(
-                    f"{name}.targets is ignore_index={self.ignore_index} at positions where "
-                    f"{name}.mask is nonzero; every weighted position needs a target"
-                )
-            bad = (tgt < 0) | (tgt >= weight.shape[0])
-            if bool(bad.any()):
-                raise ValueError(
-                    f"{name}.targets must be in [0, V={weight.shape[0]}) where {name}.mask is "
-                    f"nonzero; found {int(bad.sum())} outside, e.g. {tgt[bad][:5].tolist()}"
-                )
-            w_rows = m[ex, pos]
-            h_parts.append(seq.policy[ex, pos])
-            hr_parts.append(seq.ref.detach()[ex, pos])
-            t_parts.append(tgt)
-            kw_parts.append(w_rows if name == "chosen" else torch.zeros_like(w_rows))
-            segs.append((name, ex, w_rows))
-
-        wr = ref_weight
-        if wr is None and weight.requires_grad:
-            wr = weight.detach()  # the reference is frozen even when the head is trained
-        elif wr is not None:
-            wr = wr.detach()
-        out = _fused_token_kl(
-            torch.cat(h_parts),
-            torch.cat(hr_parts),
-            weight,
-            wr,
-            mask=torch.cat(kw_parts),
-            targets=torch.cat(t_parts),
-            lambda_=self.lambda_,
-            reduction="none",
-            impl=self.impl,
-        )
-
-        # ---- per-example sums (scatter-add of the weighted rows)
-        sizes = [s[1].numel() for s in segs]
-        rho = torch.split(out.policy_logps - out.ref_logps, sizes)
-        lp = torch.split(out.policy_logps, sizes)
-        acc = out.policy_logps.dtype
-        zeros = torch.zeros(b, dtype=acc, device=out.policy_logps.device)
-        big_r, logps = {}, {}
-        for (name, ex, w_rows), r_rows, lp_rows in zip(segs, rho, lp):
-            wr_ = w_rows.to(acc)
-            big_r[name] = zeros.index_add(0, ex, wr_ * r_rows)
-            logps[name] = zeros.index_add(0, ex, (wr_ * lp_rows).detach())
-        ex_c, w_c = segs[0][1], segs[0][2].to(acc)
-        n_c = sizes[0]
-        mixed_kl = zeros.index_add(0, ex_c, out.loss[:n_c])
-        fkl = zeros.index_add(0, ex_c, (w_c * out.forward_kl[:n_c]).detach())
-        rkl = zeros.index_add(0, ex_c, (w_c * out.reverse_kl[:n_c]).detach())
-
+    def _terms(self, sums: _Sums, gate: Tensor | None) -> _Terms:
+        """rank, the visual terms and their weighted sum, per example."""
         beta = self.beta
-        rc, rr = big_r["chosen"], big_r["rejected"]
+        rc, rr = sums.reward["chosen"], sums.reward["rejected"]
         rank = -F.logsigmoid(beta * (rc - rr))
-        term = rank + self.alpha * mixed_kl if self.alpha else rank
+        term = rank + self.alpha * sums.mixed_kl if self.alpha else rank
         visual = v1 = v2 = torch.zeros_like(rank)
-        g = None if gate is None else gate.to(acc)
-        rcc, rrc = big_r.get("chosen_corrupt"), big_r.get("rejected_corrupt")
+        g = None if gate is None else gate.to(rc.dtype)
+        rcc, rrc = sums.reward.get("chosen_corrupt"), sums.reward.get("rejected_corrupt")
         if rcc is not None and rrc is not None:
             visual = g * -F.logsigmoid(beta * (rrc - rcc))
             if self.gamma:
@@ -324,50 +315,88 @@ class FiReMPOLoss(torch.nn.Module):
             v2 = g * -F.logsigmoid(beta * (rc - rrc))
             if self.alpha_v2:
                 term = term + self.alpha_v2 * v2
-        loss = term.mean() if self.reduction == "mean" else term.sum()
+        return _Terms(rank, visual, v1, v2, term)
 
-        # ---- metrics (detached, per example)
+    def _metrics(self, sums: _Sums, terms: _Terms, gate: Tensor | None) -> dict[str, Tensor]:
+        """Detached per-example metrics (``METRIC_KEYS``, plus ``VISUAL_METRIC_KEYS`` when both
+        corrupted sequences are in use)."""
+        beta = self.beta
+        rc, rr = sums.reward["chosen"], sums.reward["rejected"]
+        acc = rc.dtype
         cr, rjr = (beta * rc).detach(), (beta * rr).detach()
         metrics = {
             "rewards/chosen": cr,
             "rewards/rejected": rjr,
             "rewards/margins": cr - rjr,
             "rewards/accuracies": (cr > rjr).to(acc),
-            "logps/chosen": logps["chosen"],
-            "logps/rejected": logps["rejected"],
-            "kl/forward": fkl,
-            "kl/reverse": rkl,
-            "kl/mixed": mixed_kl.detach(),
-            "loss/rank": rank.detach(),
-            "loss/total": term.detach(),
+            "logps/chosen": sums.logps["chosen"],
+            "logps/rejected": sums.logps["rejected"],
+            "kl/forward": sums.fkl,
+            "kl/reverse": sums.rkl,
+            "kl/mixed": sums.mixed_kl.detach(),
+            "loss/rank": terms.rank.detach(),
+            "loss/total": terms.total.detach(),
         }
+        rcc, rrc = sums.reward.get("chosen_corrupt"), sums.reward.get("rejected_corrupt")
         if rcc is not None and rrc is not None:
             nan = torch.full_like(cr, math.nan)
-            on = g != 0
+            on = gate.to(acc) != 0
             vm = (beta * (rrc - rcc)).detach()
             metrics["visual/loss"] = torch.where(on, -F.logsigmoid(vm), nan)
             metrics["visual/accuracy"] = torch.where(on, (vm > 0).to(acc), nan)
             metrics["visual/margins"] = torch.where(on, vm, nan)
             metrics["rewards/chosen_corrupt"] = torch.where(on, (beta * rcc).detach(), nan)
             metrics["rewards/rejected_corrupt"] = torch.where(on, (beta * rrc).detach(), nan)
-        return FiReMPOOutput(loss, rank, visual, mixed_kl, beta * rc, beta * rr, v1, v2, metrics)
+        return metrics
 
-    @staticmethod
-    def _corrupt_gate(has_corrupt, b: int, device) -> Tensor | None:
-        if has_corrupt is None:
-            return None
-        if not isinstance(has_corrupt, Tensor):
-            raise TypeError(f"has_corrupt must be a tensor of shape ({b},), got {has_corrupt!r}")
-        if tuple(has_corrupt.shape) != (b,):
-            raise ValueError(
-                f"has_corrupt must have shape (B,) = ({b},), got {tuple(has_corrupt.shape)}"
-            )
-        if has_corrupt.is_complex():
-            raise TypeError(f"has_corrupt must be bool or real, got {has_corrupt.dtype}")
-        if has_corrupt.device != device:
-            raise ValueError(f"has_corrupt is on {has_corrupt.device}, hidden states on {device}")
-        hc = has_corrupt.detach()
-        return hc if hc.dtype.is_floating_point else hc.float()
+
+def _gather_rows(seqs: dict, gate: Tensor | None, v: int, ignore_index: int) -> _Rows:
+    """The rows with a nonzero token weight of every sequence in use (of the corrupted ones
+    only where ``gate`` is nonzero), checked and concatenated for one ``token_kl`` call."""
+    h_parts, hr_parts, t_parts, kw_parts, segs = [], [], [], [], []
+    for name, seq in seqs.items():
+        m = seq.mask.detach()
+        m = m if m.dtype.is_floating_point else m.float()
+        active = m != 0
+        if name.endswith("_corrupt"):
+            active = active & (gate != 0).unsqueeze(-1)
+        # (example, position) of every weighted row; advanced indexing gathers just those
+        # rows, even from a non-contiguous view such as ``hidden[:, :-1]``.
+        ex, pos = active.nonzero().unbind(-1)
+        tgt = seq.targets[ex, pos].long()
+        checks.check_targets(name, tgt, ignore_index, v)
+        w_rows = m[ex, pos]
+        h_parts.append(seq.policy[ex, pos])
+        hr_parts.append(seq.ref.detach()[ex, pos])
+        t_parts.append(tgt)
+        kw_parts.append(w_rows if name == "chosen" else torch.zeros_like(w_rows))
+        segs.append((name, ex, w_rows))
+    return _Rows(
+        torch.cat(h_parts), torch.cat(hr_parts), torch.cat(t_parts), torch.cat(kw_parts), segs
+    )
+
+
+def _fused_stats(
+    rows: _Rows, weight: Tensor, ref_weight: Tensor | None, lambda_: float, impl: str | None
+) -> TokenKLOutput:
+    """Per-row log-probs of both models and the mixed KL: ONE ``token_kl`` call, so the head
+    weight is streamed once per step."""
+    wr = ref_weight
+    if wr is None and weight.requires_grad:
+        wr = weight.detach()  # the reference is frozen even when the head is trained
+    elif wr is not None:
+        wr = wr.detach()
+    return _fused_token_kl(
+        rows.policy,
+        rows.ref,
+        weight,
+        wr,
+        mask=rows.kl_weight,
+        targets=rows.targets,
+        lambda_=lambda_,
+        reduction="none",
+        impl=impl,
+    )
 
 
 @torch.compiler.disable
@@ -382,104 +411,23 @@ def _fused_token_kl(*args, **kwargs):
     return token_kl(*args, **kwargs)
 
 
-def _why_needed(name: str, loss: FiReMPOLoss) -> str:
-    parts = [f"gamma={loss.gamma} > 0"] if loss.gamma > 0 else []
-    if name == "chosen_corrupt" and loss.alpha_v1 > 0:
-        parts.append(f"alpha_v1={loss.alpha_v1} > 0")
-    if name == "rejected_corrupt" and loss.alpha_v2 > 0:
-        parts.append(f"alpha_v2={loss.alpha_v2} > 0")
-    return " or ".join(parts)
-
-
-def _check_real(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise TypeError(f"{name} must be a finite real number, got {value!r}")
-
-
-def _shape(x) -> str:
-    return str(tuple(x.shape)) if isinstance(x, Tensor) else type(x).__name__
-
-
-def _check_seq(name: str, seq, like: SequenceStates | None) -> tuple[int, int]:
-    """Shapes of one SequenceStates; returns (B, L). Also checks B, L, D, D_ref and dtypes
-    against ``like`` (the chosen sequence)."""
-    if not isinstance(seq, tuple) or len(seq) != 4:
-        raise TypeError(
-            f"{name} must be SequenceStates(policy, ref, targets, mask), got {type(seq).__name__}"
-        )
-    seq = SequenceStates(*seq)
-    for field in SequenceStates._fields:
-        if not isinstance(getattr(seq, field), Tensor):
-            raise TypeError(
-                f"{name}.{field} must be a torch.Tensor, got {_shape(getattr(seq, field))}"
-            )
-    pol, ref, tgt, m = seq
-    if pol.dim() != 3:
-        raise ValueError(f"{name}.policy must have shape (B, L, D), got {_shape(pol)}")
-    if ref.dim() != 3 or ref.shape[:2] != pol.shape[:2]:
-        raise ValueError(
-            f"{name}.ref must have shape (B, L, D_ref) = {tuple(pol.shape[:2])} + (D_ref,), "
-            f"got {_shape(ref)} (policy {_shape(pol)})"
-        )
-    if tuple(tgt.shape) != tuple(pol.shape[:2]):
-        raise ValueError(
-            f"{name}.targets must have shape (B, L) = {tuple(pol.shape[:2])}, got {_shape(tgt)}"
-        )
-    if tgt.dtype.is_floating_point or tgt.dtype == torch.bool or tgt.is_complex():
-        raise TypeError(f"{name}.targets must be an integer tensor, got {tgt.dtype}")
-    if tuple(m.shape) != tuple(pol.shape[:2]):
-        raise ValueError(
-            f"{name}.mask must have shape (B, L) = {tuple(pol.shape[:2])}, got {_shape(m)}"
-        )
-    if m.is_complex():
-        raise TypeError(f"{name}.mask must be bool or real, got {m.dtype}")
-    for field, x in (("ref", ref), ("targets", tgt), ("mask", m)):
-        if x.device != pol.device:
-            raise ValueError(
-                f"{name}.{field} is on {x.device} but {name}.policy is on {pol.device}"
-            )
-    bb, ll = pol.shape[0], pol.shape[1]
-    if like is None:
-        return bb, ll
-    b, seq_len = like.policy.shape[:2]
-    if bb != b:
-        raise ValueError(f"{name} has batch size B={bb} but chosen has B={b}")
-    if ll != seq_len:
-        raise ValueError(
-            f"{name} has length L={ll} but chosen has L={seq_len}; pad all sequences to one length"
-        )
-    for field, x, y in (("policy", pol, like.policy), ("ref", ref, like.ref)):
-        if x.shape[-1] != y.shape[-1]:
-            raise ValueError(
-                f"{name}.{field} has hidden size {x.shape[-1]} but chosen.{field} has {y.shape[-1]}"
-            )
-        if x.dtype != y.dtype:
-            raise TypeError(f"{name}.{field} dtype {x.dtype} differs from chosen.{field} {y.dtype}")
-        if x.device != y.device:
-            raise ValueError(f"{name}.{field} is on {x.device} but chosen.{field} on {y.device}")
-    return bb, ll
-
-
-def _check_weights(weight, ref_weight, chosen: SequenceStates) -> None:
-    if not isinstance(weight, Tensor) or weight.dim() != 2:
-        raise ValueError(f"weight must be a (V, D) tensor, got {_shape(weight)}")
-    d, d_ref = chosen.policy.shape[-1], chosen.ref.shape[-1]
-    if weight.shape[1] != d:
-        raise ValueError(f"weight has D={weight.shape[1]} but chosen.policy has D={d}")
-    if ref_weight is None:
-        if d_ref != d:
-            raise ValueError(
-                f"chosen.ref has D_ref={d_ref} != D={d}: pass ref_weight of shape "
-                f"(V, {d_ref}) for a separate reference head"
-            )
-    else:
-        if not isinstance(ref_weight, Tensor) or ref_weight.dim() != 2:
-            raise ValueError(f"ref_weight must be a (V, D_ref) tensor, got {_shape(ref_weight)}")
-        if ref_weight.shape[1] != d_ref:
-            raise ValueError(
-                f"ref_weight has D_ref={ref_weight.shape[1]} but chosen.ref has {d_ref}"
-            )
-        if ref_weight.shape[0] != weight.shape[0]:
-            raise ValueError(
-                f"ref_weight has V={ref_weight.shape[0]} but weight has V={weight.shape[0]}"
-            )
+def _per_example_sums(rows: _Rows, out: TokenKLOutput, b: int) -> _Sums:
+    """Scatter-add the weighted per-row values back to their examples: R, Σ m log π, and the
+    KL sums of the chosen sequence (its rows come first)."""
+    segs = rows.segs
+    sizes = [s[1].numel() for s in segs]
+    rho = torch.split(out.policy_logps - out.ref_logps, sizes)
+    lp = torch.split(out.policy_logps, sizes)
+    acc = out.policy_logps.dtype
+    zeros = torch.zeros(b, dtype=acc, device=out.policy_logps.device)
+    big_r, logps = {}, {}
+    for (name, ex, w_rows), r_rows, lp_rows in zip(segs, rho, lp):
+        wr_ = w_rows.to(acc)
+        big_r[name] = zeros.index_add(0, ex, wr_ * r_rows)
+        logps[name] = zeros.index_add(0, ex, (wr_ * lp_rows).detach())
+    ex_c, w_c = segs[0][1], segs[0][2].to(acc)
+    n_c = sizes[0]
+    mixed_kl = zeros.index_add(0, ex_c, out.loss[:n_c])
+    fkl = zeros.index_add(0, ex_c, (w_c * out.forward_kl[:n_c]).detach())
+    rkl = zeros.index_add(0, ex_c, (w_c * out.reverse_kl[:n_c]).detach())
+    return _Sums(big_r, logps, mixed_kl, fkl, rkl)

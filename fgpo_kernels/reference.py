@@ -9,9 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-
-def _compute_dtype(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
+from ._util import acc_dtype
 
 
 def token_stats(
@@ -28,7 +26,7 @@ def token_stats(
     log-prob-only (fkl, rkl, logp_ref are None). The matmul runs in the input dtype (as a plain
     PyTorch implementation would), everything after it in float32 (float64 for float64 input).
     """
-    acc = _compute_dtype(h)
+    acc = acc_dtype(h)
     logp = torch.log_softmax((h @ w.T).to(acc) / temperature, dim=-1)
     lp = _gather(logp, targets)
     if hr is None:

@@ -19,16 +19,19 @@ need no work (mask 0 and no target) before any matmul, and hand the dense work t
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from . import _registry, reference
+from ._backend import Needs, RowGrads, RowStats
+from ._util import acc_dtype, check_real
 from ._validate import check_token_inputs
 
 _REDUCTIONS = ("sum", "mean", "none")
+# Target id meaning "no target at this position" (the default ``ignore_index`` everywhere).
+IGNORE_INDEX = -100
 
 
 class TokenKLOutput(NamedTuple):
@@ -42,7 +45,7 @@ class TokenKLOutput(NamedTuple):
 def _target_logit(h: Tensor, w: Tensor, tgt: Tensor, valid: Tensor, inv_t: float) -> Tensor:
     """z_y per row in fp32 (a gather and a row-wise dot: N x D work, no N x V)."""
     rows = w.index_select(0, tgt.clamp(min=0))
-    acc = _acc_dtype(h)
+    acc = acc_dtype(h)
     zy = torch.linalg.vecdot(h.to(acc), rows.to(acc)) * inv_t
     return torch.where(valid, zy, torch.zeros_like(zy))
 
@@ -57,7 +60,7 @@ class _TokenStats(torch.autograd.Function):
         if h.shape[0]:
             lse, lser, fkl, rkl = backend.forward(h, hr, w, wr, temperature)
         else:  # nothing selected: empty outputs that still connect to autograd (zero grads)
-            lse = lser = fkl = rkl = h.new_zeros(0, dtype=_acc_dtype(h))
+            lse = lser = fkl = rkl = h.new_zeros(0, dtype=acc_dtype(h))
         wr_ = w if wr is None else wr
         valid = tgt >= 0
         zero = torch.zeros_like(lse)
@@ -99,17 +102,18 @@ class _TokenStats(torch.autograd.Function):
         shared = wr is None
         dh = dhr = dw = dwr = None
         if rows.numel():
+            stats = RowStats(*(take(x) for x in (lse, lser, fkl, rkl)))
+            grads = RowGrads(*(take(g) for g in gs))
+            need = Needs(need_h, need_hr, need_w, need_wr)
             dh, dhr, dw, dwr = _registry.module(ctx.impl).backward(
-                take(h), take(hr), w, wr, ctx.temperature,
-                take(lse), take(lser), take(fkl), take(rkl), *(take(g) for g in gs),
-                need_h, need_hr, need_w, need_wr,
-            )  # fmt: skip
+                take(h), take(hr), w, wr, ctx.temperature, stats, grads, need
+            )
         dh = _scatter(dh, rows, h) if need_h else None
         dhr = _scatter(dhr, rows, hr) if need_hr else None
         if need_w and dw is None:
-            dw = torch.zeros(w.shape, dtype=_acc_dtype(w), device=w.device)
+            dw = torch.zeros(w.shape, dtype=acc_dtype(w), device=w.device)
         if need_wr and dwr is None:
-            dwr = torch.zeros(wr.shape, dtype=_acc_dtype(wr), device=wr.device)
+            dwr = torch.zeros(wr.shape, dtype=acc_dtype(wr), device=wr.device)
         # One-hot part of the log-prob gradients: d logp / dz = onehot(y) (- p, done above).
         for g, hid, dhid, weight, dweight in (
             (gs[2], h, dh, w, dw),
@@ -139,14 +143,10 @@ class _TokenStats(torch.autograd.Function):
 def _scatter(part: Tensor | None, rows: Tensor, like: Tensor) -> Tensor:
     if part is not None and part.shape[0] == like.shape[0]:
         return part
-    out = torch.zeros(like.shape, dtype=_acc_dtype(like), device=like.device)
+    out = torch.zeros(like.shape, dtype=acc_dtype(like), device=like.device)
     if part is not None:
         out.index_copy_(0, rows, part)
     return out
-
-
-def _acc_dtype(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _cast(g: Tensor | None, like: Tensor | None) -> Tensor | None:
@@ -190,7 +190,7 @@ def _select_rows(active: Tensor | None, *xs: Tensor | None):
 def _expand(vals: Tensor | None, rows: Tensor | None, n: int, like: Tensor) -> Tensor:
     """Rows computed for the selected positions, zeros elsewhere, as fp32 (n,)."""
     if vals is None:
-        return torch.zeros(n, dtype=_acc_dtype(like), device=like.device)
+        return torch.zeros(n, dtype=acc_dtype(like), device=like.device)
     if rows is None:
         return vals
     return torch.zeros(n, dtype=vals.dtype, device=like.device).index_put((rows,), vals)
@@ -206,7 +206,7 @@ def token_kl(
     targets: Tensor | None = None,
     lambda_: float = 0.5,
     temperature: float = 1.0,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     reduction: str = "sum",
     impl: str | None = None,
 ) -> TokenKLOutput:
@@ -234,7 +234,7 @@ def token_kl(
     """
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-    _check_scalar("lambda_", lambda_)
+    check_real("lambda_", lambda_)
     _check_temperature(temperature)
     lead, h, hr, w, wr, tgt, m = check_token_inputs(
         policy_hidden, ref_hidden, weight, ref_weight, mask, targets, ignore_index
@@ -284,7 +284,7 @@ def token_logprobs(
     targets: Tensor,
     *,
     temperature: float = 1.0,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     impl: str | None = None,
 ) -> Tensor:
     """``log softmax(hidden @ weight.T / T)[targets]`` per position, without N x V logits.
@@ -306,12 +306,7 @@ def token_logprobs(
     return _expand(lp, rows, n, hidden).reshape(lead)
 
 
-def _check_scalar(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise TypeError(f"{name} must be a finite real number, got {value!r}")
-
-
 def _check_temperature(temperature) -> None:
-    _check_scalar("temperature", temperature)
+    check_real("temperature", temperature)
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")

@@ -28,6 +28,9 @@ import os
 import torch
 from torch import Tensor
 
+from ._backend import Grads, Needs, RowGrads, RowStats
+from ._util import acc_dtype
+
 _MIN_ROWS = 512  # rows per chunk when there are that many: the weight is read N / 512 times
 _MIN_COLS = 512
 
@@ -44,13 +47,8 @@ def _tiles(n: int, v: int) -> tuple[int, int]:
     return rows, cols
 
 
-def _acc(x: Tensor) -> torch.dtype:
-    """fp32 accumulation, except that float64 input stays float64 (exact checks)."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 def _logits(h: Tensor, w: Tensor, inv_t: float) -> Tensor:
-    z = (h @ w.T).to(_acc(h))
+    z = (h @ w.T).to(acc_dtype(h))
     return z.mul_(inv_t) if inv_t != 1.0 else z
 
 
@@ -60,11 +58,13 @@ def _rescale(m: Tensor, mc: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return m_new, torch.exp(m - m_new), torch.exp(mc - m_new)
 
 
-def forward(h, hr, w, wr, temperature):
+def forward(
+    h: Tensor, hr: Tensor | None, w: Tensor, wr: Tensor | None, temperature: float
+) -> RowStats:
     n, v = h.shape[0], w.shape[0]
     inv_t = 1.0 / temperature
     wr = w if wr is None else wr
-    acc = _acc(h)
+    acc = acc_dtype(h)
     rows, cols = _tiles(n, v)
     lse = h.new_empty(n, dtype=acc)
     kl = hr is not None
@@ -105,29 +105,39 @@ def forward(h, hr, w, wr, temperature):
             rkl[s0:s1] = a / s - lse[s0:s1] + lser[s0:s1]
             fkl[s0:s1] = b / sr - lser[s0:s1] + lse[s0:s1]
     if not kl:
-        return lse, None, None, None
-    return lse, lser, fkl, rkl
+        return RowStats(lse, None, None, None)
+    return RowStats(lse, lser, fkl, rkl)
 
 
 def _col(x: Tensor | None, like: Tensor) -> Tensor | None:
     """A per-row vector as an (n, 1) column in the accumulation dtype; None stays None."""
-    return None if x is None else x.to(_acc(like)).unsqueeze(-1)
+    return None if x is None else x.to(acc_dtype(like)).unsqueeze(-1)
 
 
 def _nonzero(g: Tensor | None) -> Tensor | None:
     return g if g is not None and bool((g != 0).any()) else None
 
 
-def backward(h, hr, w, wr, temperature, lse, lser, fkl, rkl, g_fkl, g_rkl, g_lp, g_lpr,
-             need_h, need_hr, need_w, need_wr):  # fmt: skip
+def backward(
+    h: Tensor,
+    hr: Tensor | None,
+    w: Tensor,
+    wr: Tensor | None,
+    temperature: float,
+    stats: RowStats,
+    grads: RowGrads,
+    need: Needs,
+) -> Grads:
+    lse, lser, fkl, rkl = stats
+    need_h, need_hr, need_w, need_wr = need
     n, v = h.shape[0], w.shape[0]
     inv_t = 1.0 / temperature
     shared = wr is None
     wr_ = w if shared else wr
-    g_fkl, g_rkl, g_lp, g_lpr = (_nonzero(g) for g in (g_fkl, g_rkl, g_lp, g_lpr))
+    g_fkl, g_rkl, g_lp, g_lpr = (_nonzero(g) for g in grads)
 
     def zeros(x: Tensor, need: bool) -> Tensor | None:
-        return torch.zeros(x.shape, dtype=_acc(x), device=x.device) if need else None
+        return torch.zeros(x.shape, dtype=acc_dtype(x), device=x.device) if need else None
 
     dh, dw = zeros(h, need_h), zeros(w, need_w)
     dhr = zeros(hr, need_hr) if hr is not None else None
@@ -163,7 +173,7 @@ def backward(h, hr, w, wr, temperature, lse, lser, fkl, rkl, g_fkl, g_rkl, g_lp,
             if need_ref and gref is not None:
                 tgt_dw = dw if shared else dwr
                 _accumulate(gref, hrs, wr_, dhr, tgt_dw, s0, s1, c0, c1, inv_t)
-    return dh, dhr, dw, dwr
+    return Grads(dh, dhr, dw, dwr)
 
 
 def _grad_pol(p, r, d, gf, grk, glp, rkl, s0, s1) -> Tensor | None:

@@ -1,4 +1,6 @@
-"""Test set-up: Triton's interpreter on machines without a GPU, seeding, shared helpers."""
+"""Test set-up: Triton's interpreter on machines without a GPU, and seeding.
+
+Shared assertions (``rel_err``, ``compare``) live in ``helpers.py``."""
 
 from __future__ import annotations
 
@@ -27,23 +29,3 @@ def _seed(request):
     seed = zlib.crc32(request.node.nodeid.encode()) ^ int(os.environ.get("FGPO_TEST_SEED", "0"))
     torch.manual_seed(seed)
     yield
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Norm-relative error of a against b (b is the reference)."""
-    a, b = a.double(), b.double()
-    den = b.norm().item()
-    num = (a - b).norm().item()
-    return num / den if den > 0 else num
-
-
-def compare(got: dict, ref: dict, vtol: float, gtol: float, label: str = "") -> None:
-    """Every entry of ``ref`` against ``got``: same shape, finite, norm-relative error within
-    ``gtol`` for gradients (keys starting with "d") and ``vtol`` for values."""
-    for k, r in ref.items():
-        g = got[k]
-        assert g.shape == r.shape, f"{label}{k}: shape {tuple(g.shape)} vs {tuple(r.shape)}"
-        assert torch.isfinite(g).all(), f"{label}{k}: non-finite values"
-        e = rel_err(g, r)
-        tol = gtol if k.startswith("d") else vtol
-        assert e <= tol, f"{label}{k}: rel err {e:.3e} > {tol:.1e}\n got {g}\n ref {r}"

@@ -11,10 +11,11 @@ import math
 
 import pytest
 import torch
-from conftest import rel_err
+from helpers import rel_err
 
 import fgpo_kernels as fk
 from fgpo_kernels import cuda_kl, torch_impl
+from fgpo_kernels._backend import Needs, RowGrads, RowStats
 
 pytestmark = [
     pytest.mark.gpu,
@@ -42,7 +43,7 @@ def _inputs(mode, n, d, dr, v, dtype, seed, scale=1.0):
     cast = lambda x, dt: None if x is None else x.to("cuda", dt)
     low = [cast(x, dtype) for x in (h, hr, w, wr)]
     exact = [cast(x, torch.float64) for x in low]  # the same rounded values, in float64
-    return low, exact, [cast(x, torch.float32) for x in gs]
+    return low, exact, RowGrads(*(cast(x, torch.float32) for x in gs))
 
 
 def _materialized(low, temperature):
@@ -85,11 +86,11 @@ def test_forward_backward_vs_float64(mode, n, d, dr, v, splits, dtype):
         assert torch.isfinite(a).all(), f"{name}: non-finite"
         e, e0 = rel_err(a, b), rel_err(c, b)
         assert e <= 2 * e0 + 1e-5, f"{mode}/{dtype} {name}: {e:.2e} vs materialized {e0:.2e}"
-    need = (True, kl, True, sep)
-    ref32 = [None if x is None else x.float() for x in ref]
-    got_b = cuda_kl.backward(*low, t, *ref32, *gs, *need)
-    ref_b = torch_impl.backward(*exact, t, *ref, *(None if x is None else x.double() for x in gs),
-                                *need)  # fmt: skip
+    need = Needs(True, kl, True, sep)
+    ref32 = RowStats(*(None if x is None else x.float() for x in ref))
+    got_b = cuda_kl.backward(*low, t, ref32, gs, need)
+    gs64 = RowGrads(*(None if x is None else x.double() for x in gs))
+    ref_b = torch_impl.backward(*exact, t, ref, gs64, need)
     for name, a, b in zip(("dh", "dhr", "dw", "dwr"), got_b, ref_b):
         if b is None:
             assert a is None, name
@@ -115,8 +116,8 @@ def test_lora_backward_equals_full(mode):
     sep = mode == "separate"
     low, _, gs = _inputs(mode, 300, 520, 264, 3001, torch.bfloat16, seed=8)
     st = cuda_kl.forward(*low, 1.0)
-    full = cuda_kl.backward(*low, 1.0, *st, *gs, True, True, True, sep)
-    lora = cuda_kl.backward(*low, 1.0, *st, *gs, True, True, False, False)
+    full = cuda_kl.backward(*low, 1.0, st, gs, Needs(True, True, True, sep))
+    lora = cuda_kl.backward(*low, 1.0, st, gs, Needs(True, True, False, False))
     assert lora[2] is None and lora[3] is None
     assert rel_err(lora[0], full[0]) < 1e-5 and rel_err(lora[1], full[1]) < 1e-5
 
@@ -124,8 +125,9 @@ def test_lora_backward_equals_full(mode):
 def test_backward_atomics_repeatable():
     low, _, gs = _inputs("shared", 256, 256, 256, 4099, torch.bfloat16, seed=4)
     st = cuda_kl.forward(*low, 1.0)
-    a = cuda_kl.backward(*low, 1.0, *st, *gs, True, True, True, False)
-    b = cuda_kl.backward(*low, 1.0, *st, *gs, True, True, True, False)
+    need = Needs(True, True, True, False)
+    a = cuda_kl.backward(*low, 1.0, st, gs, need)
+    b = cuda_kl.backward(*low, 1.0, st, gs, need)
     for x, y in zip(a, b):
         if x is not None:
             assert rel_err(x, y) < 1e-5  # fp32 atomics: only the summation order differs

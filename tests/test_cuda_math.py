@@ -261,7 +261,7 @@ def emulated_cuda(emu_ext, monkeypatch):
     monkeypatch.setattr(cuda_kl, "_C", emu_ext)
     monkeypatch.setattr(cuda_kl, "_check_device", lambda x: None)
     monkeypatch.setattr(cuda_kl, "_launch_context", lambda dev: (contextlib.nullcontext(), 0))
-    monkeypatch.setattr(cuda_kl, "_sm_count", lambda dev: 2)
+    monkeypatch.setattr(cuda_kl, "sm_count", lambda dev: 2)
     usable = _registry._usable_on
     monkeypatch.setattr(
         _registry,
@@ -302,6 +302,7 @@ def _rel(torch, a, b):
 def test_emulated_kernels_match_float64(emulated_cuda, mode, n, d, dr, v, splits, temp):
     cuda_kl, torch = emulated_cuda
     from fgpo_kernels import torch_impl
+    from fgpo_kernels._backend import Needs, RowGrads, RowStats
 
     h, hr, w, wr, gs = _emu_case(torch, mode, n, d, dr, v, seed=n * v + d)
     kl, sep = mode != "logprob", mode == "separate"
@@ -315,11 +316,11 @@ def test_emulated_kernels_match_float64(emulated_cuda, mode, n, d, dr, v, splits
         assert a.dtype == torch.float32 and a.shape == (n,)
         tol = 1e-6 if name.startswith("lse") else 1e-4
         assert _rel(torch, a, b) <= tol, (name, _rel(torch, a, b))
-    need = (True, kl, True, sep)
-    ref32 = [None if x is None else x.float() for x in ref]
-    got_b = cuda_kl.backward(h, hr, w, wr, temp, *ref32, *gs, *need)
-    ref_b = torch_impl.backward(dbl(h), dbl(hr), dbl(w), dbl(wr), temp, *ref,
-                                *(dbl(x) for x in gs), *need)  # fmt: skip
+    need = Needs(True, kl, True, sep)
+    ref32 = RowStats(*(None if x is None else x.float() for x in ref))
+    got_b = cuda_kl.backward(h, hr, w, wr, temp, ref32, RowGrads(*gs), need)
+    ref_b = torch_impl.backward(dbl(h), dbl(hr), dbl(w), dbl(wr), temp, ref,
+                                RowGrads(*(dbl(x) for x in gs)), need)  # fmt: skip
     for name, a, b in zip(("dh", "dhr", "dw", "dwr"), got_b, ref_b):
         assert (a is None) == (b is None), name
         if b is None:
@@ -334,12 +335,15 @@ def test_emulated_gradient_subsets(emulated_cuda, mode):
     """need_* flags: only what is asked for comes back, equal to the full computation; D = 200
     spans 4 backward chunks (the LoRA path double-buffers them)."""
     cuda_kl, torch = emulated_cuda
+    from fgpo_kernels._backend import Needs, RowGrads, RowStats
+
     sep = mode == "separate"
     h, hr, w, wr, gs = _emu_case(torch, mode, 20, 200, 136, 150, seed=5)
+    gs = RowGrads(*gs)
     stats = cuda_kl.forward(h, hr, w, wr, 1.0)
-    full = cuda_kl.backward(h, hr, w, wr, 1.0, *stats, *gs, True, True, True, sep)
-    lora = cuda_kl.backward(h, hr, w, wr, 1.0, *stats, *gs, True, True, False, False)
-    only_w = cuda_kl.backward(h, hr, w, wr, 1.0, *stats, *gs, False, False, True, False)
+    full = cuda_kl.backward(h, hr, w, wr, 1.0, stats, gs, Needs(True, True, True, sep))
+    lora = cuda_kl.backward(h, hr, w, wr, 1.0, stats, gs, Needs(True, True, False, False))
+    only_w = cuda_kl.backward(h, hr, w, wr, 1.0, stats, gs, Needs(False, False, True, False))
     assert lora[2] is None and lora[3] is None
     assert only_w[0] is None and only_w[1] is None and only_w[3] is None
     for a, b in ((lora[0], full[0]), (lora[1], full[1]), (only_w[2], full[2])):
@@ -347,8 +351,9 @@ def test_emulated_gradient_subsets(emulated_cuda, mode):
     dbl = lambda x: None if x is None else x.double()
     from fgpo_kernels import torch_impl
 
-    ref = torch_impl.backward(dbl(h), dbl(hr), dbl(w), dbl(wr), 1.0, *(dbl(x) for x in stats),
-                              *(dbl(x) for x in gs), True, True, False, False)  # fmt: skip
+    ref = torch_impl.backward(dbl(h), dbl(hr), dbl(w), dbl(wr), 1.0,
+                              RowStats(*(dbl(x) for x in stats)), RowGrads(*(dbl(x) for x in gs)),
+                              Needs(True, True, False, False))  # fmt: skip
     assert _rel(torch, lora[0], ref[0]) <= 6e-3 and _rel(torch, lora[1], ref[1]) <= 6e-3
 
 

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import compare, rel_err
+from helpers import compare, rel_err
 
 import fgpo_kernels as fk
 from fgpo_kernels import FiReMPOLoss, SequenceStates, _registry
@@ -356,6 +356,17 @@ def test_fire_mpo_preset_is_the_defaults():
     assert FiReMPOLoss.preset("fire_mpo", gamma=0.5).gamma == 0.5
     with pytest.raises(ValueError, match="preset"):
         FiReMPOLoss.preset("ppo")
+
+
+def test_loss_presets_is_the_one_public_table():
+    """``fk.LOSS_PRESETS`` (what the trainer reads) is exactly what ``FiReMPOLoss.preset`` uses:
+    name -> coefficient overrides, every other coefficient at its default."""
+    assert set(fk.LOSS_PRESETS) == {"dpo", "rrpo", "mask_dpo", "fire_mpo"}
+    defaults = FiReMPOLoss()
+    for name, fixed in fk.LOSS_PRESETS.items():
+        loss = FiReMPOLoss.preset(name)
+        for k in ("beta", "alpha", "gamma", "lambda_", "alpha_v1", "alpha_v2"):
+            assert getattr(loss, k) == fixed.get(k, getattr(defaults, k)), (name, k)
 
 
 # ---------------------------------------------------------------- switches and accumulation

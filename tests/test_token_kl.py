@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import pytest
 import torch
-from conftest import compare, rel_err
+from helpers import compare, rel_err
 
 import fgpo_kernels as fk
 from fgpo_kernels import _registry
@@ -242,6 +243,30 @@ def test_backend_status_and_override(monkeypatch):
         fk.token_kl(case["h"], case["hr"], case["w"])
     monkeypatch.delenv("FGPO_IMPL")
     assert _registry.resolve(None, torch.device("cpu")) in ("torch", "triton")
+
+
+def test_every_backend_satisfies_the_typed_contract():
+    """torch / triton / cuda modules import without their hardware and match _backend.Backend:
+    backward(h, hr, w, wr, temperature, stats: RowStats, grads: RowGrads, need: Needs)."""
+    import inspect
+
+    from fgpo_kernels._backend import Backend
+
+    for name in ("torch", "triton", "cuda"):
+        mod = importlib.import_module(_registry._ENTRIES[name].module)
+        assert isinstance(mod, Backend), name
+        params = list(inspect.signature(mod.backward).parameters)
+        assert params[:8] == ["h", "hr", "w", "wr", "temperature", "stats", "grads", "need"], name
+        assert list(inspect.signature(mod.forward).parameters)[:5] == params[:5], name
+
+
+def test_ignore_index_constant_is_the_default():
+    """``fk.IGNORE_INDEX`` is the one "no target" id: every public default uses it."""
+    import inspect
+
+    assert fk.IGNORE_INDEX == -100
+    for fn in (fk.token_kl, fk.token_logprobs, fk.FiReMPOLoss):
+        assert inspect.signature(fn).parameters["ignore_index"].default == fk.IGNORE_INDEX
 
 
 def test_explicit_unavailable_impl_raises():

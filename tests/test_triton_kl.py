@@ -1,22 +1,18 @@
 """The Triton kernels themselves: odd shapes, forced vocabulary splits, every gradient flag, both
 backward modes (gblock: G chunks + library GEMMs, with several forced chunks; atomic), bf16
-through the (patched) interpreter, and ahead-of-time compilation of every shipped GPU
-configuration for sm_80 / sm_90 (no GPU needed): no register spills, tensor cores for 16-bit."""
+through the (patched) interpreter. Ahead-of-time compilation of the shipped GPU configurations:
+``test_triton_aot.py``."""
 
 from __future__ import annotations
 
-import inspect
-import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import rel_err
+from helpers import rel_err, worst
 
 from fgpo_kernels import _registry, torch_impl
+from fgpo_kernels._backend import Needs, RowGrads, RowStats
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 _ok, _why = _registry._usable_on("triton", torch.device(DEV))
@@ -24,6 +20,7 @@ needs_triton = pytest.mark.skipif(not _ok, reason=_why)
 
 if _ok:
     from fgpo_kernels import triton_kl
+    from fgpo_kernels.triton_kl import bwd_gblock, configs
 
     # Small tiles so that even small shapes have several row blocks, vocabulary tiles, D chunks
     # and ragged tails everywhere.
@@ -61,14 +58,22 @@ def _check_forward(got, ref, tol, label):
             f"{label}{name}: {g.dtype} {g.shape}"
         )
         e = rel_err(g.cpu(), r.cpu())
-        assert e <= tol, f"{label}{name}: rel err {e:.3e} > {tol:.1e}"
+        assert e <= tol, f"{label}{name}: rel err {e:.3e} > {tol:.1e}; {worst(g, r)}"
 
 
 def _grads_in(n, has_ref):
     gs = [torch.randn(n, device=DEV) for _ in range(4)]
     if not has_ref:
         gs[0] = gs[1] = gs[3] = None
-    return gs
+    return RowGrads(*gs)
+
+
+def _f64_stats(stats):
+    return RowStats(*_f64(stats))
+
+
+def _f64_grads(gs):
+    return RowGrads(*_f64(gs))
 
 
 BWD = ["gblock", "atomic"]
@@ -77,12 +82,11 @@ BWD = ["gblock", "atomic"]
 def _check_backward(args, stats, gs, need, tol, label, config=None, mode=None, chunk_elems=None):
     """Backend backward against the float64 chunked PyTorch impl (same contract)."""
     h, hr, w, wr, t = args
+    need = Needs(*need)
     got = triton_kl.backward(
-        h, hr, w, wr, t, *stats, *gs, *need, config=config, mode=mode, chunk_elems=chunk_elems
+        h, hr, w, wr, t, stats, gs, need, config=config, mode=mode, chunk_elems=chunk_elems
     )  # fmt: skip
-    ref = torch_impl.backward(
-        *_f64((h, hr, w, wr)), t, *_f64(stats), *_f64(gs), *need
-    )  # fmt: skip
+    ref = torch_impl.backward(*_f64((h, hr, w, wr)), t, _f64_stats(stats), _f64_grads(gs), need)
     for name, g, r in zip(("dh", "dhr", "dw", "dwr"), got, ref):
         if r is None:
             assert g is None, f"{label}{name}: expected None"
@@ -90,7 +94,7 @@ def _check_backward(args, stats, gs, need, tol, label, config=None, mode=None, c
         assert g is not None, f"{label}{name}: missing"
         assert g.dtype == torch.float32 and g.shape == r.shape, f"{label}{name}: {g.shape}"
         e = rel_err(g.cpu(), r.cpu())
-        assert e <= tol, f"{label}{name}: rel err {e:.3e} > {tol:.1e}"
+        assert e <= tol, f"{label}{name}: rel err {e:.3e} > {tol:.1e}; {worst(g, r)}"
 
 
 # --------------------------------------------------------------------------- correctness
@@ -163,7 +167,7 @@ def test_backward_every_gradient_flag(mode, need, bwd):
 @pytest.mark.parametrize("bwd", BWD)
 def test_backward_many_row_blocks_grouped_order(bwd):
     """More row blocks than one program group (GROUP_N), with a partial last group."""
-    n = 16 * (triton_kl._BWD_GROUP_N + 2) - 5
+    n = 16 * (configs.BWD_GROUP_N + 2) - 5
     h, hr, w, wr = _inputs(n, 20, 150, 24, shared=False)
     stats = triton_kl.forward(h, hr, w, wr, 1.0, splits=2, config=TINY)
     _check_forward(stats, torch_impl.forward(*_f64((h, hr, w, wr)), 1.0), 2e-5, "[groups] ")
@@ -180,10 +184,12 @@ def test_backward_none_incoming_gradients_are_zero(bwd):
     h, hr, w, wr = _inputs(n, d, v)
     stats = triton_kl.forward(h, hr, w, wr, 1.0)
     g_lp = torch.randn(n, device=DEV)
-    need = (True, True, True, False)
-    got = triton_kl.backward(h, hr, w, wr, 1.0, *stats, None, None, g_lp, None, *need, mode=bwd)
+    need = Needs(True, True, True, False)
+    only_lp = RowGrads(None, None, g_lp, None)
+    got = triton_kl.backward(h, hr, w, wr, 1.0, stats, only_lp, need, mode=bwd)
     zero = torch.zeros(n, device=DEV)
-    ref = triton_kl.backward(h, hr, w, wr, 1.0, *stats, zero, zero, g_lp, zero, *need, mode=bwd)
+    zeros = RowGrads(zero, zero, g_lp, zero)
+    ref = triton_kl.backward(h, hr, w, wr, 1.0, stats, zeros, need, mode=bwd)
     for a, b in zip(got, ref):
         assert (a is None) == (b is None)
         if a is not None:
@@ -201,26 +207,26 @@ def test_gblock_env_budget_and_modes_agree(mode, monkeypatch):
     t = 0.7
     stats = triton_kl.forward(h, hr, w, wr, t)
     gs = _grads_in(n, True)
-    need = (True, True, True, mode == "separate")
+    need = Needs(True, True, True, mode == "separate")
     vc = triton_kl.chunk_columns(2 * n, v, TINY.block_v, 2 * n * 150)
     assert vc == 128 and -(-v // vc) == 4 and v % vc
     monkeypatch.setenv("FGPO_TRITON_GBLOCK_ELEMS", str(2 * n * 150))
     label = f"[{mode}/env budget] "
     _check_backward((h, hr, w, wr, t), stats, gs, need, 1e-5, label, config=TINY)
     calls = []
-    real = triton_kl._g_kernel
+    real = bwd_gblock._g_kernel
 
     class Spy:
         def __getitem__(self, grid):
             calls.append(grid)
             return real[grid]
 
-    monkeypatch.setattr(triton_kl, "_g_kernel", Spy())
+    monkeypatch.setattr(bwd_gblock, "_g_kernel", Spy())
     monkeypatch.setenv("FGPO_TRITON_BWD", "gblock")
-    gb = triton_kl.backward(h, hr, w, wr, t, *stats, *gs, *need, config=TINY)
+    gb = triton_kl.backward(h, hr, w, wr, t, stats, gs, need, config=TINY)
     assert len(calls) == 4, f"expected 4 vocabulary chunks, got launches {calls}"
     monkeypatch.setenv("FGPO_TRITON_BWD", "atomic")
-    at = triton_kl.backward(h, hr, w, wr, t, *stats, *gs, *need, config=TINY)
+    at = triton_kl.backward(h, hr, w, wr, t, stats, gs, need, config=TINY)
     assert len(calls) == 4, "FGPO_TRITON_BWD=atomic must not launch the G kernel"
     for name, a, b in zip(("dh", "dhr", "dw", "dwr"), gb, at):
         assert (a is None) == (b is None), name
@@ -237,8 +243,8 @@ def test_gblock_fp32_output_gemm_path(mode, monkeypatch):
     h, hr, w, wr = _inputs(n, d, v, dr, shared=mode == "shared", dtype=torch.bfloat16)
     stats = triton_kl.forward(h, hr, w, wr, 1.0)
     gs = _grads_in(n, True)
-    need = (True, True, True, mode == "separate")
-    ref = torch_impl.backward(*_f64((h, hr, w, wr)), 1.0, *_f64(stats), *_f64(gs), *need)
+    need = Needs(True, True, True, mode == "separate")
+    ref = torch_impl.backward(*_f64((h, hr, w, wr)), 1.0, _f64_stats(stats), _f64_grads(gs), need)
     real_mm, used = torch.mm, []
 
     def mm(a, b, out_dtype=None, out=None):
@@ -253,11 +259,11 @@ def test_gblock_fp32_output_gemm_path(mode, monkeypatch):
         used.append("addmm")
         return out.copy_(c + real_mm(a.float(), b.float()))
 
-    monkeypatch.setattr(triton_kl, "_fp32_out_gemm", lambda a: a.dtype != torch.float32)
+    monkeypatch.setattr(bwd_gblock, "_fp32_out_gemm", lambda a: a.dtype != torch.float32)
     monkeypatch.setattr(torch, "mm", mm)
     monkeypatch.setattr(torch, "addmm", addmm)
     got = triton_kl.backward(
-        h, hr, w, wr, 1.0, *stats, *gs, *need, config=TINY, mode="gblock", chunk_elems=1
+        h, hr, w, wr, 1.0, stats, gs, need, config=TINY, mode="gblock", chunk_elems=1
     )  # fmt: skip
     monkeypatch.undo()
     assert used.count("addmm") >= 7 and "mm" in used  # 389 columns = 7 chunks of 64
@@ -265,7 +271,7 @@ def test_gblock_fp32_output_gemm_path(mode, monkeypatch):
         assert (g is None) == (r is None), name
         if r is not None:
             e = rel_err(g.cpu(), r.cpu())
-            assert e <= 1.5e-2, f"[{mode}] {name}: rel err {e:.3e}"
+            assert e <= 1.5e-2, f"[{mode}] {name}: rel err {e:.3e}; {worst(g, r)}"
 
 
 @needs_triton
@@ -274,18 +280,22 @@ def test_gblock_zero_rows_and_nothing_needed():
     h, hr, w, wr = _inputs(5, 16, 100, 12, shared=False)
     stats = triton_kl.forward(h, hr, w, wr, 1.0)
     gs = _grads_in(5, True)
-    z = [None if x is None else x[:0] for x in (h, hr, *stats, *gs)]
-    got = triton_kl.backward(z[0], z[1], w, wr, 1.0, *z[2:], True, True, True, True, mode="gblock")
+    empty = lambda xs: [None if x is None else x[:0] for x in xs]
+    everything = Needs(True, True, True, True)
+    got = triton_kl.backward(
+        h[:0], hr[:0], w, wr, 1.0, RowStats(*empty(stats)), RowGrads(*empty(gs)), everything,
+        mode="gblock",
+    )  # fmt: skip
     shapes = [(0, 16), (0, 12), (100, 16), (100, 12)]
     for g, shape in zip(got, shapes):
         assert g.shape == shape and g.dtype == torch.float32 and not g.abs().sum()
-    none = triton_kl.backward(h, hr, w, wr, 1.0, *stats, *gs, False, False, False, False)
+    none = triton_kl.backward(h, hr, w, wr, 1.0, stats, gs, Needs(False, False, False, False))
     assert none == (None, None, None, None)
 
 
 def test_bwd_mode_and_budget_validation(monkeypatch):
     pytest.importorskip("triton")
-    from fgpo_kernels import triton_kl as tk
+    from fgpo_kernels.triton_kl import configs as tk
 
     monkeypatch.delenv("FGPO_TRITON_BWD", raising=False)
     assert tk.bwd_mode() == "gblock"
@@ -299,24 +309,24 @@ def test_bwd_mode_and_budget_validation(monkeypatch):
         tk.bwd_mode("gemm")
     monkeypatch.setenv("FGPO_TRITON_GBLOCK_ELEMS", "lots")
     with pytest.raises(ValueError, match="FGPO_TRITON_GBLOCK_ELEMS"):
-        tk._gblock_elems(None)
+        tk.gblock_elems(None)
     monkeypatch.setenv("FGPO_TRITON_GBLOCK_ELEMS", "0")
     with pytest.raises(ValueError, match="FGPO_TRITON_GBLOCK_ELEMS"):
-        tk._gblock_elems(None)
+        tk.gblock_elems(None)
     monkeypatch.delenv("FGPO_TRITON_GBLOCK_ELEMS")
-    assert tk._gblock_elems(None) == 1 << 25 and tk._gblock_elems(1000) == 1000
+    assert tk.gblock_elems(None) == 1 << 25 and tk.gblock_elems(1000) == 1000
 
 
 def test_chunk_columns_respect_budget_and_tile():
     pytest.importorskip("triton")
-    from fgpo_kernels import triton_kl as tk
+    from fgpo_kernels.triton_kl import configs as tk
 
     v = 152064
     for rows in (1, 300, 600, 8192, 16384, 65536):
         for block_v in (64, 128):
             for budget in (1 << 20, 1 << 25):
                 vc = tk.chunk_columns(rows, v, block_v, budget)
-                assert vc % block_v == 0 and block_v <= vc <= tk._GBLOCK_MAX_COLS
+                assert vc % block_v == 0 and block_v <= vc <= tk.GBLOCK_MAX_COLS
                 assert vc < v  # never a (rows x whole vocabulary) buffer
                 assert rows * vc <= budget or vc == block_v
     # SPEC section 4's GPU shape: 2N buffer rows (policy and reference) within 2^25 elements.
@@ -376,196 +386,16 @@ def test_probe_says_why_when_unusable(monkeypatch):
 
 def test_split_choice_fills_the_gpu(monkeypatch):
     pytest.importorskip("triton")
-    from fgpo_kernels import triton_kl as tk
+    from fgpo_kernels.triton_kl import configs as tk
 
-    monkeypatch.setattr(tk, "_interpreting", lambda: False)
-    monkeypatch.setattr(tk, "_sm_count", lambda device: 132)
+    monkeypatch.setattr(tk, "triton_interpret", lambda: False)
+    monkeypatch.setattr(tk, "sm_count", lambda device: 132)
     cuda = torch.device("cuda")
     tiles = -(-152064 // 128)
     # Few rows (e.g. 300 masked positions = 5 row blocks), huge V: splits make ~4 programs/SM.
-    s = tk._splits(5, tiles, cuda)
+    s = tk.vocab_splits(5, tiles, cuda)
     assert 5 * s >= 4 * 132 and s <= tiles
     # Many rows: row blocks alone fill the GPU.
-    assert tk._splits(1000, tiles, cuda) == 1
+    assert tk.vocab_splits(1000, tiles, cuda) == 1
     # Never more splits than tiles.
-    assert tk._splits(1, 3, cuda) == 3
-
-
-# ------------------------------------------------------------- ahead-of-time compilation
-
-# Kernel variants each configuration serves: the constexpr flags of the launches that use it.
-_FWD_MODES = {
-    "logprob": dict(HAS_REF=False, SHARED=True),
-    "shared": dict(HAS_REF=True, SHARED=True),
-    "separate": dict(HAS_REF=True, SHARED=False),
-}
-_BWD_MODES = {  # (mode, DO_DH, DO_DW, DO_DHR, DO_DWR)
-    "logprob_full": ("logprob", True, True, False, False),
-    "logprob_lora": ("logprob", True, False, False, False),
-    "shared_lora": ("shared", True, False, False, False),
-    "shared_full": ("shared", True, True, True, False),
-    "separate_policy": ("separate", True, True, False, False),
-    "separate_full": ("separate", True, True, True, True),
-}
-_G_MODES = {  # gblock G kernel: (mode, DO_G, DO_GR)
-    "logprob": ("logprob", True, False),
-    "shared_lora": ("shared", True, False),
-    "shared_ref": ("shared", False, True),
-    "shared_full": ("shared", True, True),
-    "separate_policy": ("separate", True, False),
-    "separate_ref": ("separate", False, True),
-    "separate_full": ("separate", True, True),
-}
-_SHIPPED = {  # config name -> (dtype, kernel, variants)
-    "fwd_few_rows": ("bf16", "fwd", ("logprob", "shared", "separate")),
-    "fwd": ("bf16", "fwd", ("logprob", "shared", "separate")),
-    "bwd": ("bf16", "bwd", tuple(_BWD_MODES)),
-    "fwd_fp32": ("fp32", "fwd", ("shared", "separate")),
-    "fwd_fp32_logprob": ("fp32", "fwd", ("logprob",)),
-    "bwd_fp32": ("fp32", "bwd", tuple(_BWD_MODES)),
-    "g": ("bf16", "g", tuple(_G_MODES)),
-    "g_fp32": ("fp32", "g", tuple(_G_MODES)),
-}
-
-
-def _aot_worker(jobs_json: str) -> None:
-    """Compile kernels for a GPU target; prints one JSON line per job.
-
-    Runs in a fresh Python without TRITON_INTERPRET: a process whose triton was imported in
-    interpreter mode has interpreter versions of triton's own standard library and cannot
-    generate code. Self-contained (its source is sent to ``python -c``)."""
-    import json
-    import os
-    import re
-    import subprocess
-    import tempfile
-
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    from fgpo_kernels import triton_kl as mod
-
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    for job in json.loads(jobs_json):
-        cfg = mod.GPU_CONFIGS[job["config"]]
-        kernel = {"fwd": mod._fwd_kernel, "bwd": mod._bwd_kernel, "g": mod._g_kernel}[job["kernel"]]
-        consts = dict(BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d)
-        consts.update(job["flags"])
-        if job["kernel"] in ("bwd", "g"):
-            consts["GROUP_N"] = mod._BWD_GROUP_N
-        sig, attrs = {}, {}
-        for i, name in enumerate(kernel.arg_names):
-            if name in consts:
-                sig[name] = "constexpr"
-            elif name in ("h_ptr", "hr_ptr", "w_ptr", "wr_ptr", "g_ptr", "gr_ptr"):
-                sig[name] = "*" + job["dtype"]
-            elif name.endswith("_ptr"):
-                sig[name] = "*fp32"
-            elif name == "inv_t":
-                sig[name] = "fp32"
-            else:
-                sig[name] = "i32"
-            # What the launcher specializes for 16-byte aligned tensors with D % 16 == 0.
-            if name.endswith("_ptr") or name.startswith("stride"):
-                attrs[(i,)] = [["tt.divisibility", 16]]
-        unknown = sorted(set(consts) - set(kernel.arg_names))
-        src = ASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=attrs)
-        opts = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
-        k = triton.compile(src, target=GPUTarget("cuda", job["arch"], 32), options=opts)
-        ptx, cubin = k.asm["ptx"], k.asm["cubin"]
-        with tempfile.TemporaryDirectory() as tmp:
-            path = os.path.join(tmp, "k.cubin")
-            with open(path, "wb") as f:
-                f.write(cubin)
-            out = subprocess.run(
-                [tool, "--dump-resource-usage", path], capture_output=True, text=True, check=True
-            ).stdout
-        usage = {key: int(v) for key, v in re.findall(r"\b(REG|STACK|LOCAL):(\d+)", out)}
-        result = dict(job, usage=usage, unknown_constexprs=unknown, cubin_bytes=len(cubin))
-        result["target_ok"] = f".target sm_{job['arch']}" in ptx
-        result["wgmma"] = "wgmma" in ptx
-        result["mma_sync"] = "mma.sync" in ptx
-        print("AOT " + json.dumps(result), flush=True)
-
-
-def _jobs() -> list:
-    jobs = []
-    for arch in (80, 90):
-        for config, (dtype, kernel, variants) in _SHIPPED.items():
-            prec = "ieee" if dtype == "fp32" else "tf32"
-            for variant in variants:
-                if kernel == "fwd":
-                    flags = dict(_FWD_MODES[variant])
-                elif kernel == "g":
-                    mode, do_g, do_gr = _G_MODES[variant]
-                    flags = dict(_FWD_MODES[mode], DO_G=do_g, DO_GR=do_gr)
-                else:
-                    mode, dh, dw, dhr, dwr = _BWD_MODES[variant]
-                    flags = dict(_FWD_MODES[mode], DO_DH=dh, DO_DW=dw, DO_DHR=dhr, DO_DWR=dwr)
-                flags.update(PREC=prec, PREC_R=prec)
-                jobs.append(dict(arch=arch, config=config, dtype=dtype, kernel=kernel,
-                                 variant=variant, flags=flags))  # fmt: skip
-    return jobs
-
-
-def _have_nvidia_backend() -> bool:
-    try:
-        import triton
-        from triton.backends.compiler import GPUTarget  # noqa: F401
-    except Exception:
-        return False
-    root = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-    return all(os.path.exists(os.path.join(root, t)) for t in ("ptxas", "cuobjdump"))
-
-
-@pytest.fixture(scope="module")
-def aot_results():
-    """Compile every (config, variant, arch) once, in one subprocess."""
-    code = inspect.getsource(_aot_worker) + f"\n_aot_worker({json.dumps(_jobs())!r})\n"
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run(
-        [sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True,
-        timeout=900,
-    )  # fmt: skip
-    assert proc.returncode == 0, f"AOT compilation failed:\n{proc.stderr[-6000:]}"
-    out = {}
-    for line in proc.stdout.splitlines():
-        if line.startswith("AOT "):
-            r = json.loads(line[4:])
-            out.setdefault((r["config"], r["arch"]), []).append(r)
-    return out
-
-
-@pytest.mark.skipif(not _have_nvidia_backend(), reason="triton's NVIDIA backend tools not found")
-@pytest.mark.parametrize("arch", [80, 90])
-@pytest.mark.parametrize("config_name", list(_SHIPPED))
-def test_aot_compile_shipped_configs(aot_results, config_name, arch):
-    from fgpo_kernels import triton_kl as tk
-
-    assert set(_SHIPPED) == set(tk.GPU_CONFIGS), "every shipped config must be compiled here"
-    results = aot_results.get((config_name, arch), [])
-    assert len(results) == len(_SHIPPED[config_name][2]), f"missing compiles: {results}"
-    problems = []
-    for r in results:
-        label = f"{config_name} {tk.GPU_CONFIGS[config_name]} {r['dtype']} {r['variant']} sm_{arch}"
-        if r["unknown_constexprs"] or not r["target_ok"] or not r["cubin_bytes"]:
-            problems.append(f"{label}: bad compile {r}")
-        use = r["usage"]
-        if "REG" not in use or use.get("STACK", 0) or use.get("LOCAL", 0):
-            problems.append(f"{label}: register spills or no usage info ({use})")
-        if r["dtype"] != "fp32" and not r["wgmma" if arch == 90 else "mma_sync"]:
-            problems.append(f"{label}: no tensor-core instruction in the PTX")
-    assert not problems, "\n".join(problems)
-
-
-def test_gpu_config_choice_names_shipped_entries():
-    pytest.importorskip("triton")
-    from fgpo_kernels import triton_kl as tk
-
-    for kind in ("fwd", "bwd", "g"):
-        for n in (1, 300, 5000):
-            for dtype in (torch.float32, torch.bfloat16, torch.float16):
-                for has_ref in (False, True):
-                    assert tk.gpu_config_name(kind, n, dtype, has_ref) in _SHIPPED
+    assert tk.vocab_splits(1, 3, cuda) == 3

@@ -1,0 +1,33 @@
+"""Small helpers that several modules of ``fgpo_kernels`` share (one home for each)."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+from torch import Tensor
+
+
+def acc_dtype(x: Tensor) -> torch.dtype:
+    """Accumulation dtype for statistics of ``x``: float32, except that float64 input stays
+    float64 (the exact checks against the reference run in float64)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def check_real(name: str, value) -> None:
+    """A finite Python int or float (not a bool), else ``TypeError`` naming the argument."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise TypeError(f"{name} must be a finite real number, got {value!r}")
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (1 elsewhere): sizes the vocabulary splits."""
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def triton_interpret() -> bool:
+    """Whether ``TRITON_INTERPRET`` asks for Triton's CPU interpreter (read at every call)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")

@@ -1,0 +1,239 @@
+"""Triton backward, "gblock" mode (the default): G chunks in a Triton kernel, then library GEMMs.
+
+Math (the one-hot parts of the log-prob gradients are added by the caller):
+    G  = g_fkl (p - r) + g_rkl p (d - rkl) - g_lp p          (d = log p - log r)
+    Gr = g_fkl r (-d - fkl) + g_rkl (r - p) - g_lpr r
+    dh = G W / T,  dW = G^T h / T,  dhr = Gr Wr / T,  dWr = Gr^T hr / T.
+For each vocabulary chunk [v0, v0 + Vc): ``_g_kernel`` writes G / T (and Gr / T) for all rows
+into a (rows x Vc) buffer in the input dtype, then torch GEMMs (cuBLAS on a GPU) do
+dh += G W_c and dW_c = G^T h, written once per chunk (no atomics, deterministic). Shared weight:
+G rows sit on top of Gr rows, so dh and dhr are one GEMM and the shared dW_c one GEMM with K = 2N.
+Vc comes from ``configs.chunk_columns``: the buffer is rows x V_block, never rows x V.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .._backend import Grads, Needs, RowGrads, RowStats
+from .common import DOT_PRECISION, on_device, prepare, row_inputs, tl, triton
+from .configs import (
+    BWD_GROUP_N,
+    GBLOCK_ELEMS,
+    KernelConfig,
+    chunk_columns,
+    kernel_config,
+    launch_opts,
+)
+
+if triton is not None:
+    from .common import _grouped_pid, _tile_grads, _tile_logits
+
+    @triton.jit
+    def _g_kernel(
+        h_ptr, hr_ptr, w_ptr, wr_ptr,  # inputs (see _tile_logits)
+        stats_ptr,  # (8, N) fp32: lse, lser, fkl, rkl, g_fkl, g_rkl, g_lp, g_lpr
+        g_ptr, gr_ptr,  # (N, >= chunk_v) buffers in the input dtypes: G / T and Gr / T
+        N, V, D, DR, stride_h, stride_hr, stride_w, stride_wr, stride_g, stride_gr,
+        inv_t,  # 1 / temperature
+        v0,  # first vocabulary column of the chunk
+        chunk_v,  # columns in the chunk (v0 + chunk_v <= V)
+        BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+        GROUP_N: tl.constexpr,  # row blocks that sweep the chunk's tiles together (L2 reuse)
+        HAS_REF: tl.constexpr, SHARED: tl.constexpr, PREC: tl.constexpr, PREC_R: tl.constexpr,
+        DO_G: tl.constexpr, DO_GR: tl.constexpr,  # which gradient tiles to write
+    ):  # fmt: skip
+        """gblock backward, step 1: the logit-gradient tiles of one vocabulary chunk, written to
+        a (rows x chunk) buffer for the library GEMMs (already divided by T)."""
+        pid_n, pid_v = _grouped_pid(tl.cdiv(N, BLOCK_N), tl.cdiv(chunk_v, BLOCK_V), GROUP_N)
+        rows = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+        local = (pid_v * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
+        cols = v0 + local
+        row_ok = rows < N
+        col_ok = local < chunk_v
+        ok = row_ok[:, None] & col_ok[None, :]
+        z, zr = _tile_logits(
+            h_ptr, hr_ptr, w_ptr, wr_ptr, rows, cols, row_ok, col_ok,
+            D, DR, stride_h, stride_hr, stride_w, stride_wr, inv_t,
+            BLOCK_N, BLOCK_V, BLOCK_D, HAS_REF, SHARED, PREC, PREC_R,
+        )  # fmt: skip
+        g, gr = _tile_grads(z, zr, stats_ptr, rows, row_ok, ok, N, HAS_REF)
+        if DO_G:
+            tl.store(
+                g_ptr + rows[:, None] * stride_g + local[None, :],
+                (g * inv_t).to(g_ptr.dtype.element_ty),
+                mask=ok,
+            )
+        if DO_GR:
+            tl.store(
+                gr_ptr + rows[:, None] * stride_gr + local[None, :],
+                (gr * inv_t).to(gr_ptr.dtype.element_ty),
+                mask=ok,
+            )
+
+
+# ---------------------------------------------------------------------------------- host side
+
+_OUT_DTYPE_GEMM: dict = {}  # device -> whether torch.mm / addmm accept out_dtype=float32 there
+
+
+def _fp32_out_gemm(a: Tensor) -> bool:
+    """16-bit CUDA operands and a torch whose cuBLAS GEMMs can write fp32 (``out_dtype``)."""
+    if a.dtype == torch.float32 or a.device.type != "cuda":
+        return False
+    key = (str(a.device), a.dtype)
+    if key not in _OUT_DTYPE_GEMM:
+        try:
+            x = torch.ones((2, 2), dtype=a.dtype, device=a.device)
+            out = torch.empty((2, 2), dtype=torch.float32, device=a.device)
+            torch.mm(x, x, out_dtype=torch.float32, out=out)
+            res = torch.addmm(out, x, x, out_dtype=torch.float32)
+            _OUT_DTYPE_GEMM[key] = bool((res == 4).all())
+        except (TypeError, RuntimeError):
+            _OUT_DTYPE_GEMM[key] = False
+    return _OUT_DTYPE_GEMM[key]
+
+
+def _dense_on_cpu(a: Tensor) -> Tensor:
+    """CPU torch (2.13) bf16 mm reads past the columns of a row-strided left operand (a column
+    slice of a wider buffer) and returns NaN from the uninitialized padding: copy it dense."""
+    return a.contiguous() if a.device.type == "cpu" else a
+
+
+def _gemm_store(out: Tensor, a: Tensor, b: Tensor) -> None:
+    """out (fp32) = a @ b."""
+    if a.dtype == torch.float32:
+        torch.mm(a, b, out=out)
+    elif _fp32_out_gemm(a):
+        torch.mm(a, b, out_dtype=torch.float32, out=out)  # fp32 accumulate and store
+    else:  # one rounding to the input dtype, like the materialized path
+        out.copy_(torch.mm(_dense_on_cpu(a), b))
+
+
+class _Acc:
+    """An fp32 (rows, D) accumulator over vocabulary chunks: acc += a @ b.
+
+    fp32 operands: in-place addmm. 16-bit CUDA operands: cuBLAS reads the old sum and writes
+    the new one in fp32 (``addmm(..., out_dtype=float32)``) into a second buffer, then the two
+    swap (no aliasing of input and output, no extra pass over the sum). Otherwise (CPU, or a
+    torch without ``out_dtype``): the chunk's product is rounded to the input dtype, then added in
+    fp32."""
+
+    def __init__(self, rows: int, cols: int, device) -> None:
+        self.sum = torch.zeros((rows, cols), dtype=torch.float32, device=device)
+        self.spare: Tensor | None = None
+
+    def add(self, a: Tensor, b: Tensor) -> None:
+        if a.dtype == torch.float32:
+            self.sum.addmm_(a, b)
+        elif _fp32_out_gemm(a):
+            if self.spare is None:
+                self.spare = torch.empty_like(self.sum)
+            torch.addmm(self.sum, a, b, out_dtype=torch.float32, out=self.spare)
+            self.sum, self.spare = self.spare, self.sum
+        else:
+            self.sum.add_(torch.mm(_dense_on_cpu(a), b))
+
+
+def backward_gblock(
+    h: Tensor, hr: Tensor | None, w: Tensor, wr: Tensor | None, temperature: float,
+    stats: RowStats, grads: RowGrads, need: Needs,
+    *, config: KernelConfig | None = None, chunk_elems: int = GBLOCK_ELEMS,
+) -> Grads:  # fmt: skip
+    """Per vocabulary chunk: a Triton kernel writes G / T (and Gr / T) for all rows in the input
+    dtype, then library GEMMs do dh += G W_c, dW_c = G^T h (written once, no atomics)."""
+    h, hr, w, wr = prepare(h, hr, w, wr)
+    n, d = h.shape
+    v = w.shape[0]
+    has_ref, shared = hr is not None, wr is None
+    dr = hr.shape[1] if has_ref else d
+    need_h, need_hr, need_w, need_wr = need.possible(hr, wr)
+    dev = h.device
+    do_g = need_h or need_w
+    do_gr = has_ref and (need_hr or need_wr or (shared and need_w))
+    if n == 0 or not (do_g or do_gr):
+        z = [torch.zeros(shape, dtype=torch.float32, device=dev) if need else None
+             for shape, need in (((n, d), need_h), ((n, dr), need_hr), ((v, d), need_w),
+                                 ((v, dr), need_wr))]  # fmt: skip
+        return Grads(*z)
+    # Every chunk writes its rows of dW / dWr exactly once: no zero fill needed.
+    dw = torch.empty((v, d), dtype=torch.float32, device=dev) if need_w else None
+    dwr = torch.empty((v, dr), dtype=torch.float32, device=dev) if need_wr else None
+    per_row = row_inputs(n, dev, stats, grads)
+    cfg = config or kernel_config("g", n, max(d, dr), h.dtype, has_ref)
+    hr_, wr_ = (hr if has_ref else h), (w if shared else wr)
+
+    # Gradient buffers. Shared weight: one buffer, G rows on top of Gr rows, so the shared dW is
+    # ONE GEMM over 2N rows (against [h; hr]) and dh, dhr one GEMM against the W chunk.
+    g_rows = n if do_g else 0
+    gr_rows = n if do_gr else 0
+    vc = chunk_columns(g_rows + gr_rows, v, cfg.block_v, chunk_elems)
+    if shared:
+        buf = torch.empty((g_rows + gr_rows, vc), dtype=h.dtype, device=dev)
+        gbuf, grbuf = buf[:g_rows], buf[g_rows:]
+    else:
+        gbuf = torch.empty((g_rows, vc), dtype=h.dtype, device=dev)
+        grbuf = torch.empty((gr_rows, vc), dtype=hr_.dtype, device=dev)
+    g_arg = gbuf if do_g else grbuf
+    gr_arg = grbuf if do_gr else g_arg
+
+    # Left operands (row ranges of the buffers) and accumulators of each GEMM.
+    stacked = shared and need_h and need_hr  # dh and dhr: one GEMM of [G; Gr] with the W chunk
+    if stacked:
+        acc_h, acc_hr = _Acc(2 * n, d, dev), None
+    else:
+        acc_h = _Acc(n, d, dev) if need_h else None
+        acc_hr = _Acc(n, dr, dev) if need_hr else None
+    if shared and need_w and has_ref:
+        w_rhs = torch.cat([h, hr])  # dW_c = [G; Gr]^T [h; hr]
+    else:
+        w_rhs = h
+
+    n_row_blocks = triton.cdiv(n, cfg.block_n)
+    opts = launch_opts(cfg)
+    with on_device(h):
+        for v0 in range(0, v, vc):
+            vl = min(vc, v - v0)
+            grid = (n_row_blocks * triton.cdiv(vl, cfg.block_v),)
+            _g_kernel[grid](
+                h, hr_, w, wr_, per_row, g_arg, gr_arg,
+                n, v, d, dr, h.stride(0), hr_.stride(0), w.stride(0), wr_.stride(0),
+                g_arg.stride(0), gr_arg.stride(0),
+                1.0 / temperature, v0, vl,
+                BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
+                GROUP_N=BWD_GROUP_N, HAS_REF=has_ref, SHARED=shared,
+                PREC=DOT_PRECISION[h.dtype], PREC_R=DOT_PRECISION[hr_.dtype],
+                DO_G=do_g, DO_GR=do_gr,
+                **opts,
+            )  # fmt: skip
+            cols = slice(v0, v0 + vl)
+            g_c = gbuf[:, :vl] if do_g else None
+            gr_c = grbuf[:, :vl] if do_gr else None
+            if shared:
+                w_c = w[cols]
+                if stacked:
+                    acc_h.add(buf[:, :vl], w_c)
+                else:
+                    if need_h:
+                        acc_h.add(g_c, w_c)
+                    if need_hr:
+                        acc_hr.add(gr_c, w_c)
+                if need_w:
+                    lhs = buf[:, :vl] if has_ref else g_c
+                    _gemm_store(dw[cols], lhs.t(), w_rhs)
+            else:
+                if need_h:
+                    acc_h.add(g_c, w[cols])
+                if need_w:
+                    _gemm_store(dw[cols], g_c.t(), h)
+                if need_hr:
+                    acc_hr.add(gr_c, wr[cols])
+                if need_wr:
+                    _gemm_store(dwr[cols], gr_c.t(), hr)
+    if stacked:
+        dh, dhr = acc_h.sum[:n], acc_h.sum[n:]
+    else:
+        dh = acc_h.sum if acc_h is not None else None
+        dhr = acc_hr.sum if acc_hr is not None else None
+    return Grads(dh, dhr, dw, dwr)

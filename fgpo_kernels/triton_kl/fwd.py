@@ -1,0 +1,139 @@
+"""Triton forward: per-row log-sum-exp and both KL directions, streaming over the vocabulary.
+
+Math (row i; p = softmax z, r = softmax zr, T = temperature):
+    z = h W^T / T,  zr = hr Wr^T / T; per vocabulary tile, with running maxima m, mr,
+        s = sum e^(z - m),  sr = sum e^(zr - mr),
+        A = sum e^(z - m) (z - zr),  B = sum e^(zr - mr) (zr - z)
+    (all four rescaled by e^(m_old - m_new) when a maximum moves), then
+        lse = m + log s,  rkl = A / s - lse + lser,  fkl = B / sr - lser + lse.
+Grid (row blocks, vocabulary splits): each program writes its partial statistics per
+(row, split); ``forward`` merges them over the splits (log-sum-exp rescaling) in a few torch ops.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .._backend import RowStats
+from .common import DOT_PRECISION, on_device, prepare, tl, triton
+from .configs import KernelConfig, kernel_config, launch_opts, vocab_splits
+
+if triton is not None:
+    from .common import _tile_logits
+
+    @triton.jit
+    def _fwd_kernel(
+        h_ptr, hr_ptr, w_ptr, wr_ptr,  # inputs (see _tile_logits)
+        part_ptr,  # (6, N, n_splits) fp32 partials: m, s, mr, sr, A, B per (row, split)
+        N, V, D, DR, stride_h, stride_hr, stride_w, stride_wr,
+        inv_t,  # 1 / temperature
+        tiles_per_split,  # vocabulary tiles owned by one program
+        n_splits,  # grid size along axis 1
+        BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+        HAS_REF: tl.constexpr, SHARED: tl.constexpr, PREC: tl.constexpr, PREC_R: tl.constexpr,
+    ):  # fmt: skip
+        pid_n = tl.program_id(0)
+        pid_s = tl.program_id(1)
+        rows = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+        row_ok = rows < N
+        neg_inf = float("-inf")
+        m = tl.full((BLOCK_N,), neg_inf, dtype=tl.float32)
+        s = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        mr = tl.full((BLOCK_N,), neg_inf, dtype=tl.float32)
+        sr = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        a = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        b = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        # The last split may own fewer real tiles; its extra tiles are fully masked (they change
+        # nothing) and cost no wall time, since the other programs run as many iterations.
+        for i in range(0, tiles_per_split):
+            t = pid_s * tiles_per_split + i
+            cols = (t * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
+            col_ok = cols < V
+            z, zr = _tile_logits(
+                h_ptr, hr_ptr, w_ptr, wr_ptr, rows, cols, row_ok, col_ok,
+                D, DR, stride_h, stride_hr, stride_w, stride_wr, inv_t,
+                BLOCK_N, BLOCK_V, BLOCK_D, HAS_REF, SHARED, PREC, PREC_R,
+            )  # fmt: skip
+            if HAS_REF:
+                diff = tl.where(col_ok[None, :], z - zr, 0.0)  # before masking: no inf - inf
+            z = tl.where(col_ok[None, :], z, neg_inf)
+            m_new = tl.maximum(m, tl.max(z, axis=1))
+            alpha = tl.exp(m - m_new)
+            e = tl.exp(z - m_new[:, None])
+            s = s * alpha + tl.sum(e, axis=1)
+            if HAS_REF:
+                zr = tl.where(col_ok[None, :], zr, neg_inf)
+                mr_new = tl.maximum(mr, tl.max(zr, axis=1))
+                alpha_r = tl.exp(mr - mr_new)
+                er = tl.exp(zr - mr_new[:, None])
+                sr = sr * alpha_r + tl.sum(er, axis=1)
+                a = a * alpha + tl.sum(e * diff, axis=1)
+                b = b * alpha_r - tl.sum(er * diff, axis=1)
+                mr = mr_new
+            m = m_new
+        out = part_ptr + rows * n_splits + pid_s  # rows is int64
+        plane = N * n_splits  # one statistic's (N, n_splits) plane; step plane by plane
+        tl.store(out, m, mask=row_ok)
+        out += plane
+        tl.store(out, s, mask=row_ok)
+        if HAS_REF:
+            out += plane
+            tl.store(out, mr, mask=row_ok)
+            out += plane
+            tl.store(out, sr, mask=row_ok)
+            out += plane
+            tl.store(out, a, mask=row_ok)
+            out += plane
+            tl.store(out, b, mask=row_ok)
+
+
+def forward(
+    h: Tensor, hr: Tensor | None, w: Tensor, wr: Tensor | None, temperature: float,
+    *, splits: int | None = None, config: KernelConfig | None = None,
+) -> RowStats:  # fmt: skip
+    """Per-row (lse, lser, fkl, rkl) fp32; ``splits``/``config`` override the choice (tests)."""
+    h, hr, w, wr = prepare(h, hr, w, wr)
+    n, d = h.shape
+    v = w.shape[0]
+    has_ref, shared = hr is not None, wr is None
+    dr = hr.shape[1] if has_ref else d
+    cfg = config or kernel_config("fwd", n, max(d, dr), h.dtype, has_ref)
+    n_row_blocks = triton.cdiv(n, cfg.block_n)
+    n_tiles = triton.cdiv(v, cfg.block_v)
+    s = splits or vocab_splits(n_row_blocks, n_tiles, h.device)
+    s = max(1, min(int(s), n_tiles))
+    tiles_per_split = triton.cdiv(n_tiles, s)
+    s = triton.cdiv(n_tiles, tiles_per_split)  # every split owns at least one tile
+    part = torch.empty((6 if has_ref else 2, n, s), dtype=torch.float32, device=h.device)
+    hr_, wr_ = (hr if has_ref else h), (w if shared else wr)
+    with on_device(h):
+        _fwd_kernel[(n_row_blocks, s)](
+            h, hr_, w, wr_, part,
+            n, v, d, dr, h.stride(0), hr_.stride(0), w.stride(0), wr_.stride(0),
+            1.0 / temperature, tiles_per_split, s,
+            BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
+            HAS_REF=has_ref, SHARED=shared,
+            PREC=DOT_PRECISION[h.dtype], PREC_R=DOT_PRECISION[hr_.dtype],
+            **launch_opts(cfg),
+        )  # fmt: skip
+    lse = _merge(part[0], part[1])
+    if not has_ref:
+        return RowStats(lse, None, None, None)
+    lser = _merge(part[2], part[3])
+    top = part[0].amax(dim=1, keepdim=True)
+    top_r = part[2].amax(dim=1, keepdim=True)
+    # A/s and B/sr, merged over splits with the same rescaling as s and sr.
+    scale, scale_r = torch.exp(part[0] - top), torch.exp(part[2] - top_r)
+    a_over_s = (part[4] * scale).sum(1) / (part[1] * scale).sum(1)
+    b_over_sr = (part[5] * scale_r).sum(1) / (part[3] * scale_r).sum(1)
+    gap = lser - lse
+    return RowStats(lse, lser, b_over_sr - gap, a_over_s + gap)
+
+
+def _merge(m: Tensor, s: Tensor) -> Tensor:
+    """log-sum-exp over splits of per-split (max, scaled sum)."""
+    if m.shape[1] == 1:
+        return m[:, 0] + torch.log(s[:, 0])
+    top = m.amax(dim=1, keepdim=True)
+    return top[:, 0] + torch.log((s * torch.exp(m - top)).sum(1))

@@ -1,0 +1,192 @@
+"""Ahead-of-time compilation of every shipped Triton GPU configuration (``triton_kl.configs``)
+for sm_80 / sm_90, no GPU needed: every kernel variant compiles, nothing spills registers, and
+16-bit inputs use tensor cores (mma / wgmma)."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+# Kernel variants each configuration serves: the constexpr flags of the launches that use it.
+_FWD_MODES = {
+    "logprob": dict(HAS_REF=False, SHARED=True),
+    "shared": dict(HAS_REF=True, SHARED=True),
+    "separate": dict(HAS_REF=True, SHARED=False),
+}
+_BWD_MODES = {  # (mode, DO_DH, DO_DW, DO_DHR, DO_DWR)
+    "logprob_full": ("logprob", True, True, False, False),
+    "logprob_lora": ("logprob", True, False, False, False),
+    "shared_lora": ("shared", True, False, False, False),
+    "shared_full": ("shared", True, True, True, False),
+    "separate_policy": ("separate", True, True, False, False),
+    "separate_full": ("separate", True, True, True, True),
+}
+_G_MODES = {  # gblock G kernel: (mode, DO_G, DO_GR)
+    "logprob": ("logprob", True, False),
+    "shared_lora": ("shared", True, False),
+    "shared_ref": ("shared", False, True),
+    "shared_full": ("shared", True, True),
+    "separate_policy": ("separate", True, False),
+    "separate_ref": ("separate", False, True),
+    "separate_full": ("separate", True, True),
+}
+_SHIPPED = {  # config name -> (dtype, kernel, variants)
+    "fwd_few_rows": ("bf16", "fwd", ("logprob", "shared", "separate")),
+    "fwd": ("bf16", "fwd", ("logprob", "shared", "separate")),
+    "bwd": ("bf16", "bwd", tuple(_BWD_MODES)),
+    "fwd_fp32": ("fp32", "fwd", ("shared", "separate")),
+    "fwd_fp32_logprob": ("fp32", "fwd", ("logprob",)),
+    "bwd_fp32": ("fp32", "bwd", tuple(_BWD_MODES)),
+    "g": ("bf16", "g", tuple(_G_MODES)),
+    "g_fp32": ("fp32", "g", tuple(_G_MODES)),
+}
+
+
+def _aot_worker(jobs_json: str) -> None:
+    """Compile kernels for a GPU target; prints one JSON line per job.
+
+    Runs in a fresh Python without TRITON_INTERPRET: a process whose triton was imported in
+    interpreter mode has interpreter versions of triton's own standard library and cannot
+    generate code. Self-contained (its source is sent to ``python -c``)."""
+    import json
+    import os
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from fgpo_kernels.triton_kl import bwd_atomic, bwd_gblock, configs, fwd
+
+    kernels = {"fwd": fwd._fwd_kernel, "bwd": bwd_atomic._bwd_kernel, "g": bwd_gblock._g_kernel}
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    for job in json.loads(jobs_json):
+        cfg = configs.GPU_CONFIGS[job["config"]]
+        kernel = kernels[job["kernel"]]
+        consts = dict(BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d)
+        consts.update(job["flags"])
+        if job["kernel"] in ("bwd", "g"):
+            consts["GROUP_N"] = configs.BWD_GROUP_N
+        sig, attrs = {}, {}
+        for i, name in enumerate(kernel.arg_names):
+            if name in consts:
+                sig[name] = "constexpr"
+            elif name in ("h_ptr", "hr_ptr", "w_ptr", "wr_ptr", "g_ptr", "gr_ptr"):
+                sig[name] = "*" + job["dtype"]
+            elif name.endswith("_ptr"):
+                sig[name] = "*fp32"
+            elif name == "inv_t":
+                sig[name] = "fp32"
+            else:
+                sig[name] = "i32"
+            # What the launcher specializes for 16-byte aligned tensors with D % 16 == 0.
+            if name.endswith("_ptr") or name.startswith("stride"):
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        unknown = sorted(set(consts) - set(kernel.arg_names))
+        src = ASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=attrs)
+        opts = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+        k = triton.compile(src, target=GPUTarget("cuda", job["arch"], 32), options=opts)
+        ptx, cubin = k.asm["ptx"], k.asm["cubin"]
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "k.cubin")
+            with open(path, "wb") as f:
+                f.write(cubin)
+            out = subprocess.run(
+                [tool, "--dump-resource-usage", path], capture_output=True, text=True, check=True
+            ).stdout
+        usage = {key: int(v) for key, v in re.findall(r"\b(REG|STACK|LOCAL):(\d+)", out)}
+        result = dict(job, usage=usage, unknown_constexprs=unknown, cubin_bytes=len(cubin))
+        result["target_ok"] = f".target sm_{job['arch']}" in ptx
+        result["wgmma"] = "wgmma" in ptx
+        result["mma_sync"] = "mma.sync" in ptx
+        print("AOT " + json.dumps(result), flush=True)
+
+
+def _jobs() -> list:
+    jobs = []
+    for arch in (80, 90):
+        for config, (dtype, kernel, variants) in _SHIPPED.items():
+            prec = "ieee" if dtype == "fp32" else "tf32"
+            for variant in variants:
+                if kernel == "fwd":
+                    flags = dict(_FWD_MODES[variant])
+                elif kernel == "g":
+                    mode, do_g, do_gr = _G_MODES[variant]
+                    flags = dict(_FWD_MODES[mode], DO_G=do_g, DO_GR=do_gr)
+                else:
+                    mode, dh, dw, dhr, dwr = _BWD_MODES[variant]
+                    flags = dict(_FWD_MODES[mode], DO_DH=dh, DO_DW=dw, DO_DHR=dhr, DO_DWR=dwr)
+                flags.update(PREC=prec, PREC_R=prec)
+                jobs.append(dict(arch=arch, config=config, dtype=dtype, kernel=kernel,
+                                 variant=variant, flags=flags))  # fmt: skip
+    return jobs
+
+
+def _have_nvidia_backend() -> bool:
+    try:
+        import triton
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+    except Exception:
+        return False
+    root = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    return all(os.path.exists(os.path.join(root, t)) for t in ("ptxas", "cuobjdump"))
+
+
+@pytest.fixture(scope="module")
+def aot_results():
+    """Compile every (config, variant, arch) once, in one subprocess."""
+    code = inspect.getsource(_aot_worker) + f"\n_aot_worker({json.dumps(_jobs())!r})\n"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True,
+        timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0, f"AOT compilation failed:\n{proc.stderr[-6000:]}"
+    out = {}
+    for line in proc.stdout.splitlines():
+        if line.startswith("AOT "):
+            r = json.loads(line[4:])
+            out.setdefault((r["config"], r["arch"]), []).append(r)
+    return out
+
+
+@pytest.mark.skipif(not _have_nvidia_backend(), reason="triton's NVIDIA backend tools not found")
+@pytest.mark.parametrize("arch", [80, 90])
+@pytest.mark.parametrize("config_name", list(_SHIPPED))
+def test_aot_compile_shipped_configs(aot_results, config_name, arch):
+    from fgpo_kernels import triton_kl as tk
+
+    assert set(_SHIPPED) == set(tk.GPU_CONFIGS), "every shipped config must be compiled here"
+    results = aot_results.get((config_name, arch), [])
+    assert len(results) == len(_SHIPPED[config_name][2]), f"missing compiles: {results}"
+    problems = []
+    for r in results:
+        label = f"{config_name} {tk.GPU_CONFIGS[config_name]} {r['dtype']} {r['variant']} sm_{arch}"
+        if r["unknown_constexprs"] or not r["target_ok"] or not r["cubin_bytes"]:
+            problems.append(f"{label}: bad compile {r}")
+        use = r["usage"]
+        if "REG" not in use or use.get("STACK", 0) or use.get("LOCAL", 0):
+            problems.append(f"{label}: register spills or no usage info ({use})")
+        if r["dtype"] != "fp32" and not r["wgmma" if arch == 90 else "mma_sync"]:
+            problems.append(f"{label}: no tensor-core instruction in the PTX")
+    assert not problems, "\n".join(problems)
+
+
+def test_gpu_config_choice_names_shipped_entries():
+    pytest.importorskip("triton")
+    from fgpo_kernels import triton_kl as tk
+
+    for kind in ("fwd", "bwd", "g"):
+        for n in (1, 300, 5000):
+            for dtype in (torch.float32, torch.bfloat16, torch.float16):
+                for has_ref in (False, True):
+                    assert tk.gpu_config_name(kind, n, dtype, has_ref) in _SHIPPED
