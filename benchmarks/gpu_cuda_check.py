@@ -5,7 +5,7 @@ Usage (on a GPU machine, after ``pip install --no-deps --no-build-isolation -e .
 
 1. Correctness: relative error (norm) of lse/fkl/rkl and of every gradient against the float64
    chunked path on the same rounded inputs, for cuda, triton and the materialized path in the
-   same dtype (SPEC section 4: cuda must stay within 2x of the materialized error + atol).
+   same dtype (docs/design.md §4: cuda must stay within 2x of the materialized error + atol).
 2. Timing (CUDA events, median of repeats, rotating input sets): forward, forward+backward with
    LoRA-style gradients (hidden states only) and with the weight gradient, for cuda and triton,
    with achieved TFLOP/s (the matmul FLOPs the op must do) against a measured bf16 torch.mm

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on a GPU machine (no network needed): install, record the machine, run the tests,
-# the GPU benchmark suite (SPEC section 4 shapes), the measured matmul rate, the CUDA helper's
+# the GPU benchmark suite (docs/design.md §4 shapes), the measured matmul rate, the CUDA helper's
 # check, and print a short table last. Everything lands in
 #   benchmarks/results/<device-name>-<UTC date-time>/
 # Each step is logged to its own file there; a failing or timed-out step is reported and the

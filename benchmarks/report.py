@@ -1,7 +1,7 @@
 """Tables from the runner's CSV: ``python -m benchmarks.report DIR [--mode full] [--op ...]``.
 
 One markdown row per (case, impl): p50 time, peak memory, achieved TFLOP/s and its fraction of
-the device's measured matmul rate (SPEC section 4), and time and memory relative to the
+the device's measured matmul rate (docs/design.md §4), and time and memory relative to the
 materialized path on the same case. Skipped and failed rows are listed after the table.
 """
 
@@ -67,7 +67,7 @@ def table(rows: list[dict], mode: str = "full", ops=None, skipped: bool = True) 
 
 
 def spec_verdict(rows: list[dict]) -> str:
-    """SPEC section 4 (CPU): token_kl fwd+bwd at N=4096, D=512, V=32000, fp32, impl torch:
+    """docs/design.md §4 (CPU): token_kl fwd+bwd at N=4096, D=512, V=32000, fp32, impl torch:
     peak extra memory <= 10% of the materialized path's, time <= the materialized path's."""
     pick = {}
     for r in rows:
@@ -75,13 +75,13 @@ def spec_verdict(rows: list[dict]) -> str:
         if key == ("token_kl", "4096", "512", "32000", "float32", "full", "ok", "cpu"):
             pick[r["impl"]] = r
     if "torch" not in pick or "materialized" not in pick:
-        return "SPEC 4 CPU check: needs ok 'full' rows of torch and materialized (preset spec)"
+        return "design §4 CPU check: needs ok 'full' rows of torch and materialized (preset spec)"
     t, m = pick["torch"], pick["materialized"]
     tr = _f(t["p50_ms"]) / _f(m["p50_ms"])
     mr = _f(t["peak_mb"]) / _f(m["peak_mb"])
     ok_t, ok_m = tr <= 1.0, mr <= 0.10
     return (
-        f"SPEC 4 CPU check (token_kl fwd+bwd, N=4096 D=512 V=32000 fp32): torch "
+        f"design §4 CPU check (token_kl fwd+bwd, N=4096 D=512 V=32000 fp32): torch "
         f"{t['p50_ms']} ms / {t['peak_mb']} MB vs materialized {m['p50_ms']} ms / "
         f"{m['peak_mb']} MB -> time x{tr:.2f} ({'PASS' if ok_t else 'FAIL'}: <= 1), "
         f"memory x{mr:.3f} ({'PASS' if ok_m else 'FAIL'}: <= 0.10)"

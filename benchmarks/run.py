@@ -1,7 +1,7 @@
 """Benchmark runner: every impl side by side on the cases of a preset, one CSV row per mode.
 
     python -m benchmarks.run --quick --device cpu --out DIR          # minutes on 2 CPU cores
-    python -m benchmarks.run --preset spec --ops token_kl --out DIR  # SPEC 4 CPU criterion
+    python -m benchmarks.run --preset spec --ops token_kl --out DIR  # design §4 CPU criterion
     python -m benchmarks.run --device cuda --out DIR                 # GPU suite (preset gpu)
     python -m benchmarks.run --list                                  # presets and impls
 
@@ -405,7 +405,7 @@ def main(argv=None) -> int:
             else:
                 groups.append(([case], impl))
 
-    if device == "cuda":  # the SPEC 4 comparisons first, in case the time runs out
+    if device == "cuda":  # the design §4 comparisons first, in case the time runs out
         order = ("cuda", "triton", "materialized", "liger_jsd_b0", "liger_jsd_b1", "liger_flce",
                  "cce", "torch_lce", "torch")  # fmt: skip
         groups.sort(key=lambda g: order.index(g[1]) if g[1] in order else len(order))

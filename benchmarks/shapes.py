@@ -82,8 +82,8 @@ def presets() -> dict[str, Preset]:
     p["quick"] = Preset("quick", "CPU smoke run at scaled-down shapes (minutes)", quick,
                         modes=("forward", "full"), repeats=3, interpreter_ok=True)  # fmt: skip
 
-    # The committed CPU results: the SPEC shape family (D=512) over N at V=32000 (N=4096 is the
-    # SPEC 4 CPU criterion), a V sweep at N=256 up to a real vocabulary, the Triton interpreter
+    # The committed CPU results: the design §4 shape family (D=512) over N at V=32000 (N=4096 is the
+    # design §4 CPU criterion), a V sweep at N=256 up to a real vocabulary, the Triton interpreter
     # at the tiny shape, and the end-to-end step at Qwen2.5-VL-7B's head scaled down 1/8.
     cs = [(n, 512, 32000) for n in (256, 1024, 4096)]
     cs += [(256, 512, v) for v in (8000, 152064)]
@@ -93,8 +93,8 @@ def presets() -> dict[str, Preset]:
     p["cpu"] = Preset("cpu", "the committed CPU suite (about half an hour on two cores)", cpu,
                       modes=("forward", "full"), repeats=5, interpreter_ok=True)  # fmt: skip
 
-    # SPEC section 4 / issue 2: token_kl forward+backward, N=4096, D=512, V=32000, fp32, CPU.
-    p["spec"] = Preset("spec", "SPEC 4 CPU criterion: token_kl N=4096 D=512 V=32000 fp32 full",
+    # docs/design.md §4 / issue 2: token_kl forward+backward, N=4096, D=512, V=32000, fp32, CPU.
+    p["spec"] = Preset("spec", "design §4 CPU criterion: token_kl N=4096 D=512 V=32000 fp32 full",
                        [Case("token_kl", 4096, 512, 32000, "float32", "spec")],
                        modes=("full",), repeats=5)  # fmt: skip
 
@@ -104,7 +104,7 @@ def presets() -> dict[str, Preset]:
     p["tiny"] = Preset("tiny", "seconds: smoke test", tiny, modes=("forward", "full"),
                        repeats=2, interpreter_ok=True)  # fmt: skip
 
-    # GPU: SPEC section 4 shape (bf16, N=8192, Qwen2.5-VL-7B head) plus the few-rows case,
+    # GPU: docs/design.md §4 shape (bf16, N=8192, Qwen2.5-VL-7B head) plus the few-rows case,
     # the other heads at N=1024, and the end-to-end step at real size.
     d7, v7, _ = MODELS["qwen2.5-vl-7b"]
     gs = [(n, d7, v7) for n in (8192, 256, 512, 1024)]
@@ -114,7 +114,7 @@ def presets() -> dict[str, Preset]:
         label = next(k for k, (dd, vv, _) in MODELS.items() if (dd, vv) == (d, v))
         gpu += [Case(op, n, d, v, "bfloat16", label) for op in kernel_ops]
     gpu.append(e2e_case("qwen2.5-vl-7b", "bfloat16", 2, 1024, 256, 64))
-    p["gpu"] = Preset("gpu", "GPU suite (SPEC 4 shapes; a few minutes on an H100)", gpu,
+    p["gpu"] = Preset("gpu", "GPU suite (design §4 shapes; a few minutes on an H100)", gpu,
                       modes=("forward", "backward", "full"), repeats=10)  # fmt: skip
 
     # Every model head over the whole N sweep (GPU; long).

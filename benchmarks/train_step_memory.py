@@ -7,7 +7,7 @@ disabled), the same batch and the same optimizer step. They differ only in the l
   masked rows with the fused kernels; no logits exist.
 - ``materialized``: the Hub forward (``model(...).logits``: full (tokens x vocab) logits of all
   4B policy and 4B reference sequences), ``log_softmax`` everywhere, the same objective from
-  full distributions (the straightforward implementation SPEC section 2 describes).
+  full distributions (the straightforward implementation docs/design.md §2 describes).
 
 Memory = the process's peak resident set during the timed steps minus its resident set before
 them (``VmHWM`` reset through ``/proc/self/clear_refs``); on a GPU, ``max_memory_allocated``

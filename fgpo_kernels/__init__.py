@@ -1,6 +1,6 @@
 """fgpo_kernels: fused kernels for fine-grained preference optimization (FiRe-MPO).
 
-Public API (see SPEC section 3): ``token_kl``, ``token_logprobs``, ``backend_status``,
+Public API (see docs/design.md §3): ``token_kl``, ``token_logprobs``, ``backend_status``,
 ``TokenKLOutput``, ``IGNORE_INDEX`` (the target id meaning "no target", -100); the full
 objective lives in ``FiReMPOLoss`` / ``SequenceStates``, its presets in ``LOSS_PRESETS``
 (name -> coefficient overrides; ``FiReMPOLoss.preset(name)``).

@@ -1,4 +1,4 @@
-"""FiRe-MPO objective (SPEC section 1) from hidden states and the LM-head weight, in one fused pass.
+"""FiRe-MPO objective (docs/design.md §1) from hidden states and the LM-head weight, fused.
 
 Math, per example (m = token weights of a sequence, β = ``beta``, σ = sigmoid):
 
@@ -114,7 +114,7 @@ VISUAL_METRIC_KEYS = (
 )
 
 # The ONE preset table (the trainer reads it too): preset name -> keyword overrides of
-# ``FiReMPOLoss``; every coefficient not named keeps its default (SPEC section 1). DPO and
+# ``FiReMPOLoss``; every coefficient not named keeps its default (docs/design.md §1). DPO and
 # Mask-DPO have the same coefficients: they differ in the mask the caller builds (every response
 # token for DPO, the edited spans for Mask-DPO).
 LOSS_PRESETS: dict[str, dict[str, float]] = {
@@ -124,7 +124,7 @@ LOSS_PRESETS: dict[str, dict[str, float]] = {
     "rrpo": dict(gamma=0.0, lambda_=1.0),
     # Span mask, no KL, no visual term.
     "mask_dpo": dict(gamma=0.0, alpha=0.0),
-    # The defaults of SPEC section 1.
+    # The defaults of docs/design.md §1.
     "fire_mpo": dict(),
 }
 

@@ -1,4 +1,4 @@
-"""impl "cuda" on a real GPU: correctness against float64 (SPEC section 4), dispatch, compile.
+"""impl "cuda" on a real GPU: correctness against float64 (docs/design.md §4), dispatch, compile.
 
 Skips as a whole without a CUDA device or without the built extension. Run on a GPU machine:
     pip install --no-deps --no-build-isolation -e . && python -m pytest tests/test_cuda_gpu.py

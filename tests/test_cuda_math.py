@@ -359,7 +359,7 @@ def test_emulated_gradient_subsets(emulated_cuda, mode):
 
 def test_emulated_public_api_within_2x_of_pytorch(emulated_cuda):
     """token_kl(impl="cuda") end to end (autograd, custom ops) vs the float64 definition: error
-    within 2x of the materialized path run in bf16 (+ small atol), as SPEC section 4 asks."""
+    within 2x of the materialized path run in bf16 (+ small atol), as docs/design.md §4 asks."""
     import math
 
     import fgpo_kernels as fk

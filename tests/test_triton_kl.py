@@ -329,7 +329,7 @@ def test_chunk_columns_respect_budget_and_tile():
                 assert vc % block_v == 0 and block_v <= vc <= tk.GBLOCK_MAX_COLS
                 assert vc < v  # never a (rows x whole vocabulary) buffer
                 assert rows * vc <= budget or vc == block_v
-    # SPEC section 4's GPU shape: 2N buffer rows (policy and reference) within 2^25 elements.
+    # docs/design.md §4's GPU shape: 2N buffer rows (policy and reference) within 2^25 elements.
     assert tk.chunk_columns(2 * 8192, v, 128, 1 << 25) == 2048
     # A small vocabulary: one chunk, no wider than V rounded up to a tile.
     assert tk.chunk_columns(10, 1000, 128, 1 << 25) == 1024

@@ -21,11 +21,11 @@ from typing import Any
 
 import torch
 
+from fgpo_kernels import IGNORE_INDEX
+
 from .errors import MaskTagError, SkipExample
 from .images import open_image
 from .records import load_records, parse_mask_tags
-
-IGNORE_INDEX = -100
 
 
 def _tokenize_response(tokenizer: Any, text: str, spans: list[tuple[int, int]]):

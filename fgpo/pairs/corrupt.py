@@ -1,4 +1,4 @@
-"""Lesion corruption: the visual negative ``v'`` of FiRe-MPO (SPEC section 1).
+"""Lesion corruption: the visual negative ``v'`` of FiRe-MPO (docs/design.md §1).
 
 Region (a boolean H x W mask), in order:
   1. the example's lesion annotation: the union of its mask image (nonzero pixels, resized with

@@ -1,6 +1,6 @@
 """Training configuration: one documented dataclass, loaded from YAML with CLI overrides.
 
-Defaults are the method's (SPEC section 1 and the FiRe-MPO recipe): β 0.1, α 0.01, γ 0.1,
+Defaults are the method's (docs/design.md §1 and the FiRe-MPO recipe): β 0.1, α 0.01, γ 0.1,
 λ 0.5; AdamW at lr 1e-6 with a cosine schedule and no warmup, one epoch, global batch 8;
 LoRA r 128 / alpha 256 / dropout 0.05 with rsLoRA on the language model only (vision tower and
 projector frozen); bf16 weights, gradient checkpointing, flash-attn 2 when importable.
@@ -21,17 +21,21 @@ from typing import Any
 
 import yaml
 
+from fgpo_kernels import LOSS_PRESETS
+
 _CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
-# What each loss preset fixes (the rest comes from the fields below). DPO also switches the
-# mask to every response token. ``sft`` is not a preference loss: supervised fine-tuning on the
-# chosen answers (every response token), the control a preference method must beat.
-PRESETS: dict[str, dict[str, Any]] = {
-    "fire_mpo": {},
-    "dpo": {"gamma": 0.0, "alpha": 0.0, "mask": "response"},
-    "rrpo": {"gamma": 0.0, "lambda_": 1.0},
-    "mask_dpo": {"gamma": 0.0, "alpha": 0.0},
+# The loss presets are the loss's own table (``fgpo_kernels.LOSS_PRESETS``: the coefficients
+# each one fixes); the trainer adds only what belongs to it: which mask a preset trains on (DPO:
+# every response token) and ``sft``, supervised fine-tuning on the chosen answers (every
+# response token), the control a preference method must beat.
+_TRAINER_PRESETS: dict[str, dict[str, Any]] = {
+    "dpo": {"mask": "response"},
     "sft": {"gamma": 0.0, "alpha": 0.0, "mask": "response"},
+}
+PRESETS: dict[str, dict[str, Any]] = {
+    name: {**LOSS_PRESETS.get(name, {}), **_TRAINER_PRESETS.get(name, {})}
+    for name in (*LOSS_PRESETS, *_TRAINER_PRESETS)
 }
 
 
