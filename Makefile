@@ -13,7 +13,8 @@ STAMP := $(ENV)/.fgpo-installed
 
 # torch: an installed one is kept. Otherwise the tested release: on a machine with an NVIDIA
 # GPU PyPI's CUDA build, elsewhere the CPU build from PyTorch's CPU index (not the CUDA build
-# of several GB). triton: the tested release (the Triton tests run in its CPU interpreter).
+# of several GB; where that index cannot be reached, pip's configured sources, then PyPI).
+# triton: the tested release (the Triton tests run in its CPU interpreter).
 TORCH_VERSION ?= 2.13.0
 TRITON_VERSION ?= 3.7.1
 HAVE_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
@@ -33,7 +34,9 @@ $(PY):
 
 $(STAMP): $(PY) $(BUILD_INPUTS)
 	@$(PY) -c "import torch" 2>/dev/null || \
-		$(PY) -m pip install -q torch==$(TORCH_VERSION) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+		$(PY) -m pip install -q --retries 1 --timeout 15 torch==$(TORCH_VERSION) \
+			$(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) || \
+		$(PY) -m pip install -q torch==$(TORCH_VERSION)
 	@$(PY) -c "import triton" 2>/dev/null || $(PY) -m pip install -q triton==$(TRITON_VERSION)
 	$(PY) -m pip install -q -e ".[dev]"
 	@touch $(STAMP)

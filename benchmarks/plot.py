@@ -28,6 +28,23 @@ STYLE = {  # impl -> (color, marker); ours solid, others dashed
     "torch_lce": ("tab:brown", "*"),
 }
 OURS = ("torch", "triton", "cuda")
+# Legend names: ours say "ours", so our chunked PyTorch impl ("torch") is never mistaken for
+# PyTorch's own linear_cross_entropy peer ("torch_lce").
+LABELS = {
+    "torch": "ours: chunked PyTorch (impl torch)",
+    "triton": "ours: Triton (impl triton)",
+    "cuda": "ours: CUDA C++ (impl cuda)",
+    "materialized": "materialized logits (plain PyTorch)",
+    "liger_jsd_b0": "Liger-Kernel fused JSD, beta=0",
+    "liger_jsd_b1": "Liger-Kernel fused JSD, beta=1",
+    "liger_flce": "Liger-Kernel fused linear CE",
+    "cce": "Cut Cross-Entropy",
+    "torch_lce": "PyTorch linear_cross_entropy (peer)",
+}
+
+
+def label(impl: str) -> str:
+    return LABELS.get(impl, impl)
 
 
 def load(dir_: Path) -> list[dict]:
@@ -96,13 +113,13 @@ def plot_sweep(key, lines, out_dir: Path, plt) -> Path:
         t50 = [_num(p[1]["p50_ms"]) for p in pts]
         t20 = [_num(p[1]["p20_ms"]) or t for p, t in zip(pts, t50)]
         t80 = [_num(p[1]["p80_ms"]) or t for p, t in zip(pts, t50)]
-        ax_t.plot(x, t50, ls, color=color, marker=marker, label=impl)
+        ax_t.plot(x, t50, ls, color=color, marker=marker, label=label(impl))
         ax_t.fill_between(x, t20, t80, color=color, alpha=0.15)
         mem = [(xx, _num(p[1]["peak_mb"])) for xx, p in zip(x, pts)]
         mem = [(xx, m) for xx, m in mem if m is not None]
         if mem:
             ax_m.plot([m[0] for m in mem], [max(m[1], 0.1) for m in mem], ls, color=color,
-                      marker=marker, label=impl)  # fmt: skip
+                      marker=marker, label=label(impl))  # fmt: skip
     xs_all = sorted({p[0] for pts in lines.values() for p in pts})
     for ax, ylab in ((ax_t, f"{mode} time, p50 (ms)"), (ax_m, "peak extra memory (MB)")):
         ax.set_xscale("log", base=2)
@@ -139,8 +156,9 @@ def plot_e2e(rows: list[dict], out_dir: Path, plt) -> list[Path]:
         fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(9, 3.6))
         names = [r["impl"] for r in rs]
         colors = [STYLE.get(n, ("gray", "."))[0] for n in names]
-        ax_t.bar(names, [_num(r["p50_ms"]) for r in rs], color=colors)
-        ax_m.bar(names, [_num(r["peak_mb"]) or 0 for r in rs], color=colors)
+        ticks = [label(n).replace(" (", "\n(") for n in names]
+        ax_t.bar(ticks, [_num(r["p50_ms"]) for r in rs], color=colors)
+        ax_m.bar(ticks, [_num(r["peak_mb"]) or 0 for r in rs], color=colors)
         ax_t.set_ylabel("loss fwd+bwd, p50 (ms)")
         ax_m.set_ylabel("peak extra memory (MB)")
         b, seq_len, resp, span = seq.split("x")

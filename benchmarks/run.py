@@ -37,6 +37,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 
@@ -385,6 +386,7 @@ def main(argv=None) -> int:
     # process), all cases of one (op, impl) per process on CUDA (allocator stats reset per case).
     groups: list[tuple[list[Case], str]] = []
     rows = []
+    skipped: Counter = Counter()
     for case in cases:
         for impl in impls_mod.IMPLS[case.op]:
             if args.impls is not None and impl not in args.impls:
@@ -393,7 +395,7 @@ def main(argv=None) -> int:
             if reason:
                 base = _base_row(case, impl, meta, args, repeats)
                 rows.append({**base, "mode": "all", "status": "skipped", "reason": reason})
-                print(f"{_label(case, impl)}: skipped ({reason})", flush=True)
+                skipped[f"{impl}: {reason}"] += 1
                 continue
             if device == "cuda" or args.batch:
                 for g in groups:
@@ -418,6 +420,14 @@ def main(argv=None) -> int:
         with open(path, "w", newline="") as f:
             csv.DictWriter(f, fieldnames=COLUMNS).writeheader()
     _write(path, rows)  # the skipped rows; each group's rows follow as soon as it ends
+    n_runs = sum(len(g[0]) for g in groups)
+    print(
+        f"plan: {n_runs} (case, impl) runs in {len(groups)} worker processes; "
+        f"{sum(skipped.values())} skipped (rows with status=skipped and the reason in {path})",
+        flush=True,
+    )
+    for why, count in sorted(skipped.items()):
+        print(f"  skipped {count:3d} x {why}", flush=True)
     t_all = time.time()
     for k, (gcases, impl) in enumerate(groups, 1):
         spec = {

@@ -20,26 +20,30 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     torch.manual_seed(0)
     n, d, v = args.rows, args.hidden, args.vocab
-    print(f"backends: { {k: s['available'] for k, s in fk.backend_status().items()} }")
+    status = fk.backend_status()
+    print(f"backends: { {k: s['available'] for k, s in status.items()} }")
+    chosen = fk.resolve_impl(args.impl, "cpu")
+    how = "as asked (--impl)" if args.impl else "chosen automatically (FGPO_IMPL or best available)"
+    print(f"impl: {chosen}, {how}: {status[chosen]['reason']}")
     h = torch.randn(n, d) * 0.5
     hr = (h + 0.1 * torch.randn(n, d)).requires_grad_(False)
     w = torch.randn(v, d) / d**0.5
     mask = (torch.rand(n) < 0.5).float()
     targets = torch.randint(0, v, (n,))
     results = {}
-    for impl in ("reference", args.impl or None):
+    for impl in ("reference", chosen):
         hp, wp = h.clone().requires_grad_(), w.clone().requires_grad_()
         t0 = time.perf_counter()
         out = fk.token_kl(hp, hr, wp, mask=mask, targets=targets, impl=impl)
         (out.loss + out.policy_logps.sum()).backward()
         dt = time.perf_counter() - t0
-        results[impl or "auto"] = (out.loss.item(), hp.grad, wp.grad)
-        print(f"impl={impl or 'auto':9s} loss={out.loss.item():.6f} fwd+bwd {dt * 1e3:8.1f} ms")
+        results[impl] = (out.loss.item(), hp.grad, wp.grad)
+        print(f"impl={impl:9s} loss={out.loss.item():.6f} fwd+bwd {dt * 1e3:8.1f} ms")
     (l0, gh0, gw0), (l1, gh1, gw1) = results.values()
     print(
         f"|loss diff|={abs(l0 - l1):.2e}  dh rel err={(gh1 - gh0).norm() / gh0.norm():.2e}  "
         f"dW rel err={(gw1 - gw0).norm() / gw0.norm():.2e}"
     )
-    lp = fk.token_logprobs(h, w, targets, impl=args.impl)
+    lp = fk.token_logprobs(h, w, targets, impl=chosen)
     print(f"token_logprobs: mean {lp.mean().item():.4f} over {n} rows")
     return 0

@@ -1,12 +1,13 @@
 """fgpo_kernels: fused kernels for fine-grained preference optimization (FiRe-MPO).
 
 Public API (see docs/design.md §3): ``token_kl``, ``token_logprobs``, ``backend_status``,
+``resolve_impl`` (which impl a call would run),
 ``TokenKLOutput``, ``IGNORE_INDEX`` (the target id meaning "no target", -100); the full
 objective lives in ``FiReMPOLoss`` / ``SequenceStates``, its presets in ``LOSS_PRESETS``
 (name -> coefficient overrides; ``FiReMPOLoss.preset(name)``).
 """
 
-from ._registry import backend_status
+from ._registry import backend_status, resolve_impl
 from .loss import LOSS_PRESETS, FiReMPOLoss, FiReMPOOutput, SequenceStates
 from .token_kl import IGNORE_INDEX, TokenKLOutput, token_kl, token_logprobs
 
@@ -21,6 +22,7 @@ __all__ = [
     "TokenKLOutput",
     "__version__",
     "backend_status",
+    "resolve_impl",
     "token_kl",
     "token_logprobs",
 ]

@@ -89,6 +89,13 @@ def resolve(impl: str | None, device: torch.device) -> str:
     return impl
 
 
+def resolve_impl(impl: str | None = None, device: str | torch.device = "cpu") -> str:
+    """The impl a call with ``impl=`` on tensors on ``device`` runs: what auto-selection (and
+    ``FGPO_IMPL``) picks for ``impl=None``, else ``impl`` itself once checked usable there
+    (an unusable explicit impl raises with the reason, as the ops do)."""
+    return resolve(impl, torch.device(device))
+
+
 def module(name: str) -> Backend:
     """The backend module of impl ``name`` (``RuntimeError`` with the reason if unavailable)."""
     mod, why = _load(name)

@@ -31,3 +31,11 @@ def sm_count(device: torch.device) -> int:
 def triton_interpret() -> bool:
     """Whether ``TRITON_INTERPRET`` asks for Triton's CPU interpreter (read at every call)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def no_cuda_reason() -> str:
+    """Why torch sees no GPU, in the user's terms: a CPU-only build of torch, or a CUDA build
+    that finds no device (driver, ``CUDA_VISIBLE_DEVICES``)."""
+    if torch.version.cuda is None:
+        return f"this torch ({torch.__version__}) is a CPU-only build: it has no CUDA"
+    return f"torch {torch.__version__} (CUDA {torch.version.cuda}) sees no CUDA device"

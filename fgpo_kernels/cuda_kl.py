@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from ._backend import Grads, Needs, RowGrads, RowStats
-from ._util import sm_count
+from ._util import no_cuda_reason, sm_count
 
 _HALF = (torch.bfloat16, torch.float16)
 _DTYPE_CODE = {torch.bfloat16: 0, torch.float16: 1}
@@ -72,12 +72,14 @@ def probe() -> dict:
         }
     built = f"fgpo_kernels._C built for sm_{ext.ARCHS.replace(';', ', sm_')}"
     if not torch.cuda.is_available():
-        _count, why = ext.device_count()
-        detail = f" (CUDA runtime: {why})" if why else ""
+        detail = ""
+        if torch.version.cuda is not None:  # a CUDA build: the runtime says why (driver, ...)
+            _count, why = ext.device_count()
+            detail = f" (CUDA runtime: {why})" if why else ""
         return {
             "available": False,
             "built": True,
-            "reason": f"{built}, but no CUDA device: torch.cuda.is_available() is False{detail}",
+            "reason": f"{built}, but {no_cuda_reason()}{detail}",
         }
     cap = torch.cuda.get_device_capability()
     name = torch.cuda.get_device_name()

@@ -38,7 +38,7 @@ def training_curves(
     out: Path, sft_rows: list[dict], runs: dict[str, list[list[dict]]], before: dict, seeds
 ) -> str:
     plt = _pyplot()
-    fig, ax = plt.subplots(1, 3, figsize=(14, 3.8))
+    fig, ax = plt.subplots(1, 3, figsize=(15, 4.2))
     x, y = _eval_curve(sft_rows, "eval/closed_accuracy")
     ax[0].plot(x, y, "o-", color="0.3")
     lo = min([*y.tolist(), 0.5]) if len(y) else 0.5
@@ -49,9 +49,9 @@ def training_curves(
         ylim=(max(0.0, lo - 0.05), 1.0),
     )
     seed_text = ", ".join(str(s) for s in seeds)
-    for a, key, unit in (
-        (ax[1], "eval/closed_accuracy", "closed accuracy (fraction correct)"),
-        (ax[2], "eval/grounding_score", "grounding score (nats)"),
+    for a, key, unit, title in (
+        (ax[1], "eval/closed_accuracy", "closed accuracy (fraction correct)", "test accuracy"),
+        (ax[2], "eval/grounding_score", "grounding score (nats)", "test grounding score"),
     ):
         start = before["closed_accuracy" if "accuracy" in key else "grounding_score"]
         for m in METHODS:
@@ -65,9 +65,12 @@ def training_curves(
             a.plot(xs, ys.mean(0), "o-", color=color, label=label, ms=3)
             a.fill_between(xs, ys.min(0), ys.max(0), color=color, alpha=0.15, lw=0)
         a.axhline(start, color="0.5", ls=":", lw=1, label="SFT start")
-        a.set(xlabel="preference / control step", ylabel=unit)
-        a.set_title(f"test {unit.split(' (')[0]}: mean of seeds {seed_text} (band: min-max)")
+        a.set(xlabel="step of the run from the SFT start", ylabel=unit, title=f"runs: {title}")
     ax[1].legend(fontsize=7)
+    fig.suptitle(
+        f"lines: mean over seeds {seed_text}; bands: min to max over the seeds; dotted: SFT start",
+        fontsize=9,
+    )
     fig.tight_layout()
     fig.savefig(out / "training_curves.png", dpi=80)
     plt.close(fig)

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from .._backend import Grads, Needs, RowGrads, RowStats
-from .._util import triton_interpret
+from .._util import no_cuda_reason, triton_interpret
 from .bwd_atomic import backward_atomic
 from .bwd_gblock import backward_gblock
 from .common import IMPORT_ERROR, triton
@@ -70,7 +70,7 @@ def probe() -> dict:
         return {
             "available": False,
             "built": True,
-            "reason": "no CUDA device (set TRITON_INTERPRET=1 to run on CPU tensors)",
+            "reason": f"{no_cuda_reason()} (set TRITON_INTERPRET=1 to run on CPU tensors)",
         }
     if triton_interpret() and _old_interpreter():
         return {
