@@ -1,6 +1,7 @@
 """Data: what goes into the pipeline (``data -> pairs -> train -> eval``).
 
-- :mod:`.loaders`: SLAKE, VQA-RAD, PathVQA and IU-Xray from their official local layouts,
+- :mod:`.loaders` (+ :mod:`.iu_xray`, :mod:`.loader_common`): SLAKE, VQA-RAD, PathVQA and
+  IU-Xray from their official local layouts,
   returning :class:`VQAExample` records and a :class:`LoadReport` of what was skipped and why.
 - :mod:`.images`: the one :func:`open_image` (PNG/JPEG, 16-bit, DICOM via :mod:`.dicom`).
 - :mod:`.records`: the preference-record JSON format and its ``<mask>`` span tags.

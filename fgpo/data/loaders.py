@@ -27,22 +27,25 @@ Images may be DICOM files (read with windowing by :mod:`fgpo.data.dicom`).
 
 from __future__ import annotations
 
-import hashlib
 import json
-import logging
 import pickle
 import re
-import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
 
 from .errors import DatasetError
 from .examples import LoadReport, VQAExample
-from .images import is_dicom
+from .iu_xray import REPORT_QUESTION, load_iu_xray
+from .loader_common import (
+    ImageChecker,
+    accept,
+    closed_or_open,
+    finish,
+    options_from_question,
+    read_json,
+)
 
-log = logging.getLogger(__name__)
-
-REPORT_QUESTION = "Describe the findings of this chest X-ray."
+__all__ = ["LOADERS", "REPORT_QUESTION", "examples_from_json", "load_dataset"]
 
 # Labels of SLAKE detection boxes that are findings rather than normal anatomy.
 _ABNORMAL_WORDS = (
@@ -65,94 +68,6 @@ _ABNORMAL_WORDS = (
     "enlarged",
     "abnormal",
 )
-
-
-class _ImageChecker:
-    """Checks each image once (many questions share one image): exists and decodes."""
-
-    def __init__(self, verify: bool):
-        self.verify = verify
-        self._cache: dict[str, str | None] = {}
-
-    def problem(self, path: Path) -> str | None:
-        key = str(path)
-        if key not in self._cache:
-            self._cache[key] = self._check(path)
-        return self._cache[key]
-
-    def _check(self, path: Path) -> str | None:
-        if not path.is_file():
-            return "missing_image"
-        if not self.verify:
-            return None
-        if is_dicom(path):
-            try:
-                import pydicom
-
-                ds = pydicom.dcmread(path)
-                if "PixelData" not in ds:
-                    return "corrupt_image"
-            except Exception:
-                return "corrupt_image"
-            return None
-        from PIL import Image
-
-        try:  # a full decode: verify() alone passes truncated JPEGs
-            with Image.open(path) as im:
-                im.load()
-        except Exception:
-            return "corrupt_image"
-        return None
-
-
-def _accept(report: LoadReport, checker: _ImageChecker, path: Path, what: str, strict: bool):
-    problem = checker.problem(path)
-    if problem is None:
-        return True
-    if strict:
-        raise DatasetError(f"{problem.replace('_', ' ')}: {path} ({what})")
-    report.skip(problem, f"{path} ({what})")
-    return False
-
-
-def _finish(examples: list[VQAExample], report: LoadReport) -> tuple[list[VQAExample], LoadReport]:
-    report.loaded = len(examples)
-    if report.n_skipped:
-        log.warning("%s; first: %s", report.summary(), "; ".join(report.details[:3]))
-    else:
-        log.info(report.summary())
-    return examples, report
-
-
-def _read_json(path: Path) -> Any:
-    if not path.is_file():
-        raise FileNotFoundError(f"annotation file not found: {path}")
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DatasetError(f"annotation file {path} is not valid JSON: {e}") from e
-
-
-def _closed_or_open(value: Any, answer: str) -> str:
-    v = str(value or "").strip().lower()
-    if v in ("closed", "close", "yes/no", "yesno"):
-        return "closed"
-    if v in ("open", "other"):
-        return "open"
-    return "closed" if answer.strip().lower() in ("yes", "no") else "open"
-
-
-def _options_from_question(question: str) -> list[str]:
-    """``"Which is larger, the liver or the spleen?"`` -> ``["liver", "spleen"]``."""
-    q = question.strip().rstrip("?").strip()
-    m = re.search(r"(?:,|:)\s*([^,:]+?)\s+or\s+([^,:]+)$", q)
-    if not m:
-        m = re.search(r"\b(?:is it|is this|are they|is the \w+)\s+(.+?)\s+or\s+(.+)$", q, re.I)
-    if not m:
-        return []
-    strip = lambda s: re.sub(r"^(?:the|a|an|in the|on the)\s+", "", s.strip(), flags=re.I)
-    return [strip(m.group(1)), strip(m.group(2))]
 
 
 # ----------------------------------------------------------------------------- SLAKE
@@ -209,11 +124,11 @@ def load_slake(
         raise ValueError(f"box_format must be 'xywh' or 'xyxy', got {box_format!r}")
     root = Path(root)
     name = _SLAKE_SPLITS.get(split, f"{split}.json")
-    rows = _read_json(root / name)
+    rows = read_json(root / name)
     if not isinstance(rows, list):
         raise DatasetError(f"{root / name}: expected a JSON list of questions")
     report = LoadReport("slake", split)
-    checker = _ImageChecker(verify_images)
+    checker = ImageChecker(verify_images)
     box_cache: dict[Path, list] = {}
     examples = []
     for i, r in enumerate(rows):
@@ -227,7 +142,7 @@ def load_slake(
                 raise DatasetError(f"{root / name} record {i}: missing field {e}") from e
             report.skip("malformed_record", f"{root / name} record {i}: missing field {e}")
             continue
-        if not _accept(report, checker, img, f"qid {r.get('qid', i)}", strict):
+        if not accept(report, checker, img, f"qid {r.get('qid', i)}", strict):
             continue
         folder = img.parent
         if folder not in box_cache:
@@ -235,7 +150,7 @@ def load_slake(
         boxes = _select_slake_regions(box_cache[folder], q, a)
         mask = folder / "mask.png"
         mask_path = str(mask) if not boxes and mask.is_file() else None
-        atype = _closed_or_open(r.get("answer_type"), a)
+        atype = closed_or_open(r.get("answer_type"), a)
         examples.append(
             VQAExample(
                 id=str(r.get("img_id", folder.name)),
@@ -248,13 +163,13 @@ def load_slake(
                 dataset="slake",
                 lesion_mask_path=mask_path,
                 lesion_boxes=list(boxes),
-                options=_options_from_question(q) if atype == "closed" else [],
+                options=options_from_question(q) if atype == "closed" else [],
                 meta={
                     k: r[k] for k in ("location", "content_type", "base_type", "q_lang") if k in r
                 },
             )
         )
-    return _finish(examples, report)
+    return finish(examples, report)
 
 
 # ----------------------------------------------------------------------------- VQA-RAD
@@ -275,14 +190,14 @@ def load_vqa_rad(
     if split not in (None, "train", "test", "all"):
         raise ValueError(f"split must be 'train', 'test' or None, got {split!r}")
     root = Path(root)
-    rows = _read_json(root / VQA_RAD_JSON)
+    rows = read_json(root / VQA_RAD_JSON)
     if not isinstance(rows, list):
         raise DatasetError(f"{root / VQA_RAD_JSON}: expected a JSON list of questions")
     img_dir = root / VQA_RAD_IMAGES
     if not img_dir.is_dir():
         img_dir = root / "images" if (root / "images").is_dir() else img_dir
     report = LoadReport("vqa_rad", split or "all")
-    checker = _ImageChecker(verify_images)
+    checker = ImageChecker(verify_images)
     examples = []
     for i, r in enumerate(rows):
         try:
@@ -296,9 +211,9 @@ def load_vqa_rad(
                 raise DatasetError(f"{root / VQA_RAD_JSON} record {i}: missing field {e}") from e
             report.skip("malformed_record", f"record {i}: missing field {e}")
             continue
-        if not _accept(report, checker, img, f"qid {r.get('qid', i)}", strict):
+        if not accept(report, checker, img, f"qid {r.get('qid', i)}", strict):
             continue
-        atype = _closed_or_open(r.get("answer_type"), a)
+        atype = closed_or_open(r.get("answer_type"), a)
         organ = r.get("image_organ")
         examples.append(
             VQAExample(
@@ -310,11 +225,11 @@ def load_vqa_rad(
                 answer_type=atype,
                 modality=_rad_modality(organ),
                 dataset="vqa_rad",
-                options=_options_from_question(q) if atype == "closed" else [],
+                options=options_from_question(q) if atype == "closed" else [],
                 meta={k: r[k] for k in ("image_organ", "question_type", "phrase_type") if k in r},
             )
         )
-    return _finish(examples, report)
+    return finish(examples, report)
 
 
 def _rad_modality(organ: Any) -> str | None:
@@ -371,7 +286,7 @@ def load_pathvqa(
         names = ", ".join(c.name for c in candidates[1:])
         raise FileNotFoundError(f"annotation file not found: {candidates[0]} (nor {names})")
     if src.suffix == ".json":
-        rows = _read_json(src)
+        rows = read_json(src)
     else:
         try:
             with open(src, "rb") as f:
@@ -383,7 +298,7 @@ def load_pathvqa(
     if not isinstance(rows, list):
         raise DatasetError(f"{src}: expected a list of {{image, question, answer}} records")
     report = LoadReport("pathvqa", split)
-    checker = _ImageChecker(verify_images)
+    checker = ImageChecker(verify_images)
     img_dir = root / "images" / split
     examples = []
     for i, r in enumerate(rows):
@@ -403,7 +318,7 @@ def load_pathvqa(
                     break
             else:
                 img = img_dir / (name + ".jpg")
-        if not _accept(report, checker, img, f"record {i}", strict):
+        if not accept(report, checker, img, f"record {i}", strict):
             continue
         atype = "closed" if a.lower() in ("yes", "no") else "open"
         examples.append(
@@ -418,112 +333,7 @@ def load_pathvqa(
                 dataset="pathvqa",
             )
         )
-    return _finish(examples, report)
-
-
-# ----------------------------------------------------------------------------- IU-Xray
-
-
-def _split_of(key: str, val_frac: float = 0.1, test_frac: float = 0.2) -> str:
-    h = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") / 2**64
-    return "test" if h < test_frac else ("val" if h < test_frac + val_frac else "train")
-
-
-def load_iu_xray(
-    root: str | Path,
-    split: str | None = "train",
-    *,
-    strict: bool = False,
-    verify_images: bool = True,
-    question: str = REPORT_QUESTION,
-) -> tuple[list[VQAExample], LoadReport]:
-    """IU-Xray reports as ``answer_type="report"`` examples (the first listed view is the image).
-
-    ``annotation.json`` (R2Gen layout) wins when present; otherwise the OpenI XML reports in
-    ``ecgen-radiology/`` are read (FINDINGS, else IMPRESSION) and split 70/10/20 by a hash of the
-    report id. ``split=None`` keeps every split.
-    """
-    root = Path(root)
-    report = LoadReport("iu_xray", split or "all")
-    checker = _ImageChecker(verify_images)
-    examples: list[VQAExample] = []
-    ann = root / "annotation.json"
-    if ann.is_file():
-        data = _read_json(ann)
-        if not isinstance(data, dict):
-            raise DatasetError(f"{ann}: expected {{split: [records]}}")
-        keys = [split] if split is not None else list(data)
-        if split is not None and split not in data:
-            raise DatasetError(f"{ann}: no split {split!r} (has {sorted(data)})")
-        img_root = root / "images"
-        for sp in keys:
-            for i, r in enumerate(data[sp]):
-                try:
-                    paths = r["image_path"]
-                    paths = [paths] if isinstance(paths, str) else list(paths)
-                    text, rid = str(r["report"]).strip(), str(r["id"])
-                    img = img_root / paths[0]
-                except (KeyError, IndexError, TypeError) as e:
-                    if strict:
-                        raise DatasetError(f"{ann} {sp} record {i}: bad field {e}") from e
-                    report.skip("malformed_record", f"{ann} {sp} record {i}: bad field {e}")
-                    continue
-                if not text:
-                    report.skip("empty_report", rid)
-                    continue
-                if not _accept(report, checker, img, rid, strict):
-                    continue
-                examples.append(_iu_example(rid, img, text, question, paths, sp))
-        return _finish(examples, report)
-    xml_dir = root / "ecgen-radiology"
-    if not xml_dir.is_dir():
-        raise FileNotFoundError(f"IU-Xray: neither {ann} nor {xml_dir}/ exists")
-    img_dir = next(
-        (root / d for d in ("NLMCXR_png", "images") if (root / d).is_dir()), root / "NLMCXR_png"
-    )
-    for xml_path in sorted(xml_dir.glob("*.xml")):
-        try:
-            tree = ET.parse(xml_path)
-        except ET.ParseError as e:
-            if strict:
-                raise DatasetError(f"corrupt report XML {xml_path}: {e}") from e
-            report.skip("corrupt_report", f"{xml_path}: {e}")
-            continue
-        sections = {
-            (el.get("Label") or "").upper(): (el.text or "").strip()
-            for el in tree.iter("AbstractText")
-        }
-        text = sections.get("FINDINGS") or sections.get("IMPRESSION") or ""
-        images = [el.get("id") for el in tree.iter("parentImage") if el.get("id")]
-        rid = xml_path.stem
-        if split is not None and _split_of(rid) != split:
-            continue
-        if not text:
-            report.skip("empty_report", str(xml_path))
-            continue
-        if not images:
-            report.skip("no_image_in_report", str(xml_path))
-            continue
-        img = img_dir / f"{images[0]}.png"
-        if not _accept(report, checker, img, rid, strict):
-            continue
-        examples.append(_iu_example(rid, img, text, question, images, split or _split_of(rid)))
-    return _finish(examples, report)
-
-
-def _iu_example(rid, img, text, question, views, split) -> VQAExample:
-    text = re.sub(r"\s+", " ", text.replace("XXXX", "")).strip()
-    return VQAExample(
-        id=rid,
-        qid="0",
-        image_path=str(img),
-        question=question,
-        answer=text,
-        answer_type="report",
-        modality="X-Ray",
-        dataset="iu_xray",
-        meta={"views": [str(v) for v in views], "split": split},
-    )
+    return finish(examples, report)
 
 
 LOADERS = {
@@ -545,7 +355,7 @@ def load_dataset(name: str, root: str | Path, split: str | None = None, **kw):
 
 def examples_from_json(path: str | Path) -> list[VQAExample]:
     """Examples saved with :meth:`VQAExample.to_dict` (a JSON list)."""
-    rows = _read_json(Path(path))
+    rows = read_json(Path(path))
     out = []
     for r in rows:
         r = dict(r)
