@@ -72,6 +72,14 @@ def _read_rows(run_dir: Path) -> list[dict[str, Any]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+_CURVE_KEYS = ("step", "loss", "rewards/margins", "eval/closed_accuracy", "eval/grounding_score")
+
+
+def _curve(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """What the report keeps of a run's metrics rows (the full rows stay in its metrics.jsonl)."""
+    return [{k: r[k] for k in _CURVE_KEYS if k in r} for r in rows]
+
+
 def _final(rows: list[dict[str, Any]]) -> dict[str, float]:
     last = [r for r in rows if "eval/closed_accuracy" in r][-1]
     return {k: last[f"eval/{k}"] for k in _METRICS}
@@ -110,14 +118,16 @@ def update_readme(path: Path, report: dict[str, Any]) -> None:
     head, rest = text.split(README_START, 1)
     _, tail = rest.split(README_END, 1)
     setup = report["setup"]
+    timings = setup["timings_s"]
     body = (
         f"\n{format_table(report)}\n\n"
         f"Means ± standard deviations over seeds {', '.join(map(str, report['after']['seeds']))}"
         f" (the SFT start is one model). Test split: {report['before']['n_closed']} questions "
         f"for accuracy, {report['before']['n_grounding']} with a lesion for the grounding score."
         f" {setup['pairs']} pairs, {setup['pairs_from_wrong_answers']} of them from wrong "
-        f"answers. This run: {setup['machine']}, {setup['threads']} threads, "
-        f"{setup['timings_s']['total'] / 60:.1f} min wall.\n"
+        f"answers. This run: {setup['machine']}, torch threads: {setup['threads']}, "
+        f"{timings['total'] / 60:.1f} min wall, {timings['cpu'] / 60:.1f} min of CPU time (the "
+        "wall time grows when other jobs share the CPU).\n"
     )
     path.write_text(head + README_START + body + README_END + tail, encoding="utf-8")
 
@@ -143,7 +153,7 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     if args.seeds < 1:
         raise SystemExit(f"fgpo demo: --seeds must be >= 1, got {args.seeds}")
-    t0 = time.time()
+    t0, c0 = time.time(), time.process_time()
     torch.set_flush_denormal(True)  # tiny models hit denormals early: ~20x slower without
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -245,8 +255,9 @@ def run(args) -> int:
         plots.examples_figure(out, _example_rows(test_set, cfg.corrupt_mode)),
     ]
     report["plots"] = files
-    report["curves"] = {"sft": sft_rows, **rows}
+    report["curves"] = {"sft": _curve(sft_rows), **{m: [_curve(r) for r in rows[m]] for m in rows}}
     timings["total"] = round(time.time() - t0, 1)
+    timings["cpu"] = round(time.process_time() - c0, 1)
     with open(out / "report.json", "w", encoding="utf-8") as f:
         json.dump(report, f, indent=1)
     if args.publish:
