@@ -263,8 +263,10 @@ def test_bad_data_is_counted_not_fatal(tmp_path, prefs, llava):
         _trainer(_cfg(tmp_path, str(path)), llava).train()
 
 
-@pytest.mark.parametrize("name", ["tiny-qwen2-vl", "tiny-qwen2.5-vl", "tiny-qwen3-vl"])
-def test_qwen_models_train(tmp_path, prefs, name):
+@pytest.mark.parametrize(
+    "name", ["tiny-qwen2-vl", "tiny-qwen2.5-vl", "tiny-qwen3-vl", "tiny-medgemma", "tiny-llava-med"]
+)
+def test_other_families_train(tmp_path, prefs, name):
     import transformers
 
     if name == "tiny-qwen3-vl" and not hasattr(transformers, "Qwen3VLConfig"):

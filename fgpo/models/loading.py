@@ -104,6 +104,35 @@ def lm_head_weight(model: nn.Module) -> torch.Tensor:
     return head.weight
 
 
+# Transforms a model family applies to its logits before the softmax, which the fused loss (a
+# softmax of hidden @ W^T) does not: the model's distribution would silently differ from ours.
+_LOGIT_TRANSFORMS = {
+    "final_logit_softcapping": "tanh soft-capping of the logits (Gemma 2 style)",
+    "logit_scale": "a scale on the logits (Cohere style)",
+    "logits_scaling": "a division of the logits (Granite style)",
+}
+
+
+def check_logit_transforms(model: nn.Module) -> None:
+    """Refuse a model whose config transforms the logits before the softmax (soft-capping, a
+    logit scale), naming the family and the setting: every ``fgpo_kernels`` impl computes the
+    softmax of ``hidden @ W^T`` itself, so such a model would be trained on another
+    distribution than the one it samples from. Gemma 3 / MedGemma leave the logits as they are
+    (``final_logit_softcapping=None``) and pass."""
+    config = getattr(unwrap(model), "config", None)
+    for cfg in (config, getattr(config, "text_config", None)):
+        for key, what in _LOGIT_TRANSFORMS.items():
+            value = getattr(cfg, key, None) if cfg is not None else None
+            if value is None or (key != "final_logit_softcapping" and float(value) == 1.0):
+                continue
+            family = getattr(cfg, "model_type", type(cfg).__name__)
+            raise ValueError(
+                f"{family}: {key}={value} applies {what} before the softmax, which the fused "
+                f"loss does not (it uses the raw logits hidden @ W^T); this model is not supported "
+                f"as configured"
+            )
+
+
 def backbone(model: nn.Module) -> nn.Module:
     """The inner multimodal model (vision tower + projector + language model, no ``lm_head``)."""
     m = unwrap(model)

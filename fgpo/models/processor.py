@@ -15,16 +15,20 @@ from typing import Any
 import torch
 
 IMAGE_PLACEHOLDER = "<image>"
+FAMILIES = ("qwen", "llava", "gemma3")
 
 
 class VLProcessor:
     """Tokenizer + image processor + the rule that expands one image into image tokens.
 
     ``family`` is ``"qwen"`` (Qwen2-VL, Qwen2.5-VL, Qwen3-VL: ``image_grid_thw``, tokens =
-    ``prod(grid) / merge_size**2`` between vision start/end tokens) or ``"llava"`` (a fixed
-    number of patch tokens per image). ``__call__(text=..., images=...)`` mimics the Hub
-    processors (the text carries ``image_token`` once per image) so evaluation code can use
-    either.
+    ``prod(grid) / merge_size**2`` between vision start/end tokens), ``"llava"`` (a fixed
+    number of patch tokens per image; LLaVA-1.5, LLaVA-Med) or ``"gemma3"`` (Gemma 3 / MedGemma:
+    a fixed number of soft image tokens between the begin/end-of-image tokens, written
+    ``\n\n<boi>...<eoi>\n\n`` as the Hub processor does, and ``token_type_ids`` marking them
+    so the model attends bidirectionally within an image). ``__call__(text=..., images=...)``
+    mimics the Hub processors (the text carries ``image_token`` once per image) so evaluation
+    code can use either.
     """
 
     def __init__(
@@ -40,10 +44,10 @@ class VLProcessor:
         chat_template: str | None = None,
         hf_processor: Any = None,
     ) -> None:
-        if family not in ("qwen", "llava"):
-            raise ValueError(f"family must be 'qwen' or 'llava', got {family!r}")
-        if family == "llava" and not num_image_tokens:
-            raise ValueError("a llava-family processor needs num_image_tokens (> 0)")
+        if family not in FAMILIES:
+            raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+        if family != "qwen" and not num_image_tokens:
+            raise ValueError(f"a {family}-family processor needs num_image_tokens (> 0)")
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.family = family
@@ -101,6 +105,8 @@ class VLProcessor:
         body = self.image_token * n_tokens
         if self.family == "qwen":
             return f"{self.vision_start or ''}{body}{self.vision_end or ''}"
+        if self.family == "gemma3":
+            return f"\n\n{self.vision_start}{body}{self.vision_end}\n\n"
         return body
 
     # -- prompts -------------------------------------------------------------------------------
@@ -121,7 +127,7 @@ class VLProcessor:
                 messages, chat_template=template, tokenize=False, add_generation_prompt=True
             )
             # Templates write the image as the family's own marker; normalise it to one placeholder.
-            marker = self.image_text(1)
+            marker = self.vision_start if self.family == "gemma3" else self.image_text(1)
             if marker in text:
                 return text.replace(marker, IMAGE_PLACEHOLDER, 1)
             if self.image_token in text:
@@ -152,9 +158,12 @@ class VLProcessor:
         return ids, img
 
     def extra_model_inputs(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Inputs the model needs beside ids/mask/pixels (Qwen: ``mm_token_type_ids``)."""
+        """Inputs the model needs beside ids/mask/pixels (Qwen: ``mm_token_type_ids``; Gemma 3:
+        ``token_type_ids``, 1 on image tokens)."""
         if self.family == "qwen":
             return {"mm_token_type_ids": (input_ids == self.image_token_id).long()}
+        if self.family == "gemma3":
+            return {"token_type_ids": (input_ids == self.image_token_id).long()}
         return {}
 
     def __call__(
@@ -250,8 +259,13 @@ def _load_image_processor(path: str) -> Any:
 
 
 def model_family(config: Any) -> str:
-    """``"qwen"`` when the config has vision start/end tokens (Qwen-VL style), else ``"llava"``."""
-    return "qwen" if getattr(config, "vision_start_token_id", None) is not None else "llava"
+    """``"qwen"`` when the config has vision start/end tokens (Qwen-VL style), ``"gemma3"`` for
+    Gemma 3 (MedGemma), else ``"llava"``."""
+    if getattr(config, "vision_start_token_id", None) is not None:
+        return "qwen"
+    if getattr(config, "model_type", "") == "gemma3":
+        return "gemma3"
+    return "llava"
 
 
 def processor_for_config(
@@ -276,6 +290,18 @@ def processor_for_config(
             image_token=image_token,
             vision_start=tokenizer.convert_ids_to_tokens(int(config.vision_start_token_id)),
             vision_end=tokenizer.convert_ids_to_tokens(int(config.vision_end_token_id)),
+            chat_template=template,
+            hf_processor=hf_processor,
+        )
+    if family == "gemma3":
+        return VLProcessor(
+            tokenizer,
+            image_processor,
+            "gemma3",
+            image_token=image_token,
+            num_image_tokens=int(config.mm_tokens_per_image),
+            vision_start=tokenizer.convert_ids_to_tokens(int(config.boi_token_index)),
+            vision_end=tokenizer.convert_ids_to_tokens(int(config.eoi_token_index)),
             chat_template=template,
             hf_processor=hf_processor,
         )

@@ -1,8 +1,10 @@
 """Tiny random vision-language models, built offline: the one tiny-model builder and the one
 tokenizer of the project (tests, the demo, ``fgpo train --config tiny``).
 
-``tiny-llava``, ``tiny-qwen2-vl``, ``tiny-qwen2.5-vl`` and ``tiny-qwen3-vl`` (when the installed
-transformers has Qwen3-VL) are real Hub architectures with a few layers of width 64, random
+``tiny-llava`` (LLaVA-1.5: CLIP + Llama), ``tiny-llava-med`` (LLaVA-Med's shape: CLIP +
+Mistral), ``tiny-medgemma`` (MedGemma's: Gemma 3, tied embeddings), ``tiny-qwen2-vl``,
+``tiny-qwen2.5-vl`` and ``tiny-qwen3-vl`` (when the installed transformers has Qwen3-VL) are real
+Hub architectures with a few layers of width 64, random
 weights, a word-level tokenizer over a fixed vocabulary (the generated data's words and common
 radiology words) and a PIL image processor
 (no torchvision). ``ensure_tiny_model(name)`` builds one once into a cache directory
@@ -16,8 +18,15 @@ from typing import Any
 
 from ..data import synthetic
 
-TINY_NAMES = ("tiny-llava", "tiny-qwen2-vl", "tiny-qwen2.5-vl", "tiny-qwen3-vl")
-_VERSION = "v2"  # bump when the builders change so caches are rebuilt
+TINY_NAMES = (
+    "tiny-llava",
+    "tiny-llava-med",
+    "tiny-medgemma",
+    "tiny-qwen2-vl",
+    "tiny-qwen2.5-vl",
+    "tiny-qwen3-vl",
+)
+_VERSION = "v3"  # bump when the builders change so caches are rebuilt
 
 _SIDES = ("left", "right")
 _FINDINGS = ("nodule", "opacity", "effusion", "mass", "lesion")
@@ -39,6 +48,9 @@ _SPECIALS = [
     "<|vision_end|>",
     "<mask>",
     "</mask>",
+    "<start_of_image>",
+    "<end_of_image>",
+    "<image_soft_token>",
 ]
 
 
@@ -88,7 +100,6 @@ def build_tiny(
     with a realistic LM head); None = the tokenizer's size.
     """
     import torch
-    import transformers as T
 
     from .processor import processor_for_config
 
@@ -96,13 +107,11 @@ def build_tiny(
         raise ValueError(f"unknown tiny model {name!r}; choose from {TINY_NAMES}")
     torch.manual_seed(seed)
     tok = build_tokenizer()
-    tid = tok.convert_tokens_to_ids
-    heads = 4
     text = dict(
         hidden_size=hidden,
         intermediate_size=2 * hidden,
         num_hidden_layers=layers,
-        num_attention_heads=heads,
+        num_attention_heads=_HEADS,
         num_key_value_heads=2,
         vocab_size=max(len(tok), vocab_size or 0),
         pad_token_id=tok.pad_token_id,
@@ -110,79 +119,139 @@ def build_tiny(
         eos_token_id=tok.eos_token_id,
         max_position_embeddings=1024,
     )
-    if name == "tiny-llava":
-        from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
-
-        vision = T.CLIPVisionConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            image_size=28,
-            patch_size=7,
-        )
-        cfg = T.LlavaConfig(
-            vision_config=vision,
-            text_config=T.LlamaConfig(**text),
-            image_token_id=tid("<image>"),
-            vision_feature_layer=-1,
-            vision_feature_select_strategy="default",
-        )
-        model = T.LlavaForConditionalGeneration(cfg)
-        ip = LlavaImageProcessorPil(
-            size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28}
-        )
-    else:
-        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
-            Qwen2VLImageProcessorPil,
-        )
-
-        half = hidden // heads // 2
-        section = [half - 2 * (half // 3), half // 3, half // 3]
-        text["rope_parameters"] = {
-            "rope_type": "default",
-            "rope_theta": 10000.0,
-            "mrope_section": section,
-        }
-        ids = dict(
-            image_token_id=tid("<|image_pad|>"),
-            video_token_id=tid("<|video_pad|>"),
-            vision_start_token_id=tid("<|vision_start|>"),
-            vision_end_token_id=tid("<|vision_end|>"),
-        )
-        patch = 14
-        vis = dict(depth=2, num_heads=2, patch_size=patch, spatial_merge_size=2)
-        vis["temporal_patch_size"] = 2
-        if name == "tiny-qwen2-vl":
-            cfg = T.Qwen2VLConfig(
-                text_config=text, vision_config=dict(vis, embed_dim=32, hidden_size=hidden), **ids
-            )
-            model = T.Qwen2VLForConditionalGeneration(cfg)
-        elif name == "tiny-qwen2.5-vl":
-            vis = dict(vis, hidden_size=32, out_hidden_size=hidden, intermediate_size=64)
-            vis.update(fullatt_block_indexes=[1], window_size=4 * patch)
-            cfg = T.Qwen2_5_VLConfig(text_config=text, vision_config=vis, **ids)
-            model = T.Qwen2_5_VLForConditionalGeneration(cfg)
-        else:
-            if not hasattr(T, "Qwen3VLConfig"):
-                raise ValueError("this transformers has no Qwen3-VL")
-            patch = 16
-            text["head_dim"] = hidden // heads
-            text["rope_parameters"]["mrope_interleaved"] = True
-            vis = dict(vis, patch_size=patch, hidden_size=32, out_hidden_size=hidden)
-            vis.update(intermediate_size=64, num_position_embeddings=16)
-            vis.update(deepstack_visual_indexes=[1])
-            cfg = T.Qwen3VLConfig(text_config=text, vision_config=vis, **ids)
-            model = T.Qwen3VLForConditionalGeneration(cfg)
-        side = 2 * patch  # one merged token per 2x2 patches
-        ip = Qwen2VLImageProcessorPil(
-            size={"shortest_edge": (2 * side) ** 2, "longest_edge": (2 * side) ** 2},
-            patch_size=patch,
-            merge_size=2,
-            temporal_patch_size=2,
-        )
+    model, image_processor = _BUILDERS[name](name, tok, text)
     model.eval()
-    return model, processor_for_config(model.config, tok, ip)
+    return model, processor_for_config(model.config, tok, image_processor)
+
+
+_HEADS = 4
+
+
+def _llava(name: str, tok: Any, text: dict) -> tuple[Any, Any]:
+    """LLaVA-1.5 (CLIP + Llama), or LLaVA-Med's shape (CLIP + Mistral) for ``tiny-llava-med``."""
+    import transformers as T
+    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+
+    vision = T.CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=28,
+        patch_size=7,
+    )
+    lm = T.MistralConfig(**text, sliding_window=None) if name == "tiny-llava-med" else None
+    cfg = T.LlavaConfig(
+        vision_config=vision,
+        text_config=lm if lm is not None else T.LlamaConfig(**text),
+        image_token_id=tok.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+    )
+    ip = LlavaImageProcessorPil(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
+    return T.LlavaForConditionalGeneration(cfg), ip
+
+
+def _gemma3(name: str, tok: Any, text: dict) -> tuple[Any, Any]:
+    """MedGemma's architecture (Gemma 3: SigLIP + Gemma 3 text model, tied embeddings: the LM
+    head weight is the embedding matrix), with 4 pooled soft tokens per image."""
+    import transformers as T
+    from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+
+    tid = tok.convert_tokens_to_ids
+    head_dim = text["hidden_size"] // _HEADS
+    layer_types = ["sliding_attention", "full_attention"] * text["num_hidden_layers"]
+    tc = T.Gemma3TextConfig(
+        **text,
+        head_dim=head_dim,
+        query_pre_attn_scalar=head_dim,
+        sliding_window=64,
+        layer_types=layer_types[: text["num_hidden_layers"]],
+    )
+    vision = T.SiglipVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=32,
+        patch_size=8,
+    )
+    cfg = T.Gemma3Config(
+        text_config=tc,
+        vision_config=vision,
+        mm_tokens_per_image=4,  # 4x4 patches pooled 2x2
+        boi_token_index=tid("<start_of_image>"),
+        eoi_token_index=tid("<end_of_image>"),
+        image_token_index=tid("<image_soft_token>"),
+    )
+    ip = Gemma3ImageProcessorPil(size={"height": 32, "width": 32})
+    return T.Gemma3ForConditionalGeneration(cfg), ip
+
+
+def _qwen(name: str, tok: Any, text: dict) -> tuple[Any, Any]:
+    """Qwen2-VL, Qwen2.5-VL or Qwen3-VL (dynamic resolution, 3-D M-RoPE)."""
+    import transformers as T
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+        Qwen2VLImageProcessorPil,
+    )
+
+    tid = tok.convert_tokens_to_ids
+    hidden = text["hidden_size"]
+    half = hidden // _HEADS // 2
+    section = [half - 2 * (half // 3), half // 3, half // 3]
+    text["rope_parameters"] = {
+        "rope_type": "default",
+        "rope_theta": 10000.0,
+        "mrope_section": section,
+    }
+    ids = dict(
+        image_token_id=tid("<|image_pad|>"),
+        video_token_id=tid("<|video_pad|>"),
+        vision_start_token_id=tid("<|vision_start|>"),
+        vision_end_token_id=tid("<|vision_end|>"),
+    )
+    patch = 14
+    vis = dict(depth=2, num_heads=2, patch_size=patch, spatial_merge_size=2)
+    vis["temporal_patch_size"] = 2
+    if name == "tiny-qwen2-vl":
+        cfg = T.Qwen2VLConfig(
+            text_config=text, vision_config=dict(vis, embed_dim=32, hidden_size=hidden), **ids
+        )
+        model = T.Qwen2VLForConditionalGeneration(cfg)
+    elif name == "tiny-qwen2.5-vl":
+        vis = dict(vis, hidden_size=32, out_hidden_size=hidden, intermediate_size=64)
+        vis.update(fullatt_block_indexes=[1], window_size=4 * patch)
+        cfg = T.Qwen2_5_VLConfig(text_config=text, vision_config=vis, **ids)
+        model = T.Qwen2_5_VLForConditionalGeneration(cfg)
+    else:
+        if not hasattr(T, "Qwen3VLConfig"):
+            raise ValueError("this transformers has no Qwen3-VL")
+        patch = 16
+        text["head_dim"] = hidden // _HEADS
+        text["rope_parameters"]["mrope_interleaved"] = True
+        vis = dict(vis, patch_size=patch, hidden_size=32, out_hidden_size=hidden)
+        vis.update(intermediate_size=64, num_position_embeddings=16)
+        vis.update(deepstack_visual_indexes=[1])
+        cfg = T.Qwen3VLConfig(text_config=text, vision_config=vis, **ids)
+        model = T.Qwen3VLForConditionalGeneration(cfg)
+    side = 2 * patch  # one merged token per 2x2 patches
+    ip = Qwen2VLImageProcessorPil(
+        size={"shortest_edge": (2 * side) ** 2, "longest_edge": (2 * side) ** 2},
+        patch_size=patch,
+        merge_size=2,
+        temporal_patch_size=2,
+    )
+    return model, ip
+
+
+_BUILDERS = {
+    "tiny-llava": _llava,
+    "tiny-llava-med": _llava,
+    "tiny-medgemma": _gemma3,
+    "tiny-qwen2-vl": _qwen,
+    "tiny-qwen2.5-vl": _qwen,
+    "tiny-qwen3-vl": _qwen,
+}
 
 
 def ensure_tiny_model(name: str) -> str:

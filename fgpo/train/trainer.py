@@ -146,6 +146,7 @@ class Trainer:
                     tiny.ensure_tiny_model(cfg.model)
                 self._barrier()
             model, processor = M.load_model(cfg.model, cfg.dtype, cfg.attn_implementation)
+        M.check_logit_transforms(model)  # before any work: a clear refusal, not another loss
         model.to(self.device)
         self.processor = processor
         self.reference = None  # LoRA: the same model with its adapters disabled; SFT: none
