@@ -156,6 +156,7 @@ def run(args) -> int:
     # the 'train' extra, checked before any work (the CLI turns the error into its install line)
     import matplotlib  # noqa: F401
     import transformers  # noqa: F401
+
     t0, c0 = time.time(), time.process_time()
     torch.set_flush_denormal(True)  # tiny models hit denormals early: ~20x slower without
     if args.threads:
