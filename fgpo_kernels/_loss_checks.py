@@ -24,7 +24,15 @@ def corrupt_gate(has_corrupt, b: int, device) -> Tensor | None:
     if has_corrupt.device != device:
         raise ValueError(f"has_corrupt is on {has_corrupt.device}, hidden states on {device}")
     hc = has_corrupt.detach()
-    return hc if hc.dtype.is_floating_point else hc.float()
+    hc = hc if hc.dtype.is_floating_point else hc.float()
+    # A weight below 0 would flip the visual term into its opposite (reward the model for
+    # preferring y+ on the corrupted image). NaN passes: NaN in, NaN out.
+    if bool((hc < 0).any()):
+        raise ValueError(
+            f"has_corrupt must be >= 0 (a 0/1 switch or a weight), got negative values "
+            f"{hc[hc < 0][:5].tolist()}"
+        )
+    return hc
 
 
 def missing_corrupt(name: str, loss) -> ValueError:
@@ -70,6 +78,8 @@ def check_seq(name: str, seq, like=None) -> tuple[int, int]:
     for field, x in zip(SEQ_FIELDS, seq):
         if not isinstance(x, Tensor):
             raise TypeError(f"{name}.{field} must be a torch.Tensor, got {_shape(x)}")
+        if x.device.type == "meta":
+            raise ValueError(f"{name}.{field} is on the meta device (no data to compute with)")
     pol, ref, tgt, m = seq
     if pol.dim() != 3:
         raise ValueError(f"{name}.policy must have shape (B, L, D), got {_shape(pol)}")
@@ -78,6 +88,9 @@ def check_seq(name: str, seq, like=None) -> tuple[int, int]:
             f"{name}.ref must have shape (B, L, D_ref) = {tuple(pol.shape[:2])} + (D_ref,), "
             f"got {_shape(ref)} (policy {_shape(pol)})"
         )
+    for field, x in (("policy", pol), ("ref", ref)):
+        if x.shape[-1] < 1:
+            raise ValueError(f"{name}.{field} must have hidden size D >= 1, got {_shape(x)}")
     if tuple(tgt.shape) != tuple(pol.shape[:2]):
         raise ValueError(
             f"{name}.targets must have shape (B, L) = {tuple(pol.shape[:2])}, got {_shape(tgt)}"
@@ -117,10 +130,22 @@ def check_seq(name: str, seq, like=None) -> tuple[int, int]:
     return bb, ll
 
 
+def check_batch(b: int, reduction: str) -> None:
+    """The mean over an empty batch is undefined (it would be NaN); the sum is 0."""
+    if b == 0 and reduction == "mean":
+        raise ValueError(
+            "chosen has batch size B=0: reduction='mean' of an empty batch is undefined "
+            "(use reduction='sum', which gives 0, or skip the empty batch)"
+        )
+
+
 def check_weights(weight, ref_weight, chosen) -> None:
     """The head weight(s) against the chosen sequence's D and D_ref (and each other's V)."""
     if not isinstance(weight, Tensor) or weight.dim() != 2:
         raise ValueError(f"weight must be a (V, D) tensor, got {_shape(weight)}")
+    for name, w in (("weight", weight), ("ref_weight", ref_weight)):
+        if isinstance(w, Tensor) and w.device.type == "meta":
+            raise ValueError(f"{name} is on the meta device (no data to compute with)")
     d, d_ref = chosen.policy.shape[-1], chosen.ref.shape[-1]
     if weight.shape[1] != d:
         raise ValueError(f"weight has D={weight.shape[1]} but chosen.policy has D={d}")

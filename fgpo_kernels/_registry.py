@@ -70,17 +70,28 @@ def _usable_on(name: str, device: torch.device) -> tuple[bool, str]:
     return True, ""
 
 
+def check_name(impl) -> None:
+    """``impl`` is one of ``IMPLS`` or None, else ``ValueError`` naming the argument (checked
+    where it is given, e.g. at ``FiReMPOLoss`` construction, not at the first forward)."""
+    if impl is not None and (not isinstance(impl, str) or impl not in IMPLS):
+        raise ValueError(f"impl must be one of {IMPLS} or None, got {impl!r}")
+
+
 def resolve(impl: str | None, device: torch.device) -> str:
     """Pick the impl name for tensors on ``device``."""
     if impl is None:
         impl = os.environ.get("FGPO_IMPL") or None
+        if impl is not None and impl not in IMPLS:
+            raise ValueError(
+                f"the environment variable FGPO_IMPL={impl!r} is not an impl: set it to one of "
+                f"{IMPLS}, or unset it for the best available"
+            )
     if impl is None:
         for name in _AUTO_ORDER.get(device.type, ("triton", "torch")):
             if _usable_on(name, device)[0]:
                 return name
         return "torch"
-    if not isinstance(impl, str) or impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS} or None, got {impl!r}")
+    check_name(impl)
     if impl == "reference":
         return impl
     ok, why = _usable_on(impl, device)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import os
 
 import torch
@@ -19,6 +20,21 @@ def check_real(name: str, value) -> None:
     """A finite Python int or float (not a bool), else ``TypeError`` naming the argument."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise TypeError(f"{name} must be a finite real number, got {value!r}")
+
+
+def check_fraction(name: str, value) -> None:
+    """A finite real number in [0, 1] (a mixing weight), else an error naming the argument."""
+    check_real(name, value)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1], got {value}")
+
+
+def check_index(name: str, value) -> None:
+    """A Python int (not a bool, not a float such as -100.0), else ``TypeError`` naming it:
+    an index is compared with integer targets, where a float or None would silently match
+    nothing."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
 
 
 def sm_count(device: torch.device) -> int:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ._util import check_index
+
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
@@ -17,16 +19,31 @@ def _check_float(name: str, x) -> None:
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in _FLOATS:
         raise TypeError(f"{name} must be float32, bfloat16, float16 or float64, got {_desc(x)}")
+    check_has_data(name, x)
+
+
+def check_has_data(name: str, x: Tensor) -> None:
+    """Meta tensors have shapes but no values: every statistic of them would be a placeholder."""
+    if x.device.type == "meta":
+        raise ValueError(f"{name} is on the meta device (no data to compute with): {_desc(x)}")
+
+
+def check_width(name: str, x: Tensor) -> None:
+    """The hidden size D (last dimension) must be >= 1: with D = 0 every logit is 0."""
+    if x.shape[-1] < 1:
+        raise ValueError(f"{name} must have hidden size D >= 1, got {_desc(x)}")
 
 
 def check_token_inputs(h, hr, w, wr, mask, targets, ignore_index):
     """Validate and flatten. Returns (lead_shape, h, hr, w, wr, tgt, mask) where h/hr are
     contiguous (N, D) rows, wr is None when the reference shares ``w``, tgt is int64 (N,) with
     -1 for "no target" (or None), and mask is (N,) (or None)."""
+    check_index("ignore_index", ignore_index)
     _check_float("policy_hidden" if hr is not None else "hidden", h)
     hname = "policy_hidden" if hr is not None else "hidden"
     if h.dim() < 1:
         raise ValueError(f"{hname} must have shape (..., D), got {_desc(h)}")
+    check_width(hname, h)
     _check_float("weight", w)
     if w.dim() != 2:
         raise ValueError(f"weight must have shape (V, D), got {_desc(w)}")
@@ -45,6 +62,7 @@ def check_token_inputs(h, hr, w, wr, mask, targets, ignore_index):
     v = w.shape[0]
     if hr is not None:
         _check_float("ref_hidden", hr)
+        check_width("ref_hidden", hr)
         if tuple(hr.shape[:-1]) != lead or hr.dim() != h.dim():
             raise ValueError(
                 f"ref_hidden leading shape {tuple(hr.shape[:-1])} must equal policy_hidden's "

@@ -38,7 +38,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _loss_checks as checks
-from ._util import check_real
+from . import _registry
+from ._util import check_fraction, check_index, check_real
 from .token_kl import IGNORE_INDEX, TokenKLOutput, token_kl
 
 _REDUCTIONS = ("mean", "sum")
@@ -83,11 +84,17 @@ class FiReMPOOutput(NamedTuple):
     metrics: dict[str, Tensor]
 
     def summary(self) -> dict[str, float]:
-        """Batch means of every metric as Python floats (examples with NaN are skipped)."""
+        """Batch means of every metric as Python floats.
+
+        The visual metrics skip the examples without a corrupted image (``has_corrupt == 0``:
+        their value is NaN by design and their ``visual`` term exactly 0). Any other NaN
+        shows in the mean, so a NaN loss never logs finite metrics for the example behind it.
+        """
+        no_v = self.visual.detach() == 0
         out = {}
         for k, v in self.metrics.items():
-            ok = ~torch.isnan(v)
-            out[k] = float(v[ok].mean()) if bool(ok.any()) else float("nan")
+            keep = ~(torch.isnan(v) & no_v) if k in VISUAL_METRIC_KEYS else torch.ones_like(no_v)
+            out[k] = float(v[keep].mean()) if bool(keep.any()) else float("nan")
         return out
 
 
@@ -196,13 +203,11 @@ class FiReMPOLoss(torch.nn.Module):
             check_real(name, val)
             if val < 0:
                 raise ValueError(f"{name} must be >= 0, got {val}")
-        check_real("lambda_", lambda_)
-        if not 0.0 <= lambda_ <= 1.0:
-            raise ValueError(f"lambda_ must be in [0, 1], got {lambda_}")
+        check_fraction("lambda_", lambda_)
         if reduction not in _REDUCTIONS:
             raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-        if impl is not None and not isinstance(impl, str):
-            raise ValueError(f"impl must be a string or None, got {impl!r}")
+        _registry.check_name(impl)
+        check_index("ignore_index", ignore_index)
         self.beta, self.alpha, self.gamma, self.lambda_ = beta, alpha, gamma, lambda_
         self.alpha_v1, self.alpha_v2 = alpha_v1, alpha_v2
         self.impl, self.reduction, self.ignore_index = impl, reduction, ignore_index
@@ -271,6 +276,7 @@ class FiReMPOLoss(torch.nn.Module):
         the corrupted ones a term with a nonzero coefficient needs) and the per-example gate of
         the visual terms (None when no visual term is on)."""
         b, _ = checks.check_seq("chosen", chosen, None)
+        checks.check_batch(b, self.reduction)
         chosen = SequenceStates(*chosen)
         checks.check_seq("rejected", rejected, chosen)
         seqs = {"chosen": chosen, "rejected": SequenceStates(*rejected)}

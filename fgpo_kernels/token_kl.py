@@ -26,12 +26,16 @@ from torch import Tensor
 
 from . import _registry, reference
 from ._backend import Needs, RowGrads, RowStats
-from ._util import acc_dtype, check_real
+from ._util import acc_dtype, check_fraction, check_real
 from ._validate import check_token_inputs
 
 _REDUCTIONS = ("sum", "mean", "none")
 # Target id meaning "no target at this position" (the default ``ignore_index`` everywhere).
 IGNORE_INDEX = -100
+# Logits are divided by the temperature and the gradients again: below this, ordinary hidden
+# states (logits up to ~1e3) already overflow float32 in the backward (|dh| ~ |z| |W| / T^2),
+# and from ~1e-37 on in the forward; no use of a softmax temperature comes near it.
+MIN_TEMPERATURE = 1e-6
 
 
 class TokenKLOutput(NamedTuple):
@@ -222,8 +226,9 @@ def token_kl(
             with mask 0 and no target are not computed at all (their KL values read 0).
         targets: ``(...)`` integer token ids in ``[0, V)`` or ``ignore_index``; when given,
             ``policy_logps``/``ref_logps`` are returned and are differentiable.
-        lambda_: weight of the forward KL(ref || policy); the reverse gets ``1 - lambda_``.
-        temperature: logits are divided by it.
+        lambda_: weight in [0, 1] of the forward KL(ref || policy); the reverse gets
+            ``1 - lambda_``.
+        temperature: logits are divided by it (``>= MIN_TEMPERATURE``).
         reduction: ``"sum"``, ``"mean"`` (sum / sum of mask) or ``"none"``.
         impl: ``"torch"``, ``"triton"``, ``"cuda"``, ``"reference"`` or None (best available;
             ``FGPO_IMPL`` overrides None).
@@ -234,7 +239,7 @@ def token_kl(
     """
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-    check_real("lambda_", lambda_)
+    check_fraction("lambda_", lambda_)
     _check_temperature(temperature)
     lead, h, hr, w, wr, tgt, m = check_token_inputs(
         policy_hidden, ref_hidden, weight, ref_weight, mask, targets, ignore_index
@@ -310,3 +315,8 @@ def _check_temperature(temperature) -> None:
     check_real("temperature", temperature)
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
+    if temperature < MIN_TEMPERATURE:
+        raise ValueError(
+            f"temperature must be >= {MIN_TEMPERATURE} (logits and gradients are divided by "
+            f"it; smaller values overflow float32 into inf/NaN), got {temperature}"
+        )
