@@ -6,9 +6,12 @@ shifted the same way, so the hidden state at row ``t`` predicts ``targets[t]`` â
 loss takes. Two masks per sequence: ``span_mask`` (the tagged tokens) and ``response_mask``
 (every response token, eos included) so that the loss preset chooses (DPO uses the latter).
 
-Bad data never crashes a run: malformed tags raise ``MaskTagError`` naming the record (or are
-skipped, by policy), and examples that cannot be encoded (missing/unreadable image, empty
-masks, over-long) are skipped and counted by reason (``PreferenceDataset.skipped``).
+Bad data never crashes a run mid-way: a record that is not in the format (a missing field, a
+field of the wrong type) is a ``DatasetError`` naming the file, record and field before
+training; malformed tags and image tokens inside the text raise naming the record (or are
+skipped and counted, by policy); and examples that cannot be encoded (missing, unreadable or
+oversized image, empty masks, over-long) are skipped and counted by reason
+(``PreferenceDataset.skipped``).
 """
 
 from __future__ import annotations
@@ -23,9 +26,17 @@ import torch
 
 from fgpo_kernels import IGNORE_INDEX
 
-from .errors import MaskTagError, SkipExample
+from .errors import DatasetError, MaskTagError, SkipExample
 from .images import open_image
-from .records import load_records, parse_mask_tags
+from .records import check_records, load_records, parse_mask_tags
+
+
+def _image_markers(processor: Any) -> tuple[str, ...]:
+    """The strings the processor turns into image tokens (or around them): text that holds one
+    would get image positions that no image fills."""
+    names = ("image_token", "vision_start", "vision_end")
+    found = (getattr(processor, n, None) for n in names)
+    return tuple(m for m in found if isinstance(m, str) and m)
 
 
 def _tokenize_response(tokenizer: Any, text: str, spans: list[tuple[int, int]]):
@@ -130,12 +141,16 @@ class PreferenceDataset:
             JSON file's directory, else the working directory).
         max_length: sequences longer than this (prompt + image tokens + response) are skipped.
         with_corrupt: encode (v', y+) and (v', y-) when ``rejected_image_path`` exists.
-        on_bad_tags: ``"error"`` (default: ``MaskTagError`` naming the record, raised when the
-            dataset is built, before any training) or ``"skip"`` (counted).
+        on_bad_tags: what to do with malformed ``<mask>`` tags in ``chosen``/``rejected`` and
+            with the processor's image token inside ``prompt``/``chosen``/``rejected``:
+            ``"error"`` (default: an error naming the record and field, raised when the
+            dataset is built, before any training) or ``"skip"`` (counted). Records of the
+            wrong shape are an error under both (:func:`~fgpo.data.records.check_records`).
         cache: keep encoded examples in memory (fast repeated epochs on small sets).
 
-    ``skipped`` counts skipped examples by reason (``bad_tags``, ``missing_image``,
-    ``unreadable_image``, ``empty_mask``, ``too_long``).
+    ``skipped`` counts skipped examples by reason (``bad_tags``, ``image_token_in_text``,
+    ``missing_image``, ``unreadable_image``, ``image_too_large``, ``empty_mask``,
+    ``too_long``); ``checked_skips`` holds the part found when the dataset was built.
     """
 
     def __init__(
@@ -154,32 +169,43 @@ class PreferenceDataset:
             raise ValueError(f"on_bad_tags must be 'error' or 'skip', got {on_bad_tags!r}")
         if mask not in ("span", "response"):
             raise ValueError(f"mask must be 'span' or 'response', got {mask!r}")
+        source = "records"
         if isinstance(records, (str, os.PathLike)):
-            path = os.fspath(records)
+            path = source = os.fspath(records)
             image_root = image_root or os.path.dirname(os.path.abspath(path))
             records = load_records(path)
-        self.records = list(records)
+        self.records = check_records(list(records), source)
         self.processor = processor
         self.image_root = image_root or os.getcwd()
         self.max_length = max_length
         self.with_corrupt = with_corrupt
         self.mask = mask
-        self.skipped: Counter[str] = Counter()
-        self._bad: set[int] = set()
         self._cache: dict[int, EncodedPair | None] | None = {} if cache else None
-        # Validate tags up front: malformed data fails before training, not mid-run.
+        # Validate the text up front: malformed data fails before training, not mid-run.
+        self._bad: dict[int, str] = {}  # record -> skip reason
+        markers = _image_markers(processor)
         for k, r in enumerate(self.records):
+            where = f"{source}: record {k} (id={r.get('id')!r})"
+            for key in ("prompt", "chosen", "rejected"):
+                found = [m for m in markers if m in r[key]]
+                if found:  # the processor would expand it into image tokens no image fills
+                    if on_bad_tags == "error":
+                        raise DatasetError(
+                            f"{where} field {key!r} contains the image token {found[0]!r}; the "
+                            "image is added by the processor (on_bad_tags: skip counts these)"
+                        )
+                    self._bad.setdefault(k, "image_token_in_text")
             for key in ("chosen", "rejected"):
                 try:
                     parse_mask_tags(r[key])
                 except MaskTagError as e:
                     if on_bad_tags == "error":
-                        raise MaskTagError(
-                            f"record {k} (id={r.get('id')!r}) field {key!r}: {e}"
-                        ) from None
-                    self._bad.add(k)
-        if self._bad:
-            self.skipped["bad_tags"] += len(self._bad)
+                        raise MaskTagError(f"{where} field {key!r}: {e}") from None
+                    self._bad.setdefault(k, "bad_tags")
+        # Found when the dataset is built (by every process under torchrun), unlike the skips
+        # found while encoding; the trainer counts these once.
+        self.checked_skips: Counter[str] = Counter(self._bad.values())
+        self.skipped: Counter[str] = Counter(self.checked_skips)
 
     def __len__(self) -> int:
         return len(self.records)

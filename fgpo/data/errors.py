@@ -26,7 +26,8 @@ class SkipExample(Exception):
 
 
 class ImageError(DatasetError, SkipExample):
-    """A missing (``reason="missing_image"``) or unreadable (``"unreadable_image"``) image."""
+    """A missing (``reason="missing_image"``), unreadable (``"unreadable_image"``) or oversized
+    (``"image_too_large"``) image."""
 
     def __init__(self, reason: str, message: str) -> None:
         SkipExample.__init__(self, reason, message)

@@ -3,7 +3,8 @@
 Every part of ``fgpo`` that opens an image (dataset loaders, the trainer's encoder, pair
 preparation, evaluation, the demo) goes through :func:`open_image`. A missing or unreadable file
 raises :class:`~fgpo.data.errors.ImageError`, which is both a ``DatasetError`` (a loader or a
-command reports it) and a ``SkipExample`` with reason ``missing_image`` / ``unreadable_image``
+command reports it) and a ``SkipExample`` with reason ``missing_image`` / ``unreadable_image`` /
+``image_too_large``
 (the trainer and ``fgpo prepare`` count it and go on).
 """
 
@@ -32,7 +33,8 @@ def open_image(path: str | Path, *, window: Any = "auto"):
     """Open an image as a PIL image in mode ``L`` or ``RGB`` (DICOM with windowing).
 
     Raises :class:`~fgpo.data.errors.ImageError` naming the path when the file is missing
-    (reason ``missing_image``) or unreadable (``unreadable_image``).
+    (reason ``missing_image``), unreadable (``unreadable_image``) or larger than PIL's
+    decompression-bomb limit (``image_too_large``).
     """
     from PIL import Image, UnidentifiedImageError
 
@@ -59,5 +61,11 @@ def open_image(path: str | Path, *, window: Any = "auto"):
                 a = (a - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(a)
                 return Image.fromarray(a.round().astype(np.uint8), mode="L")
             return im.convert("RGB")
+    except Image.DecompressionBombError as e:  # PIL's guard against images that fill memory
+        raise ImageError(
+            "image_too_large",
+            f"image {p} is too large to decode safely ({e}; PIL.Image.MAX_IMAGE_PIXELS sets the "
+            "limit)",
+        ) from e
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise ImageError("unreadable_image", f"cannot read image {p}: {e}") from e

@@ -49,6 +49,8 @@ class ImageChecker:
         try:  # a full decode: verify() alone passes truncated JPEGs
             with Image.open(path) as im:
                 im.load()
+        except Image.DecompressionBombError:  # PIL's guard against images that fill memory
+            return "image_too_large"
         except Exception:
             return "corrupt_image"
         return None

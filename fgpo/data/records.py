@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .errors import MaskTagError
+from .errors import DatasetError, MaskTagError
 
 OPEN_TAG = "<mask>"
 CLOSE_TAG = "</mask>"
@@ -56,23 +56,95 @@ def parse_mask_tags(text: str) -> tuple[str, list[tuple[int, int]]]:
     return "".join(out), spans
 
 
+# Fields every record needs, as strings; optional path fields are a string or null.
+REQUIRED_FIELDS = ("prompt", "chosen", "rejected", "image_path")
+OPTIONAL_PATH_FIELDS = ("rejected_image_path",)
+
+
 def load_records(path: str) -> list[dict[str, Any]]:
-    """Read a JSON list (or JSON lines) of preference records; checks the required keys."""
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    stripped = text.lstrip()
-    if stripped.startswith("["):
-        records = json.loads(text)
+    """Read a JSON list (or JSON lines) of preference records and check them (see
+    :func:`check_records`). Every error is a :class:`DatasetError` that names the file and the
+    line or record."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DatasetError(
+            f"{path}: not UTF-8 text (byte {e.start} is {raw[e.start : e.start + 1]!r}); "
+            "save the file as UTF-8"
+        ) from None
+    lines = None
+    if text.lstrip().startswith("["):
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DatasetError(
+                f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})"
+            ) from None
     else:
-        records = [json.loads(line) for line in text.splitlines() if line.strip()]
+        records, lines = _json_lines(path, text)
+    return check_records(records, path, lines)
+
+
+def _json_lines(path: str, text: str) -> tuple[list[Any], list[int]]:
+    """Records of a JSON-lines file and the line number of each."""
+    try:  # one JSON value over several lines: a pretty-printed object is not JSON lines
+        whole = json.loads(text)
+    except json.JSONDecodeError:
+        whole = None
+    if isinstance(whole, dict):
+        if not any(key in whole for key in REQUIRED_FIELDS):
+            raise DatasetError(
+                f"{path}: expected a JSON list of records or JSON lines, got a JSON object with "
+                f"keys {sorted(whole)[:10]}"
+            )
+        if "\n" in text.strip():  # a single record written over several lines
+            return [whole], [1]
+    records, lines = [], []
+    for i, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise DatasetError(
+                f"{path}: line {i} is not valid JSON ({e.msg} at column {e.colno}); each line "
+                "of a JSON-lines file holds one record"
+            ) from None
+        lines.append(i)
+    return records, lines
+
+
+def check_records(
+    records: Any, source: str = "records", lines: list[int] | None = None
+) -> list[dict[str, Any]]:
+    """Check the shape of preference records; return them.
+
+    Each record must be an object with the :data:`REQUIRED_FIELDS` as strings, and
+    ``rejected_image_path`` a string or null. A wrong type is never guessed at (a null prompt
+    would otherwise be trained on as the text "None"): ``DatasetError`` naming ``source``, the
+    record (index, JSON-lines line, ``id``) and the field.
+    """
     if not isinstance(records, list):
-        raise ValueError(f"{path}: expected a JSON list of records, got {type(records).__name__}")
+        raise DatasetError(
+            f"{source}: expected a JSON list of records, got {type(records).__name__}"
+        )
     for k, r in enumerate(records):
+        where = f"{source}: record {k}" + (f" (line {lines[k]})" if lines else "")
         if not isinstance(r, dict):
-            raise ValueError(f"{path}: record {k} is a {type(r).__name__}, not an object")
-        missing = [key for key in ("prompt", "chosen", "rejected", "image_path") if key not in r]
+            raise DatasetError(f"{where} is a {type(r).__name__}, not an object")
+        where += f" (id={r.get('id')!r})"
+        missing = [key for key in REQUIRED_FIELDS if key not in r]
         if missing:
-            raise ValueError(f"{path}: record {k} (id={r.get('id')!r}) lacks {missing}")
+            raise DatasetError(f"{where} lacks {missing}")
+        for key in (*REQUIRED_FIELDS, *OPTIONAL_PATH_FIELDS):
+            v = r.get(key)
+            if not isinstance(v, str) and not (v is None and key in OPTIONAL_PATH_FIELDS):
+                want = "a string or null" if key in OPTIONAL_PATH_FIELDS else "a string"
+                raise DatasetError(
+                    f"{where} field {key!r} must be {want}, got {v!r} ({type(v).__name__})"
+                )
     return records
 
 

@@ -263,10 +263,12 @@ class Trainer:
         counts = Counter(self.dataset.skipped)  # by the dataset's reasons, whatever they are
         if self.world > 1:
             dist.all_reduce(ok)
+            # What the dataset found when it was built (tags, image tokens in the text), every
+            # process found: count it once; the encoding skips are this process's share.
+            mine = counts - self.dataset.checked_skips
             gathered: list[Any] = [None] * self.world
-            dist.all_gather_object(gathered, dict(counts))
-            counts = sum((Counter(g) for g in gathered), Counter())
-            counts["bad_tags"] //= self.world  # tag problems are found by every process
+            dist.all_gather_object(gathered, dict(mine))
+            counts = sum((Counter(g) for g in gathered), Counter(self.dataset.checked_skips))
         self.skipped = {r: int(c) for r, c in sorted(counts.items()) if c}
         return [k for k in range(n) if ok[k]]
 
