@@ -349,9 +349,12 @@ def test_cli_tiny_config(tmp_path):
         output_dir=str(out),
         max_steps=2,
         resume=False,
-        overrides=[f"train_file={tmp_path / 'data' / 'preferences.json'}", "progress_bar=false"],
+        overrides=["progress_bar=false"],
     )
     assert train.run(args) == 0
+    # generate_tiny_data: the records live under the cache directory, not beside any path
+    data = os.path.join(os.environ["FGPO_CACHE"], "data", "tiny-prefs-v1-n64-seed0")
+    assert os.path.isfile(os.path.join(data, "preferences.json"))
     rows = _read_rows(out)
     assert [r["step"] for r in rows] == [1, 2]
     for key in ("loss", "loss/rank", "kl/mixed", "rewards/margins", "visual/loss", "lr"):

@@ -9,6 +9,8 @@
   (the trainer's input).
 - :mod:`.synthetic`: generated lesion scans with questions (the demo's and the tiny runs' data).
 - :mod:`.errors`: ``DatasetError``, ``SkipExample``, ``ImageError``, ``MaskTagError``.
+- :mod:`.files`: atomic writes, append-only JSON lines that survive a kill, disk-full errors
+  that say where (used by ``fgpo prepare`` and the trainer).
 """
 
 from .batches import (

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import DatasetError, MaskTagError
+from .files import atomic_write_text
 
 OPEN_TAG = "<mask>"
 CLOSE_TAG = "</mask>"
@@ -149,11 +150,11 @@ def check_records(
 
 
 def write_records(records: list[dict[str, Any]], path: str | Path) -> Path:
-    """Write records as one JSON list (UTF-8), creating the folder."""
+    """Write records as one JSON list (UTF-8), creating the folder. Atomic: a reader (or a
+    run killed mid-write) sees the old file or the whole new one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(records, f, indent=1, ensure_ascii=False)
+    atomic_write_text(path, json.dumps(records, indent=1, ensure_ascii=False))
     return path
 
 

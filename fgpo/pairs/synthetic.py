@@ -8,14 +8,19 @@ image (the paper's noise inside the lesion mask), so batches mix examples with a
 
 from __future__ import annotations
 
+import fcntl
+import os
+import shutil
 from pathlib import Path
 
 from ..data import synthetic, write_records
+from ..models.tiny import cache_dir
 from .corrupt import CorruptConfig
 from .editors import ReferenceEditor
 from .prepare import prepare_pairs
 
 FILE_NAME = "preferences.json"
+_VERSION = "v1"  # bump when the generator changes so cached sets are rebuilt
 
 
 def make_preference_set(
@@ -39,3 +44,20 @@ def make_preference_set(
             rec.pop("rejected_image_path", None)
             rec.pop("corrupt_source", None)
     return str(write_records(records, out_dir / FILE_NAME))
+
+
+def ensure_preference_set(n: int, seed: int) -> str:
+    """The JSON path of ``n`` generated records for ``seed``, built once under the cache
+    directory (``$FGPO_CACHE/data/``, like the tiny models) and reused: the trainer's
+    ``generate_tiny_data``. Never written beside a user's path."""
+    path = os.path.join(cache_dir(), "data", f"tiny-prefs-{_VERSION}-n{n}-seed{seed}")
+    target = os.path.join(path, FILE_NAME)
+    if os.path.isfile(target):
+        return target
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(f"{path}.lock", "w") as lock:  # one builder at a time (records hold abs paths)
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not os.path.isfile(target):  # the JSON is written last and atomically: a set
+            shutil.rmtree(path, ignore_errors=True)  # without it is a killed build
+            make_preference_set(path, n=n, seed=seed)
+    return target

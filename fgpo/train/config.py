@@ -21,7 +21,9 @@ from typing import Any
 
 import yaml
 
-from fgpo_kernels import LOSS_PRESETS
+from fgpo_kernels import LOSS_PRESETS, FiReMPOLoss
+
+from .config_checks import at_least, check_type, fraction, one_of
 
 _CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
@@ -37,6 +39,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     name: {**LOSS_PRESETS.get(name, {}), **_TRAINER_PRESETS.get(name, {})}
     for name in (*LOSS_PRESETS, *_TRAINER_PRESETS)
 }
+_LOSS_FIELDS = ("beta", "alpha", "gamma", "lambda_", "alpha_v1", "alpha_v2")
 
 
 @dataclass
@@ -89,13 +92,17 @@ class TrainConfig:
     max_length: int = 2048
     """Longer sequences (image tokens included) are skipped and counted."""
     on_bad_tags: str = "error"
-    """``error``: malformed ``<mask>`` tags stop before training; ``skip``: count and skip."""
+    """``error``: malformed ``<mask>`` tags (and the image token inside the text) stop before
+    training, naming the record; ``skip``: count and skip those records. A record of the wrong
+    shape (a missing field, a null or numeric prompt) stops the run under both."""
     cache_examples: bool = False
     """Keep encoded examples in memory (small sets, many epochs)."""
     prefetch: bool = True
     """Encode the next step's batch in a background thread while the current one computes."""
     generate_tiny_data: int = 0
-    """If > 0 and ``train_file`` does not exist, write that many synthetic records there."""
+    """If > 0, train on that many generated records (``fgpo.pairs.synthetic``, seeded by
+    ``seed``) instead of a ``train_file`` (which must then be empty). They are written once
+    under the cache directory (``$FGPO_CACHE/data/``) and reused."""
 
     # --- optimisation ------------------------------------------------------------------------
     lr: float = 1e-6
@@ -133,7 +140,8 @@ class TrainConfig:
     """Also log to TensorBoard when ``torch.utils.tensorboard`` is importable."""
     progress_bar: bool = True
     device: str = "auto"
-    """``auto`` (cuda when available, one device per process) | ``cpu`` | ``cuda``."""
+    """``auto`` (cuda when available, one device per process) | ``cpu`` | ``cuda`` (an error
+    when no CUDA device is available)."""
     cpu_threads: int | None = None
     """``torch.set_num_threads`` for CPU runs (1 is fastest for tiny models on busy machines)."""
 
@@ -142,38 +150,47 @@ class TrainConfig:
 
     # -----------------------------------------------------------------------------------------
     def __post_init__(self) -> None:
-        # YAML 1.1 reads "1e-6" as a string; coerce scalars to the field's declared type.
         for f in fields(self):
-            v = getattr(self, f.name)
-            if isinstance(v, str) and f.type.split(" |")[0] in ("float", "int"):
-                try:
-                    setattr(self, f.name, float(v) if f.type.startswith("float") else int(v))
-                except ValueError:
-                    raise ValueError(f"{f.name} must be a number, got {v!r}") from None
-            elif isinstance(v, int) and not isinstance(v, bool) and f.type == "float":
-                setattr(self, f.name, float(v))
+            setattr(self, f.name, check_type(f.name, f.type, getattr(self, f.name)))
         self.validate()
 
     def validate(self) -> None:
-        """Raise ``ValueError`` naming the field for inconsistent values."""
+        """Raise ``ValueError`` naming the field for values out of range or inconsistent."""
         if self.preset.replace("-", "_") not in PRESETS:
             raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
-        if self.mask not in (None, "span", "response"):
-            raise ValueError(f"mask must be 'span', 'response' or null, got {self.mask!r}")
-        if self.lr_scheduler not in ("cosine", "linear", "constant"):
-            raise ValueError(f"lr_scheduler must be cosine|linear|constant: {self.lr_scheduler!r}")
-        if self.on_bad_tags not in ("error", "skip"):
-            raise ValueError(f"on_bad_tags must be 'error' or 'skip', got {self.on_bad_tags!r}")
-        for name in ("global_batch_size", "micro_batch_size", "num_epochs", "lora_r"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        one_of(self, "mask", (None, "span", "response"))
+        one_of(self, "lr_scheduler", ("cosine", "linear", "constant"))
+        one_of(self, "on_bad_tags", ("error", "skip"))
+        one_of(self, "dtype", ("bfloat16", "float32", "float16"))
+        one_of(self, "device", ("auto", "cpu", "cuda"))
+        for name in ("model", "output_dir"):
+            if not getattr(self, name):
+                raise ValueError(f"{name} must be a non-empty string")
+        for name in ("global_batch_size", "micro_batch_size", "num_epochs", "lora_r",
+                     "max_length", "log_steps", "cpu_threads"):  # fmt: skip
+            at_least(self, name, 1)
+        for name in ("max_steps", "save_steps", "save_total_limit", "eval_steps", "seed",
+                     "generate_tiny_data", "weight_decay", "max_grad_norm"):  # fmt: skip
+            at_least(self, name, 0)
+        for name in ("lr", "adam_eps", "lora_alpha"):
+            at_least(self, name, 0, strict=True)
+        fraction(self, "warmup_ratio")
+        for name in ("lora_dropout", "adam_beta1", "adam_beta2"):
+            fraction(self, name, upper_open=True)
+        # The loss checks its own coefficients and impl name; its argument names are the
+        # fields' (the preset's fixed values are applied later and are valid by construction).
+        FiReMPOLoss(**{k: getattr(self, k) for k in _LOSS_FIELDS}, impl=self.impl)
         if self.global_batch_size % self.micro_batch_size:
             raise ValueError(
                 f"global_batch_size={self.global_batch_size} is not a multiple of "
                 f"micro_batch_size={self.micro_batch_size}"
             )
-        if self.max_steps is not None and self.max_steps < 0:
-            raise ValueError(f"max_steps must be >= 0, got {self.max_steps}")
+        if self.generate_tiny_data and self.train_file:
+            raise ValueError(
+                f"generate_tiny_data={self.generate_tiny_data} trains on generated records "
+                f"(kept under the cache directory); it cannot be combined with train_file="
+                f"{self.train_file!r}: remove one of them"
+            )
 
     @property
     def preset_key(self) -> str:
@@ -183,10 +200,7 @@ class TrainConfig:
     def loss_kwargs(self) -> dict[str, Any]:
         """Arguments of ``FiReMPOLoss`` after the preset is applied."""
         fixed = PRESETS[self.preset_key]
-        kw = {
-            k: float(fixed.get(k, getattr(self, k)))
-            for k in ("beta", "alpha", "gamma", "lambda_", "alpha_v1", "alpha_v2")
-        }
+        kw = {k: float(fixed.get(k, getattr(self, k))) for k in _LOSS_FIELDS}
         kw["impl"] = self.impl
         return kw
 

@@ -118,6 +118,11 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
     def _init_distributed(self) -> None:
         world = int(os.environ.get("WORLD_SIZE", "1"))
+        if self.cfg.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError(
+                "device is 'cuda' but no CUDA device is available (torch.cuda.is_available() "
+                "is False); set device: cpu or auto"
+            )
         cuda = torch.cuda.is_available() and self.cfg.device in ("auto", "cuda")
         if world > 1 and not dist.is_initialized():
             dist.init_process_group("nccl" if cuda else "gloo")
@@ -201,25 +206,23 @@ class Trainer:
     def load_data(self) -> None:
         """Dataset, the scan for unusable examples, and the step plan."""
         cfg = self.cfg
-        if cfg.generate_tiny_data and not os.path.exists(cfg.train_file):
-            if self.is_main:
-                from ..pairs.synthetic import make_preference_set
+        self.train_file = cfg.train_file
+        if cfg.generate_tiny_data:
+            from ..pairs.synthetic import ensure_preference_set
 
-                make_preference_set(
-                    os.path.dirname(os.path.abspath(cfg.train_file)) or ".",
-                    n=cfg.generate_tiny_data,
-                    seed=cfg.seed,
-                )
-                produced = os.path.join(os.path.dirname(cfg.train_file), "preferences.json")
-                if os.path.abspath(produced) != os.path.abspath(cfg.train_file):
-                    os.replace(produced, cfg.train_file)
+            if self.is_main:
+                ensure_preference_set(cfg.generate_tiny_data, cfg.seed)
             self._barrier()
-        if not cfg.train_file or not os.path.exists(cfg.train_file):
-            raise FileNotFoundError(f"train_file {cfg.train_file!r} does not exist")
+            self.train_file = ensure_preference_set(cfg.generate_tiny_data, cfg.seed)
+        if not self.train_file or not os.path.isfile(self.train_file):
+            raise FileNotFoundError(
+                f"train_file {self.train_file!r} does not exist (set train_file, or "
+                "generate_tiny_data > 0 for generated records)"
+            )
         self.needs_corrupt = cfg.needs_corrupt()
         self.mask_key = "span_mask" if cfg.resolved_mask() == "span" else "response_mask"
         self.dataset = PreferenceDataset(
-            cfg.train_file,
+            self.train_file,
             self.processor,
             image_root=cfg.image_root,
             max_length=cfg.max_length,
