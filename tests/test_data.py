@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch
@@ -12,21 +11,7 @@ from fgpo import data, models
 from fgpo.models import tiny
 from fgpo.pairs.synthetic import make_preference_set
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _cache(tmp_path_factory):
-    old = os.environ.get("FGPO_CACHE")
-    os.environ["FGPO_CACHE"] = str(tmp_path_factory.getbasetemp() / "fgpo_cache")
-    yield
-    if old is None:
-        os.environ.pop("FGPO_CACHE", None)
-    else:
-        os.environ["FGPO_CACHE"] = old
-
-
-@pytest.fixture(scope="module")
-def llava():
-    return tiny.build_tiny("tiny-llava")
+pytestmark = pytest.mark.usefixtures("train_env")
 
 
 @pytest.mark.parametrize(

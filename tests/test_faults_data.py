@@ -4,29 +4,18 @@ files fail with the file, record and field named; an oversized image is a counte
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 
 from fgpo import data
-from fgpo.models import tiny
 from fgpo.pairs.synthetic import make_preference_set
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _cache(tmp_path_factory):
-    old = os.environ.get("FGPO_CACHE")
-    os.environ["FGPO_CACHE"] = str(tmp_path_factory.getbasetemp() / "fgpo_cache")
-    yield
-    if old is None:
-        os.environ.pop("FGPO_CACHE", None)
-    else:
-        os.environ["FGPO_CACHE"] = old
+pytestmark = pytest.mark.usefixtures("train_env")
 
 
 @pytest.fixture(scope="module")
-def proc():
-    return tiny.build_tiny("tiny-llava")[1]
+def proc(llava):
+    return llava[1]
 
 
 @pytest.fixture(scope="module")

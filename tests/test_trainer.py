@@ -10,67 +10,12 @@ import os
 
 import pytest
 import torch
+from train_helpers import make_cfg, make_trainer, read_rows, trainable
 
 from fgpo import models
-from fgpo.models import tiny
-from fgpo.pairs.synthetic import make_preference_set
 from fgpo.train import TrainConfig, Trainer
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _env(tmp_path_factory):
-    old = os.environ.get("FGPO_CACHE"), torch.get_num_threads()
-    os.environ["FGPO_CACHE"] = str(tmp_path_factory.getbasetemp() / "fgpo_cache")
-    torch.set_num_threads(1)
-    yield
-    if old[0] is None:
-        os.environ.pop("FGPO_CACHE", None)
-    else:
-        os.environ["FGPO_CACHE"] = old[0]
-    torch.set_num_threads(old[1])
-
-
-@pytest.fixture(scope="module")
-def llava():
-    return tiny.build_tiny("tiny-llava")
-
-
-@pytest.fixture(scope="module")
-def prefs(tmp_path_factory):
-    return make_preference_set(str(tmp_path_factory.mktemp("prefs")), n=16, seed=3)
-
-
-def _cfg(tmp_path, prefs, **kw) -> TrainConfig:
-    base = dict(
-        model="tiny-llava",
-        dtype="float32",
-        train_file=prefs,
-        output_dir=str(tmp_path / "run"),
-        lora_r=4,
-        lora_alpha=8,
-        lora_dropout=0.0,
-        lr=5e-3,
-        global_batch_size=8,
-        micro_batch_size=4,
-        max_steps=2,
-        save_steps=0,
-        progress_bar=False,
-        tensorboard=False,
-        gradient_checkpointing=False,
-        impl="torch",
-        seed=0,
-    )
-    base.update(kw)
-    return TrainConfig(**base)
-
-
-def _trainer(cfg, llava) -> Trainer:
-    model, proc = llava
-    return Trainer(cfg, model=copy.deepcopy(model), processor=proc)
-
-
-def _trainable(tr: Trainer) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in tr.trainable.items()}
+pytestmark = pytest.mark.usefixtures("train_env")
 
 
 def test_lora_language_model_only_and_reference_context(llava):
@@ -99,13 +44,15 @@ def test_lora_language_model_only_and_reference_context(llava):
 
 def test_trainer_rejects_a_hub_processor(tmp_path, prefs, llava):
     with pytest.raises(TypeError, match="VLProcessor"):
-        Trainer(_cfg(tmp_path, prefs), model=llava[0], processor=llava[1].tokenizer)
+        Trainer(make_cfg(tmp_path, prefs), model=llava[0], processor=llava[1].tokenizer)
 
 
 def test_first_step_matches_materialized_logits(tmp_path, prefs, llava):
     """At LoRA init policy == reference: rank loss = log 2, KL = 0, and the logged log-probs
     equal Σ_span log softmax(model(...).logits) at the shifted targets (alignment end to end)."""
-    tr = _trainer(_cfg(tmp_path, prefs, gamma=0.0, global_batch_size=8, micro_batch_size=8), llava)
+    tr = make_trainer(
+        make_cfg(tmp_path, prefs, gamma=0.0, global_batch_size=8, micro_batch_size=8), llava
+    )
     tr.load()
     tr.load_data()
     head = models.lm_head_weight(tr.model)
@@ -118,7 +65,7 @@ def test_first_step_matches_materialized_logits(tmp_path, prefs, llava):
     assert row["loss/rank"] == pytest.approx(0.693147, abs=1e-5)
     assert abs(row["kl/mixed"]) < 1e-6
     # Recompute the chosen log-probs from the Hub forward at the parameters of step 0.
-    tr2 = _trainer(_cfg(tmp_path, prefs, gamma=0.0), llava)
+    tr2 = make_trainer(make_cfg(tmp_path, prefs, gamma=0.0), llava)
     tr2.load()
     with torch.no_grad():
         logits = tr2.model(**tr2._model_inputs(b)).logits
@@ -137,14 +84,14 @@ def test_grad_accumulation_equals_large_batch(tmp_path, prefs, llava):
     # float-rounding differences in near-zero gradients stay small.
     rows, params = [], []
     for mb in (8, 2):
-        cfg = _cfg(tmp_path / f"mb{mb}", prefs, micro_batch_size=mb, max_steps=1, adam_eps=1e-2)
-        tr = _trainer(cfg, llava)
+        cfg = make_cfg(tmp_path / f"mb{mb}", prefs, micro_batch_size=mb, max_steps=1, adam_eps=1e-2)
+        tr = make_trainer(cfg, llava)
         tr.load()
         tr.load_data()
         assert tr.accum == 8 // mb
-        before = _trainable(tr)
+        before = trainable(tr)
         rows.append(tr.train_step(0))
-        params.append({k: v - before[k] for k, v in _trainable(tr).items()})
+        params.append({k: v - before[k] for k, v in trainable(tr).items()})
     assert rows[0]["loss"] == pytest.approx(rows[1]["loss"], rel=1e-6)
     assert rows[0]["grad_norm"] == pytest.approx(rows[1]["grad_norm"], rel=1e-5)
     moved = sum(float(d.abs().sum()) for d in params[0].values())
@@ -153,42 +100,34 @@ def test_grad_accumulation_equals_large_batch(tmp_path, prefs, llava):
         torch.testing.assert_close(params[1][k], params[0][k], rtol=1e-5, atol=1e-8)
 
 
-def _read_rows(out_dir):
-    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        rows = [json.loads(r) for r in f]
-    for r in rows:
-        r.pop("time_s")
-    return rows
-
-
 def test_exact_resume(tmp_path, prefs, llava):
     """4 steps straight == 2 steps, a fresh process state, resume, 2 more (bitwise), with LoRA
     dropout on so the RNG state matters."""
     kw = dict(max_steps=4, save_steps=2, lora_dropout=0.3, micro_batch_size=4)
-    full = _trainer(_cfg(tmp_path / "a", prefs, **kw), llava)
+    full = make_trainer(make_cfg(tmp_path / "a", prefs, **kw), llava)
     full.train()
-    first = _trainer(_cfg(tmp_path / "b", prefs, **kw), llava)
+    first = make_trainer(make_cfg(tmp_path / "b", prefs, **kw), llava)
     first.train(stop_after=2)
     torch.manual_seed(1234)  # anything the resumed run depends on must come from the checkpoint
-    second = _trainer(_cfg(tmp_path / "b", prefs, **kw), llava)
+    second = make_trainer(make_cfg(tmp_path / "b", prefs, **kw), llava)
     summary = second.train(resume=True)
     assert summary["start_step"] == 2 and summary["steps"] == 4
-    a, b = _trainable(full), _trainable(second)
+    a, b = trainable(full), trainable(second)
     for k in a:
         assert torch.equal(a[k], b[k]), k
     sa, sb = full.optimizer.state_dict()["state"], second.optimizer.state_dict()["state"]
     for i in sa:
         for key in ("exp_avg", "exp_avg_sq", "step"):
             assert torch.equal(sa[i][key], sb[i][key])
-    assert _read_rows(tmp_path / "a" / "run") == _read_rows(tmp_path / "b" / "run")
+    assert read_rows(tmp_path / "a" / "run") == read_rows(tmp_path / "b" / "run")
     assert full.scheduler.state_dict()["last_epoch"] == second.scheduler.state_dict()["last_epoch"]
 
 
 def test_failure_mid_run_checkpoints_completed_steps(tmp_path, prefs, llava):
     kw = dict(max_steps=2, save_steps=0, lora_dropout=0.3)
-    full = _trainer(_cfg(tmp_path / "a", prefs, **kw), llava)
+    full = make_trainer(make_cfg(tmp_path / "a", prefs, **kw), llava)
     full.train()
-    tr = _trainer(_cfg(tmp_path / "b", prefs, **kw), llava)
+    tr = make_trainer(make_cfg(tmp_path / "b", prefs, **kw), llava)
     tr.load()
     tr.load_data()
     encode = tr.encode
@@ -202,15 +141,17 @@ def test_failure_mid_run_checkpoints_completed_steps(tmp_path, prefs, llava):
     with pytest.raises(RuntimeError, match="vanished"):
         tr.train()
     assert (tmp_path / "b" / "run" / "latest").read_text() == "checkpoint-1"
-    again = _trainer(_cfg(tmp_path / "b", prefs, **kw), llava)
+    again = make_trainer(make_cfg(tmp_path / "b", prefs, **kw), llava)
     assert again.train(resume=True)["start_step"] == 1
-    a, b = _trainable(full), _trainable(again)
+    a, b = trainable(full), trainable(again)
     for k in a:
         assert torch.equal(a[k], b[k]), k
 
 
 def test_checkpoint_is_atomic_and_pruned(tmp_path, prefs, llava):
-    tr = _trainer(_cfg(tmp_path, prefs, max_steps=3, save_steps=1, save_total_limit=2), llava)
+    tr = make_trainer(
+        make_cfg(tmp_path, prefs, max_steps=3, save_steps=1, save_total_limit=2), llava
+    )
     tr.train()
     out = tmp_path / "run"
     names = sorted(os.listdir(out))
@@ -223,7 +164,7 @@ def test_checkpoint_is_atomic_and_pruned(tmp_path, prefs, llava):
 
 
 def test_full_finetune_frozen_reference(tmp_path, prefs, llava):
-    tr = _trainer(_cfg(tmp_path, prefs, lora=False, max_steps=1, lr=1e-3), llava)
+    tr = make_trainer(make_cfg(tmp_path, prefs, lora=False, max_steps=1, lr=1e-3), llava)
     tr.load()
     tr.load_data()
     ref0 = {k: v.clone() for k, v in tr.reference.state_dict().items()}
@@ -253,14 +194,14 @@ def test_bad_data_is_counted_not_fatal(tmp_path, prefs, llava):
     recs += copy.deepcopy(recs[2:4])
     path = tmp_path / "bad.json"
     path.write_text(json.dumps(recs))
-    cfg = _cfg(tmp_path, str(path), max_steps=1, on_bad_tags="skip")
-    summary = _trainer(cfg, llava).train()
+    cfg = make_cfg(tmp_path, str(path), max_steps=1, on_bad_tags="skip")
+    summary = make_trainer(cfg, llava).train()
     assert summary["skipped"] == {"missing_image": 1, "empty_mask": 1}
     assert summary["usable_examples"] == 16
     recs[5]["rejected"] = "the <mask>left lung"
     path.write_text(json.dumps(recs))
     with pytest.raises(ValueError, match=r"record 5 .*unclosed"):
-        _trainer(_cfg(tmp_path, str(path)), llava).train()
+        make_trainer(make_cfg(tmp_path, str(path)), llava).train()
 
 
 @pytest.mark.parametrize(
@@ -271,14 +212,16 @@ def test_other_families_train(tmp_path, prefs, name):
 
     if name == "tiny-qwen3-vl" and not hasattr(transformers, "Qwen3VLConfig"):
         pytest.skip("no Qwen3-VL in this transformers")
-    cfg = _cfg(tmp_path, prefs, model=name, max_steps=1, gradient_checkpointing=True)
+    cfg = make_cfg(tmp_path, prefs, model=name, max_steps=1, gradient_checkpointing=True)
     summary = Trainer(cfg).train()
     row = summary["last_metrics"]
     assert row["loss/rank"] == pytest.approx(0.693147, abs=1e-5) and row["grad_norm"] > 0
 
 
 def test_dpo_preset_uses_response_mask_and_no_corrupt_passes(tmp_path, prefs, llava):
-    tr = _trainer(_cfg(tmp_path, prefs, preset="dpo", micro_batch_size=8, max_steps=1), llava)
+    tr = make_trainer(
+        make_cfg(tmp_path, prefs, preset="dpo", micro_batch_size=8, max_steps=1), llava
+    )
     tr.load()
     tr.load_data()
     assert (tr.loss_fn.gamma, tr.loss_fn.alpha) == (0.0, 0.0)
@@ -289,7 +232,7 @@ def test_dpo_preset_uses_response_mask_and_no_corrupt_passes(tmp_path, prefs, ll
     # logps/chosen sums over every response token (eos included), not just the span.
     n = b["batch_size"]
     with torch.no_grad():
-        tr2 = _trainer(_cfg(tmp_path, prefs, preset="dpo"), llava)
+        tr2 = make_trainer(make_cfg(tmp_path, prefs, preset="dpo"), llava)
         tr2.load()
         logits = tr2.model(**tr2._model_inputs(b)).logits[:n].double()
     t, m = b["targets"][:n], b["response_mask"][:n].double()
@@ -300,8 +243,8 @@ def test_dpo_preset_uses_response_mask_and_no_corrupt_passes(tmp_path, prefs, ll
 def test_sft_preset_is_the_chosen_answers_likelihood(tmp_path, prefs, llava):
     """preset sft: no reference and no rejected pass; the loss is the per-example mean of
     -log p(y+) over the response tokens (eos included), checked against full logits."""
-    cfg = _cfg(tmp_path, prefs, preset="sft", lora=False, micro_batch_size=8, max_steps=1)
-    tr = _trainer(cfg, llava)
+    cfg = make_cfg(tmp_path, prefs, preset="sft", lora=False, micro_batch_size=8, max_steps=1)
+    tr = make_trainer(cfg, llava)
     tr.load()
     tr.load_data()
     assert tr.reference is None and tr.ref_policy is None
@@ -327,14 +270,14 @@ def test_eval_hook_is_logged_and_leaves_training_unchanged(tmp_path, prefs, llav
         return {"score": len(calls)}
 
     # dropout draws from the RNG in every step after an evaluation
-    plain = _trainer(_cfg(tmp_path / "a", prefs, max_steps=3, lora_dropout=0.2), llava)
+    plain = make_trainer(make_cfg(tmp_path / "a", prefs, max_steps=3, lora_dropout=0.2), llava)
     plain.train()
-    cfg = _cfg(tmp_path / "b", prefs, max_steps=3, eval_steps=2, lora_dropout=0.2)
+    cfg = make_cfg(tmp_path / "b", prefs, max_steps=3, eval_steps=2, lora_dropout=0.2)
     model, proc = llava
     hooked = Trainer(cfg, model=copy.deepcopy(model), processor=proc, eval_fn=eval_fn)
     hooked.train()
     assert calls == [False, False]  # after step 2 and after the last step, in eval mode
-    rows = _read_rows(tmp_path / "b" / "run")
+    rows = read_rows(tmp_path / "b" / "run")
     assert [r.get("eval/score") for r in rows] == [None, 1.0, 2.0]
     for k, v in plain.trainable.items():
         assert torch.equal(v, hooked.trainable[k]), k
@@ -355,7 +298,7 @@ def test_cli_tiny_config(tmp_path):
     # generate_tiny_data: the records live under the cache directory, not beside any path
     data = os.path.join(os.environ["FGPO_CACHE"], "data", "tiny-prefs-v1-n64-seed0")
     assert os.path.isfile(os.path.join(data, "preferences.json"))
-    rows = _read_rows(out)
+    rows = read_rows(out)
     assert [r["step"] for r in rows] == [1, 2]
     for key in ("loss", "loss/rank", "kl/mixed", "rewards/margins", "visual/loss", "lr"):
         assert key in rows[0]
