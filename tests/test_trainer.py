@@ -3,7 +3,6 @@ bad data, the CLI on the shipped tiny config."""
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import os
@@ -201,7 +200,7 @@ def test_bad_data_is_counted_not_fatal(tmp_path, prefs, llava):
     recs[5]["rejected"] = "the <mask>left lung"
     path.write_text(json.dumps(recs))
     with pytest.raises(ValueError, match=r"record 5 .*unclosed"):
-        make_trainer(make_cfg(tmp_path, str(path)), llava).train()
+        make_trainer(make_cfg(tmp_path / "tags", str(path)), llava).train()
 
 
 @pytest.mark.parametrize(
@@ -284,17 +283,11 @@ def test_eval_hook_is_logged_and_leaves_training_unchanged(tmp_path, prefs, llav
 
 
 def test_cli_tiny_config(tmp_path):
-    from fgpo.train import command as train
+    from fgpo.cli import main
 
     out = tmp_path / "cli"
-    args = argparse.Namespace(
-        config="tiny",
-        output_dir=str(out),
-        max_steps=2,
-        resume=False,
-        overrides=["progress_bar=false"],
-    )
-    assert train.run(args) == 0
+    argv = ["train", "--config", "tiny", "--output-dir", str(out), "--max-steps", "2"]
+    assert main([*argv, "--set", "progress_bar=false"]) == 0
     # generate_tiny_data: the records live under the cache directory, not beside any path
     data = os.path.join(os.environ["FGPO_CACHE"], "data", "tiny-prefs-v1-n64-seed0")
     assert os.path.isfile(os.path.join(data, "preferences.json"))

@@ -6,6 +6,7 @@
   ``pairs.jsonl``); a kill can cut the last line short, so a partial last line is dropped
   (and reported), while a bad line anywhere else is an error naming it.
 - :func:`append_jsonl`: the writer's side: whole lines, one ``write`` per batch, flushed.
+- :func:`sha256_file`: a file's identity (checkpoint digests, the training data's).
 - :func:`write_error`: an ``OSError`` while writing, re-raised with the path, and for a full
   disk the words "no space left" and how much is free there.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import os
 import shutil
@@ -61,6 +63,15 @@ def read_jsonl(path: str | Path) -> tuple[list[dict[str, Any]], bool]:
             raise ValueError(f"{path}: line {i} is a {type(row).__name__}, not an object")
         rows.append(row)
     return rows, dropped
+
+
+def sha256_file(path: str | Path) -> str:
+    """SHA-256 of a file's bytes, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def rewrite_jsonl(path: str | Path, rows: list[dict[str, Any]]) -> None:

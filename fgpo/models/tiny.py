@@ -259,7 +259,12 @@ def ensure_tiny_model(name: str) -> str:
     path = os.path.join(cache_dir(), "tiny", f"{name}-{_VERSION}")
     if os.path.exists(os.path.join(path, "fgpo_processor.json")):
         return path
-    model, proc = build_tiny(name)
+    import torch
+
+    # Building draws from the global generators (build_tiny seeds them); a run must not depend
+    # on whether the cache was empty, so the caller's generator states are put back after it.
+    with torch.random.fork_rng(devices=[]):
+        model, proc = build_tiny(name)
     tmp = f"{path}.tmp-{os.getpid()}"
     model.save_pretrained(tmp)
     proc.save_pretrained(tmp)

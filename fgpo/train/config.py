@@ -41,6 +41,15 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 _LOSS_FIELDS = ("beta", "alpha", "gamma", "lambda_", "alpha_v1", "alpha_v2")
 
+# Fields that do not change what is trained (where and how often to save and log, progress,
+# threads, prefetching, caching): they may differ when a run is resumed. Every other field
+# changes the result, and ``--resume`` refuses a checkpoint written with another value.
+OPERATIONAL_FIELDS = frozenset(
+    {"output_dir", "save_steps", "save_total_limit", "log_steps", "eval_steps", "run_name",
+     "tensorboard", "progress_bar", "device", "cpu_threads", "prefetch", "cache_examples",
+     "extra"}
+)  # fmt: skip
+
 
 @dataclass
 class TrainConfig:

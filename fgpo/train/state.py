@@ -1,21 +1,41 @@
 """What a checkpoint holds of a :class:`~fgpo.train.Trainer`, and putting it back.
 
-The file format (atomic directories, RNG states, ``latest``) is :mod:`.checkpoint`'s; this
-module gathers the trainer's state for it (full tensors under FSDP2), writes the usable
-artifact (``adapter/`` or ``model/``), and restores weights, optimizer and schedule on resume,
-refusing a checkpoint written with another batch or process layout. Functions take the trainer
-as ``self``: they are its methods, kept here so the trainer file reads as the step.
+The file format (atomic directories, digests, RNG states, ``latest``) is :mod:`.checkpoint`'s;
+this module gathers the trainer's state for it (full tensors under FSDP2), writes the usable
+artifact (``adapter/`` or ``model/``), and restores weights, optimizer and schedule on resume.
+Resuming refuses a checkpoint written with another batch or process layout, and one written
+with another config or data where that changes the result (unless explicitly allowed, said in
+the log); a damaged latest checkpoint falls back to an older one only when asked. Functions
+take the trainer as ``self``: they are its methods, kept here so the trainer file reads as the
+step.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import os
 from typing import Any
 
 import torch
 
 from .. import models as M
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import (
+    CheckpointError,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from .config import OPERATIONAL_FIELDS, TrainConfig
+
+log = logging.getLogger(__name__)
+
+
+class ResumeError(ValueError):
+    """A checkpoint of another run layout, config or data (the message lists what differs)."""
 
 
 def trainer_state(self, step: int) -> dict[str, Any]:
@@ -28,6 +48,10 @@ def trainer_state(self, step: int) -> dict[str, Any]:
         "fsdp": self.fsdp,
         "skipped": self.skipped,
         "config": self.cfg.to_dict(),
+        "train_file": os.path.abspath(self.train_file),
+        "data_sha256": self.data_sha256,
+        # the step's metrics row when it is not written yet (an interrupted eval or log)
+        "pending": b.pending() if (b := self.boundary) is not None and b.step == step else None,
     }
 
 
@@ -60,8 +84,9 @@ def _export(self, path: str, full: dict[str, torch.Tensor]) -> None:
     self.processor.save_pretrained(out)
 
 
-def save_trainer(self, step: int) -> str:
-    """Write checkpoint ``step`` of a :class:`~fgpo.train.Trainer` (every process calls it)."""
+def save_trainer(self, step: int, rng: dict[str, Any] | None = None) -> str:
+    """Write checkpoint ``step`` of a :class:`~fgpo.train.Trainer` (every process calls it);
+    ``rng``: the generator states of that step boundary (None: the current ones)."""
     full, opt_state = _full_state(self)
     frozen_full = None
     if self.fsdp and not M.is_peft(self.model):
@@ -80,29 +105,112 @@ def save_trainer(self, step: int) -> str:
         optimizer_state=opt_state,
         scheduler_state=self.scheduler.state_dict(),
         state=trainer_state(self, step),
+        rng=rng if rng is not None else rng_state(),
         export=export,
         keep=self.cfg.save_total_limit,
     )
 
 
-def resume_trainer(self, path: str | None = None) -> int:
+def _candidates(out_dir: str) -> list[str]:
+    """The latest checkpoint, then the older complete ones, newest first."""
+    latest = latest_checkpoint(out_dir)
+    if latest is None:
+        return []
+    older = [p for _, p in reversed(list_checkpoints(out_dir)) if p != latest]
+    return [latest, *older]
+
+
+def _verified(self, path: str | None, fallback: bool) -> tuple[str, dict[str, Any]] | None:
+    """(path, contents) of the checkpoint to resume: ``path``, else the latest; with
+    ``fallback``, the newest that verifies (said in the log)."""
+    candidates = [path] if path else _candidates(self.cfg.output_dir)
+    failed: list[str] = []
+    for p in candidates:
+        try:
+            got = load_checkpoint(p, rank=self.rank, names=set(self.trainable))
+        except CheckpointError as e:
+            if not fallback or path:
+                raise CheckpointError(
+                    f"{e}. --resume-fallback (resume_fallback=True) resumes from the newest "
+                    "checkpoint that verifies instead"
+                ) from None
+            log.warning("%s; trying an older checkpoint (--resume-fallback)", e)
+            failed.append(os.path.basename(p))
+            continue
+        if failed:
+            log.warning(
+                "resuming from %s: %s failed verification (--resume-fallback)",
+                p, ", ".join(failed),
+            )  # fmt: skip
+        return p, got
+    if failed:
+        raise CheckpointError(f"no checkpoint in {self.cfg.output_dir} verifies: {failed}")
+    return None
+
+
+def _config_changes(saved: dict[str, Any], cfg: TrainConfig) -> list[str]:
+    """``"field: saved -> now"`` for every field that changes the result and differs.
+    A field the checkpoint lacks (added to fgpo later) counts as its default."""
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    now = cfg.to_dict()
+    changes = []
+    for name, value in now.items():
+        if name in OPERATIONAL_FIELDS:
+            continue
+        before = saved.get(name, defaults.get(name))
+        if before != value:
+            changes.append(f"{name}: {before!r} -> {value!r}")
+    return changes
+
+
+def _check_same_run(self, path: str, state: dict[str, Any], allow: bool) -> None:
+    """Refuse a checkpoint of another config or data (``allow``: continue, said in the log)."""
+    changes = _config_changes(state.get("config", {}), self.cfg)
+    if state.get("data_sha256") not in (None, self.data_sha256):
+        changes.append(
+            f"train_file: {self.train_file} changed since the checkpoint was written (its "
+            "SHA-256 differs)"
+        )
+    if not changes:
+        return
+    listed = "; ".join(changes)
+    if allow:
+        log.warning("resuming %s with changes that change the result: %s", path, listed)
+        return
+    raise ResumeError(
+        f"{path} was written with another config or data, and these change the result: "
+        f"{listed}. Resume with the checkpoint's values, or pass --allow-config-change "
+        "(allow_config_change=True) to continue anyway."
+    )
+
+
+def resume_trainer(
+    self,
+    path: str | None = None,
+    *,
+    fallback: bool = False,
+    allow_config_change: bool = False,
+) -> int:
     """Restore the latest (or the given) checkpoint into a trainer; returns its step (0 if
-    none)."""
-    path = path or latest_checkpoint(self.cfg.output_dir)
-    if path is None:
+    none). Every file is verified first (:class:`~.checkpoint.CheckpointError` names a damaged
+    one); ``fallback`` resumes from the newest checkpoint that verifies instead; a config or
+    data that changes the result is refused unless ``allow_config_change``."""
+    found = _verified(self, path, fallback)
+    if found is None:
         return 0
-    got = load_checkpoint(path, rank=self.rank, names=set(self.trainable))
+    path, got = found
     state = got["state"]
     if state["global_batch_size"] != self.cfg.global_batch_size:
-        raise ValueError(
+        raise ResumeError(
             f"{path} was written with global_batch_size={state['global_batch_size']}, "
             f"the config has {self.cfg.global_batch_size}"
         )
     if state["world_size"] != self.world or bool(state.get("fsdp")) != self.fsdp:
-        raise ValueError(
+        raise ResumeError(
             f"{path} was written by {state['world_size']} processes (fsdp={state.get('fsdp')})"
             f", this run has {self.world} (fsdp={self.fsdp})"
         )
+    _check_same_run(self, path, state, allow_config_change)
     with torch.no_grad():
         for k, p in self.trainable.items():
             src = got["trainable"][k].to(device=p.device, dtype=p.dtype)
@@ -126,4 +234,6 @@ def resume_trainer(self, path: str | None = None) -> int:
     else:
         self.optimizer.load_state_dict(got["optimizer"])
     self.scheduler.load_state_dict(got["scheduler"])
+    self.pending = state.get("pending")
+    set_rng_state(got["rng"])  # last: nothing after it may draw from the generators
     return int(state["step"])

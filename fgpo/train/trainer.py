@@ -22,7 +22,6 @@ position is a pure function of the step, so resuming needs only the step number.
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import time
 from collections import Counter
@@ -35,11 +34,15 @@ from torch import nn
 
 from .. import models as M
 from ..data import PreferenceCollator, PreferenceDataset
+from ..data.files import sha256_file
 from . import checkpoint as ckpt
 from .config import TrainConfig
+from .guard import Boundary, check_finite, hold_sigint, save_on_failure
 from .logs import MetricsLog
 from .objectives import SFT, build_loss, split_sequences
+from .rundir import prepare_output_dir
 from .state import resume_trainer, save_trainer
+from .steps import StepMetrics, lr_lambda
 
 _MODEL_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")
 
@@ -53,21 +56,6 @@ class _Policy(nn.Module):
 
     def forward(self, **inputs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         return M.backbone_hidden_states(self.model, **inputs), M.lm_head_weight(self.model)
-
-
-def _lr_lambda(kind: str, total: int, warmup: int):
-    def f(step: int) -> float:
-        if warmup and step < warmup:
-            return (step + 1) / (warmup + 1)
-        if kind == "constant":
-            return 1.0
-        progress = (step - warmup) / max(1, total - warmup)
-        progress = min(max(progress, 0.0), 1.0)
-        if kind == "linear":
-            return 1.0 - progress
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return f
 
 
 class Trainer:
@@ -112,6 +100,10 @@ class Trainer:
         self.sft = cfg.preset_key == SFT
         self.model: nn.Module | None = None
         self.summary: dict[str, Any] = {}
+        self.boundary: Boundary | None = None  # the state after the last completed update
+        self.updating = False  # inside the update: the state is not consistent
+        self.pending: dict[str, Any] | None = None  # an unlogged row read from a checkpoint
+        self._due = (False, False)  # (eval, log) of the step being run, for its boundary
 
     # ------------------------------------------------------------------------------------------
     # setup
@@ -141,7 +133,6 @@ class Trainer:
     def load(self) -> None:
         """Model, reference, LoRA / freezing, checkpointing, DDP, optimizer, schedule, loss."""
         cfg = self.cfg
-        torch.manual_seed(cfg.seed)  # LoRA init is identical on every process
         model, processor, reference = self._given
         if model is None:
             from ..models import tiny
@@ -155,6 +146,10 @@ class Trainer:
         model.to(self.device)
         self.processor = processor
         self.reference = None  # LoRA: the same model with its adapters disabled; SFT: none
+        # Seeded right before the random initialisation, never earlier: what ran before
+        # (building the tiny model into an empty cache, loading) must not change it; and so
+        # LoRA starts identical on every process.
+        torch.manual_seed(cfg.seed)
         if cfg.lora:
             model = M.apply_lora(model, cfg)
         else:
@@ -219,6 +214,7 @@ class Trainer:
                 f"train_file {self.train_file!r} does not exist (set train_file, or "
                 "generate_tiny_data > 0 for generated records)"
             )
+        self.data_sha256 = sha256_file(self.train_file)  # recorded in every checkpoint
         self.needs_corrupt = cfg.needs_corrupt()
         self.mask_key = "span_mask" if cfg.resolved_mask() == "span" else "response_mask"
         self.dataset = PreferenceDataset(
@@ -253,7 +249,7 @@ class Trainer:
         self.accum = g // (self.world * cfg.micro_batch_size)
         warmup = round(cfg.warmup_ratio * self.total_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, _lr_lambda(cfg.lr_scheduler, self.total_steps, warmup)
+            self.optimizer, lr_lambda(cfg.lr_scheduler, self.total_steps, warmup)
         )
         self._orders: dict[int, list[int]] = {}
 
@@ -348,9 +344,7 @@ class Trainer:
         t0 = time.perf_counter()
         micro = self.encode(step) if micro is None else micro
         scale = self.world / self.cfg.global_batch_size  # DDP averages over the world
-        sums: dict[str, float] = {}
-        counts: dict[str, float] = {}
-        tokens = 0
+        metrics = StepMetrics()
         for k, b in enumerate(micro):
             sync = k == len(micro) - 1 or self.world == 1
             if self.fsdp:
@@ -362,31 +356,8 @@ class Trainer:
                 h, h_ref, w, w_ref = self.forward(b)
                 out = self.compute_loss(b, h, h_ref, w, w_ref)
                 (out.loss * scale).backward()
-            sums["loss"] = sums.get("loss", 0.0) + float(out.loss.detach())
-            counts["loss"] = counts.get("loss", 0.0) + b["batch_size"]
-            for name, v in out.metrics.items():
-                ok = ~torch.isnan(v)
-                sums[name] = sums.get(name, 0.0) + float(v[ok].sum())
-                counts[name] = counts.get(name, 0.0) + float(ok.sum())
-            tokens += int(b["attention_mask"][: 2 * b["batch_size"]].sum())  # (v, y±) only
-        names = sorted(sums)
-        if self.world > 1:
-            # Visual metrics exist only where a micro-batch had v': agree on the key set first.
-            gathered: list[Any] = [None] * self.world
-            dist.all_gather_object(gathered, names)
-            names = sorted(set().union(*gathered))
-            for n in names:
-                sums.setdefault(n, 0.0)
-                counts.setdefault(n, 0.0)
-            vec = torch.tensor(
-                [sums[n] for n in names] + [counts[n] for n in names] + [tokens],
-                dtype=torch.float64,
-            )
-            dist.all_reduce(vec)
-            m = len(names)
-            sums = dict(zip(names, vec[:m].tolist()))
-            counts = dict(zip(names, vec[m : 2 * m].tolist()))
-            tokens = int(vec[-1])
+            metrics.add(b, out)
+        metrics.all_reduce(self.world)
         params = list(self.trainable.values())
         if self.cfg.max_grad_norm > 0:
             gnorm = torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm)
@@ -394,27 +365,38 @@ class Trainer:
             gnorm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
         gnorm = float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
         lr = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
         row: dict[str, Any] = {"step": step + 1, "epoch": step / self.steps_per_epoch}
-        row["loss"] = sums["loss"] / max(counts["loss"], 1.0)
-        for n in names:
-            if n != "loss":
-                row[n] = sums[n] / counts[n] if counts[n] else float("nan")
-        row.update(lr=lr, grad_norm=gnorm, tokens=tokens, time_s=time.perf_counter() - t0)
+        row.update(metrics.means(), lr=lr, grad_norm=gnorm, tokens=metrics.tokens)
+        check_finite(step, row)  # a NaN/inf loss stops here, before it reaches the weights
+        row["time_s"] = time.perf_counter() - t0
+        self._apply_update(step, row)
         return row
+
+    def _apply_update(self, step: int, row: dict[str, Any]) -> None:
+        """Optimizer, schedule and the new step boundary (with the step's row) as one unit:
+        Ctrl-C is held until all are done, so a checkpoint never pairs updated weights with the
+        previous step's number or RNG, nor loses the step's row (``guard.py``)."""
+        with hold_sigint():
+            self.updating = True
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.boundary = Boundary(step + 1, ckpt.rng_state(), row, *self._due)
+            self.updating = False
 
     # ------------------------------------------------------------------------------------------
     # checkpoints (the file format and the state's gathering live in checkpoint.py)
     # ------------------------------------------------------------------------------------------
     def save(self, step: int) -> str:
-        """Checkpoint the state after ``step`` optimizer steps (collective under torchrun)."""
-        return save_trainer(self, step)
+        """Checkpoint the state after ``step`` optimizer steps (collective under torchrun),
+        with the RNG states of that step boundary."""
+        b = self.boundary
+        return save_trainer(self, step, b.rng if b is not None and b.step == step else None)
 
-    def resume(self, path: str | None = None) -> int:
-        """Restore the latest (or the given) checkpoint; returns its step (0 if none)."""
-        return resume_trainer(self, path)
+    def resume(self, path: str | None = None, **kw: Any) -> int:
+        """Restore the latest (or the given) checkpoint; returns its step (0 if none).
+        ``kw``: ``fallback``, ``allow_config_change`` (see ``state.resume_trainer``)."""
+        return resume_trainer(self, path, **kw)
 
     @property
     def run_name(self) -> str:
@@ -440,17 +422,50 @@ class Trainer:
         self._barrier()
         return out
 
+    def _finish_row(self, log: MetricsLog, row: dict[str, Any], evaluate: bool) -> None:
+        """Evaluate (when due) and write the row of the step just completed, then mark it
+        written in the boundary. A row already in the log (written just before an
+        interruption) is not written twice."""
+        b = self.boundary
+        if evaluate and self.eval_fn is not None:
+            row.update(self.evaluate())
+            self.boundary = b = b._replace(eval_due=False)
+        if b.log_due and not log.has_step(row["step"]):
+            log.write(row)
+        self.boundary = b._replace(row=None)
+
     # ------------------------------------------------------------------------------------------
-    def train(self, resume: bool = False, stop_after: int | None = None) -> dict[str, Any]:
+    def train(
+        self,
+        resume: bool = False,
+        stop_after: int | None = None,
+        *,
+        overwrite: bool = False,
+        allow_config_change: bool = False,
+        resume_fallback: bool = False,
+    ) -> dict[str, Any]:
         """Run training; ``resume`` continues from the latest checkpoint in ``output_dir``.
+
+        A directory holding another run is refused unless ``resume`` (continue it) or
+        ``overwrite`` (move its files to a sibling ``<output_dir>.old-<time>``).
+        ``allow_config_change`` resumes although the config differs from the checkpoint's in
+        a field that changes the result; ``resume_fallback`` resumes from the newest checkpoint
+        that verifies when the latest is damaged. Both are said in the log.
 
         ``stop_after`` ends the run after that step (checkpointed) without changing the schedule
         (which ``max_steps`` defines): an interruption, for tests and time-limited jobs.
         """
+        prepare_output_dir(
+            self.cfg.output_dir, resume=resume, overwrite=overwrite, is_main=self.is_main,
+            barrier=self._barrier,
+        )  # fmt: skip
         if self.model is None:
             self.load()
             self.load_data()
-        start = self.resume() if resume else 0
+        start = 0
+        if resume:
+            start = self.resume(fallback=resume_fallback, allow_config_change=allow_config_change)
+        self.boundary = Boundary(start, ckpt.rng_state())
         log = MetricsLog(
             self.cfg.output_dir,
             resumed_step=start,
@@ -467,40 +482,39 @@ class Trainer:
         row: dict[str, Any] = {}
         every = self.cfg.save_steps
         last_saved = start if resume else -1
-        done = start
         # Encoding (image decode + preprocessing) of step s+1 overlaps the compute of step s;
         # it is a pure function of the step, so prefetching changes nothing else.
         pool = ThreadPoolExecutor(1) if self.cfg.prefetch and end > start else None
         nxt = pool.submit(self.encode, start) if pool is not None else None
         try:
+            if self.pending is not None:  # the resumed step's row was not written: finish it
+                row, due = self.pending["row"], self.pending["eval_due"]
+                self.boundary = self.boundary._replace(row=row, eval_due=due, log_due=True)
+                self._finish_row(log, row, due)
+                self.pending = None
             for step in range(start, end):
-                rng_at_step = ckpt.rng_state()
                 micro = nxt.result() if nxt is not None else None
                 if pool is not None and step + 1 < end:
                     nxt = pool.submit(self.encode, step + 1)
-                row = self.train_step(step, micro)
                 done = step + 1
                 every_eval = self.cfg.eval_steps
                 evaluate = bool(every_eval) and (done % every_eval == 0 or done == end)
-                if evaluate and self.eval_fn is not None:
-                    row.update(self.evaluate())
-                if done % max(self.cfg.log_steps, 1) == 0 or done == end or evaluate:
-                    log.write(row)
+                self._due = (evaluate, done % self.cfg.log_steps == 0 or done == end or evaluate)
+                row = self.train_step(step, micro)
+                self._due = (False, False)
+                self._finish_row(log, row, evaluate)
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{row['loss']:.4f}", acc=row.get("rewards/accuracies"))
-                if every and (step + 1) % every == 0:
-                    self.save(step + 1)
-                    last_saved = step + 1
+                if every and done % every == 0:
+                    self.save(done)
+                    last_saved = done
             if end > start and last_saved != end:
                 self.save(end)
         except BaseException:
-            # A failure (bad file met mid-run, Ctrl-C) keeps the completed steps: checkpoint
-            # them with the RNG as it was at the step boundary. Single process only: with
-            # several, the others may not reach the collective save.
-            if self.world == 1 and done > max(last_saved, 0):
-                ckpt.set_rng_state(rng_at_step)
-                self.save(done)
+            # Ctrl-C, a bad file met mid-run, a NaN loss: keep the completed steps, with the
+            # RNG of the step boundary (never that of a step's start, never half an update).
+            save_on_failure(self, last_saved)
             raise
         finally:
             if pool is not None:
