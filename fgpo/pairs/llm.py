@@ -2,7 +2,9 @@
 
 urllib only: base URL, model name, API key from an environment variable, our own prompt,
 bounded retries on 429/5xx and on unparseable replies. The tags are computed by
-:func:`fgpo.pairs.text.tag_diff`, never taken from the model's reply.
+:func:`fgpo.pairs.text.tag_diff`, never taken from the model's reply. The key never leaves in a
+message, log, report or record: every text that quotes the endpoint's reply is redacted (the
+key's value and any ``Bearer <token>``), and a reply is read up to 8 MiB.
 """
 
 from __future__ import annotations
@@ -25,6 +27,11 @@ from .text import change_ratio, normalize, tag_diff, tokens
 
 class LLMEditorError(RuntimeError):
     """The LLM endpoint failed (after the retries) or answered something unusable."""
+
+
+# A reply is a small JSON object; anything far larger is not one (and is not read whole).
+_MAX_REPLY = 8 << 20
+_BEARER = re.compile(r"(?i)\bbearer\s+(?!\[redacted\])[^\s\"',;}\]]+")
 
 
 SYSTEM_PROMPT = (
@@ -120,7 +127,17 @@ class LLMEditor:
         else:
             opener = urllib.request.build_opener()
         with opener.open(req, timeout=self.timeout) as resp:
-            return json.loads(resp.read().decode("utf-8"))
+            raw = resp.read(_MAX_REPLY + 1)
+        if len(raw) > _MAX_REPLY:
+            raise ValueError(f"the reply is larger than {_MAX_REPLY >> 20} MiB")
+        return json.loads(raw.decode("utf-8"))
+
+    def redact(self, text: str) -> str:
+        """``text`` without the API key: its exact value and any ``Bearer <token>`` (a server or
+        proxy may echo the request's headers into a reply that ends up in a message)."""
+        if self._key:
+            text = text.replace(self._key, "[redacted]")
+        return _BEARER.sub("Bearer [redacted]", text)
 
     def complete(self, messages: list[dict]) -> dict:
         """One chat completion, parsed as a JSON object, with the retry policy above."""
@@ -139,15 +156,18 @@ class LLMEditor:
                 content = body["choices"][0]["message"]["content"]
                 return _extract_json(content or "")
             except urllib.error.HTTPError as e:
-                detail = e.read()[:300].decode("utf-8", "replace") if e.fp else ""
-                last = f"HTTP {e.code} {e.reason}: {detail}"
+                # Redacted before it is cut to 300 characters: a cut must not leave half a key.
+                body = e.read(1 << 16).decode("utf-8", "replace") if e.fp else ""
+                last = f"HTTP {e.code} {e.reason}: {self.redact(body)[:300]}"
                 if e.code != 429 and e.code < 500:
-                    raise LLMEditorError(f"{self.url}: {last}") from e
+                    raise LLMEditorError(self.redact(f"{self.url}: {last}")) from None
             except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
                 last = f"connection failed: {e}"
-            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, IndexError, TypeError) as e:
+            except (ValueError, KeyError, IndexError, TypeError) as e:  # JSON, UTF-8, shape
                 last = f"malformed reply ({type(e).__name__}: {e})"
-        raise LLMEditorError(f"{self.url}: {self.max_retries + 1} attempts failed; last: {last}")
+        raise LLMEditorError(
+            self.redact(f"{self.url}: {self.max_retries + 1} attempts failed; last: {last}")
+        )
 
     def messages(self, example: Any, model_answer: str) -> list[dict]:
         user = USER_PROMPT.format(
@@ -165,8 +185,9 @@ class LLMEditor:
             correct = correct.strip().lower() in ("true", "yes", "1")
         edited = obj.get("edited")
         if not isinstance(correct, bool) or not isinstance(edited, str):
-            raise SkipExample("llm_reply_missing_fields", json.dumps(obj)[:200])
-        edited = strip_tags(edited).strip()
+            raise SkipExample("llm_reply_missing_fields", self.redact(json.dumps(obj))[:200])
+        # The edit becomes a record: a key echoed into it must not reach pairs.json.
+        edited = self.redact(strip_tags(edited)).strip()
         if normalize(edited) == normalize(y):
             raise SkipExample("no_difference", y[:80])
         ratio = change_ratio(y, edited)

@@ -35,10 +35,10 @@ from ..data import (
     is_dicom,
     load_dataset,
     open_image,
-    write_records,
 )
 from .corrupt import MODES, CorruptConfig, corrupt_example, load_segmenter, seed_from_id
 from .editors import Editor, ReferenceEditor
+from .journal import PairJournal
 from .llm import LLMEditor, LLMEditorError
 
 log = logging.getLogger(__name__)
@@ -55,6 +55,7 @@ def prepare_pairs(
     *,
     stats: Counter | None = None,
     image_dir: str | Path | None = None,
+    journal: PairJournal | None = None,
 ) -> list[dict[str, Any]]:
     """Preference records for ``examples``; ``corrupt_cfg=None`` makes no corrupted images.
 
@@ -64,61 +65,79 @@ def prepare_pairs(
     (annotation / segmenter / fallback / none). Duplicate pairs (same id, qid, chosen,
     rejected) are kept once. Errors of an LLM endpoint that persist after its
     retries (:class:`LLMEditorError`) propagate: they mean a misconfigured endpoint.
+
+    ``journal`` (:class:`~fgpo.pairs.journal.PairJournal`): each example's outcome is written
+    to it as soon as it is known, and examples it has done already are skipped (``--resume``).
+    Returns the records made by this call.
     """
     stats = stats if stats is not None else Counter()
     img_dir = Path(image_dir) if image_dir is not None else Path(out_dir) / "rejected_images"
     records: list[dict[str, Any]] = []
-    seen: set[tuple] = set()
+    seen: set[tuple] = journal.seen if journal is not None else set()
     for ex in examples:
-        stats["examples"] += 1
-        try:  # step: answer
-            y_minus = (answer_fn(ex) or "").strip()
-        except DatasetError as e:  # the image went missing or does not decode
-            stats["skip:unreadable_image"] += 1
-            log.warning("skipping %s/%s: %s", ex.id, ex.qid, e)
+        key = (ex.id, ex.qid)
+        if journal is not None and journal.done(key):
             continue
-        try:  # step: edit
-            edit = editor.edit(ex, y_minus)
-        except SkipExample as s:
-            stats[f"skip:{s.reason}"] += 1
-            continue
-        if not (has_tags(edit.chosen) and has_tags(edit.rejected)):
-            stats["skip:no_difference"] += 1
-            continue
-        key = (ex.id, ex.qid, edit.chosen, edit.rejected)
-        if key in seen:
-            stats["skip:duplicate"] += 1
-            continue
-        seen.add(key)
-        rec: dict[str, Any] = {
-            "id": ex.id,
-            "qid": ex.qid,
-            "prompt": ex.question,
-            "chosen": edit.chosen,
-            "rejected": edit.rejected,
-            "image_path": _absolute(_trainer_image(ex.image_path, Path(out_dir) / "images")),
-            "was_correct": edit.was_correct,
-            "answer_type": ex.answer_type,
-            "dataset": ex.dataset,
-            "model_answer": y_minus,
-            "editor": getattr(editor, "name", type(editor).__name__),
-        }
-        if corrupt_cfg is not None:  # step: corrupt
-            try:
-                res = corrupt_example(ex, corrupt_cfg, img_dir)
-            except (DatasetError, OSError, ValueError) as e:  # e.g. an unreadable mask image
-                stats["corrupt_failed"] += 1
-                log.warning("no corrupted image for %s/%s: %s", ex.id, ex.qid, e)
-                res = None
-            if res is not None and res.path:
-                rec["rejected_image_path"] = _absolute(res.path)
-                rec["corrupt_source"] = res.source
-                stats[f"corrupt:{res.source}"] += 1
-            elif res is not None:  # no region and fallback="skip": no v' (has_corrupt = 0)
-                stats["corrupt:none"] += 1
-        records.append(rec)  # step: record
-        stats["pairs"] += 1
+        counts: Counter = Counter()
+        rec = _pair(ex, answer_fn, editor, corrupt_cfg, out_dir, img_dir, seen, counts)
+        if journal is not None:
+            journal.add(key, counts, rec)
+        stats.update(counts)
+        if rec is not None:
+            records.append(rec)
     return records
+
+
+def _pair(ex, answer_fn, editor, corrupt_cfg, out_dir, img_dir, seen, stats) -> dict | None:
+    """One example: answer -> edit -> corrupt -> record (None when skipped, counted)."""
+    stats["examples"] += 1
+    try:  # step: answer
+        y_minus = (answer_fn(ex) or "").strip()
+    except DatasetError as e:  # the image went missing or does not decode
+        stats["skip:unreadable_image"] += 1
+        log.warning("skipping %s/%s: %s", ex.id, ex.qid, e)
+        return None
+    try:  # step: edit
+        edit = editor.edit(ex, y_minus)
+    except SkipExample as s:
+        stats[f"skip:{s.reason}"] += 1
+        return None
+    if not (has_tags(edit.chosen) and has_tags(edit.rejected)):
+        stats["skip:no_difference"] += 1
+        return None
+    key = (ex.id, ex.qid, edit.chosen, edit.rejected)
+    if key in seen:
+        stats["skip:duplicate"] += 1
+        return None
+    seen.add(key)
+    rec: dict[str, Any] = {
+        "id": ex.id,
+        "qid": ex.qid,
+        "prompt": ex.question,
+        "chosen": edit.chosen,
+        "rejected": edit.rejected,
+        "image_path": _absolute(_trainer_image(ex.image_path, Path(out_dir) / "images")),
+        "was_correct": edit.was_correct,
+        "answer_type": ex.answer_type,
+        "dataset": ex.dataset,
+        "model_answer": y_minus,
+        "editor": getattr(editor, "name", type(editor).__name__),
+    }
+    if corrupt_cfg is not None:  # step: corrupt
+        try:
+            res = corrupt_example(ex, corrupt_cfg, img_dir)
+        except (DatasetError, OSError, ValueError) as e:  # e.g. an unreadable mask image
+            stats["corrupt_failed"] += 1
+            log.warning("no corrupted image for %s/%s: %s", ex.id, ex.qid, e)
+            res = None
+        if res is not None and res.path:
+            rec["rejected_image_path"] = _absolute(res.path)
+            rec["corrupt_source"] = res.source
+            stats[f"corrupt:{res.source}"] += 1
+        elif res is not None:  # no region and fallback="skip": no v' (has_corrupt = 0)
+            stats["corrupt:none"] += 1
+    stats["pairs"] += 1  # step: record
+    return rec
 
 
 def _absolute(path: str) -> str:
@@ -148,6 +167,12 @@ def add_arguments(p) -> None:
     p.add_argument("--split", default=None, help="train / validate / test (dataset-specific)")
     p.add_argument("--out", required=True, help="output folder: pairs.json, images, report")
     p.add_argument("--limit", type=int, default=0, help="use only the first N examples")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted run in --out: examples already done (its "
+        "prepare_progress.jsonl) are skipped, not sent to the model or the editor again",
+    )
     g = p.add_argument_group("model (greedy answers = y-)")
     g.add_argument("--model", help="HF id/dir or tiny-* (fgpo.models.load_model)")
     g.add_argument("--adapter", help="a PEFT adapter folder to load on top of --model")
@@ -172,9 +197,14 @@ def add_arguments(p) -> None:
     g.add_argument("--fallback-std", type=float, default=12.0)
     g.add_argument(
         "--segmenter",
-        help="module:function called as fn(image, example) -> mask "
-        "for examples without a lesion annotation",
+        help="module:function for examples without a lesion annotation: fgpo imports that "
+        "module and runs fn(image, example) -> mask, with your permissions (name only code "
+        "you trust)",
     )
+
+
+class PrepareError(RuntimeError):
+    """An input of ``fgpo prepare`` does not cover the dataset (e.g. an answer is missing)."""
 
 
 def _answers_from_file(path: str) -> AnswerFn:
@@ -185,7 +215,7 @@ def _answers_from_file(path: str) -> AnswerFn:
     def answer(ex: VQAExample) -> str:
         key = (ex.id, ex.qid)
         if key not in table:
-            raise KeyError(f"--answers has no answer for id={ex.id} qid={ex.qid}")
+            raise PrepareError(f"--answers {path} has no answer for id={ex.id} qid={ex.qid}")
         return table[key]
 
     return answer
@@ -230,20 +260,40 @@ def run(args) -> int:
         max_new = args.max_new_tokens or default_max_new_tokens(args.dataset)
         answer_fn = greedy_answer_fn(model, proc, device, max_new_tokens=max_new)
     out = Path(args.out)
-    stats: Counter = Counter()
-    t0 = time.perf_counter()
     try:
-        records = prepare_pairs(examples, answer_fn, editor, cfg, out, stats=stats)
-    except LLMEditorError as e:
-        raise SystemExit(f"fgpo prepare: the LLM editor failed: {e}") from e
-    path = write_records(records, out / "pairs.json")
-    summary = {
-        "dataset": report.to_dict(),
-        "prepare": dict(stats),
-        "seconds": round(time.perf_counter() - t0, 2),
-    }
-    with open(out / "prepare_report.json", "w", encoding="utf-8") as f:
-        json.dump(summary, f, indent=1)
+        journal = PairJournal(out, resume=args.resume)
+    except FileExistsError as e:
+        raise SystemExit(f"fgpo prepare: {e}") from None
+    if journal.resumed:
+        log.info("resuming: %d examples of %s are done already", journal.resumed, out)
+    t0 = time.perf_counter()
+    error: BaseException | None = None
+    try:
+        prepare_pairs(examples, answer_fn, editor, cfg, out, journal=journal)
+    except BaseException as e:  # Ctrl-C too: whatever was done is written out below
+        error = e
+    finally:
+        summary = {
+            "dataset": report.to_dict(),
+            "complete": error is None,
+            "seconds": round(time.perf_counter() - t0, 2),
+        }
+        if error is not None:
+            summary["error"] = f"{type(error).__name__}: {error}"
+        path = journal.finish(summary)
+        journal.close()
+    if error is not None:
+        saved = (
+            f"{len(journal.records)} pairs from {journal.stats['examples']} examples are "
+            f"saved in {path} (progress: {journal.path}); fix the cause and rerun with --resume "
+            "to continue"
+        )
+        if isinstance(error, (LLMEditorError, PrepareError, OSError)):
+            what = "the LLM editor failed: " if isinstance(error, LLMEditorError) else ""
+            raise SystemExit(f"fgpo prepare: {what}{error}. {saved}") from error
+        log.error("%s", saved)
+        raise error
     print(f"{report.summary()}")
-    print(f"wrote {len(records)} pairs to {path}; counts: {dict(sorted(stats.items()))}")
+    counts = dict(sorted(journal.stats.items()))
+    print(f"wrote {len(journal.records)} pairs to {path}; counts: {counts}")
     return 0
