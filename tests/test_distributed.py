@@ -13,6 +13,7 @@ import sys
 import pytest
 import torch
 import yaml
+from train_helpers import make_cfg
 
 from fgpo.pairs.synthetic import make_preference_set
 
@@ -31,27 +32,17 @@ def setup(tmp_path_factory):
     env = dict(os.environ, FGPO_CACHE=str(base / "cache"), OMP_NUM_THREADS="1")
     env.pop("WORLD_SIZE", None)
     prefs = make_preference_set(str(base / "data"), n=16, seed=5)
-    cfg = dict(
-        model="tiny-llava",
-        dtype="float32",
-        train_file=prefs,
-        lora_r=4,
-        lora_alpha=8,
-        lora_dropout=0.0,
-        lr=5e-3,
+    cfg = make_cfg(
+        base,
+        prefs,
         adam_eps=1e-2,  # first Adam step ∝ gradient, not its sign (see test_trainer)
-        global_batch_size=8,
         micro_batch_size=2,
-        max_steps=2,
         save_steps=1,
         save_total_limit=0,
-        progress_bar=False,
-        tensorboard=False,
         gradient_checkpointing=True,
-        impl="torch",
         cpu_threads=1,
         device="cpu",
-    )
+    ).to_dict()
     path = base / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg))
     # Build the tiny model once so the processes do not race on the cache.

@@ -4,10 +4,9 @@ OpenAI-compatible HTTP server (127.0.0.1, started by the test, bounded requests)
 from __future__ import annotations
 
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from llm_endpoint import LocalEndpoint, chat_reply
 
 from fgpo.data import SkipExample, VQAExample, parse_mask_tags, strip_tags
 from fgpo.pairs.editors import Editor, ReferenceEditor
@@ -146,51 +145,16 @@ def test_reference_open_answers_and_counterfactuals():
 # ----------------------------------------------------------------------------- LLM editor
 
 
-class _Server:
-    """A tiny OpenAI-compatible server: answers queued replies, records requests."""
+class _Server(LocalEndpoint):
+    """Answers queued replies (500 when none is queued), records requests."""
 
     def __init__(self):
-        self.requests: list[dict] = []
         self.replies: list[tuple[int, str]] = []
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                n = int(self.headers.get("Content-Length", "0"))
-                body = self.rfile.read(n) if n < 1_000_000 else b""
-                outer.requests.append(
-                    {
-                        "path": self.path,
-                        "auth": self.headers.get("Authorization"),
-                        "json": json.loads(body or b"{}"),
-                    }
-                )
-                status, text = outer.replies.pop(0) if outer.replies else (500, "no reply queued")
-                data = text.encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *a):
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        self.thread = threading.Thread(
-            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        )
-        self.thread.start()
+        pop = lambda req: self.replies.pop(0) if self.replies else (500, "no reply queued")
+        super().__init__(pop)
 
     def reply(self, content=None, status=200, raw=None):
-        if raw is None:
-            raw = json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]})
-        self.replies.append((status, raw))
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        self.replies.append((status, chat_reply(content) if raw is None else raw))
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ import torch
 import yaml
 from train_helpers import make_cfg, make_trainer, read_rows, trainable
 
-from fgpo.train import TrainConfig, Trainer
+from fgpo.train import Trainer
 from fgpo.train import checkpoint as ckpt
 
 pytestmark = pytest.mark.usefixtures("train_env")
@@ -221,16 +221,13 @@ def test_kill_9_at_random_moments_resumes_bit_exactly(tmp_path, prefs):
     from fgpo.models import tiny
 
     tiny.ensure_tiny_model("tiny-llava")  # built once, outside the killed processes
-    cfg = dict(model="tiny-llava", dtype="float32", train_file=prefs, lora_r=4, lora_alpha=8,
-               lora_dropout=0.3, lr=5e-3, global_batch_size=8, micro_batch_size=4,
-               max_steps=6, save_steps=1, save_total_limit=2, progress_bar=False,
-               tensorboard=False, gradient_checkpointing=False, impl="torch", seed=0,
-               cpu_threads=1, device="cpu")  # fmt: skip
+    cfg = make_cfg(tmp_path / "ref", prefs, lora_dropout=0.3, max_steps=6, save_steps=1,
+                   save_total_limit=2, cpu_threads=1, device="cpu")  # fmt: skip
     cfg_path = tmp_path / "cfg.yaml"
-    cfg_path.write_text(yaml.safe_dump(cfg))
+    cfg_path.write_text(yaml.safe_dump(cfg.to_dict()))
     env = dict(os.environ, OMP_NUM_THREADS="1")
     run = dict(env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    Trainer(TrainConfig(**cfg, output_dir=str(tmp_path / "ref"))).train()  # uninterrupted
+    Trainer(cfg).train()  # the uninterrupted run, in tmp_path/ref/run
     out, rng, kills, first = tmp_path / "killed", random.Random(11), [], True
     # Kill k waits for checkpoint k (so the run progresses), then lands while a checkpoint is
     # being written (a .tmp-checkpoint-* exists; even k) or at a random moment of a step (odd).
@@ -249,8 +246,8 @@ def test_kill_9_at_random_moments_resumes_bit_exactly(tmp_path, prefs):
         assert proc.returncode == 0, err[-3000:]
         break
     assert any(".tmp-checkpoint" in " ".join(k) for k in kills), kills  # one during a save
-    assert read_rows(out) == read_rows(tmp_path / "ref")
-    want = torch.load(tmp_path / "ref" / "checkpoint-6" / "trainable.pt", weights_only=True)
+    assert read_rows(out) == read_rows(tmp_path / "ref" / "run")
+    want = torch.load(tmp_path / "ref" / "run" / "checkpoint-6" / "trainable.pt", weights_only=True)
     got = torch.load(out / "checkpoint-6" / "trainable.pt", weights_only=True)
     for k in want:
         assert torch.equal(got[k], want[k]), k

@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from llm_endpoint import LocalEndpoint, chat_reply
 from test_datasets import _img
 
 from fgpo.cli import main
@@ -36,39 +35,14 @@ def rad(tmp_path):
     return root, answers
 
 
-class _Endpoint:
-    """An OpenAI-compatible endpoint whose ``behave(n, headers)`` decides each reply."""
-
-    def __init__(self, behave):
-        self.calls = 0
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                self.rfile.read(int(self.headers.get("Content-Length", "0")))
-                outer.calls += 1
-                status, body = behave(outer.calls, dict(self.headers))
-                data = body.encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *a):
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+def _endpoint(behave) -> LocalEndpoint:
+    """An endpoint whose ``behave(n, headers)`` decides the n-th reply."""
+    ep = LocalEndpoint(lambda req: behave(len(ep.requests), req["headers"]))
+    return ep
 
 
 def _reply(content: str) -> tuple[int, str]:
-    return 200, json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]})
+    return 200, chat_reply(content)
 
 
 EDIT = json.dumps({"is_correct": False, "edited": "no"})
@@ -96,7 +70,7 @@ def _llm(endpoint, retries="0"):
 def test_an_endpoint_failing_after_4_edits_keeps_them_and_resume_continues(rad, tmp_path):
     """Before: every record was held in memory; the failure left no pairs.json and no report,
     and the 4 paid edits were lost."""
-    down = _Endpoint(lambda n, h: _reply(EDIT) if n <= 4 else (401, '{"error": "expired"}'))
+    down = _endpoint(lambda n, h: _reply(EDIT) if n <= 4 else (401, '{"error": "expired"}'))
     out = tmp_path / "out"
     with pytest.raises(SystemExit, match=r"4 pairs .* saved in .*pairs\.json.*--resume"):
         _prepare(rad, out, *_llm(down))
@@ -107,10 +81,10 @@ def test_an_endpoint_failing_after_4_edits_keeps_them_and_resume_continues(rad, 
     assert report["prepare"]["pairs"] == 4
     with pytest.raises(SystemExit, match="--resume"):  # no silent overwrite of that work
         _prepare(rad, out, *_llm(down))
-    up = _Endpoint(lambda n, h: _reply(EDIT))
+    up = _endpoint(lambda n, h: _reply(EDIT))
     assert _prepare(rad, out, *_llm(up), "--resume") == 0
     up.close()
-    assert up.calls == N - 4  # the done examples are not sent (nor paid for) again
+    assert len(up.requests) == N - 4  # the done examples are not sent (nor paid for) again
     recs = json.loads((out / "pairs.json").read_text())
     assert sorted(int(r["qid"]) for r in recs) == list(range(1, N + 1))
     report = json.loads((out / "prepare_report.json").read_text())
@@ -160,7 +134,7 @@ def _echo_headers(n, headers):
 def test_a_hostile_endpoint_never_gets_the_key_out(rad, tmp_path, capsys, caplog, behave):
     """Before: errors quoted up to 300 bytes of the reply, and a proxy echoing the request
     headers put ``Bearer <key>`` on stderr."""
-    hostile = _Endpoint(behave)
+    hostile = _endpoint(behave)
     out = tmp_path / "out"
     with caplog.at_level(logging.DEBUG):
         try:
@@ -169,7 +143,7 @@ def test_a_hostile_endpoint_never_gets_the_key_out(rad, tmp_path, capsys, caplog
         except SystemExit as e:
             message = str(e.code)
     hostile.close()
-    assert hostile.calls > 0
+    assert hostile.requests
     captured = capsys.readouterr()
     seen = [message, captured.out, captured.err, caplog.text]
     seen += [p.read_text(errors="replace") for p in out.rglob("*") if p.is_file()]
