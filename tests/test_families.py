@@ -7,10 +7,10 @@ transforms its logits before the softmax is refused at start-up with the setting
 from __future__ import annotations
 
 import copy
-import os
 
 import pytest
 import torch
+from train_helpers import make_cfg
 
 from fgpo import models
 from fgpo.models import tiny
@@ -20,17 +20,7 @@ from fgpo.train import TrainConfig, Trainer
 FAMILIES = ("tiny-medgemma", "tiny-llava-med")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _env(tmp_path_factory):
-    old = os.environ.get("FGPO_CACHE"), torch.get_num_threads()
-    os.environ["FGPO_CACHE"] = str(tmp_path_factory.getbasetemp() / "fgpo_cache")
-    torch.set_num_threads(1)
-    yield
-    if old[0] is None:
-        os.environ.pop("FGPO_CACHE", None)
-    else:
-        os.environ["FGPO_CACHE"] = old[0]
-    torch.set_num_threads(old[1])
+pytestmark = pytest.mark.usefixtures("train_env")
 
 
 @pytest.fixture(scope="module")
@@ -39,14 +29,10 @@ def prefs(tmp_path_factory):
 
 
 def _cfg(tmp_path, prefs, name, **kw) -> TrainConfig:
-    base = dict(
-        model=name, dtype="float32", train_file=prefs, output_dir=str(tmp_path / "run"),
-        lora_r=4, lora_alpha=8, lora_dropout=0.3, lr=5e-3, global_batch_size=4,
-        micro_batch_size=2, max_steps=4, save_steps=2, progress_bar=False, tensorboard=False,
-        gradient_checkpointing=False, impl="torch", seed=0,
-    )  # fmt: skip
-    base.update(kw)
-    return TrainConfig(**base)
+    """4 steps of 4 examples (micro-batches of 2) with LoRA dropout, a checkpoint every 2."""
+    run = dict(model=name, lora_dropout=0.3, global_batch_size=4, micro_batch_size=2,
+               max_steps=4, save_steps=2)  # fmt: skip
+    return make_cfg(tmp_path, prefs, **{**run, **kw})
 
 
 def test_medgemma_head_is_the_embedding_matrix():
