@@ -90,7 +90,8 @@ class PairJournal:
         self._file.flush()
         os.fsync(self._file.fileno())
         path = write_records(self.records, self.out / "pairs.json")
-        report = {**summary, "prepare": dict(self.stats)}
+        # examples and pairs are always there, 0 included: a run that made no pair says so
+        report = {**summary, "prepare": {"examples": 0, "pairs": 0, **self.stats}}
         atomic_write_text(self.out / "prepare_report.json", json.dumps(report, indent=1))
         return path
 
