@@ -21,10 +21,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--output-dir", default=None, help="overrides output_dir")
     p.add_argument("--max-steps", type=int, default=None, help="overrides max_steps")
-    p.add_argument(
+    start = p.add_mutually_exclusive_group()
+    start.add_argument(
         "--resume", action="store_true", help="continue from the latest checkpoint in output_dir"
     )
-    p.add_argument(
+    start.add_argument(
         "--overwrite",
         action="store_true",
         help="output_dir holds another run: move its files to OUTPUT.old-<time> and start anew",
