@@ -9,6 +9,7 @@
   ``--resume`` continues bit for bit.
 - A **non-finite loss or gradient** stops the run before the update is applied: the last good
   state is kept and the error says which metrics were NaN.
+- A step's **metrics row** is part of its boundary until it is written (:func:`finish_row`).
 """
 
 from __future__ import annotations
@@ -103,3 +104,16 @@ def save_on_failure(trainer: Any, last_saved: int) -> None:
         log.warning("checkpointed the %d completed steps before stopping", boundary.step)
     except Exception as e:  # the original failure is the one to report
         log.error("could not checkpoint step %d after the failure: %s", boundary.step, e)
+
+
+def finish_row(trainer: Any, log: Any, row: dict[str, Any], evaluate: bool) -> None:
+    """Evaluate (when due) and write the row of the step just completed, then mark it written
+    in the boundary. A row already in the log (written just before an interruption) is not
+    written twice."""
+    b: Boundary = trainer.boundary
+    if evaluate and trainer.eval_fn is not None:
+        row.update(trainer.evaluate())
+        trainer.boundary = b = b._replace(eval_due=False)
+    if b.log_due and not log.has_step(row["step"]):
+        log.write(row)
+    trainer.boundary = b._replace(row=None)

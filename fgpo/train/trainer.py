@@ -37,7 +37,7 @@ from ..data import PreferenceCollator, PreferenceDataset
 from ..data.files import sha256_file
 from . import checkpoint as ckpt
 from .config import TrainConfig
-from .guard import Boundary, check_finite, hold_sigint, save_on_failure
+from .guard import Boundary, check_finite, finish_row, hold_sigint, save_on_failure
 from .logs import MetricsLog
 from .objectives import SFT, build_loss, split_sequences
 from .rundir import prepare_output_dir
@@ -422,18 +422,6 @@ class Trainer:
         self._barrier()
         return out
 
-    def _finish_row(self, log: MetricsLog, row: dict[str, Any], evaluate: bool) -> None:
-        """Evaluate (when due) and write the row of the step just completed, then mark it
-        written in the boundary. A row already in the log (written just before an
-        interruption) is not written twice."""
-        b = self.boundary
-        if evaluate and self.eval_fn is not None:
-            row.update(self.evaluate())
-            self.boundary = b = b._replace(eval_due=False)
-        if b.log_due and not log.has_step(row["step"]):
-            log.write(row)
-        self.boundary = b._replace(row=None)
-
     # ------------------------------------------------------------------------------------------
     def train(
         self,
@@ -446,11 +434,9 @@ class Trainer:
     ) -> dict[str, Any]:
         """Run training; ``resume`` continues from the latest checkpoint in ``output_dir``.
 
-        A directory holding another run is refused unless ``resume`` (continue it) or
-        ``overwrite`` (move its files to a sibling ``<output_dir>.old-<time>``).
-        ``allow_config_change`` resumes although the config differs from the checkpoint's in
-        a field that changes the result; ``resume_fallback`` resumes from the newest checkpoint
-        that verifies when the latest is damaged. Both are said in the log.
+        A directory holding another run is refused unless ``resume`` or ``overwrite`` (its files
+        move to ``<output_dir>.old-<time>``). ``allow_config_change``: resume although the config
+        changes the result; ``resume_fallback``: from the newest checkpoint that verifies.
 
         ``stop_after`` ends the run after that step (checkpointed) without changing the schedule
         (which ``max_steps`` defines): an interruption, for tests and time-limited jobs.
@@ -490,7 +476,7 @@ class Trainer:
             if self.pending is not None:  # the resumed step's row was not written: finish it
                 row, due = self.pending["row"], self.pending["eval_due"]
                 self.boundary = self.boundary._replace(row=row, eval_due=due, log_due=True)
-                self._finish_row(log, row, due)
+                finish_row(self, log, row, due)
                 self.pending = None
             for step in range(start, end):
                 micro = nxt.result() if nxt is not None else None
@@ -502,7 +488,7 @@ class Trainer:
                 self._due = (evaluate, done % self.cfg.log_steps == 0 or done == end or evaluate)
                 row = self.train_step(step, micro)
                 self._due = (False, False)
-                self._finish_row(log, row, evaluate)
+                finish_row(self, log, row, evaluate)
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{row['loss']:.4f}", acc=row.get("rewards/accuracies"))
