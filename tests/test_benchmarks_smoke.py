@@ -1,4 +1,5 @@
-"""The benchmark runner works from a fresh install, and its end-to-end baseline is the same loss.
+"""The benchmark runner works from a fresh install, and its end-to-end baseline is the same loss;
+the shared-prefix step benchmark runs and its FLOP count matches the model and the mask.
 
 Runs ``python -m benchmarks.run`` on the ``tiny`` preset (a few subprocesses, seconds each),
 checks the CSV it writes, draws it with ``benchmarks.plot``, and checks that the materialized
@@ -12,6 +13,7 @@ import csv
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -79,3 +81,56 @@ def test_materialized_step_is_the_same_objective():
     assert torch.allclose(ours, ref, rtol=1e-10, atol=1e-12), (ours.item(), ref.item())
     for a, r in zip(g_ours, g_ref):
         assert torch.allclose(a, r, rtol=1e-8, atol=1e-12), (a - r).abs().max()
+
+
+def test_prefix_flop_count_matches_the_model_and_the_mask():
+    """The computed FLOPs of benchmarks/prefix_flops.py count a real model's linear layers and
+    exactly the (query, key) pairs the packed mask lets through."""
+    from benchmarks import prefix_flops as pf
+    from benchmarks.train_step import _dims
+    from fgpo.models import prefix, tiny
+
+    model, _ = tiny.build_tiny("tiny-qwen2.5-vl", hidden=64, layers=3)
+    lm, _ = _dims(model.config)
+    weights = [
+        p.numel()
+        for n, p in model.model.language_model.named_parameters()
+        if n.endswith(".weight") and p.ndim == 2 and "embed" not in n
+    ]
+    assert pf.lm_forward(lm, tokens=7, pairs=0) == 2 * 7 * sum(weights)
+    seg = torch.tensor([[0] * 5 + [1] * 3 + [2] * 4 + [-1] * 2])
+    allowed = prefix.Family().attend(SimpleNamespace(segments=seg))[0]
+    real = seg[0] >= 0
+    assert int(allowed[real][:, real].sum()) == pf.packed_pairs(5, 3, 4)
+    assert pf.packed_pairs(9, 0, 0) == pf.causal_pairs(9) == 45
+
+
+def test_train_step_benchmark_writes_both_modes(tmp_path):
+    """benchmarks.train_step on a very small config: a row per mode, the same first loss, fewer
+    tokens and vision runs in the shared mode."""
+    import yaml
+
+    cfg = yaml.safe_load((ROOT / "fgpo" / "configs" / "bench_prefix.yaml").read_text())
+    cfg["extra"] = {
+        "tiny": {"hidden": 32, "layers": 1, "image_side": 4, "vision_layers": 1},
+        "data": {"examples": 2, "prompt_words": 5, "response_words": [2, 4]},
+    }
+    cfg.update(global_batch_size=2, micro_batch_size=2)
+    path = tmp_path / "bench.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "rows.csv"
+    from benchmarks import train_step
+
+    threads = torch.get_num_threads()
+    try:  # in this process (the memory workers are subprocesses of their own)
+        assert train_step.main(["--config", str(path), "--steps", "1", "--out", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    with open(out, newline="") as f:
+        rows = {r["mode"]: r for r in csv.DictReader(f)}
+    plain, shared = rows["plain"], rows["shared"]
+    assert float(shared["first_loss"]) == pytest.approx(float(plain["first_loss"]), rel=1e-5)
+    assert int(shared["tokens_per_pass"]) < int(plain["tokens_per_pass"])
+    assert (int(plain["vision_runs_per_step"]), int(shared["vision_runs_per_step"])) == (16, 4)
+    assert shared["plan"].startswith("shared prefix on (qwen-vl, sdpa)")
+    assert plain["image_tokens"] == "16" and float(plain["peak_mib"]) > 0

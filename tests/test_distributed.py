@@ -54,7 +54,8 @@ def setup(tmp_path_factory):
     return base, path, env
 
 
-def _run(setup, out: str, nproc: int, *extra: str) -> None:
+def _run(setup, out: str, nproc: int, *extra: str) -> str:
+    """Run ``fgpo train``; returns its stderr (the start-up notes)."""
     _, cfg, env = setup
     cmd = [sys.executable, "-m", "fgpo.cli", "train", "--config", str(cfg), "--output-dir", out]
     cmd += [*extra]
@@ -71,6 +72,7 @@ def _run(setup, out: str, nproc: int, *extra: str) -> None:
         ]
     r = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r.stderr
 
 
 def _rows(out: str):
@@ -88,7 +90,10 @@ def test_two_processes_match_one(setup, mode):
     base = setup[0]
     extra = ["--set", "lora=false", "--set", "lr=1e-3"] if mode == "full-fsdp2" else []
     one, two = str(base / f"one-{mode}"), str(base / f"two-{mode}")
-    _run(setup, one, 1, *extra)
+    # the default forward: shared prefix (LoRA: vision features shared by both models)
+    notes = _run(setup, one, 1, *extra)
+    vision = "per-pass vision" if mode == "full-fsdp2" else "vision features shared"
+    assert "shared prefix on (llava, sdpa)" in notes and vision in notes, notes[-2000:]
     _run(setup, two, 2, *extra)
     r1, r2 = _rows(one), _rows(two)
     assert [r["step"] for r in r2] == [1, 2]

@@ -99,10 +99,12 @@ def test_grad_accumulation_equals_large_batch(tmp_path, prefs, llava):
         torch.testing.assert_close(params[1][k], params[0][k], rtol=1e-5, atol=1e-8)
 
 
-def test_exact_resume(tmp_path, prefs, llava):
+@pytest.mark.parametrize("shared_prefix", [True, False])
+def test_exact_resume(tmp_path, prefs, llava, shared_prefix):
     """4 steps straight == 2 steps, a fresh process state, resume, 2 more (bitwise), with LoRA
-    dropout on so the RNG state matters."""
+    dropout on so the RNG state matters; in each forward mode (shared prefix and plain)."""
     kw = dict(max_steps=4, save_steps=2, lora_dropout=0.3, micro_batch_size=4)
+    kw["shared_prefix"] = shared_prefix
     full = make_trainer(make_cfg(tmp_path / "a", prefs, **kw), llava)
     full.train()
     first = make_trainer(make_cfg(tmp_path / "b", prefs, **kw), llava)

@@ -6,8 +6,11 @@
 - :mod:`.processor`: :class:`VLProcessor`, prompts with the image expanded into image tokens.
 - :mod:`.tiny`: random tiny LLaVA / Qwen2-VL / Qwen2.5-VL / Qwen3-VL models and their tokenizer.
 - :mod:`.inference`: batched greedy answers and answer log-probs (from hidden states).
+- :mod:`.prefix`: shared-prefix packing (chosen and rejected continue one pass over the image
+  and the prompt), one small adapter per model family.
 """
 
+from . import prefix
 from .loading import (
     apply_lora,
     backbone,
@@ -45,6 +48,7 @@ __all__ = [
     "load_model",
     "lora_target_regex",
     "model_family",
+    "prefix",
     "processor_for_config",
     "reference_context",
     "resolve_dtype",

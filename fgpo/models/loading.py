@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .prefix import VisionFeatures
 from .processor import VLProcessor
 
 _DTYPES = {
@@ -146,10 +147,16 @@ def backbone_hidden_states(model: nn.Module, **inputs: Any) -> torch.Tensor:
     """Last hidden state ``(B, L, D)`` of the backbone; ``lm_head`` is never applied.
 
     ``inputs`` are what the processor/collator produce (``input_ids``, ``attention_mask``,
-    ``pixel_values``, ``image_grid_thw``, ``mm_token_type_ids``). The inner model is called
-    through the PEFT wrapper's module tree so LoRA layers (and ``disable_adapter``) apply.
+    ``pixel_values``, ``image_grid_thw``, ``mm_token_type_ids``), or a packed batch's (a 4-D
+    ``attention_mask``, ``position_ids``, and maybe ``mm_encoder_outputs`` as
+    :class:`~fgpo.models.prefix.VisionFeatures`; see :mod:`fgpo.models.prefix`). The inner model
+    is called through the PEFT wrapper's module tree so LoRA layers (and ``disable_adapter``)
+    apply.
     """
     inner = backbone(model)
+    feats = inputs.get("mm_encoder_outputs")
+    if isinstance(feats, VisionFeatures):
+        inputs["mm_encoder_outputs"] = feats.outputs
     pix = inputs.get("pixel_values")
     if pix is not None and pix.is_floating_point():
         dtype = next((p.dtype for p in inner.parameters() if p.is_floating_point()), pix.dtype)

@@ -14,7 +14,7 @@ radiology words) and a PIL image processor
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, NamedTuple
 
 from ..data import synthetic
 
@@ -92,12 +92,23 @@ def build_tokenizer(words: list[str] | None = None) -> Any:
 
 
 def build_tiny(
-    name: str, hidden: int = 64, layers: int = 2, seed: int = 0, vocab_size: int | None = None
+    name: str,
+    hidden: int = 64,
+    layers: int = 2,
+    seed: int = 0,
+    vocab_size: int | None = None,
+    *,
+    image_side: int | None = None,
+    vision_hidden: int = 32,
+    vision_layers: int = 2,
 ) -> tuple[Any, Any]:
     """A random tiny model of the named architecture and its ``VLProcessor`` (in memory).
 
     ``vocab_size`` pads the model's vocabulary beyond the tokenizer's (for memory benchmarks
-    with a realistic LM head); None = the tokenizer's size.
+    with a realistic LM head); None = the tokenizer's size. ``image_side`` makes every image
+    ``image_side x image_side`` image tokens (default: 4 x 4 for LLaVA, 2 x 2 for the others),
+    and ``vision_hidden`` / ``vision_layers`` size the vision tower: benchmarks proportioned
+    like a real task (hundreds of image tokens) use them.
     """
     import torch
 
@@ -119,7 +130,8 @@ def build_tiny(
         eos_token_id=tok.eos_token_id,
         max_position_embeddings=1024,
     )
-    model, image_processor = _BUILDERS[name](name, tok, text)
+    vision = _Vision(image_side, vision_hidden, vision_layers)
+    model, image_processor = _BUILDERS[name](name, tok, text, vision)
     model.eval()
     return model, processor_for_config(model.config, tok, image_processor)
 
@@ -127,17 +139,26 @@ def build_tiny(
 _HEADS = 4
 
 
-def _llava(name: str, tok: Any, text: dict) -> tuple[Any, Any]:
+class _Vision(NamedTuple):
+    """The vision tower's size and the image tokens per image (None: the family's default)."""
+
+    side: int | None
+    hidden: int
+    layers: int
+
+
+def _llava(name: str, tok: Any, text: dict, v: _Vision) -> tuple[Any, Any]:
     """LLaVA-1.5 (CLIP + Llama), or LLaVA-Med's shape (CLIP + Mistral) for ``tiny-llava-med``."""
     import transformers as T
     from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 
+    side = 7 * (v.side or 4)  # patch 7: side/7 x side/7 image tokens
     vision = T.CLIPVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
+        hidden_size=v.hidden,
+        intermediate_size=2 * v.hidden,
+        num_hidden_layers=v.layers,
         num_attention_heads=2,
-        image_size=28,
+        image_size=side,
         patch_size=7,
     )
     lm = T.MistralConfig(**text, sliding_window=None) if name == "tiny-llava-med" else None
@@ -148,11 +169,13 @@ def _llava(name: str, tok: Any, text: dict) -> tuple[Any, Any]:
         vision_feature_layer=-1,
         vision_feature_select_strategy="default",
     )
-    ip = LlavaImageProcessorPil(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
+    ip = LlavaImageProcessorPil(
+        size={"shortest_edge": side}, crop_size={"height": side, "width": side}
+    )
     return T.LlavaForConditionalGeneration(cfg), ip
 
 
-def _gemma3(name: str, tok: Any, text: dict) -> tuple[Any, Any]:
+def _gemma3(name: str, tok: Any, text: dict, v: _Vision) -> tuple[Any, Any]:
     """MedGemma's architecture (Gemma 3: SigLIP + Gemma 3 text model, tied embeddings: the LM
     head weight is the embedding matrix), with 4 pooled soft tokens per image."""
     import transformers as T
@@ -168,27 +191,28 @@ def _gemma3(name: str, tok: Any, text: dict) -> tuple[Any, Any]:
         sliding_window=64,
         layer_types=layer_types[: text["num_hidden_layers"]],
     )
+    side = v.side or 2  # side x side soft tokens: 2 side x 2 side patches of 8, pooled 2 x 2
     vision = T.SiglipVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
+        hidden_size=v.hidden,
+        intermediate_size=2 * v.hidden,
+        num_hidden_layers=v.layers,
         num_attention_heads=2,
-        image_size=32,
+        image_size=16 * side,
         patch_size=8,
     )
     cfg = T.Gemma3Config(
         text_config=tc,
         vision_config=vision,
-        mm_tokens_per_image=4,  # 4x4 patches pooled 2x2
+        mm_tokens_per_image=side * side,
         boi_token_index=tid("<start_of_image>"),
         eoi_token_index=tid("<end_of_image>"),
         image_token_index=tid("<image_soft_token>"),
     )
-    ip = Gemma3ImageProcessorPil(size={"height": 32, "width": 32})
+    ip = Gemma3ImageProcessorPil(size={"height": 16 * side, "width": 16 * side})
     return T.Gemma3ForConditionalGeneration(cfg), ip
 
 
-def _qwen(name: str, tok: Any, text: dict) -> tuple[Any, Any]:
+def _qwen(name: str, tok: Any, text: dict, v: _Vision) -> tuple[Any, Any]:
     """Qwen2-VL, Qwen2.5-VL or Qwen3-VL (dynamic resolution, 3-D M-RoPE)."""
     import transformers as T
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
@@ -211,16 +235,17 @@ def _qwen(name: str, tok: Any, text: dict) -> tuple[Any, Any]:
         vision_end_token_id=tid("<|vision_end|>"),
     )
     patch = 14
-    vis = dict(depth=2, num_heads=2, patch_size=patch, spatial_merge_size=2)
+    vis = dict(depth=v.layers, num_heads=2, patch_size=patch, spatial_merge_size=2)
     vis["temporal_patch_size"] = 2
     if name == "tiny-qwen2-vl":
         cfg = T.Qwen2VLConfig(
-            text_config=text, vision_config=dict(vis, embed_dim=32, hidden_size=hidden), **ids
+            text_config=text, vision_config=dict(vis, embed_dim=v.hidden, hidden_size=hidden), **ids
         )
         model = T.Qwen2VLForConditionalGeneration(cfg)
     elif name == "tiny-qwen2.5-vl":
-        vis = dict(vis, hidden_size=32, out_hidden_size=hidden, intermediate_size=64)
-        vis.update(fullatt_block_indexes=[1], window_size=4 * patch)
+        vis = dict(vis, hidden_size=v.hidden, out_hidden_size=hidden)
+        vis.update(intermediate_size=2 * v.hidden, window_size=4 * patch)
+        vis.update(fullatt_block_indexes=list(range(1, v.layers, 2)))
         cfg = T.Qwen2_5_VLConfig(text_config=text, vision_config=vis, **ids)
         model = T.Qwen2_5_VLForConditionalGeneration(cfg)
     else:
@@ -229,14 +254,14 @@ def _qwen(name: str, tok: Any, text: dict) -> tuple[Any, Any]:
         patch = 16
         text["head_dim"] = hidden // _HEADS
         text["rope_parameters"]["mrope_interleaved"] = True
-        vis = dict(vis, patch_size=patch, hidden_size=32, out_hidden_size=hidden)
-        vis.update(intermediate_size=64, num_position_embeddings=16)
+        vis = dict(vis, patch_size=patch, hidden_size=v.hidden, out_hidden_size=hidden)
+        vis.update(intermediate_size=2 * v.hidden, num_position_embeddings=16)
         vis.update(deepstack_visual_indexes=[1])
         cfg = T.Qwen3VLConfig(text_config=text, vision_config=vis, **ids)
         model = T.Qwen3VLForConditionalGeneration(cfg)
-    side = 2 * patch  # one merged token per 2x2 patches
+    pixels = ((v.side or 2) * 2 * patch) ** 2  # one merged token per 2x2 patches
     ip = Qwen2VLImageProcessorPil(
-        size={"shortest_edge": (2 * side) ** 2, "longest_edge": (2 * side) ** 2},
+        size={"shortest_edge": pixels, "longest_edge": pixels},
         patch_size=patch,
         merge_size=2,
         temporal_patch_size=2,

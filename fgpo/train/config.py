@@ -62,8 +62,16 @@ class TrainConfig:
     dtype: str = "bfloat16"
     """Weight dtype: ``bfloat16`` | ``float32`` | ``float16``."""
     attn_implementation: str | None = None
-    """None = flash_attention_2 when importable on a GPU, else sdpa."""
+    """None = sdpa when ``shared_prefix`` is on (its packed mask needs sdpa, eager or
+    flex_attention), else flash_attention_2 when importable on a GPU, else sdpa."""
     gradient_checkpointing: bool = True
+    shared_prefix: bool = True
+    """Run y+ and y- as one packed row per example and image, so the image and the prompt go
+    through each model once (``fgpo.models.prefix``); with LoRA and a frozen vision tower the
+    vision features of each image also serve both models. Same loss and gradients as the plain
+    path (within fp32 rounding). Start-up names the family and the reason whenever it falls back:
+    to the plain path (no adapter for the family, attention without custom masks, ``preset:
+    sft``) or to per-pass vision (trainable vision, full fine-tuning's separate reference)."""
 
     # --- LoRA (language model only) ----------------------------------------------------------
     lora: bool = True

@@ -5,7 +5,11 @@
     data     dataset, a scan that drops (and counts) unusable examples, the epoch orders
     encode   the global batch of a step → this process's micro-batches (collated, padded)
     forward  reference then policy hidden states of all sequences in ONE backbone call each
-             (4B sequences: (v,y+), (v,y−), (v',y+), (v',y−)); no logits anywhere
+             (4B sequences: (v,y+), (v,y−), (v',y+), (v',y−)); no logits anywhere. With
+             ``shared_prefix`` (the default) y+ and y− continue one packed pass over image and
+             prompt per example and image (``fgpo.models.prefix``), and under LoRA the vision
+             features of each image serve both models; the hidden states come back in the
+             plain layout, so the loss is unchanged
     loss     ``fgpo_kernels.FiReMPOLoss`` on the hidden states and the LM-head weight
     step     gradient accumulation, clipping, AdamW, the schedule
     log      ``metrics.jsonl`` (+ TensorBoard), the progress bar, checkpoints
@@ -22,6 +26,7 @@ position is a pure function of the step, so resuming needs only the step number.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import time
 from collections import Counter
@@ -45,6 +50,7 @@ from .state import resume_trainer, save_trainer
 from .steps import StepMetrics, lr_lambda
 
 _MODEL_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")
+_log = logging.getLogger(__name__)
 
 
 class _Policy(nn.Module):
@@ -141,7 +147,11 @@ class Trainer:
                 if self.is_main:
                     tiny.ensure_tiny_model(cfg.model)
                 self._barrier()
-            model, processor = M.load_model(cfg.model, cfg.dtype, cfg.attn_implementation)
+            # Unset with the prefix shared: sdpa, which takes the packed mask (flash-attn 2 cannot).
+            attn = cfg.attn_implementation or (
+                "sdpa" if cfg.shared_prefix and not self.sft else None
+            )
+            model, processor = M.load_model(cfg.model, cfg.dtype, attn)
         M.check_logit_transforms(model)  # before any work: a clear refusal, not another loss
         model.to(self.device)
         self.processor = processor
@@ -189,6 +199,19 @@ class Trainer:
             eps=cfg.adam_eps,
         )
         self.loss_fn = build_loss(cfg.preset_key, cfg.loss_kwargs())
+        self.prefix = self._plan_prefix()
+
+    def _plan_prefix(self) -> M.prefix.PrefixPlan:
+        """Shared-prefix or plain forward, and shared or per-pass vision; logged at start-up with
+        the reason for any fallback."""
+        ref = "none" if self.sft else ("copy" if self.ref_policy is not None else "adapters")
+        inner, lm = M.backbone(self.model), M.language_model(self.model)
+        plan = M.prefix.plan_shared_prefix(
+            inner, lm, requested=self.cfg.shared_prefix, reference=ref
+        )
+        if self.is_main:
+            _log.info("%s", plan.describe())
+        return plan
 
     def _shard(self, policy: nn.Module) -> None:
         """FSDP2: each decoder layer is a unit, the rest (embeddings, vision, head) the root."""
@@ -297,17 +320,27 @@ class Trainer:
             out.append(self.collator(items))
         return out
 
+    def _dtype(self) -> torch.dtype:
+        return next(p.dtype for p in self.model.parameters() if p.is_floating_point())
+
     def _model_inputs(self, b: dict[str, Any]) -> dict[str, torch.Tensor]:
         inputs = {k: b[k].to(self.device, non_blocking=True) for k in _MODEL_KEYS if k in b}
         if "pixel_values" in inputs:
-            dtype = next(p.dtype for p in self.model.parameters() if p.is_floating_point())
-            inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+            inputs["pixel_values"] = inputs["pixel_values"].to(self._dtype())
         inputs.update(self.processor.extra_model_inputs(inputs["input_ids"]))
         return inputs
 
     def forward(self, b: dict[str, Any]):
-        """Reference and policy hidden states of all ``n_seq * B`` sequences, and the weights."""
-        inputs = self._model_inputs(b)
+        """Reference and policy hidden states of all ``n_seq * B`` sequences (plain layout,
+        ``(n_seq * B, L, D)``, whichever path ran them), and the weights."""
+        if self.prefix.enabled:
+            inner = M.backbone(self.model)
+            inputs, pk = self.prefix.model_inputs(
+                b, inner, self.processor, self._dtype(), self.device
+            )
+            unpack = pk.unpack
+        else:
+            inputs, unpack = self._model_inputs(b), None
         h_ref = w_ref = None
         if self.sft:  # no reference: the objective is the policy's likelihood alone
             pass
@@ -318,6 +351,8 @@ class Trainer:
             with M.reference_context(self.model) as ref:
                 h_ref = M.backbone_hidden_states(ref, **inputs)
         h, w = self.policy(**inputs)
+        if unpack is not None:
+            h, h_ref = unpack(h), (None if h_ref is None else unpack(h_ref))
         return h, h_ref, w, w_ref
 
     def compute_loss(self, b: dict[str, Any], h, h_ref, w, w_ref):
