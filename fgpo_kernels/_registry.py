@@ -15,7 +15,7 @@ from types import ModuleType
 import torch
 
 from ._backend import Backend
-from ._util import triton_interpret
+from ._util import simulated_gpu, triton_interpret
 
 IMPLS = ("reference", "torch", "triton", "cuda")
 # Preference order for impl=None on each device type.
@@ -60,6 +60,10 @@ def backend_status() -> dict[str, dict]:
 
 
 def _usable_on(name: str, device: torch.device) -> tuple[bool, str]:
+    if simulated_gpu() is not None and device.type == "meta" and name in ("triton", "cuda"):
+        from . import _fake  # meta tensors stand for the simulated GPU
+
+        return _fake.usable(name)
     st = status(name)
     if not st["available"]:
         return False, st["reason"]
@@ -87,7 +91,8 @@ def resolve(impl: str | None, device: torch.device) -> str:
                 f"{IMPLS}, or unset it for the best available"
             )
     if impl is None:
-        for name in _AUTO_ORDER.get(device.type, ("triton", "torch")):
+        kind = "cuda" if simulated_gpu() is not None and device.type == "meta" else device.type
+        for name in _AUTO_ORDER.get(kind, ("triton", "torch")):
             if _usable_on(name, device)[0]:
                 return name
         return "torch"
@@ -108,7 +113,12 @@ def resolve_impl(impl: str | None = None, device: str | torch.device = "cpu") ->
 
 
 def module(name: str) -> Backend:
-    """The backend module of impl ``name`` (``RuntimeError`` with the reason if unavailable)."""
+    """The backend module of impl ``name`` (``RuntimeError`` with the reason if unavailable);
+    while a GPU is simulated on meta tensors, the fake host code of "triton" and "cuda"."""
+    if simulated_gpu() is not None and name in ("triton", "cuda"):
+        from . import _fake
+
+        return _fake.backend(name)
     mod, why = _load(name)
     if mod is None:
         raise RuntimeError(f"impl {name!r} is unavailable: {why}")

@@ -37,8 +37,20 @@ def check_index(name: str, value) -> None:
         raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
 
 
+# The GPU that meta tensors stand for while a memory simulation runs (see _fake.py), or None.
+_SIMULATED_GPU: dict | None = None
+
+
+def simulated_gpu() -> dict | None:
+    """``{"name", "sm_count"}`` of the GPU being simulated on meta tensors, or None."""
+    return _SIMULATED_GPU
+
+
 def sm_count(device: torch.device) -> int:
-    """Streaming multiprocessors of a CUDA device (1 elsewhere): sizes the vocabulary splits."""
+    """Streaming multiprocessors of a CUDA device (1 elsewhere): sizes the vocabulary splits.
+    While a GPU is simulated (``_fake.simulate_gpu``), that GPU's count."""
+    if _SIMULATED_GPU is not None:
+        return int(_SIMULATED_GPU["sm_count"])
     if device.type != "cuda":
         return 1
     return torch.cuda.get_device_properties(device).multi_processor_count
