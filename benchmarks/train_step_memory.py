@@ -5,9 +5,11 @@ disabled), the same batch and the same optimizer step. They differ only in the l
 
 - ``ours``: ``fgpo.train.Trainer``: backbone hidden states, ``FiReMPOLoss`` projects only the
   masked rows with the fused kernels; no logits exist.
-- ``materialized``: the Hub forward (``model(...).logits``: full (tokens x vocab) logits of all
-  4B policy and 4B reference sequences), ``log_softmax`` everywhere, the same objective from
-  full distributions (the straightforward implementation docs/design.md §2 describes).
+- ``materialized``: ``benchmarks.memsim.materialized.MaterializedTrainer``, the same trainer
+  with the Hub forward (full fp32 (tokens x vocab) logits of all 4B policy and 4B reference
+  sequences) and the objective from full distributions, as the method's reference
+  implementation computes it (docs/design.md §2; also the straightforward way of
+  ``python -m benchmarks.memory_model``).
 
 Memory = the process's peak resident set during the timed steps minus its resident set before
 them (``VmHWM`` reset through ``/proc/self/clear_refs``); on a GPU, ``max_memory_allocated``
@@ -30,7 +32,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 MARK = "@@TRAIN_STEP@@ "
 
@@ -47,50 +48,6 @@ def _reset_peak() -> None:
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:
         pass
-
-
-class _Out:
-    def __init__(self, loss, metrics):
-        self.loss, self.metrics = loss, metrics
-
-
-def materialized_trainer_cls():
-    from fgpo import models as M
-    from fgpo.train import Trainer
-
-    class MaterializedTrainer(Trainer):
-        """Same trainer, loss from full logits (the way the kernels avoid)."""
-
-        def forward(self, b):
-            inputs = self._model_inputs(b)
-            with M.reference_context(self.model) as ref:
-                ref_logits = ref(**inputs, use_cache=False).logits
-            logits = self.model(**inputs, use_cache=False).logits
-            return logits, ref_logits, None, None
-
-        def compute_loss(self, b, logits, ref_logits, w, w_ref):
-            kw = self.cfg.loss_kwargs()
-            beta, alpha, gamma, lam = kw["beta"], kw["alpha"], kw["gamma"], kw["lambda_"]
-            bsz, n_seq = b["batch_size"], b["n_seq"]
-            t = b["targets"].to(logits.device)
-            m = b[self.mask_key].to(logits.device)
-            lp = F.log_softmax(logits.float(), -1)
-            lr = F.log_softmax(ref_logits.float(), -1)
-            idx = t.clamp(min=0).unsqueeze(-1)
-            rho = lp.gather(-1, idx).squeeze(-1) - lr.gather(-1, idx).squeeze(-1)
-            r = (m * rho).sum(-1).view(n_seq, bsz)
-            rank = -F.logsigmoid(beta * (r[0] - r[1]))
-            p, q = lp[:bsz].exp(), lr[:bsz].exp()
-            fkl = (q * (lr[:bsz] - lp[:bsz])).sum(-1)
-            rkl = (p * (lp[:bsz] - lr[:bsz])).sum(-1)
-            kl = (m[:bsz] * (lam * fkl + (1 - lam) * rkl)).sum(-1)
-            term = rank + alpha * kl
-            if n_seq == 4:
-                hc = b["has_corrupt"].to(logits.device)
-                term = term + gamma * hc * -F.logsigmoid(beta * (r[3] - r[2]))
-            return _Out(term.sum(), {"loss/rank": rank.detach(), "kl/mixed": kl.detach()})
-
-    return MaterializedTrainer
 
 
 def worker(args) -> dict:
@@ -124,7 +81,9 @@ def worker(args) -> dict:
         cache_examples=True,
         device=dev,
     )
-    cls = materialized_trainer_cls() if args.mode == "materialized" else Trainer
+    from benchmarks.memsim.materialized import MaterializedTrainer
+
+    cls = MaterializedTrainer if args.mode == "materialized" else Trainer
     model = model.to(getattr(torch, args.dtype))
     tr = cls(cfg, model=model, processor=proc)
     tr.load()
