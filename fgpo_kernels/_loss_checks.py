@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ._validate import check_has_data
+
 # Field names of ``loss.SequenceStates``, in order (error messages name them).
 SEQ_FIELDS = ("policy", "ref", "targets", "mask")
 
@@ -78,8 +80,7 @@ def check_seq(name: str, seq, like=None) -> tuple[int, int]:
     for field, x in zip(SEQ_FIELDS, seq):
         if not isinstance(x, Tensor):
             raise TypeError(f"{name}.{field} must be a torch.Tensor, got {_shape(x)}")
-        if x.device.type == "meta":
-            raise ValueError(f"{name}.{field} is on the meta device (no data to compute with)")
+        check_has_data(f"{name}.{field}", x)
     pol, ref, tgt, m = seq
     if pol.dim() != 3:
         raise ValueError(f"{name}.policy must have shape (B, L, D), got {_shape(pol)}")
@@ -144,8 +145,8 @@ def check_weights(weight, ref_weight, chosen) -> None:
     if not isinstance(weight, Tensor) or weight.dim() != 2:
         raise ValueError(f"weight must be a (V, D) tensor, got {_shape(weight)}")
     for name, w in (("weight", weight), ("ref_weight", ref_weight)):
-        if isinstance(w, Tensor) and w.device.type == "meta":
-            raise ValueError(f"{name} is on the meta device (no data to compute with)")
+        if isinstance(w, Tensor):
+            check_has_data(name, w)
     d, d_ref = chosen.policy.shape[-1], chosen.ref.shape[-1]
     if weight.shape[1] != d:
         raise ValueError(f"weight has D={weight.shape[1]} but chosen.policy has D={d}")

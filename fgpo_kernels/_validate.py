@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._util import check_index
+from ._util import check_index, simulated_gpu
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
@@ -23,8 +23,9 @@ def _check_float(name: str, x) -> None:
 
 
 def check_has_data(name: str, x: Tensor) -> None:
-    """Meta tensors have shapes but no values: every statistic of them would be a placeholder."""
-    if x.device.type == "meta":
+    """Meta tensors have shapes but no values: every statistic of them would be a placeholder.
+    Except in a memory simulation (``_fake.simulate_gpu``), where they stand for the GPU's."""
+    if x.device.type == "meta" and simulated_gpu() is None:
         raise ValueError(f"{name} is on the meta device (no data to compute with): {_desc(x)}")
 
 

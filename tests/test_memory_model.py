@@ -52,7 +52,7 @@ def test_simulated_peak_equals_real_cpu_peak(prefs, tmp_path, tiny, checkpointin
     assert abs(simulated - real) <= TOLERANCE * real, (real, simulated)
     # What the simulation could not know is only ever a gradient's or a metric's value.
     for what in assumed:
-        assert "read as" in what and ("fgpo_kernels/" in what or "trainer.py" in what), what
+        assert "read as" in what and ("fgpo_kernels/" in what or "train/" in what), what
 
 
 def _logged_allocations(fn) -> list[tuple]:

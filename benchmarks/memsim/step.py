@@ -279,6 +279,7 @@ def real_vs_simulated(
         _prime(trainer, grads_present=False)
         with contextlib.ExitStack() as stack:
             if meta:
+                stack.enter_context(simulate_gpu())
                 stack.enter_context(flash_attention_on_meta())
                 known = stack.enter_context(KnownValues())
                 micro = [{k: _to_meta(v) for k, v in b.items()} for b in micro]

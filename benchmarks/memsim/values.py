@@ -17,7 +17,8 @@ anyway). Three stated rules read them where the code asks about them, each use c
 - an unknown float tensor is finite and nonzero everywhere: ``x != 0`` and ``isfinite(x)`` are
   all true, ``x == 0``, ``isnan(x)``, ``isinf(x)`` all false (in a step: every selected row has a
   nonzero gradient, no metric is NaN);
-- an unknown float scalar reads as NaN (the losses and norms the trainer only logs);
+- an unknown float scalar reads as 1.0, finite and nonzero too (the losses and norms the
+  trainer logs and checks for finiteness);
 - anything else unknown that the code reads is an error naming the op and the shape.
 """
 
@@ -201,8 +202,8 @@ class KnownValues(TorchDispatchMode):
         if v is not None:
             return v.item()
         if t.dtype.is_floating_point:
-            self._note("unknown float scalar read as NaN")
-            return float("nan")
+            self._note("unknown float scalar read as 1.0")
+            return 1.0
         raise RuntimeError(
             f"simulation: the code reads an unknown {t.dtype} tensor {tuple(t.shape)}; only "
             "values computed from the batch are known (benchmarks/memsim/values.py)"
