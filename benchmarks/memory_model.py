@@ -170,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "simulated"))
     p.add_argument("--timeout", type=int, default=3600, help="seconds per configuration")
     p.add_argument("--report-only", action="store_true", help="redraw table and plot only")
+    p.add_argument("--readme", default=None, help="also rewrite this README's memsim block")
     for name in ("config", "name", "one-batch", "one-ckpt", "one-way", "one-impl"):
         p.add_argument(f"--{name}", help=argparse.SUPPRESS)
     p.add_argument("--options-json", default="{}", help=argparse.SUPPRESS)
@@ -206,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[{k}/{len(todo)}] {_line(row)}", flush=True)
     from benchmarks.memsim.report import write_report
 
-    write_report(csv_path, out)
+    write_report(csv_path, out, Path(args.readme) if args.readme else None)
     return 0
 
 
