@@ -155,7 +155,8 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
               ("materialized", "off"): ("tab:red", "//")}  # fmt: skip
     for ax, model in zip(axes[0], models):
         mine = [r for r in rows if r["model"] == model and r["impl"] in ("triton", "-")
-                and r["options"] in ("{}", '{"shared_prefix": false}')]  # fmt: skip
+                and r["options"] in ("{}", '{"shared_prefix": false}')
+                and str(r.get("max_pixels")) == str(512 * 28 * 28)]  # fmt: skip
         batches = sorted({int(r["micro_batch"]) for r in mine})
         for k, ((way, ckpt), (color, hatch)) in enumerate(styles.items()):
             xs, ys = [], []
