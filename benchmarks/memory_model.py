@@ -109,6 +109,8 @@ def plan(args: argparse.Namespace) -> list[dict[str, Any]]:
     for (name, cfg), b, ckpt, way, opts in itertools.product(
         configs, args.micro_batch, args.checkpointing, args.ways, option_grid
     ):
+        if way == "materialized" and opts.get("shared_prefix"):
+            continue  # the straightforward way runs every sequence on its own
         impls = args.impls if way == "ours" else ["-"]
         for impl in impls:
             out.append(dict(name=name, config=cfg, micro_batch=b, checkpointing=ckpt, way=way,

@@ -36,18 +36,20 @@ def prefs(tmp_path_factory):
 
 
 @pytest.mark.parametrize(
-    "tiny,checkpointing,way",
+    "tiny,checkpointing,way,shared",
     [
-        ("tiny-qwen2.5-vl", True, "ours"),  # rope index, window attention, checkpointing
-        ("tiny-llava", False, "ours"),
-        ("tiny-llava", True, "materialized"),
+        ("tiny-qwen2.5-vl", True, "ours", True),  # packing, M-RoPE, windows, checkpointing
+        ("tiny-qwen2.5-vl", True, "ours", False),
+        ("tiny-llava", False, "ours", True),
+        ("tiny-llava", True, "materialized", False),
     ],
 )
-def test_simulated_peak_equals_real_cpu_peak(prefs, tmp_path, tiny, checkpointing, way):
+def test_simulated_peak_equals_real_cpu_peak(prefs, tmp_path, tiny, checkpointing, way, shared):
     torch.set_num_threads(1)
     real, simulated, assumed = step.real_vs_simulated(
-        tiny, checkpointing=checkpointing, way=way, train_file=prefs, out_dir=str(tmp_path)
-    )
+        tiny, checkpointing=checkpointing, way=way, train_file=prefs, out_dir=str(tmp_path),
+        options={"shared_prefix": shared},
+    )  # fmt: skip
     assert real > 0
     assert abs(simulated - real) <= TOLERANCE * real, (real, simulated)
     # What the simulation could not know is only ever a gradient's or a metric's value.

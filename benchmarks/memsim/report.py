@@ -118,27 +118,38 @@ def goal(rows: list[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
+_PLAIN = ("{}", '{"shared_prefix": false}')
+_SHARED = '{"shared_prefix": true}'
+
+
+def _pick(rows: list[dict[str, Any]], way: str, options: tuple[str, ...]) -> float | None:
+    hit = [r for r in rows if r["way"] == way and r["options"] in options
+           and r["impl"] in ("triton", "-")]  # fmt: skip
+    return _gib(hit[0]) if hit else None
+
+
+def _cell(x: float | None) -> str:
+    return "–" if x is None else f"{x:.1f}"
+
+
 def summary(rows: list[dict[str, Any]]) -> str:
-    """Ours (triton) next to the straightforward way, per model, micro-batch and checkpointing,
-    at the default sequences (SLAKE-like, images capped at 512·28·28 pixels)."""
-    base = [r for r in rows if r["options"] in ("{}", '{"shared_prefix": false}')
-            and str(r.get("max_pixels")) == str(512 * 28 * 28)]  # fmt: skip
-    lines = [
-        "| model | micro-batch | checkpointing | seq len | ours (triton) GiB | "
-        "materialized GiB | ours / materialized |",
-        "|---|---|---|---|---|---|---|",
-    ]
+    """Ours (triton; with the shared prefix, the trainer's default, and plain) next to the
+    straightforward way, per model, micro-batch and checkpointing, at the default sequences
+    (SLAKE-like, images capped at 512·28·28 pixels) and LoRA settings."""
+    base = [r for r in rows if str(r.get("max_pixels")) == str(512 * 28 * 28)
+            and r["options"] in (*_PLAIN, _SHARED)]  # fmt: skip
+    lines = ["| model | micro-batch | checkpointing | seq len | ours, shared prefix GiB | "
+             "ours, plain GiB | materialized GiB | ours (shared) / materialized |",
+             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     keys = sorted({(r["model"], int(r["micro_batch"]), r["checkpointing"]) for r in base},
                   key=lambda k: (k[0], k[1], k[2] != "on"))  # fmt: skip
     for model, b, ckpt in keys:
-        ours = _find(base, model=model, micro_batch=b, checkpointing=ckpt, way="ours",
-                     impl="triton")  # fmt: skip
-        mat = _find(base, model=model, micro_batch=b, checkpointing=ckpt, way="materialized")
-        if not ours or not mat:
-            continue
-        o, m = _gib(ours[0]), _gib(mat[0])
-        lines.append(f"| {model} | {b} | {ckpt} | {ours[0]['seq_len']} | **{o:.1f}** | {m:.1f} "
-                     f"| {o / m:.2f} |")  # fmt: skip
+        same = _find(base, model=model, micro_batch=b, checkpointing=ckpt)
+        shared, plain = _pick(same, "ours", (_SHARED,)), _pick(same, "ours", _PLAIN)
+        mat = _pick(same, "materialized", _PLAIN)
+        ratio = "–" if shared is None or mat is None else f"{shared / mat:.2f}"
+        lines.append(f"| {model} | {b} | {ckpt} | {same[0]['seq_len']} | **{_cell(shared)}** | "
+                     f"{_cell(plain)} | {_cell(mat)} | {ratio} |")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -155,8 +166,8 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
               ("materialized", "off"): ("tab:red", "//")}  # fmt: skip
     for ax, model in zip(axes[0], models):
         mine = [r for r in rows if r["model"] == model and r["impl"] in ("triton", "-")
-                and r["options"] in ("{}", '{"shared_prefix": false}')
-                and str(r.get("max_pixels")) == str(512 * 28 * 28)]  # fmt: skip
+                and str(r.get("max_pixels")) == str(512 * 28 * 28)
+                and r["options"] in ((_SHARED,) if r["way"] == "ours" else _PLAIN)]  # fmt: skip
         batches = sorted({int(r["micro_batch"]) for r in mine})
         for k, ((way, ckpt), (color, hatch)) in enumerate(styles.items()):
             xs, ys = [], []
@@ -165,7 +176,9 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
                 if hit:
                     xs.append(i + (k - 1.5) * 0.2)
                     ys.append(_gib(hit[0]) * GIB / GB)
-            label = f"{way}, checkpointing {ckpt}" + (" (ours: triton)" if way == "ours" else "")
+            label = f"{way}, checkpointing {ckpt}" + (
+                " (triton, shared prefix)" if way == "ours" else ""
+            )
             ax.bar(xs, ys, 0.2, color=color, hatch=hatch, edgecolor="black", label=label)
         ax.axhline(GOAL_GB, color="green", ls="--", lw=1, label="24 GB (consumer card)")
         ax.axhline(CARD_GB * 1000 * 2**20 / GB, color="gray", ls=":", lw=1,

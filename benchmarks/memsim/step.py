@@ -234,7 +234,7 @@ def simulate(spec: SimSpec) -> dict[str, Any]:
     first = micro[0]
     mask = first[trainer.mask_key]
     return {
-        "peak": tracker.peak_bytes(),
+        "peak": tracker.peak_bytes("meta"),
         "seq_len": int(first["input_ids"].shape[1]),
         "sequences": int(first["input_ids"].shape[0]),
         "image_tokens": int((first["input_ids"][0] == trainer.processor.image_token_id).sum()),
@@ -248,8 +248,9 @@ def simulate(spec: SimSpec) -> dict[str, Any]:
 
 
 def real_vs_simulated(
-    tiny: str, *, checkpointing: bool, way: str = "ours", train_file: str, out_dir: str
-) -> tuple[int, int, dict[str, int]]:
+    tiny: str, *, checkpointing: bool, way: str = "ours", train_file: str, out_dir: str,
+    options: dict[str, Any] | None = None,
+) -> tuple[int, int, dict[str, int]]:  # fmt: skip
     """The same step of a tiny model (``fgpo.models.tiny``), for real on the CPU and simulated
     on meta tensors, each under ``StepTracker``: (real peak bytes, simulated peak bytes, what
     the simulation assumed). fp32, impl torch, LoRA r=8 with dropout, 2 micro-batches of 2.
@@ -263,7 +264,7 @@ def real_vs_simulated(
         model=tiny, dtype="float32", train_file=train_file, output_dir=out_dir, lora_r=8,
         lora_alpha=16, global_batch_size=4, micro_batch_size=2, max_steps=2,
         gradient_checkpointing=checkpointing, impl="torch", progress_bar=False,
-        tensorboard=False, prefetch=False, device="cpu", cache_examples=True,
+        tensorboard=False, prefetch=False, device="cpu", cache_examples=True, **(options or {}),
     )  # fmt: skip
     cls = MaterializedTrainer if way == "materialized" else Trainer
     peaks = []
@@ -288,7 +289,7 @@ def real_vs_simulated(
             tracker.ignore(*(v for b in micro for v in b.values() if torch.is_tensor(v)))
             with tracker:
                 trainer.train_step(0, micro)
-        peaks.append(tracker.peak_bytes()["total"])
+        peaks.append(tracker.peak_bytes("meta" if meta else "cpu")["total"])
     return peaks[0], peaks[1], dict(known.assumed)
 
 

@@ -76,11 +76,14 @@ class StepTracker(MemTracker):
                 self._peak_mem[dev] = snap[_TOTAL_KEY]
                 self._peak_mem_snap[dev] = dict(snap)
 
-    def peak_bytes(self) -> dict[str, int]:
-        """The snapshot at the peak: bytes per category (``CATEGORIES``' values) and ``total``,
-        summed over devices (a step runs on one)."""
+    def peak_bytes(self, device: str) -> dict[str, int]:
+        """The snapshot at ``device``'s peak: bytes per category (``CATEGORIES``' values) and
+        ``total``. One device only: a simulated step's host-side tensors (what the code moves to
+        the CPU, e.g. ids for the shared-prefix packing) are on "cpu", its GPU's on "meta"."""
         out = dict.fromkeys((*CATEGORIES.values(), "total"), 0)
-        for snap in self.get_tracker_snapshot("peak").values():
+        for dev, snap in self.get_tracker_snapshot("peak").items():
+            if torch.device(dev).type != device:
+                continue
             for key, n in snap.items():
                 name = "total" if key == "Total" else CATEGORIES[getattr(key, "value", key)]
                 out[name] += int(n)

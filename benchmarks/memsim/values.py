@@ -174,6 +174,9 @@ class KnownValues(TorchDispatchMode):
         real = None
         if func in _UNINITIALIZED:
             pass
+        elif func is aten._to_copy.default and not _is_meta(args[0]):
+            # Data copied in (the batch): its value is the source itself, whatever its size.
+            real = (args[0].to(kwargs.get("dtype") or args[0].dtype),)
         elif all(o.numel() <= self.limit for o in flat) and self._maybe_known(args, kwargs):
             real = self._replay(func, args, kwargs)
         if real is None and func in _ASSUMED and self.value(args[0]) is None:
@@ -246,12 +249,14 @@ class _MetaConstructors(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func not in self._FUNCS or not args:
+            return func(*args, **kwargs)
+        # Elements that are meta tensors (a list of 0-d results) are read from their values.
+        data = tree_map(lambda x: self.known.value(x) if _is_meta(x) else x, args[0])
         dev = kwargs.get("device")
-        if func in self._FUNCS and dev is not None and torch.device(dev).type == "meta":
-            # Elements that are meta tensors (a list of 0-d results) are read from their values.
-            data = tree_map(lambda x: self.known.value(x) if _is_meta(x) else x, args[0])
+        if dev is not None and torch.device(dev).type == "meta":
             return func(data, *args[1:], **{**kwargs, "device": _CPU}).to(_META)
-        return func(*args, **kwargs)
+        return func(data, *args[1:], **kwargs)
 
 
 def _flash_attention(
