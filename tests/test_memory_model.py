@@ -214,7 +214,13 @@ def test_command_line_on_a_users_config(tmp_path):
         assert r["status"] == "ok", r
         assert r["note"] == "simulated with fake tensors, not measured on a GPU"
         assert float(r["simulated_peak_gib"]) > 0 and r["model"] == "my_vlm"
-    ours, mat = sorted(rows, key=lambda r: r["way"] != "ours")
-    assert float(mat["simulated_peak_gib"]) > float(ours["simulated_peak_gib"])
+    (mat,) = [r for r in rows if r["way"] == "materialized"]
+    ours = [r for r in rows if r["way"] == "ours"]
+    # The trainer's shared_prefix is swept for ours (both settings); the straightforward way
+    # runs every sequence on its own.
+    assert sorted(json.loads(r["options"])["shared_prefix"] for r in ours) == [False, True]
+    assert json.loads(mat["options"]) == {"shared_prefix": False}
+    for r in ours:
+        assert float(mat["simulated_peak_gib"]) > float(r["simulated_peak_gib"]), (mat, r)
     text = (out / "simulated_memory.md").read_text()
     assert "simulated with fake tensors, not measured on a GPU" in text
