@@ -42,6 +42,8 @@ from .tracker import StepTracker
 from .values import KnownValues, flash_attention_on_meta
 
 WAYS = ("ours", "materialized")
+# The synthetic tokenizer's words: one token each; the last two are the edits of y+ and y-.
+WORDS = [f"w{i}" for i in range(200)] + ["yes", "no"]
 
 
 @dataclass(frozen=True)
@@ -129,17 +131,19 @@ def _special_tokens(config) -> dict[str, int]:
 
 def sim_processor(config, seq: SequenceSpec):
     """A real ``VLProcessor`` for ``config``: the model family's image processor with the
-    recipe's pixel cap, and a word-level tokenizer ("w" is one token) with the model's ids."""
+    recipe's pixel cap, and a word-level tokenizer (each of ``WORDS`` is one token) with the
+    model's ids for its special tokens."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {"<unk>": 0, "<pad>": 1, "</s>": 2, "w": 3, **_special_tokens(config)}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    specials = _special_tokens(config)
+    vocab = {"<unk>": 0, "<pad>": 1, "</s>": 2, **{w: 3 + i for i, w in enumerate(WORDS)}}
+    tok = Tokenizer(models.WordLevel(vocab={**vocab, **specials}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", eos_token="</s>"
     )
-    fast.add_special_tokens({"additional_special_tokens": list(vocab)[4:]})
+    fast.add_special_tokens({"additional_special_tokens": list(specials)})
     vc = config.vision_config
     if getattr(config, "vision_start_token_id", None) is not None:  # Qwen-VL
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
@@ -170,15 +174,27 @@ def write_examples(folder: str, n: int, seq: SequenceSpec) -> str:
         Image.new("RGB", (seq.image_size, seq.image_size), (96, 96, 96)).save(
             os.path.join(folder, name)
         )
-    lead = seq.response_tokens - seq.span_tokens
-    answer = " ".join(["w"] * lead + [f"<mask>{' '.join(['w'] * seq.span_tokens)}</mask>"])
-    records = [
-        {
-            "id": str(i), "prompt": " ".join(["w"] * seq.prompt_tokens), "chosen": answer,
-            "rejected": answer, "image_path": "v.png", "rejected_image_path": "v_corrupt.png",
-        }
-        for i in range(n)
-    ]  # fmt: skip
+
+    # Every example its own words (as real questions differ; the shared-prefix packing runs
+    # identical examples once); y+ and y- a minimal edit of each other: the same words around a
+    # span that differs, in the middle of the answer.
+    def words(i: int, k: int, start: int) -> list[str]:
+        return [WORDS[(start + 7 * i + j) % (len(WORDS) - 2)] for j in range(k)]
+
+    before = (seq.response_tokens - seq.span_tokens) // 2
+    after = seq.response_tokens - seq.span_tokens - before
+    records = []
+    for i in range(n):
+        head, tail = words(i, before, 50), words(i, after, 90)
+        answer = [
+            " ".join([*head, f"<mask>{' '.join([edit] * seq.span_tokens)}</mask>", *tail])
+            for edit in WORDS[-2:]
+        ]
+        records.append({
+            "id": str(i), "prompt": " ".join(words(i, seq.prompt_tokens, 0)),
+            "chosen": answer[0], "rejected": answer[1], "image_path": "v.png",
+            "rejected_image_path": "v_corrupt.png",
+        })  # fmt: skip
     return str(write_records(records, os.path.join(folder, "records.json")))
 
 
