@@ -42,8 +42,6 @@ from .tracker import StepTracker
 from .values import KnownValues, flash_attention_on_meta
 
 WAYS = ("ours", "materialized")
-# The synthetic tokenizer's words: one token each; the last two are the edits of y+ and y-.
-WORDS = [f"w{i}" for i in range(200)] + ["yes", "no"]
 
 
 @dataclass(frozen=True)
@@ -129,15 +127,26 @@ def _special_tokens(config) -> dict[str, int]:
     return {k: int(v) for k, v in ids.items()}
 
 
+def words(config) -> list[str]:
+    """The synthetic tokenizer's words (up to 200, as the vocabulary allows); the last two are
+    the edits that tell y+ from y-."""
+    room = config.get_text_config().vocab_size - 3 - len(_special_tokens(config))
+    n = min(200, room)
+    if n < 4:
+        raise ValueError(f"vocab_size {config.get_text_config().vocab_size} is too small")
+    return [f"w{i}" for i in range(n - 2)] + ["yes", "no"]
+
+
 def sim_processor(config, seq: SequenceSpec):
     """A real ``VLProcessor`` for ``config``: the model family's image processor with the
-    recipe's pixel cap, and a word-level tokenizer (each of ``WORDS`` is one token) with the
-    model's ids for its special tokens."""
+    recipe's pixel cap, and a word-level tokenizer (each of ``words(config)`` is one token)
+    with the model's ids for its special tokens."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     specials = _special_tokens(config)
-    vocab = {"<unk>": 0, "<pad>": 1, "</s>": 2, **{w: 3 + i for i, w in enumerate(WORDS)}}
+    free = (i for i in range(3, config.get_text_config().vocab_size) if i not in specials.values())
+    vocab = {"<unk>": 0, "<pad>": 1, "</s>": 2, **dict(zip(words(config), free))}
     tok = Tokenizer(models.WordLevel(vocab={**vocab, **specials}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     fast = PreTrainedTokenizerFast(
@@ -166,8 +175,9 @@ def sim_processor(config, seq: SequenceSpec):
     return processor_for_config(config, fast, ip)
 
 
-def write_examples(folder: str, n: int, seq: SequenceSpec) -> str:
-    """``n`` preference records (with corrupted images) in the trainer's format."""
+def write_examples(folder: str, n: int, seq: SequenceSpec, vocab: list[str]) -> str:
+    """``n`` preference records (with corrupted images) in the trainer's format, in the words
+    ``vocab`` (``words(config)``)."""
     from PIL import Image
 
     for name in ("v.png", "v_corrupt.png"):
@@ -178,20 +188,20 @@ def write_examples(folder: str, n: int, seq: SequenceSpec) -> str:
     # Every example its own words (as real questions differ; the shared-prefix packing runs
     # identical examples once); y+ and y- a minimal edit of each other: the same words around a
     # span that differs, in the middle of the answer.
-    def words(i: int, k: int, start: int) -> list[str]:
-        return [WORDS[(start + 7 * i + j) % (len(WORDS) - 2)] for j in range(k)]
+    def pick(i: int, k: int, start: int) -> list[str]:
+        return [vocab[(start + 7 * i + j) % (len(vocab) - 2)] for j in range(k)]
 
     before = (seq.response_tokens - seq.span_tokens) // 2
     after = seq.response_tokens - seq.span_tokens - before
     records = []
     for i in range(n):
-        head, tail = words(i, before, 50), words(i, after, 90)
+        head, tail = pick(i, before, 50), pick(i, after, 90)
         answer = [
             " ".join([*head, f"<mask>{' '.join([edit] * seq.span_tokens)}</mask>", *tail])
-            for edit in WORDS[-2:]
+            for edit in vocab[-2:]
         ]
         records.append({
-            "id": str(i), "prompt": " ".join(words(i, seq.prompt_tokens, 0)),
+            "id": str(i), "prompt": " ".join(pick(i, seq.prompt_tokens, 0)),
             "chosen": answer[0], "rejected": answer[1], "image_path": "v.png",
             "rejected_image_path": "v_corrupt.png",
         })  # fmt: skip
@@ -228,7 +238,7 @@ def simulate(spec: SimSpec) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="fgpo_memsim_") as tmp:
         cfg = TrainConfig(
             model=os.path.basename(spec.config_path), dtype="bfloat16",
-            train_file=write_examples(tmp, max(8, b), spec.seq), output_dir=tmp,
+            train_file=write_examples(tmp, max(8, b), spec.seq, words(config)), output_dir=tmp,
             micro_batch_size=b, global_batch_size=max(8, b),
             gradient_checkpointing=spec.checkpointing,
             impl=spec.impl if spec.way == "ours" else None, max_length=1 << 16,
