@@ -32,6 +32,24 @@ backward(h, hr, w, wr, temperature, stats: RowStats, grads: RowGrads, need: Need
     When wr is None (shared weight) and need.w, dw holds G.T @ h / T + Gr.T @ hr / T and dwr is
     None. Gradients that are not needed are None. Returned gradients are float32 (the caller
     casts to the input dtype).
+
+Optional: gradients computed in the forward (docs/design.md §3.8). A backend without these
+functions, or one that returns None from them (declined, e.g. over the byte budget), gets the
+plain ``forward`` and recomputes in ``backward``.
+
+forward_with_grads(h, hr, w, wr, temperature, grads: RowGrads, need: Needs, budget: int)
+    -> (RowStats, Grads) | None
+    ``forward`` and ``backward(..., grads, need)`` at once, for incoming per-row gradients that
+    are known at forward time (the token_kl loss). Since row i's outputs depend on row i of h
+    only, dh[i] (and dhr[i]) scale with row i's incoming gradient; dw and dwr are sums over the
+    rows. ``budget`` bounds the bytes of logits kept between the statistics and the gradient.
+
+forward_with_jacobians(h, hr, w, wr, temperature, n_kl: int, budget: int)
+    -> (RowStats, RowJacobians) | None
+    ``forward`` plus the gradient of each per-row output w.r.t. its own row of h, for a frozen
+    head and reference (only h needs a gradient): any later incoming gradients g give
+    dh[i] = g_fkl[i] * fkl[i] + g_rkl[i] * rkl[i] + g_lp[i] * lp[i] (+ the one-hot row of the
+    log-prob that the caller adds). ``fkl``/``rkl`` cover the first ``n_kl`` rows only.
 """
 
 from __future__ import annotations
@@ -58,6 +76,16 @@ class RowGrads(NamedTuple):
     g_rkl: Tensor | None
     g_lp: Tensor | None
     g_lpr: Tensor | None
+
+
+class RowJacobians(NamedTuple):
+    """Per-row gradients of each output w.r.t. its own row of h (float32): ``fkl``, ``rkl``
+    ``(n_kl, D)`` (None without a reference), ``lp`` ``(N, D)`` without the one-hot row
+    ``W[y] / T``, which the caller adds."""
+
+    fkl: Tensor | None
+    rkl: Tensor | None
+    lp: Tensor
 
 
 class Needs(NamedTuple):

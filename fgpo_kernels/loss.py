@@ -177,6 +177,8 @@ class FiReMPOLoss(torch.nn.Module):
         alpha_v1: weight of the optional (v, y+) ≻ (v', y+) term.
         alpha_v2: weight of the optional (v, y+) ≻ (v', y−) term.
         impl: ``token_kl`` implementation (None = best available, ``FGPO_IMPL`` overrides).
+        tile_budget_mb: MB of logits the fused call may keep to compute gradients in the
+            forward (``token_kl``'s argument; None = its default).
         reduction: ``"mean"`` over the batch (default) or ``"sum"`` (see the normalizer note).
         ignore_index: target id meaning "no target"; it must not occur where the mask is nonzero.
     """
@@ -193,6 +195,7 @@ class FiReMPOLoss(torch.nn.Module):
         *,
         reduction: str = "mean",
         ignore_index: int = IGNORE_INDEX,
+        tile_budget_mb: float | None = None,
     ) -> None:
         super().__init__()
         check_real("beta", beta)
@@ -211,6 +214,7 @@ class FiReMPOLoss(torch.nn.Module):
         self.beta, self.alpha, self.gamma, self.lambda_ = beta, alpha, gamma, lambda_
         self.alpha_v1, self.alpha_v2 = alpha_v1, alpha_v2
         self.impl, self.reduction, self.ignore_index = impl, reduction, ignore_index
+        self.tile_budget_mb = tile_budget_mb
 
     @classmethod
     def preset(cls, name: str, **overrides) -> FiReMPOLoss:
@@ -259,7 +263,7 @@ class FiReMPOLoss(torch.nn.Module):
             weight, ref_weight, chosen, rejected, chosen_corrupt, rejected_corrupt, has_corrupt
         )
         rows = _gather_rows(seqs, gate, weight.shape[0], self.ignore_index)
-        out = _fused_stats(rows, weight, ref_weight, self.lambda_, self.impl)
+        out = _fused_stats(rows, weight, ref_weight, self.lambda_, self.impl, self.tile_budget_mb)
         sums = _per_example_sums(rows, out, seqs["chosen"].policy.shape[0])
         terms = self._terms(sums, gate)
         loss = terms.total.mean() if self.reduction == "mean" else terms.total.sum()
@@ -383,10 +387,15 @@ def _gather_rows(seqs: dict, gate: Tensor | None, v: int, ignore_index: int) -> 
 
 
 def _fused_stats(
-    rows: _Rows, weight: Tensor, ref_weight: Tensor | None, lambda_: float, impl: str | None
-) -> TokenKLOutput:
+    rows: _Rows, weight: Tensor, ref_weight: Tensor | None, lambda_: float, impl: str | None,
+    tile_budget_mb: float | None,
+) -> TokenKLOutput:  # fmt: skip
     """Per-row log-probs of both models and the mixed KL: ONE ``token_kl`` call, so the head
-    weight is streamed once per step."""
+    weight is streamed once per step. With a frozen head (LoRA) that call computes each row's
+    gradients w.r.t. its hidden state in the forward (docs/design.md §3.8, plan ``jacobian``):
+    the rank and visual terms couple an example's rows only through per-row scalars, which
+    the backward applies to those per-row gradients. A trained head recomputes the logits in
+    the backward."""
     wr = ref_weight
     if wr is None and weight.requires_grad:
         wr = weight.detach()  # the reference is frozen even when the head is trained
@@ -402,6 +411,7 @@ def _fused_stats(
         lambda_=lambda_,
         reduction="none",
         impl=impl,
+        tile_budget_mb=tile_budget_mb,
     )
 
 

@@ -14,7 +14,9 @@ dlogr/dzr = onehot - r. Chain rule: dh = G W / T, dW = G^T h / T.
 
 The public functions validate input, flatten the leading dimensions into rows, drop rows that
 need no work (mask 0 and no target) before any matmul, and hand the dense work to an impl
-(``_backend.py`` is the contract). ``impl="reference"`` materializes the logits: the definition.
+(``_backend.py`` is the contract) through one autograd Function (``_autograd.py``, which also
+decides whether gradients are computed in the forward). ``impl="reference"`` materializes the
+logits: the definition.
 """
 
 from __future__ import annotations
@@ -24,8 +26,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from . import _registry, reference
-from ._backend import Needs, RowGrads, RowStats
+from . import _autograd, _registry, reference
 from ._util import acc_dtype, check_fraction, check_real
 from ._validate import check_token_inputs
 
@@ -46,135 +47,24 @@ class TokenKLOutput(NamedTuple):
     ref_logps: Tensor | None
 
 
-def _target_logit(h: Tensor, w: Tensor, tgt: Tensor, valid: Tensor, inv_t: float) -> Tensor:
-    """z_y per row in fp32 (a gather and a row-wise dot: N x D work, no N x V)."""
-    rows = w.index_select(0, tgt.clamp(min=0))
-    acc = acc_dtype(h)
-    zy = torch.linalg.vecdot(h.to(acc), rows.to(acc)) * inv_t
-    return torch.where(valid, zy, torch.zeros_like(zy))
-
-
-class _TokenStats(torch.autograd.Function):
-    """(fkl, rkl, logp, logp_ref) per row; one Function serves both public ops."""
-
-    @staticmethod
-    def forward(ctx, h, hr, w, wr, tgt, temperature, impl):
-        backend = _registry.module(impl)
-        inv_t = 1.0 / temperature
-        if h.shape[0]:
-            lse, lser, fkl, rkl = backend.forward(h, hr, w, wr, temperature)
-        else:  # nothing selected: empty outputs that still connect to autograd (zero grads)
-            lse = lser = fkl = rkl = h.new_zeros(0, dtype=acc_dtype(h))
-        wr_ = w if wr is None else wr
-        valid = tgt >= 0
-        zero = torch.zeros_like(lse)
-        lp = torch.where(valid, _target_logit(h, w, tgt, valid, inv_t) - lse, zero)
-        if hr is None:
-            fkl, rkl, lpr = zero, zero.clone(), zero.clone()
-        else:
-            lpr = torch.where(valid, _target_logit(hr, wr_, tgt, valid, inv_t) - lser, zero)
-        ctx.save_for_backward(h, hr, w, wr, tgt, lse, lser, fkl, rkl)
-        ctx.temperature, ctx.impl, ctx.kl = temperature, impl, hr is not None
-        if hr is None:
-            ctx.mark_non_differentiable(fkl, rkl, lpr)
-        return fkl, rkl, lp, lpr
-
-    @staticmethod
-    def backward(ctx, g_fkl, g_rkl, g_lp, g_lpr):
-        h, hr, w, wr, tgt, lse, lser, fkl, rkl = ctx.saved_tensors
-        need_h, need_hr, need_w, need_wr = ctx.needs_input_grad[:4]
-        inv_t = 1.0 / ctx.temperature
-        valid = tgt >= 0
-        if not ctx.kl:
-            g_fkl = g_rkl = g_lpr = None
-        gs = [None if g is None else g.to(lse.dtype) for g in (g_fkl, g_rkl, g_lp, g_lpr)]
-        # Log-probs are constant 0 at rows without a target: their gradient is dropped.
-        for k in (2, 3):
-            if gs[k] is not None:
-                gs[k] = torch.where(valid, gs[k], torch.zeros_like(gs[k]))
-        # Rows whose incoming gradients are all zero contribute nothing: skip them.
-        live = torch.zeros(h.shape[0], dtype=torch.bool, device=h.device)
-        for g in gs:
-            if g is not None:
-                live |= g != 0
-        rows = live.nonzero().squeeze(-1)
-        sub = rows.numel() != h.shape[0]
-
-        def take(x):
-            return None if x is None else (x.index_select(0, rows) if sub else x)
-
-        shared = wr is None
-        dh = dhr = dw = dwr = None
-        if rows.numel():
-            stats = RowStats(*(take(x) for x in (lse, lser, fkl, rkl)))
-            grads = RowGrads(*(take(g) for g in gs))
-            need = Needs(need_h, need_hr, need_w, need_wr)
-            dh, dhr, dw, dwr = _registry.module(ctx.impl).backward(
-                take(h), take(hr), w, wr, ctx.temperature, stats, grads, need
-            )
-        dh = _scatter(dh, rows, h) if need_h else None
-        dhr = _scatter(dhr, rows, hr) if need_hr else None
-        if need_w and dw is None:
-            dw = torch.zeros(w.shape, dtype=acc_dtype(w), device=w.device)
-        if need_wr and dwr is None:
-            dwr = torch.zeros(wr.shape, dtype=acc_dtype(wr), device=wr.device)
-        # One-hot part of the log-prob gradients: d logp / dz = onehot(y) (- p, done above).
-        for g, hid, dhid, weight, dweight in (
-            (gs[2], h, dh, w, dw),
-            (gs[3], hr, dhr, w if shared else wr, dw if shared else dwr),
-        ):
-            if g is None or hid is None:
-                continue
-            idx = (valid & (g != 0)).nonzero().squeeze(-1)
-            if not idx.numel():
-                continue
-            y, gy = tgt.index_select(0, idx), g.index_select(0, idx).unsqueeze(-1) * inv_t
-            if dhid is not None:
-                dhid.index_add_(0, idx, gy * weight.index_select(0, y).to(gy.dtype))
-            if dweight is not None:
-                dweight.index_add_(0, y, gy * hid.index_select(0, idx).to(gy.dtype))
-        return (
-            _cast(dh, h),
-            _cast(dhr, hr),
-            _cast(dw, w),
-            _cast(dwr, wr),
-            None,
-            None,
-            None,
-        )
-
-
-def _scatter(part: Tensor | None, rows: Tensor, like: Tensor) -> Tensor:
-    if part is not None and part.shape[0] == like.shape[0]:
-        return part
-    out = torch.zeros(like.shape, dtype=acc_dtype(like), device=like.device)
-    if part is not None:
-        out.index_copy_(0, rows, part)
-    return out
-
-
-def _cast(g: Tensor | None, like: Tensor | None) -> Tensor | None:
-    return None if g is None or like is None else g.to(like.dtype)
-
-
-def _stats(h, hr, w, wr, tgt, temperature, impl):
-    """Per-row (fkl, rkl, logp, logp_ref) for the selected rows, via the chosen impl."""
+def _stats(h, hr, w, wr, tgt, c, lambda_, temperature, impl, budget):
+    """Per-row (fkl, rkl, logp, logp_ref, per) for the selected rows, via the chosen impl;
+    ``per`` = c (λ fkl + (1 − λ) rkl) is the rows' share of the loss (``_autograd``)."""
     if impl == "reference":
         fkl, rkl, lp, lpr = reference.token_stats(h, hr, w, wr, tgt, temperature)
-        return fkl, rkl, lp, lpr
-    if (
-        h.requires_grad
-        or (hr is not None and hr.requires_grad)
-        or w.requires_grad
-        or (wr is not None and wr.requires_grad)
-    ):
-        return _TokenStats.apply(h, hr, w, wr, tgt, temperature, impl)
+        per = None if hr is None else _autograd.mixed(fkl, rkl, c, lambda_)
+        return fkl, rkl, lp, lpr, per
+    args = (h, hr, w, wr, tgt, c, lambda_, temperature, impl, budget)
+    if any(x is not None and x.requires_grad for x in (h, hr, w, wr)):
+        return _autograd._TokenStats.apply(*args)
     with torch.no_grad():
-        return _TokenStats.forward(_NoCtx(), h, hr, w, wr, tgt, temperature, impl)
+        return _autograd._TokenStats.forward(_NoCtx(), *args)
 
 
 class _NoCtx:
     """Stands in for autograd's ctx when nothing requires grad (no tensors are kept)."""
+
+    needs_input_grad = (False,) * 10
 
     def save_for_backward(self, *args):
         pass
@@ -213,6 +103,7 @@ def token_kl(
     ignore_index: int = IGNORE_INDEX,
     reduction: str = "sum",
     impl: str | None = None,
+    tile_budget_mb: float | None = None,
 ) -> TokenKLOutput:
     """Bidirectional token-wise KL between policy and reference, straight from hidden states.
 
@@ -232,6 +123,9 @@ def token_kl(
         reduction: ``"sum"``, ``"mean"`` (sum / sum of mask) or ``"none"``.
         impl: ``"torch"``, ``"triton"``, ``"cuda"``, ``"reference"`` or None (best available;
             ``FGPO_IMPL`` overrides None).
+        tile_budget_mb: MB of logits the op may keep between its statistics and its gradients
+            when it computes the gradients in the forward (docs/design.md §3.8); None =
+            ``FGPO_TILE_BUDGET_MB`` or the device's default (32 on a CPU, 1024 on a GPU).
 
     Returns:
         ``TokenKLOutput(loss, forward_kl, reverse_kl, policy_logps, ref_logps)``; per-position
@@ -245,28 +139,26 @@ def token_kl(
         policy_hidden, ref_hidden, weight, ref_weight, mask, targets, ignore_index
     )
     name = _registry.resolve(impl, h.device)
+    budget = _autograd.tile_budget(tile_budget_mb, h.device)
     n = h.shape[0]
     active = None
     if m is not None:
         active = m != 0
         if tgt is not None:
             active = active | (tgt >= 0)
-    rows, (h, hr, tgt_sel) = _select_rows(active, h, hr, tgt)
+    m_sel = None if m is None else m.detach()
+    rows, (h, hr, tgt_sel, m_sel) = _select_rows(active, h, hr, tgt, m_sel)
     tgt_rows = (
         tgt_sel
         if tgt_sel is not None
         else torch.full((h.shape[0],), -1, dtype=torch.long, device=h.device)
     )
-    fkl, rkl, lp, lpr = _stats(h, hr, w, wr, tgt_rows, temperature, name)
-    fkl, rkl, lp, lpr = (_expand(x, rows, n, policy_hidden) for x in (fkl, rkl, lp, lpr))
-    mixed = lambda_ * fkl + (1.0 - lambda_) * rkl
+    outs = _stats(h, hr, w, wr, tgt_rows, m_sel, lambda_, temperature, name, budget)
+    fkl, rkl, lp, lpr, per = (_expand(x, rows, n, policy_hidden) for x in outs)
     if m is None:
-        per = mixed
         denom = torch.tensor(float(n), device=per.device, dtype=per.dtype)
     else:
-        mw = m.to(mixed.dtype)
-        per = torch.where(mw != 0, mw * mixed, torch.zeros_like(mixed))
-        denom = mw.sum()
+        denom = m.to(per.dtype).sum()
     if reduction == "none":
         loss = per.reshape(lead)
     elif reduction == "sum":
@@ -307,7 +199,7 @@ def token_logprobs(
     name = _registry.resolve(impl, h.device)
     n = h.shape[0]
     rows, (h, tgt) = _select_rows(tgt >= 0, h, tgt)
-    lp = _stats(h, None, w, None, tgt, temperature, name)[2]
+    lp = _stats(h, None, w, None, tgt, None, 0.0, temperature, name, 0)[2]
     return _expand(lp, rows, n, hidden).reshape(lead)
 
 

@@ -5,9 +5,9 @@ chunks of C columns (R * C near ``FGPO_TORCH_CHUNK_ELEMS``, default 2**19 elemen
 fp32, so that the ~10 elementwise passes per tile run from L2 cache; measured on a 2-core Xeon,
 one thread, N=4096, D=512, V=32000: 2**19 -> 5.8 s, 2**22 -> 6.9 s, 2**23 -> 8.5 s fwd+bwd CPU
 time, against 9.9 s for the materialized path), so only R x C tensors exist and every row chunk
-streams the weight once. Small row
-chunks alone would re-read the whole weight (V x D, 2 GB at V=152064, D=3584) for every few
-rows; small vocabulary chunks alone would re-read the hidden states; the 2-D tiling bounds both.
+streams the weight once. Small row chunks alone would re-read the whole weight (V x D, 2 GB at
+V=152064, D=3584) for every few rows; small vocabulary chunks alone would re-read the hidden
+states; the 2-D tiling bounds both.
 
 Forward, per row, online over vocabulary chunks (m: running max, s: scaled sum, rescaled by
 e^(m_old - m_new) as the max moves):
@@ -19,6 +19,19 @@ p = softmax z, r = softmax zr, d = log p - log r the logit gradients regroup as
     G  = p * (g_fkl + g_rkl * (d - rkl) - g_lp) - g_fkl * r
     Gr = r * (g_rkl - g_fkl * (d + fkl) - g_lpr) - g_rkl * p
 then dh[rows] += G W[cols] / T and dW[cols] += G^T h[rows] / T (two matmuls per tile).
+
+Gradients in the forward (the backward then only scales them; ``_backend.py``, optional part):
+- ``forward_with_grads`` (incoming per-row gradients known at forward time): each row chunk
+  keeps its R x V logits (R from a byte budget), finishes its statistics, then turns the kept
+  logits into G in place: 2 logit matmuls + dH + dW, against 2 + 2 + dH + dW when recomputing.
+- ``forward_with_jacobians`` (frozen head: only h needs a gradient): every per-row output
+  depends on its own row of h only, so its gradient is one D-vector per row. Streamed like the
+  forward, with p = e^(z - m) / s normalized only at the end (flash-attention style):
+      sum_j p W_j = U_P / s,   U_P = sum e^(z - m) W_j            (rescaled as m moves)
+      sum_j r W_j = U_S / sr,  sum_j p (d - rkl) W_j = (U_Q - (A / s) U_P) / s,
+      U_Q = sum e^(z - m) (z - zr) W_j
+  dlogp/dh = -U_P / (s T) (plus the one-hot row the caller adds), dfkl/dh = (U_P/s - U_S/sr)/T,
+  drkl/dh = (U_Q - (A/s) U_P) / (s T): U_Q and U_S only for the first ``n_kl`` rows.
 """
 
 from __future__ import annotations
@@ -28,7 +41,7 @@ import os
 import torch
 from torch import Tensor
 
-from ._backend import Grads, Needs, RowGrads, RowStats
+from ._backend import Grads, Needs, RowGrads, RowJacobians, RowStats
 from ._util import acc_dtype
 
 _MIN_ROWS = 512  # rows per chunk when there are that many: the weight is read N / 512 times
@@ -39,16 +52,26 @@ def probe() -> dict:
     return {"available": True, "built": True, "reason": "pure PyTorch, any device"}
 
 
+def _chunk_elems() -> int:
+    return int(os.environ.get("FGPO_TORCH_CHUNK_ELEMS", 1 << 19))
+
+
 def _tiles(n: int, v: int) -> tuple[int, int]:
     """(rows per chunk, vocabulary columns per chunk)."""
-    budget = int(os.environ.get("FGPO_TORCH_CHUNK_ELEMS", 1 << 19))
+    budget = _chunk_elems()
     rows = max(1, min(n, max(_MIN_ROWS, budget // max(v, 1))))
     cols = max(1, min(v, max(_MIN_COLS, budget // rows)))
     return rows, cols
 
 
-def _logits(h: Tensor, w: Tensor, inv_t: float) -> Tensor:
-    z = (h @ w.T).to(acc_dtype(h))
+def _logits(h: Tensor, w: Tensor, inv_t: float, out: Tensor | None = None) -> Tensor:
+    """z = h w^T / T in the accumulation dtype (written into ``out`` when given)."""
+    if out is None:
+        z = (h @ w.T).to(acc_dtype(h))
+    elif h.dtype == out.dtype:
+        z = torch.mm(h, w.T, out=out)
+    else:
+        z = out.copy_(h @ w.T)
     return z.mul_(inv_t) if inv_t != 1.0 else z
 
 
@@ -58,55 +81,73 @@ def _rescale(m: Tensor, mc: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return m_new, torch.exp(m - m_new), torch.exp(mc - m_new)
 
 
+class _Online:
+    """Per-row running statistics of one row chunk over vocabulary tiles (see the docstring)."""
+
+    def __init__(self, k: int, kl: bool, dtype: torch.dtype, device) -> None:
+        self.kl = kl
+        self.m = torch.full((k,), float("-inf"), dtype=dtype, device=device)
+        self.s = torch.zeros(k, dtype=dtype, device=device)
+        if kl:
+            self.mr, self.sr = self.m.clone(), self.s.clone()
+            self.a, self.b = self.s.clone(), self.s.clone()
+
+    def add(self, z: Tensor, zr: Tensor | None, keep: bool) -> None:
+        """One tile of logits; ``keep=False`` lets it overwrite ``z`` and ``zr``."""
+        mc = z.amax(-1)
+        if self.kl:
+            dz = z - zr
+            mrc = zr.amax(-1)
+        e = (z.sub(mc.unsqueeze(-1)) if keep else z.sub_(mc.unsqueeze(-1))).exp_()
+        self.m, f_old, f_new = _rescale(self.m, mc)
+        self.s = self.s * f_old + e.sum(-1) * f_new
+        if self.kl:
+            self.a = self.a * f_old + torch.linalg.vecdot(e, dz) * f_new
+            er = (zr.sub(mrc.unsqueeze(-1)) if keep else zr.sub_(mrc.unsqueeze(-1))).exp_()
+            self.mr, fr_old, fr_new = _rescale(self.mr, mrc)
+            self.sr = self.sr * fr_old + er.sum(-1) * fr_new
+            self.b = self.b * fr_old - torch.linalg.vecdot(er, dz) * fr_new
+
+    def finish(self, stats: RowStats, s0: int, s1: int) -> None:
+        """Write (lse, lser, fkl, rkl) of the chunk's rows into ``stats``."""
+        lse = stats.lse[s0:s1]
+        lse.copy_(self.m + self.s.log())
+        if self.kl:
+            lser = stats.lser[s0:s1]
+            lser.copy_(self.mr + self.sr.log())
+            stats.rkl[s0:s1] = self.a / self.s - lse + lser
+            stats.fkl[s0:s1] = self.b / self.sr - lser + lse
+
+
+def _empty_stats(n: int, kl: bool, dtype: torch.dtype, device) -> RowStats:
+    lse = torch.empty(n, dtype=dtype, device=device)
+    if not kl:
+        return RowStats(lse, None, None, None)
+    return RowStats(lse, torch.empty_like(lse), torch.empty_like(lse), torch.empty_like(lse))
+
+
 def forward(
     h: Tensor, hr: Tensor | None, w: Tensor, wr: Tensor | None, temperature: float
 ) -> RowStats:
     n, v = h.shape[0], w.shape[0]
     inv_t = 1.0 / temperature
     wr = w if wr is None else wr
-    acc = acc_dtype(h)
-    rows, cols = _tiles(n, v)
-    lse = h.new_empty(n, dtype=acc)
     kl = hr is not None
-    if kl:
-        lser, fkl, rkl = torch.empty_like(lse), torch.empty_like(lse), torch.empty_like(lse)
+    stats = _empty_stats(n, kl, acc_dtype(h), h.device)
+    rows, cols = _tiles(n, v)
     for s0 in range(0, n, rows):
         s1 = min(n, s0 + rows)
         hs = h[s0:s1]
         if cols == v and not kl:
-            lse[s0:s1] = torch.logsumexp(_logits(hs, w, inv_t), dim=-1)
+            stats.lse[s0:s1] = torch.logsumexp(_logits(hs, w, inv_t), dim=-1)
             continue
-        k = s1 - s0
-        m = torch.full((k,), float("-inf"), dtype=acc, device=h.device)
-        s = torch.zeros(k, dtype=acc, device=h.device)
-        if kl:
-            mr, sr, a, b = m.clone(), s.clone(), s.clone(), s.clone()
-            hrs = hr[s0:s1]
+        online = _Online(s1 - s0, kl, stats.lse.dtype, h.device)
         for c0 in range(0, v, cols):
             c1 = min(v, c0 + cols)
-            z = _logits(hs, w[c0:c1], inv_t)
-            mc = z.amax(-1)
-            if kl:
-                zr = _logits(hrs, wr[c0:c1], inv_t)
-                dz = z - zr
-                mrc = zr.amax(-1)
-            e = z.sub_(mc.unsqueeze(-1)).exp_()
-            m, f_old, f_new = _rescale(m, mc)
-            s = s * f_old + e.sum(-1) * f_new
-            if kl:
-                a = a * f_old + torch.linalg.vecdot(e, dz) * f_new
-                er = zr.sub_(mrc.unsqueeze(-1)).exp_()
-                mr, fr_old, fr_new = _rescale(mr, mrc)
-                sr = sr * fr_old + er.sum(-1) * fr_new
-                b = b * fr_old - torch.linalg.vecdot(er, dz) * fr_new
-        lse[s0:s1] = m + s.log()
-        if kl:
-            lser[s0:s1] = mr + sr.log()
-            rkl[s0:s1] = a / s - lse[s0:s1] + lser[s0:s1]
-            fkl[s0:s1] = b / sr - lser[s0:s1] + lse[s0:s1]
-    if not kl:
-        return RowStats(lse, None, None, None)
-    return RowStats(lse, lser, fkl, rkl)
+            zr = _logits(hr[s0:s1], wr[c0:c1], inv_t) if kl else None
+            online.add(_logits(hs, w[c0:c1], inv_t), zr, keep=False)
+        online.finish(stats, s0, s1)
+    return stats
 
 
 def _col(x: Tensor | None, like: Tensor) -> Tensor | None:
@@ -116,6 +157,60 @@ def _col(x: Tensor | None, like: Tensor) -> Tensor | None:
 
 def _nonzero(g: Tensor | None) -> Tensor | None:
     return g if g is not None and bool((g != 0).any()) else None
+
+
+class _GradTiles:
+    """The gradient side of one call: turns each tile's log-probabilities into G (and Gr) and
+    accumulates dh, dhr, dW, dWr. Shared by ``backward`` (logits recomputed) and
+    ``forward_with_grads`` (logits kept from the forward)."""
+
+    def __init__(self, h, hr, w, wr, temperature, stats: RowStats, grads: RowGrads, need: Needs):
+        need_h, need_hr, need_w, need_wr = need
+        self.h, self.hr, self.w, self.inv_t = h, hr, w, 1.0 / temperature
+        self.shared = wr is None
+        self.wr = w if self.shared else wr
+        self.stats = stats
+        g_fkl, g_rkl, g_lp, g_lpr = (_nonzero(g) for g in grads)
+
+        def zeros(x: Tensor, need: bool) -> Tensor | None:
+            return torch.zeros(x.shape, dtype=acc_dtype(x), device=x.device) if need else None
+
+        self.dh, self.dw = zeros(h, need_h), zeros(w, need_w)
+        self.dhr = zeros(hr, need_hr) if hr is not None else None
+        self.dwr = zeros(wr, need_wr) if not self.shared else None
+        self.kl_grads = g_fkl is not None or g_rkl is not None
+        self.need_pol = need_h or need_w
+        self.need_ref = hr is not None and (need_hr or (need_w if self.shared else need_wr))
+        # Without KL gradients the reference only matters through its own log-probs.
+        self.use_ref = hr is not None and (self.kl_grads or g_lpr is not None)
+        self.cols = [_col(g, h) for g in (g_fkl, g_rkl, g_lp, g_lpr)]
+        self.idle = not (self.use_ref or (g_lp is not None and self.need_pol))
+
+    def tile(self, logp: Tensor, logr: Tensor | None, s0: int, s1: int, c0: int, c1: int):
+        """One tile; ``logp`` = z - lse (and ``logr`` = zr - lser when ``use_ref``), both
+        overwritten."""
+        gf, grk, glp, glr = self.cols
+        hs = self.h[s0:s1]
+        if not self.use_ref:  # G = -g_lp * p
+            if glp is not None and self.need_pol:
+                g = logp.exp_().mul_(-glp[s0:s1])
+                _accumulate(g, hs, self.w, self.dh, self.dw, s0, s1, c0, c1, self.inv_t)
+            return
+        d = logp - logr if self.kl_grads else None
+        p, r = logp.exp_(), logr.exp_()
+        if self.need_ref:
+            gref = _grad_ref(p, r, d, gf, grk, glr, self.stats.fkl, s0, s1)
+        if self.need_pol:
+            gpol = _grad_pol(p, r, d, gf, grk, glp, self.stats.rkl, s0, s1)
+            if gpol is not None:
+                _accumulate(gpol, hs, self.w, self.dh, self.dw, s0, s1, c0, c1, self.inv_t)
+        if self.need_ref and gref is not None:
+            dwr = self.dw if self.shared else self.dwr
+            hrs = self.hr[s0:s1]
+            _accumulate(gref, hrs, self.wr, self.dhr, dwr, s0, s1, c0, c1, self.inv_t)
+
+    def result(self) -> Grads:
+        return Grads(self.dh, self.dhr, self.dw, self.dwr)
 
 
 def backward(
@@ -128,52 +223,161 @@ def backward(
     grads: RowGrads,
     need: Needs,
 ) -> Grads:
-    lse, lser, fkl, rkl = stats
-    need_h, need_hr, need_w, need_wr = need
+    lse, lser = stats.lse, stats.lser
     n, v = h.shape[0], w.shape[0]
     inv_t = 1.0 / temperature
-    shared = wr is None
-    wr_ = w if shared else wr
-    g_fkl, g_rkl, g_lp, g_lpr = (_nonzero(g) for g in grads)
-
-    def zeros(x: Tensor, need: bool) -> Tensor | None:
-        return torch.zeros(x.shape, dtype=acc_dtype(x), device=x.device) if need else None
-
-    dh, dw = zeros(h, need_h), zeros(w, need_w)
-    dhr = zeros(hr, need_hr) if hr is not None else None
-    dwr = zeros(wr, need_wr) if not shared else None
-    kl_grads = g_fkl is not None or g_rkl is not None
-    need_pol = need_h or need_w
-    need_ref = hr is not None and (need_hr or (need_w if shared else need_wr))
-    # Without KL gradients the reference only matters through its own log-probs.
-    use_ref = hr is not None and (kl_grads or g_lpr is not None)
-    gf, grk, glp, glr = (_col(g, h) for g in (g_fkl, g_rkl, g_lp, g_lpr))
+    tiles = _GradTiles(h, hr, w, wr, temperature, stats, grads, need)
+    if tiles.idle:
+        return tiles.result()
     rows, cols = _tiles(n, v)
     for s0 in range(0, n, rows):
         s1 = min(n, s0 + rows)
-        hs = h[s0:s1]
-        hrs = hr[s0:s1] if use_ref else None
         for c0 in range(0, v, cols):
             c1 = min(v, c0 + cols)
-            logp = _logits(hs, w[c0:c1], inv_t).sub_(lse[s0:s1].unsqueeze(-1))
-            if not use_ref:  # G = -g_lp * p
-                if glp is not None and need_pol:
-                    g = logp.exp_().mul_(-glp[s0:s1])
-                    _accumulate(g, hs, w, dh, dw, s0, s1, c0, c1, inv_t)
+            logp = _logits(h[s0:s1], w[c0:c1], inv_t).sub_(lse[s0:s1].unsqueeze(-1))
+            logr = None
+            if tiles.use_ref:
+                logr = _logits(hr[s0:s1], tiles.wr[c0:c1], inv_t)
+                logr.sub_(lser[s0:s1].unsqueeze(-1))
+            tiles.tile(logp, logr, s0, s1, c0, c1)
+    return tiles.result()
+
+
+def held_rows(n: int, v: int, kl: bool, dtype: torch.dtype, budget: int) -> int:
+    """Rows per chunk of ``forward_with_grads``: its kept logits (R x V, twice with a
+    reference) fit ``budget`` bytes (at least one row)."""
+    per_row = v * torch.finfo(dtype).bits // 8 * (2 if kl else 1)
+    return max(1, min(n, budget // per_row))
+
+
+def forward_with_grads(
+    h: Tensor,
+    hr: Tensor | None,
+    w: Tensor,
+    wr: Tensor | None,
+    temperature: float,
+    grads: RowGrads,
+    need: Needs,
+    budget: int,
+) -> tuple[RowStats, Grads]:
+    """``forward`` and ``backward(..., grads, need)`` in one pass: each chunk of rows keeps its
+    logits (at most ``budget`` bytes) from the statistics to the gradient tiles."""
+    n, v = h.shape[0], w.shape[0]
+    inv_t = 1.0 / temperature
+    kl = hr is not None
+    acc = acc_dtype(h)
+    stats = _empty_stats(n, kl, acc, h.device)
+    tiles = _GradTiles(h, hr, w, wr, temperature, stats, grads, need)
+    rows = held_rows(n, v, kl, acc, budget)
+    cols = max(1, min(v, max(_MIN_COLS, _chunk_elems() // rows)))
+    zbuf = torch.empty(rows * v, dtype=acc, device=h.device)
+    zrbuf = torch.empty_like(zbuf) if kl else None
+    for s0 in range(0, n, rows):
+        s1 = min(n, s0 + rows)
+        k = s1 - s0
+        online = _Online(k, kl, acc, h.device)
+        kept = []
+        for c0 in range(0, v, cols):
+            c1 = min(v, c0 + cols)
+            # Tile c of the chunk is the contiguous (k, c1 - c0) block at offset k * c0.
+            z = _logits(h[s0:s1], w[c0:c1], inv_t, zbuf[k * c0 : k * c1].view(k, c1 - c0))
+            zr = None
+            if kl:
+                zr = zrbuf[k * c0 : k * c1].view(k, c1 - c0)
+                _logits(hr[s0:s1], tiles.wr[c0:c1], inv_t, zr)
+            online.add(z, zr, keep=True)
+            kept.append((c0, c1, z, zr))
+        online.finish(stats, s0, s1)
+        if tiles.idle:
+            continue
+        for c0, c1, z, zr in kept:
+            logp = z.sub_(stats.lse[s0:s1].unsqueeze(-1))
+            logr = zr.sub_(stats.lser[s0:s1].unsqueeze(-1)) if tiles.use_ref else None
+            tiles.tile(logp, logr, s0, s1, c0, c1)
+    return stats, tiles.result()
+
+
+def _scale_rows(u: Tensor, f: Tensor) -> None:
+    """u[i] *= f[i] where f[i] != 1 (after the first tiles a row's maximum rarely moves)."""
+    moved = (f != 1).nonzero().squeeze(-1)
+    if moved.numel() * 4 >= f.numel():
+        u.mul_(f.unsqueeze(-1))
+    elif moved.numel():
+        u[moved] *= f[moved].unsqueeze(-1)
+
+
+def _addmm(u: Tensor, e: Tensor, wc: Tensor) -> None:
+    """u += e @ wc in u's dtype (16-bit weights: e rounded to their dtype, as in backward)."""
+    if wc.dtype == u.dtype:
+        u.addmm_(e, wc)
+    else:
+        u.add_((e.to(wc.dtype) @ wc).to(u.dtype))
+
+
+def forward_with_jacobians(
+    h: Tensor,
+    hr: Tensor | None,
+    w: Tensor,
+    wr: Tensor | None,
+    temperature: float,
+    n_kl: int,
+    budget: int,
+) -> tuple[RowStats, RowJacobians]:
+    """``forward`` plus, per row, the gradient of its outputs w.r.t. its own row of h (the
+    head is frozen): streamed, no R x V logits kept, so ``budget`` is not used."""
+    del budget
+    n, v = h.shape[0], w.shape[0]
+    inv_t = 1.0 / temperature
+    kl = hr is not None
+    n_kl = n_kl if kl else 0
+    wr = w if wr is None else wr
+    acc = acc_dtype(h)
+    stats = _empty_stats(n, kl, acc, h.device)
+    u_p = torch.zeros(h.shape, dtype=acc, device=h.device)
+    u_q = torch.zeros((n_kl, h.shape[1]), dtype=acc, device=h.device)
+    u_s = torch.zeros_like(u_q)
+    rows, cols = _tiles(n, v)
+    for s0 in range(0, n, rows):
+        s1 = min(n, s0 + rows)
+        kk = max(0, min(n_kl, s1) - s0)  # rows of this chunk that need the KL gradients
+        st = _Online(s1 - s0, kl, acc, h.device)
+        up, uq, us = u_p[s0:s1], u_q[s0 : s0 + kk], u_s[s0 : s0 + kk]
+        for c0 in range(0, v, cols):
+            c1 = min(v, c0 + cols)
+            wc = w[c0:c1]
+            z = _logits(h[s0:s1], wc, inv_t)
+            # e^(z - m) with the NEW running max, so that it adds to the rescaled sums as is.
+            st.m, f, _ = _rescale(st.m, z.amax(-1))
+            if kl:
+                zr = _logits(hr[s0:s1], wr[c0:c1], inv_t)
+                dz = z - zr
+            e = z.sub_(st.m.unsqueeze(-1)).exp_()
+            st.s = st.s * f + e.sum(-1)
+            _scale_rows(up, f)
+            _addmm(up, e, wc)
+            if not kl:
                 continue
-            logr = _logits(hrs, wr_[c0:c1], inv_t).sub_(lser[s0:s1].unsqueeze(-1))
-            d = logp - logr if kl_grads else None
-            p, r = logp.exp_(), logr.exp_()
-            if need_ref:
-                gref = _grad_ref(p, r, d, gf, grk, glr, fkl, s0, s1)
-            if need_pol:
-                gpol = _grad_pol(p, r, d, gf, grk, glp, rkl, s0, s1)
-                if gpol is not None:
-                    _accumulate(gpol, hs, w, dh, dw, s0, s1, c0, c1, inv_t)
-            if need_ref and gref is not None:
-                tgt_dw = dw if shared else dwr
-                _accumulate(gref, hrs, wr_, dhr, tgt_dw, s0, s1, c0, c1, inv_t)
-    return Grads(dh, dhr, dw, dwr)
+            st.a = st.a * f + torch.linalg.vecdot(e, dz)
+            st.mr, fr, _ = _rescale(st.mr, zr.amax(-1))
+            er = zr.sub_(st.mr.unsqueeze(-1)).exp_()
+            st.sr = st.sr * fr + er.sum(-1)
+            st.b = st.b * fr - torch.linalg.vecdot(er, dz)
+            if kk:
+                _scale_rows(uq, f[:kk])
+                _addmm(uq, e[:kk].mul_(dz[:kk]), wc)  # e's KL rows are not used again
+                _scale_rows(us, fr[:kk])
+                _addmm(us, er[:kk], wc)
+        st.finish(stats, s0, s1)
+        up.div_((st.s * temperature).unsqueeze(-1))  # sum_j p W_j / T
+        if kk:
+            # sum p (d - rkl) W = (U_Q - (A/s) U_P) / s; sum r W = U_S / sr  (all / T)
+            c = (st.a / st.s)[:kk].unsqueeze(-1)
+            uq.div_((st.s[:kk] * temperature).unsqueeze(-1)).sub_(up[:kk] * c)
+            us.div_((st.sr[:kk] * temperature).unsqueeze(-1)).neg_().add_(up[:kk])
+        up.neg_()  # dlogp/dh without the one-hot row
+    if not kl:
+        return stats, RowJacobians(None, None, u_p)
+    return stats, RowJacobians(u_s, u_q, u_p)
 
 
 def _grad_pol(p, r, d, gf, grk, glp, rkl, s0, s1) -> Tensor | None:

@@ -9,8 +9,10 @@ Math (row i, vocabulary index j, T = temperature; p = softmax z, r = softmax zr)
 
 Where things are: ``fwd.py`` (forward kernel + host), ``bwd_gblock.py`` (default backward: G
 chunks in Triton, then library GEMMs), ``bwd_atomic.py`` (backward with fp32 atomics),
-``common.py`` (the jit tile helpers every kernel shares, input checks), ``configs.py`` (the GPU
-tile table, vocabulary splits, backward mode and gblock chunk width). The forward splits the
+``fused.py`` (gradients in the forward for the few-rows case: the forward keeps the logits and
+the gblock G kernel reads them), ``common.py`` (the jit tile helpers every kernel shares, input
+checks), ``configs.py`` (the GPU tile table, vocabulary splits, backward mode and gblock chunk
+width). The forward splits the
 vocabulary across programs so that few rows still fill the GPU; the backward mode comes from
 env FGPO_TRITON_BWD ("gblock" or "atomic"). Design, and why gblock is the default:
 ``docs/kernels/triton.md``; measurements and open GPU questions: ``benchmarks/notes_triton.md``.
@@ -35,6 +37,7 @@ from .configs import (
     gblock_elems,
     gpu_config_name,
 )
+from .fused import forward_with_grads, forward_with_jacobians
 from .fwd import forward
 
 __all__ = [
@@ -45,6 +48,8 @@ __all__ = [
     "bwd_mode",
     "chunk_columns",
     "forward",
+    "forward_with_grads",
+    "forward_with_jacobians",
     "gpu_config_name",
     "probe",
 ]

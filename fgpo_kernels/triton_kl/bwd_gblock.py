@@ -35,7 +35,8 @@ if triton is not None:
         h_ptr, hr_ptr, w_ptr, wr_ptr,  # inputs (see _tile_logits)
         stats_ptr,  # (8, N) fp32: lse, lser, fkl, rkl, g_fkl, g_rkl, g_lp, g_lpr
         g_ptr, gr_ptr,  # (N, >= chunk_v) buffers in the input dtypes: G / T and Gr / T
-        N, V, D, DR, stride_h, stride_hr, stride_w, stride_wr, stride_g, stride_gr,
+        z_ptr, zr_ptr,  # (N, V) fp32 logits kept by the forward (FROM_LOGITS only)
+        N, V, D, DR, stride_h, stride_hr, stride_w, stride_wr, stride_g, stride_gr, stride_z,
         inv_t,  # 1 / temperature
         v0,  # first vocabulary column of the chunk
         chunk_v,  # columns in the chunk (v0 + chunk_v <= V)
@@ -43,6 +44,7 @@ if triton is not None:
         GROUP_N: tl.constexpr,  # row blocks that sweep the chunk's tiles together (L2 reuse)
         HAS_REF: tl.constexpr, SHARED: tl.constexpr, PREC: tl.constexpr, PREC_R: tl.constexpr,
         DO_G: tl.constexpr, DO_GR: tl.constexpr,  # which gradient tiles to write
+        FROM_LOGITS: tl.constexpr,  # read the kept logits instead of recomputing them
     ):  # fmt: skip
         """gblock backward, step 1: the logit-gradient tiles of one vocabulary chunk, written to
         a (rows x chunk) buffer for the library GEMMs (already divided by T)."""
@@ -53,11 +55,16 @@ if triton is not None:
         row_ok = rows < N
         col_ok = local < chunk_v
         ok = row_ok[:, None] & col_ok[None, :]
-        z, zr = _tile_logits(
-            h_ptr, hr_ptr, w_ptr, wr_ptr, rows, cols, row_ok, col_ok,
-            D, DR, stride_h, stride_hr, stride_w, stride_wr, inv_t,
-            BLOCK_N, BLOCK_V, BLOCK_D, HAS_REF, SHARED, PREC, PREC_R,
-        )  # fmt: skip
+        if FROM_LOGITS:
+            at = rows[:, None] * stride_z + cols[None, :]
+            z = tl.load(z_ptr + at, mask=ok, other=0.0)
+            zr = tl.load(zr_ptr + at, mask=ok, other=0.0) if HAS_REF else z
+        else:
+            z, zr = _tile_logits(
+                h_ptr, hr_ptr, w_ptr, wr_ptr, rows, cols, row_ok, col_ok,
+                D, DR, stride_h, stride_hr, stride_w, stride_wr, inv_t,
+                BLOCK_N, BLOCK_V, BLOCK_D, HAS_REF, SHARED, PREC, PREC_R,
+            )  # fmt: skip
         g, gr = _tile_grads(z, zr, stats_ptr, rows, row_ok, ok, N, HAS_REF)
         if DO_G:
             tl.store(
@@ -140,9 +147,12 @@ def backward_gblock(
     h: Tensor, hr: Tensor | None, w: Tensor, wr: Tensor | None, temperature: float,
     stats: RowStats, grads: RowGrads, need: Needs,
     *, config: KernelConfig | None = None, chunk_elems: int = GBLOCK_ELEMS,
+    logits: tuple[Tensor, Tensor | None] | None = None,
 ) -> Grads:  # fmt: skip
     """Per vocabulary chunk: a Triton kernel writes G / T (and Gr / T) for all rows in the input
-    dtype, then library GEMMs do dh += G W_c, dW_c = G^T h (written once, no atomics)."""
+    dtype, then library GEMMs do dh += G W_c, dW_c = G^T h (written once, no atomics).
+    ``logits`` = (z, zr) kept by ``forward`` (row-major fp32, row stride V): G is computed from
+    them instead of recomputing the logit tiles."""
     h, hr, w, wr = prepare(h, hr, w, wr)
     n, d = h.shape
     v = w.shape[0]
@@ -192,19 +202,21 @@ def backward_gblock(
 
     n_row_blocks = triton.cdiv(n, cfg.block_n)
     opts = launch_opts(cfg)
+    z_buf, zr_buf = logits if logits is not None else (per_row, per_row)
+    zr_buf = z_buf if zr_buf is None else zr_buf
     with on_device(h):
         for v0 in range(0, v, vc):
             vl = min(vc, v - v0)
             grid = (n_row_blocks * triton.cdiv(vl, cfg.block_v),)
             _g_kernel[grid](
-                h, hr_, w, wr_, per_row, g_arg, gr_arg,
+                h, hr_, w, wr_, per_row, g_arg, gr_arg, z_buf, zr_buf,
                 n, v, d, dr, h.stride(0), hr_.stride(0), w.stride(0), wr_.stride(0),
-                g_arg.stride(0), gr_arg.stride(0),
+                g_arg.stride(0), gr_arg.stride(0), z_buf.stride(0),
                 1.0 / temperature, v0, vl,
                 BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
                 GROUP_N=BWD_GROUP_N, HAS_REF=has_ref, SHARED=shared,
                 PREC=DOT_PRECISION[h.dtype], PREC_R=DOT_PRECISION[hr_.dtype],
-                DO_G=do_g, DO_GR=do_gr,
+                DO_G=do_g, DO_GR=do_gr, FROM_LOGITS=logits is not None,
                 **opts,
             )  # fmt: skip
             cols = slice(v0, v0 + vl)

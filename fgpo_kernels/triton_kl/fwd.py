@@ -26,12 +26,14 @@ if triton is not None:
     def _fwd_kernel(
         h_ptr, hr_ptr, w_ptr, wr_ptr,  # inputs (see _tile_logits)
         part_ptr,  # (6, N, n_splits) fp32 partials: m, s, mr, sr, A, B per (row, split)
+        z_ptr, zr_ptr,  # (N, V) fp32 logits kept for the gradient (STORE_LOGITS only)
         N, V, D, DR, stride_h, stride_hr, stride_w, stride_wr,
         inv_t,  # 1 / temperature
         tiles_per_split,  # vocabulary tiles owned by one program
         n_splits,  # grid size along axis 1
         BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
         HAS_REF: tl.constexpr, SHARED: tl.constexpr, PREC: tl.constexpr, PREC_R: tl.constexpr,
+        STORE_LOGITS: tl.constexpr,  # also write every logit tile (gradients in the forward)
     ):  # fmt: skip
         pid_n = tl.program_id(0)
         pid_s = tl.program_id(1)
@@ -55,6 +57,12 @@ if triton is not None:
                 D, DR, stride_h, stride_hr, stride_w, stride_wr, inv_t,
                 BLOCK_N, BLOCK_V, BLOCK_D, HAS_REF, SHARED, PREC, PREC_R,
             )  # fmt: skip
+            if STORE_LOGITS:
+                at = rows[:, None] * V + cols[None, :]
+                ok = row_ok[:, None] & col_ok[None, :]
+                tl.store(z_ptr + at, z, mask=ok)
+                if HAS_REF:
+                    tl.store(zr_ptr + at, zr, mask=ok)
             if HAS_REF:
                 diff = tl.where(col_ok[None, :], z - zr, 0.0)  # before masking: no inf - inf
             z = tl.where(col_ok[None, :], z, neg_inf)
@@ -91,8 +99,10 @@ if triton is not None:
 def forward(
     h: Tensor, hr: Tensor | None, w: Tensor, wr: Tensor | None, temperature: float,
     *, splits: int | None = None, config: KernelConfig | None = None,
+    logits: tuple[Tensor, Tensor | None] | None = None,
 ) -> RowStats:  # fmt: skip
-    """Per-row (lse, lser, fkl, rkl) fp32; ``splits``/``config`` override the choice (tests)."""
+    """Per-row (lse, lser, fkl, rkl) fp32; ``splits``/``config`` override the choice (tests).
+    ``logits`` = (z, zr): contiguous fp32 (N, V) buffers that receive the logits (/ T)."""
     h, hr, w, wr = prepare(h, hr, w, wr)
     n, d = h.shape
     v = w.shape[0]
@@ -107,14 +117,16 @@ def forward(
     s = triton.cdiv(n_tiles, tiles_per_split)  # every split owns at least one tile
     part = torch.empty((6 if has_ref else 2, n, s), dtype=torch.float32, device=h.device)
     hr_, wr_ = (hr if has_ref else h), (w if shared else wr)
+    z_buf, zr_buf = logits if logits is not None else (part, part)
     with on_device(h):
         _fwd_kernel[(n_row_blocks, s)](
-            h, hr_, w, wr_, part,
+            h, hr_, w, wr_, part, z_buf, zr_buf if zr_buf is not None else z_buf,
             n, v, d, dr, h.stride(0), hr_.stride(0), w.stride(0), wr_.stride(0),
             1.0 / temperature, tiles_per_split, s,
             BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
             HAS_REF=has_ref, SHARED=shared,
             PREC=DOT_PRECISION[h.dtype], PREC_R=DOT_PRECISION[hr_.dtype],
+            STORE_LOGITS=logits is not None,
             **launch_opts(cfg),
         )  # fmt: skip
     lse = _merge(part[0], part[1])
