@@ -19,6 +19,8 @@ _FWD_MODES = {
     "shared": dict(HAS_REF=True, SHARED=True),
     "separate": dict(HAS_REF=True, SHARED=False),
 }
+# The forward that also writes its logits (gradients in the forward, ``triton_kl/fused.py``).
+_STORE_MODES = {f"{k}_store": k for k in _FWD_MODES}
 _BWD_MODES = {  # (mode, DO_DH, DO_DW, DO_DHR, DO_DWR)
     "logprob_full": ("logprob", True, True, False, False),
     "logprob_lora": ("logprob", True, False, False, False),
@@ -27,21 +29,27 @@ _BWD_MODES = {  # (mode, DO_DH, DO_DW, DO_DHR, DO_DWR)
     "separate_policy": ("separate", True, True, False, False),
     "separate_full": ("separate", True, True, True, True),
 }
-_G_MODES = {  # gblock G kernel: (mode, DO_G, DO_GR)
-    "logprob": ("logprob", True, False),
-    "shared_lora": ("shared", True, False),
-    "shared_ref": ("shared", False, True),
-    "shared_full": ("shared", True, True),
-    "separate_policy": ("separate", True, False),
-    "separate_ref": ("separate", False, True),
-    "separate_full": ("separate", True, True),
+_G_MODES = {  # gblock G kernel: (mode, DO_G, DO_GR, FROM_LOGITS)
+    "logprob": ("logprob", True, False, False),
+    "shared_lora": ("shared", True, False, False),
+    "shared_ref": ("shared", False, True, False),
+    "shared_full": ("shared", True, True, False),
+    "separate_policy": ("separate", True, False, False),
+    "separate_ref": ("separate", False, True, False),
+    "separate_full": ("separate", True, True, False),
+    # G from the logits the forward kept (fused.py): the jacobians and the trained head.
+    "logprob_held": ("logprob", True, False, True),
+    "shared_lora_held": ("shared", True, False, True),
+    "shared_full_held": ("shared", True, True, True),
+    "separate_full_held": ("separate", True, True, True),
 }
 _SHIPPED = {  # config name -> (dtype, kernel, variants)
-    "fwd_few_rows": ("bf16", "fwd", ("logprob", "shared", "separate")),
-    "fwd": ("bf16", "fwd", ("logprob", "shared", "separate")),
+    "fwd_few_rows": ("bf16", "fwd", tuple(_FWD_MODES)),
+    "fwd": ("bf16", "fwd", tuple(_FWD_MODES)),
+    "fwd_store": ("bf16", "fwd", tuple(_STORE_MODES)),
     "bwd": ("bf16", "bwd", tuple(_BWD_MODES)),
-    "fwd_fp32": ("fp32", "fwd", ("shared", "separate")),
-    "fwd_fp32_logprob": ("fp32", "fwd", ("logprob",)),
+    "fwd_fp32": ("fp32", "fwd", ("shared", "separate", "shared_store", "separate_store")),
+    "fwd_fp32_logprob": ("fp32", "fwd", ("logprob", "logprob_store")),
     "bwd_fp32": ("fp32", "bwd", tuple(_BWD_MODES)),
     "g": ("bf16", "g", tuple(_G_MODES)),
     "g_fp32": ("fp32", "g", tuple(_G_MODES)),
@@ -91,6 +99,8 @@ def _aot_worker(jobs_json: str) -> None:
             if name.endswith("_ptr") or name.startswith("stride"):
                 attrs[(i,)] = [["tt.divisibility", 16]]
         unknown = sorted(set(consts) - set(kernel.arg_names))
+        # A constexpr the job does not set would compile as a runtime int (another kernel).
+        unknown += sorted(p.name for p in kernel.params if p.is_constexpr and p.name not in consts)
         src = ASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=attrs)
         opts = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
         k = triton.compile(src, target=GPUTarget("cuda", job["arch"], 32), options=opts)
@@ -117,10 +127,11 @@ def _jobs() -> list:
             prec = "ieee" if dtype == "fp32" else "tf32"
             for variant in variants:
                 if kernel == "fwd":
-                    flags = dict(_FWD_MODES[variant])
+                    mode = _STORE_MODES.get(variant, variant)
+                    flags = dict(_FWD_MODES[mode], STORE_LOGITS=variant in _STORE_MODES)
                 elif kernel == "g":
-                    mode, do_g, do_gr = _G_MODES[variant]
-                    flags = dict(_FWD_MODES[mode], DO_G=do_g, DO_GR=do_gr)
+                    mode, do_g, do_gr, held = _G_MODES[variant]
+                    flags = dict(_FWD_MODES[mode], DO_G=do_g, DO_GR=do_gr, FROM_LOGITS=held)
                 else:
                     mode, dh, dw, dhr, dwr = _BWD_MODES[variant]
                     flags = dict(_FWD_MODES[mode], DO_DH=dh, DO_DW=dw, DO_DHR=dhr, DO_DWR=dwr)
@@ -176,7 +187,9 @@ def test_aot_compile_shipped_configs(aot_results, config_name, arch):
         use = r["usage"]
         if "REG" not in use or use.get("STACK", 0) or use.get("LOCAL", 0):
             problems.append(f"{label}: register spills or no usage info ({use})")
-        if r["dtype"] != "fp32" and not r["wgmma" if arch == 90 else "mma_sync"]:
+        # G from kept logits does no dot at all (nothing for tensor cores to do).
+        dots = not r["flags"].get("FROM_LOGITS")
+        if r["dtype"] != "fp32" and dots and not r["wgmma" if arch == 90 else "mma_sync"]:
             problems.append(f"{label}: no tensor-core instruction in the PTX")
     assert not problems, "\n".join(problems)
 
@@ -185,7 +198,7 @@ def test_gpu_config_choice_names_shipped_entries():
     pytest.importorskip("triton")
     from fgpo_kernels import triton_kl as tk
 
-    for kind in ("fwd", "bwd", "g"):
+    for kind in tk.configs.KINDS:
         for n in (1, 300, 5000):
             for dtype in (torch.float32, torch.bfloat16, torch.float16):
                 for has_ref in (False, True):

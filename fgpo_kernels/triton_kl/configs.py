@@ -31,6 +31,9 @@ class KernelConfig(NamedTuple):
 GPU_CONFIGS = {
     "fwd_few_rows": KernelConfig(64, 128, 64, 8, 3),  # bf16/fp16, N <= _FEW_ROWS
     "fwd": KernelConfig(128, 64, 64, 8, 3),  # bf16/fp16, many rows
+    # bf16/fp16 forward that also writes its logits (gradients in the forward, fused.py): the
+    # stores of two 64 x 128 fp32 tiles spill the "fwd" entries (255 registers + stack).
+    "fwd_store": KernelConfig(64, 64, 64, 8, 3),
     "bwd": KernelConfig(64, 128, 32, 8, 3),  # bf16/fp16
     "fwd_fp32": KernelConfig(64, 64, 32, 8, 2),
     "fwd_fp32_logprob": KernelConfig(64, 64, 32, 8, 1),
@@ -67,14 +70,21 @@ def _interp_config(n: int, d: int) -> KernelConfig:
     )
 
 
+KINDS = ("fwd", "fwd_store", "bwd", "g")
+
+
 def gpu_config_name(kind: str, n: int, dtype: torch.dtype, has_ref: bool) -> str:
-    """The GPU_CONFIGS entry used for a launch (``kind``: "fwd", "bwd" or "g")."""
-    if kind not in ("fwd", "bwd", "g"):
-        raise ValueError(f"gpu_config_name: kind must be 'fwd', 'bwd' or 'g', got {kind!r}")
+    """The GPU_CONFIGS entry used for a launch (``kind``: one of ``KINDS``; "fwd_store" is the
+    forward that keeps its logits)."""
+    if kind not in KINDS:
+        raise ValueError(f"gpu_config_name: kind must be one of {KINDS}, got {kind!r}")
     if dtype == torch.float32:
+        kind = "fwd" if kind == "fwd_store" else kind
         if kind == "fwd" and not has_ref:
             return "fwd_fp32_logprob"
         return f"{kind}_fp32"
+    if kind == "fwd_store":
+        return kind
     if kind == "fwd":
         return "fwd_few_rows" if n <= _FEW_ROWS else "fwd"
     return kind

@@ -108,7 +108,8 @@ def forward(
     v = w.shape[0]
     has_ref, shared = hr is not None, wr is None
     dr = hr.shape[1] if has_ref else d
-    cfg = config or kernel_config("fwd", n, max(d, dr), h.dtype, has_ref)
+    kind = "fwd" if logits is None else "fwd_store"
+    cfg = config or kernel_config(kind, n, max(d, dr), h.dtype, has_ref)
     n_row_blocks = triton.cdiv(n, cfg.block_n)
     n_tiles = triton.cdiv(v, cfg.block_v)
     s = splits or vocab_splits(n_row_blocks, n_tiles, h.device)
