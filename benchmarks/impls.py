@@ -11,6 +11,11 @@ frozen):
 
 token_kl (mixed KL, λ = 0.5: both directions in one call)
     torch / triton / cuda   ``fgpo_kernels.token_kl(h, hr, w, w.detach(), impl=...)``
+    torch_recompute         ours, impl torch, with ``FGPO_GRADS_IN_FORWARD=off``: the backward
+                            recomputes the logits (the path before gradients moved into the
+                            forward; docs/design.md §3.8)
+    matmul_floor            only the matmuls the op must do (2 logits + dH + dW), computed in
+                            the forward (``benchmarks/floor.py``): the floor on this machine
     materialized            the same with ``impl="reference"`` (full N x V logits, autograd)
     liger_jsd_b0 / _b1      Liger-Kernel's fused linear JSD at β=0 (forward KL) / β=1 (reverse
                             KL): ONE direction per call. CPU: its chunked torch loss
@@ -27,7 +32,8 @@ token_logprobs (log π(y) per row)
                             ``LinearCrossEntropyOptions()`` (PyTorch's own chunked path), when
                             torch has it; on CPU with ``batch_chunk_size=2**21 // V`` (our
                             chunk budget: its fp32 default picks 2-row chunks there)
-fire_mpo_step: see ``benchmarks/e2e.py`` (impls torch / triton / cuda / materialized).
+fire_mpo_step: see ``benchmarks/e2e.py`` (impls torch / triton / cuda / materialized;
+    torch_recompute as above).
 """
 
 from __future__ import annotations
@@ -36,11 +42,14 @@ import importlib.util
 import os
 
 OURS = ("torch", "triton", "cuda")
+# Ours under a switch: impl -> (impl it runs, environment it sets in its worker process).
+VARIANTS = {"torch_recompute": ("torch", {"FGPO_GRADS_IN_FORWARD": "off"})}
 IMPLS = {
-    "token_kl": (*OURS, "materialized", "liger_jsd_b0", "liger_jsd_b1"),
+    "token_kl": (*OURS, "torch_recompute", "matmul_floor", "materialized", "liger_jsd_b0",
+                 "liger_jsd_b1"),
     "token_logprobs": (*OURS, "materialized", "liger_flce", "cce", "torch_lce"),
-    "fire_mpo_step": (*OURS, "materialized"),
-}
+    "fire_mpo_step": (*OURS, "torch_recompute", "materialized"),
+}  # fmt: skip
 ALL_IMPLS = tuple(dict.fromkeys(i for v in IMPLS.values() for i in v))
 PEERS = {"liger": "liger_kernel", "cce": "cut_cross_entropy"}
 
@@ -71,6 +80,9 @@ def skip_reason(impl: str, case, device: str, interpreter_ok: bool) -> str | Non
     if impl not in IMPLS.get(case.op, ()):
         return f"{impl} does not implement {case.op}"
     gpu = device == "cuda"
+    impl = VARIANTS.get(impl, (impl,))[0]
+    if impl == "matmul_floor":
+        return None
     if impl in OURS:
         if impl == "triton" and not gpu:
             if not (interpreter_ok and case.note == "interpreter"):
@@ -145,6 +157,9 @@ def build(impl: str, case, device: str, grad_w: bool = True, liger_eager: bool =
     """Inputs for ``case`` and a closure running ``impl`` on them: ``(fn, leaves, note)``."""
     import torch
 
+    if impl in VARIANTS:  # each (case, impl) runs in a process of its own
+        impl, env = VARIANTS[impl]
+        os.environ.update(env)
     dt = _dtype(case.dtype)
     if case.op == "fire_mpo_step":
         from . import e2e
@@ -180,6 +195,17 @@ def build(impl: str, case, device: str, grad_w: bool = True, liger_eager: bool =
             fn = lambda: fk.token_kl(h, hr, w, wr, lambda_=0.5, impl=name).loss
             note = "both KL directions" + (" (interpreter)" if case.note and impl == "triton"
                                            else "")  # fmt: skip
+            if impl == "torch":
+                note += "; gradients " + (
+                    "recomputed in the backward"
+                    if os.environ.get("FGPO_GRADS_IN_FORWARD") == "off"
+                    else "computed in the forward"
+                )
+        elif impl == "matmul_floor":
+            from .floor import token_kl_floor
+
+            fn = lambda: token_kl_floor(h, hr, w)
+            note = "matmuls only: 2 logits + dH" + (" + dW" if grad_w else "")
         elif impl.startswith("liger_jsd"):
             beta = 0.0 if impl.endswith("b0") else 1.0
             if device == "cuda":

@@ -26,6 +26,8 @@ STYLE = {  # impl -> (color, marker); ours solid, others dashed
     "liger_flce": ("tab:orange", "^"),
     "cce": ("tab:green", "P"),
     "torch_lce": ("tab:brown", "*"),
+    "torch_recompute": ("tab:gray", "o"),
+    "matmul_floor": ("black", "_"),
 }
 OURS = ("torch", "triton", "cuda")
 # Legend names: ours say "ours", so our chunked PyTorch impl ("torch") is never mistaken for
@@ -40,6 +42,8 @@ LABELS = {
     "liger_flce": "Liger-Kernel fused linear CE",
     "cce": "Cut Cross-Entropy",
     "torch_lce": "PyTorch linear_cross_entropy (peer)",
+    "torch_recompute": "ours: chunked PyTorch, logits recomputed in the backward",
+    "matmul_floor": "matmul floor (the op's matmuls only)",
 }
 
 

@@ -39,6 +39,7 @@ from torch import Tensor
 
 from . import _loss_checks as checks
 from . import _registry
+from ._autograd import tile_budget
 from ._util import check_fraction, check_index, check_real
 from .token_kl import IGNORE_INDEX, TokenKLOutput, token_kl
 
@@ -214,6 +215,8 @@ class FiReMPOLoss(torch.nn.Module):
         self.beta, self.alpha, self.gamma, self.lambda_ = beta, alpha, gamma, lambda_
         self.alpha_v1, self.alpha_v2 = alpha_v1, alpha_v2
         self.impl, self.reduction, self.ignore_index = impl, reduction, ignore_index
+        if tile_budget_mb is not None:
+            tile_budget(tile_budget_mb, torch.device("cpu"))  # checked here, used per call
         self.tile_budget_mb = tile_budget_mb
 
     @classmethod

@@ -75,6 +75,40 @@ def _logits(h: Tensor, w: Tensor, inv_t: float, out: Tensor | None = None) -> Te
     return z.mul_(inv_t) if inv_t != 1.0 else z
 
 
+def _same_tensor(a: Tensor, b: Tensor) -> bool:
+    """The same values: one tensor, or views of one storage (``w.detach()`` as the reference)."""
+    return a is b or (
+        a.data_ptr() == b.data_ptr()
+        and a.shape == b.shape
+        and a.stride() == b.stride()
+        and a.dtype == b.dtype
+    )
+
+
+class _Chunk:
+    """The hidden states of one row chunk; ``logits`` gives a tile's (z, zr), as ONE matmul of
+    [h; hr] when the reference uses the same weight (the weight tile is read once for both)."""
+
+    def __init__(self, h, hr, w, wr, s0: int, s1: int, inv_t: float) -> None:
+        self.hs, self.hrs = h[s0:s1], (None if hr is None else hr[s0:s1])
+        self.w, self.wr, self.inv_t = w, (w if wr is None else wr), inv_t
+        stack = hr is not None and hr.dtype == h.dtype and _same_tensor(self.w, self.wr)
+        self.hcat = torch.cat([self.hs, self.hrs]) if stack else None
+
+    def logits(self, c0: int, c1: int, ref: bool = True, out: Tensor | None = None):
+        """(z, zr) of columns [c0, c1) (zr None without a reference or ``ref``); ``out`` is a
+        (k, C) buffer, (2k, C) with the reference: z goes to its top rows, zr below."""
+        k = self.hs.shape[0]
+        top, bottom = (None, None) if out is None else (out[:k], out[k:])
+        if self.hrs is None or not ref:
+            return _logits(self.hs, self.w[c0:c1], self.inv_t, top), None
+        if self.hcat is not None:
+            zz = _logits(self.hcat, self.w[c0:c1], self.inv_t, out)
+            return zz[:k], zz[k:]
+        z = _logits(self.hs, self.w[c0:c1], self.inv_t, top)
+        return z, _logits(self.hrs, self.wr[c0:c1], self.inv_t, bottom)
+
+
 def _rescale(m: Tensor, mc: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """New running max and the factors that bring the old and the chunk sums onto it."""
     m_new = torch.maximum(m, mc)
@@ -142,10 +176,9 @@ def forward(
             stats.lse[s0:s1] = torch.logsumexp(_logits(hs, w, inv_t), dim=-1)
             continue
         online = _Online(s1 - s0, kl, stats.lse.dtype, h.device)
+        chunk = _Chunk(h, hr, w, wr, s0, s1, inv_t)
         for c0 in range(0, v, cols):
-            c1 = min(v, c0 + cols)
-            zr = _logits(hr[s0:s1], wr[c0:c1], inv_t) if kl else None
-            online.add(_logits(hs, w[c0:c1], inv_t), zr, keep=False)
+            online.add(*chunk.logits(c0, min(v, c0 + cols)), keep=False)
         online.finish(stats, s0, s1)
     return stats
 
@@ -232,12 +265,12 @@ def backward(
     rows, cols = _tiles(n, v)
     for s0 in range(0, n, rows):
         s1 = min(n, s0 + rows)
+        chunk = _Chunk(h, hr, w, wr, s0, s1, inv_t)
         for c0 in range(0, v, cols):
             c1 = min(v, c0 + cols)
-            logp = _logits(h[s0:s1], w[c0:c1], inv_t).sub_(lse[s0:s1].unsqueeze(-1))
-            logr = None
-            if tiles.use_ref:
-                logr = _logits(hr[s0:s1], tiles.wr[c0:c1], inv_t)
+            logp, logr = chunk.logits(c0, c1, ref=tiles.use_ref)
+            logp.sub_(lse[s0:s1].unsqueeze(-1))
+            if logr is not None:
                 logr.sub_(lser[s0:s1].unsqueeze(-1))
             tiles.tile(logp, logr, s0, s1, c0, c1)
     return tiles.result()
@@ -270,21 +303,19 @@ def forward_with_grads(
     tiles = _GradTiles(h, hr, w, wr, temperature, stats, grads, need)
     rows = held_rows(n, v, kl, acc, budget)
     cols = max(1, min(v, max(_MIN_COLS, _chunk_elems() // rows)))
-    zbuf = torch.empty(rows * v, dtype=acc, device=h.device)
-    zrbuf = torch.empty_like(zbuf) if kl else None
+    per = 2 if kl else 1  # logit rows kept per hidden row
+    buf = torch.empty(rows * v * per, dtype=acc, device=h.device)
     for s0 in range(0, n, rows):
         s1 = min(n, s0 + rows)
         k = s1 - s0
         online = _Online(k, kl, acc, h.device)
+        chunk = _Chunk(h, hr, w, wr, s0, s1, inv_t)
         kept = []
         for c0 in range(0, v, cols):
             c1 = min(v, c0 + cols)
-            # Tile c of the chunk is the contiguous (k, c1 - c0) block at offset k * c0.
-            z = _logits(h[s0:s1], w[c0:c1], inv_t, zbuf[k * c0 : k * c1].view(k, c1 - c0))
-            zr = None
-            if kl:
-                zr = zrbuf[k * c0 : k * c1].view(k, c1 - c0)
-                _logits(hr[s0:s1], tiles.wr[c0:c1], inv_t, zr)
+            # Tile c of the chunk is the contiguous (per * k, c1 - c0) block at per * k * c0.
+            out = buf[per * k * c0 : per * k * c1].view(per * k, c1 - c0)
+            z, zr = chunk.logits(c0, c1, out=out)
             online.add(z, zr, keep=True)
             kept.append((c0, c1, z, zr))
         online.finish(stats, s0, s1)
@@ -342,14 +373,14 @@ def forward_with_jacobians(
         kk = max(0, min(n_kl, s1) - s0)  # rows of this chunk that need the KL gradients
         st = _Online(s1 - s0, kl, acc, h.device)
         up, uq, us = u_p[s0:s1], u_q[s0 : s0 + kk], u_s[s0 : s0 + kk]
+        chunk = _Chunk(h, hr, w, wr, s0, s1, inv_t)
         for c0 in range(0, v, cols):
             c1 = min(v, c0 + cols)
             wc = w[c0:c1]
-            z = _logits(h[s0:s1], wc, inv_t)
+            z, zr = chunk.logits(c0, c1)
             # e^(z - m) with the NEW running max, so that it adds to the rescaled sums as is.
             st.m, f, _ = _rescale(st.m, z.amax(-1))
             if kl:
-                zr = _logits(hr[s0:s1], wr[c0:c1], inv_t)
                 dz = z - zr
             e = z.sub_(st.m.unsqueeze(-1)).exp_()
             st.s = st.s * f + e.sum(-1)
