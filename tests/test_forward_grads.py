@@ -214,13 +214,14 @@ def test_retain_graph_double_backward(impl, targets, grads, monkeypatch):
 
 @pytest.mark.parametrize("targets,grads", [(False, ("h", "w")), (True, ("h",))])
 def test_gradient_accumulation_over_two_calls(targets, grads, monkeypatch):
-    """Two calls (two micro-batches) on the same leaves accumulate like the recompute path."""
+    """Two calls (two micro-batches, "sum") on the same leaves accumulate into .grad exactly
+    like one call over both (and like the recompute path)."""
     case = _case()
     res = {}
-    for plan in ("auto", "off"):
+    for plan, parts in (("auto", 2), ("off", 2), ("auto", 1)):
         monkeypatch.setenv("FGPO_GRADS_IN_FORWARD", plan)
         h, hr, w = (case[k].float().requires_grad_(k in grads) for k in ("h", "hr", "w"))
-        for half in (slice(0, 15), slice(15, None)):
+        for half in (slice(0, 15), slice(15, None)) if parts == 2 else (slice(None),):
             out = fk.token_kl(
                 h[half],
                 hr[half],
@@ -230,8 +231,9 @@ def test_gradient_accumulation_over_two_calls(targets, grads, monkeypatch):
                 impl="torch",
             )
             (out.loss * 3.7 + (out.policy_logps.sum() if targets else 0)).backward()
-        res[plan] = {"d" + k: x.grad for k, x in (("h", h), ("w", w)) if x.requires_grad}
-    compare(res["auto"], res["off"], 0, 1e-5)
+        res[plan, parts] = {"d" + k: x.grad for k, x in (("h", h), ("w", w)) if x.requires_grad}
+    compare(res["auto", 2], res["auto", 1], 0, 1e-5, "[two calls vs one] ")
+    compare(res["auto", 2], res["off", 2], 0, 1e-5, "[auto vs recompute] ")
 
 
 def test_budget_argument_and_environment(monkeypatch):
