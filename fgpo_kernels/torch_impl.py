@@ -86,8 +86,9 @@ def _same_tensor(a: Tensor, b: Tensor) -> bool:
 
 
 class _Chunk:
-    """The hidden states of one row chunk; ``logits`` gives a tile's (z, zr), as ONE matmul of
-    [h; hr] when the reference uses the same weight (the weight tile is read once for both)."""
+    """The hidden states of one row chunk. ``logits`` gives a tile's logits STACKED, policy rows
+    on top of reference rows, so that every elementwise pass covers both models in one op; one
+    matmul of [h; hr] when the reference uses the same weight (its tile is read once)."""
 
     def __init__(self, h, hr, w, wr, s0: int, s1: int, inv_t: float) -> None:
         self.hs, self.hrs = h[s0:s1], (None if hr is None else hr[s0:s1])
@@ -95,62 +96,61 @@ class _Chunk:
         stack = hr is not None and hr.dtype == h.dtype and _same_tensor(self.w, self.wr)
         self.hcat = torch.cat([self.hs, self.hrs]) if stack else None
 
-    def logits(self, c0: int, c1: int, ref: bool = True, out: Tensor | None = None):
-        """(z, zr) of columns [c0, c1) (zr None without a reference or ``ref``); ``out`` is a
-        (k, C) buffer, (2k, C) with the reference: z goes to its top rows, zr below."""
+    def logits(self, c0: int, c1: int, ref: bool = True, out: Tensor | None = None) -> Tensor:
+        """Logits of columns [c0, c1): (k, C), or (2k, C) with the reference (unless ``ref``
+        is False), written into ``out`` when given."""
         k = self.hs.shape[0]
-        top, bottom = (None, None) if out is None else (out[:k], out[k:])
         if self.hrs is None or not ref:
-            return _logits(self.hs, self.w[c0:c1], self.inv_t, top), None
+            return _logits(self.hs, self.w[c0:c1], self.inv_t, out)
         if self.hcat is not None:
-            zz = _logits(self.hcat, self.w[c0:c1], self.inv_t, out)
-            return zz[:k], zz[k:]
-        z = _logits(self.hs, self.w[c0:c1], self.inv_t, top)
-        return z, _logits(self.hrs, self.wr[c0:c1], self.inv_t, bottom)
-
-
-def _rescale(m: Tensor, mc: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """New running max and the factors that bring the old and the chunk sums onto it."""
-    m_new = torch.maximum(m, mc)
-    return m_new, torch.exp(m - m_new), torch.exp(mc - m_new)
+            return _logits(self.hcat, self.w[c0:c1], self.inv_t, out)
+        if out is None:
+            out = torch.empty((2 * k, c1 - c0), dtype=acc_dtype(self.hs), device=self.hs.device)
+        _logits(self.hs, self.w[c0:c1], self.inv_t, out[:k])
+        _logits(self.hrs, self.wr[c0:c1], self.inv_t, out[k:])
+        return out
 
 
 class _Online:
-    """Per-row running statistics of one row chunk over vocabulary tiles (see the docstring)."""
+    """Per-row running statistics of one row chunk over vocabulary tiles (see the docstring),
+    stacked like the tiles: max ``m`` and scaled sum ``s`` of the k policy rows then the k
+    reference rows, and ``ab`` = [A; B]."""
 
     def __init__(self, k: int, kl: bool, dtype: torch.dtype, device) -> None:
-        self.kl = kl
-        self.m = torch.full((k,), float("-inf"), dtype=dtype, device=device)
-        self.s = torch.zeros(k, dtype=dtype, device=device)
-        if kl:
-            self.mr, self.sr = self.m.clone(), self.s.clone()
-            self.a, self.b = self.s.clone(), self.s.clone()
+        self.k, self.kl = k, kl
+        rows = 2 * k if kl else k
+        self.m = torch.full((rows,), float("-inf"), dtype=dtype, device=device)
+        self.s = torch.zeros(rows, dtype=dtype, device=device)
+        self.ab = torch.zeros(rows, dtype=dtype, device=device) if kl else None
 
-    def add(self, z: Tensor, zr: Tensor | None, keep: bool) -> None:
-        """One tile of logits; ``keep=False`` lets it overwrite ``z`` and ``zr``."""
-        mc = z.amax(-1)
+    def add(self, zz: Tensor, keep: bool) -> tuple[Tensor, Tensor | None, Tensor]:
+        """One stacked tile of logits (``keep=False`` lets it be overwritten). Returns
+        e = exp(zz - m_new) (stacked), dz = z - zr, and f = exp(m_old - m_new), the factor
+        that brought the running sums onto the new maxima."""
+        k = self.k
+        m_new = torch.maximum(self.m, zz.amax(-1))
+        f = torch.exp(self.m - m_new)
+        self.m = m_new
+        dz = zz[:k] - zz[k:] if self.kl else None
+        e = (zz.sub(m_new.unsqueeze(-1)) if keep else zz.sub_(m_new.unsqueeze(-1))).exp_()
+        self.s = self.s * f + e.sum(-1)
         if self.kl:
-            dz = z - zr
-            mrc = zr.amax(-1)
-        e = (z.sub(mc.unsqueeze(-1)) if keep else z.sub_(mc.unsqueeze(-1))).exp_()
-        self.m, f_old, f_new = _rescale(self.m, mc)
-        self.s = self.s * f_old + e.sum(-1) * f_new
-        if self.kl:
-            self.a = self.a * f_old + torch.linalg.vecdot(e, dz) * f_new
-            er = (zr.sub(mrc.unsqueeze(-1)) if keep else zr.sub_(mrc.unsqueeze(-1))).exp_()
-            self.mr, fr_old, fr_new = _rescale(self.mr, mrc)
-            self.sr = self.sr * fr_old + er.sum(-1) * fr_new
-            self.b = self.b * fr_old - torch.linalg.vecdot(er, dz) * fr_new
+            dots = torch.mul(e.view(2, k, -1), dz).sum(-1).view(-1)  # [sum e dz; sum er dz]
+            dots[k:].neg_()  # B = sum er (zr - z)
+            self.ab = self.ab * f + dots
+        return e, dz, f
 
     def finish(self, stats: RowStats, s0: int, s1: int) -> None:
         """Write (lse, lser, fkl, rkl) of the chunk's rows into ``stats``."""
-        lse = stats.lse[s0:s1]
-        lse.copy_(self.m + self.s.log())
+        k = self.k
+        lse2 = self.m + self.s.log()
+        stats.lse[s0:s1] = lse2[:k]
         if self.kl:
-            lser = stats.lser[s0:s1]
-            lser.copy_(self.mr + self.sr.log())
-            stats.rkl[s0:s1] = self.a / self.s - lse + lser
-            stats.fkl[s0:s1] = self.b / self.sr - lser + lse
+            stats.lser[s0:s1] = lse2[k:]
+            ratio = self.ab / self.s  # [A / s; B / sr]
+            gap = lse2[k:] - lse2[:k]  # lser - lse
+            stats.rkl[s0:s1] = ratio[:k] + gap
+            stats.fkl[s0:s1] = ratio[k:] - gap
 
 
 def _empty_stats(n: int, kl: bool, dtype: torch.dtype, device) -> RowStats:
@@ -178,7 +178,7 @@ def forward(
         online = _Online(s1 - s0, kl, stats.lse.dtype, h.device)
         chunk = _Chunk(h, hr, w, wr, s0, s1, inv_t)
         for c0 in range(0, v, cols):
-            online.add(*chunk.logits(c0, min(v, c0 + cols)), keep=False)
+            online.add(chunk.logits(c0, min(v, c0 + cols)), keep=False)
         online.finish(stats, s0, s1)
     return stats
 
@@ -219,18 +219,22 @@ class _GradTiles:
         self.cols = [_col(g, h) for g in (g_fkl, g_rkl, g_lp, g_lpr)]
         self.idle = not (self.use_ref or (g_lp is not None and self.need_pol))
 
-    def tile(self, logp: Tensor, logr: Tensor | None, s0: int, s1: int, c0: int, c1: int):
-        """One tile; ``logp`` = z - lse (and ``logr`` = zr - lser when ``use_ref``), both
-        overwritten."""
+    def tile(self, zz: Tensor, s0: int, s1: int, c0: int, c1: int):
+        """One tile of stacked logits (``_Chunk.logits``; reference rows needed only when
+        ``use_ref``), overwritten: log-probabilities, then probabilities, in place."""
         gf, grk, glp, glr = self.cols
         hs = self.h[s0:s1]
+        k = s1 - s0
         if not self.use_ref:  # G = -g_lp * p
             if glp is not None and self.need_pol:
+                logp = zz[:k].sub_(self.stats.lse[s0:s1].unsqueeze(-1))
                 g = logp.exp_().mul_(-glp[s0:s1])
                 _accumulate(g, hs, self.w, self.dh, self.dw, s0, s1, c0, c1, self.inv_t)
             return
-        d = logp - logr if self.kl_grads else None
-        p, r = logp.exp_(), logr.exp_()
+        zz.sub_(torch.cat([self.stats.lse[s0:s1], self.stats.lser[s0:s1]]).unsqueeze(-1))
+        d = zz[:k] - zz[k:] if self.kl_grads else None  # log p - log r
+        zz.exp_()
+        p, r = zz[:k], zz[k:]
         if self.need_ref:
             gref = _grad_ref(p, r, d, gf, grk, glr, self.stats.fkl, s0, s1)
         if self.need_pol:
@@ -256,7 +260,6 @@ def backward(
     grads: RowGrads,
     need: Needs,
 ) -> Grads:
-    lse, lser = stats.lse, stats.lser
     n, v = h.shape[0], w.shape[0]
     inv_t = 1.0 / temperature
     tiles = _GradTiles(h, hr, w, wr, temperature, stats, grads, need)
@@ -268,11 +271,7 @@ def backward(
         chunk = _Chunk(h, hr, w, wr, s0, s1, inv_t)
         for c0 in range(0, v, cols):
             c1 = min(v, c0 + cols)
-            logp, logr = chunk.logits(c0, c1, ref=tiles.use_ref)
-            logp.sub_(lse[s0:s1].unsqueeze(-1))
-            if logr is not None:
-                logr.sub_(lser[s0:s1].unsqueeze(-1))
-            tiles.tile(logp, logr, s0, s1, c0, c1)
+            tiles.tile(chunk.logits(c0, c1, ref=tiles.use_ref), s0, s1, c0, c1)
     return tiles.result()
 
 
@@ -315,16 +314,13 @@ def forward_with_grads(
             c1 = min(v, c0 + cols)
             # Tile c of the chunk is the contiguous (per * k, c1 - c0) block at per * k * c0.
             out = buf[per * k * c0 : per * k * c1].view(per * k, c1 - c0)
-            z, zr = chunk.logits(c0, c1, out=out)
-            online.add(z, zr, keep=True)
-            kept.append((c0, c1, z, zr))
+            online.add(chunk.logits(c0, c1, out=out), keep=True)
+            kept.append((c0, c1, out))
         online.finish(stats, s0, s1)
         if tiles.idle:
             continue
-        for c0, c1, z, zr in kept:
-            logp = z.sub_(stats.lse[s0:s1].unsqueeze(-1))
-            logr = zr.sub_(stats.lser[s0:s1].unsqueeze(-1)) if tiles.use_ref else None
-            tiles.tile(logp, logr, s0, s1, c0, c1)
+        for c0, c1, zz in kept:
+            tiles.tile(zz, s0, s1, c0, c1)
     return stats, tiles.result()
 
 
@@ -370,41 +366,31 @@ def forward_with_jacobians(
     rows, cols = _tiles(n, v)
     for s0 in range(0, n, rows):
         s1 = min(n, s0 + rows)
+        k = s1 - s0
         kk = max(0, min(n_kl, s1) - s0)  # rows of this chunk that need the KL gradients
-        st = _Online(s1 - s0, kl, acc, h.device)
+        st = _Online(k, kl, acc, h.device)
         up, uq, us = u_p[s0:s1], u_q[s0 : s0 + kk], u_s[s0 : s0 + kk]
         chunk = _Chunk(h, hr, w, wr, s0, s1, inv_t)
         for c0 in range(0, v, cols):
             c1 = min(v, c0 + cols)
             wc = w[c0:c1]
-            z, zr = chunk.logits(c0, c1)
-            # e^(z - m) with the NEW running max, so that it adds to the rescaled sums as is.
-            st.m, f, _ = _rescale(st.m, z.amax(-1))
-            if kl:
-                dz = z - zr
-            e = z.sub_(st.m.unsqueeze(-1)).exp_()
-            st.s = st.s * f + e.sum(-1)
-            _scale_rows(up, f)
-            _addmm(up, e, wc)
-            if not kl:
-                continue
-            st.a = st.a * f + torch.linalg.vecdot(e, dz)
-            st.mr, fr, _ = _rescale(st.mr, zr.amax(-1))
-            er = zr.sub_(st.mr.unsqueeze(-1)).exp_()
-            st.sr = st.sr * fr + er.sum(-1)
-            st.b = st.b * fr - torch.linalg.vecdot(er, dz)
+            # e^(z - m) with the NEW running maxima: it adds to the rescaled sums as it is.
+            ee, dz, f = st.add(chunk.logits(c0, c1), keep=False)
+            _scale_rows(up, f[:k])
+            _addmm(up, ee[:k], wc)
             if kk:
+                _scale_rows(us, f[k : k + kk])
+                _addmm(us, ee[k : k + kk], wc)
                 _scale_rows(uq, f[:kk])
-                _addmm(uq, e[:kk].mul_(dz[:kk]), wc)  # e's KL rows are not used again
-                _scale_rows(us, fr[:kk])
-                _addmm(us, er[:kk], wc)
+                _addmm(uq, ee[:kk].mul_(dz[:kk]), wc)  # e's KL rows are not used again
         st.finish(stats, s0, s1)
-        up.div_((st.s * temperature).unsqueeze(-1))  # sum_j p W_j / T
+        s_pol = st.s[:k]
+        up.div_((s_pol * temperature).unsqueeze(-1))  # sum_j p W_j / T
         if kk:
             # sum p (d - rkl) W = (U_Q - (A/s) U_P) / s; sum r W = U_S / sr  (all / T)
-            c = (st.a / st.s)[:kk].unsqueeze(-1)
-            uq.div_((st.s[:kk] * temperature).unsqueeze(-1)).sub_(up[:kk] * c)
-            us.div_((st.sr[:kk] * temperature).unsqueeze(-1)).neg_().add_(up[:kk])
+            c = (st.ab[:kk] / s_pol[:kk]).unsqueeze(-1)
+            uq.div_((s_pol[:kk] * temperature).unsqueeze(-1)).sub_(up[:kk] * c)
+            us.div_((st.s[k : k + kk] * temperature).unsqueeze(-1)).neg_().add_(up[:kk])
         up.neg_()  # dlogp/dh without the one-hot row
     if not kl:
         return stats, RowJacobians(None, None, u_p)
@@ -428,7 +414,7 @@ def _grad_pol(p, r, d, gf, grk, glp, rkl, s0, s1) -> Tensor | None:
     else:
         g = coef.add_(lin).mul_(p) if lin is not None else coef.mul_(p)
     if gf is not None:
-        g.sub_(r * gf[s0:s1])
+        g.addcmul_(r, gf[s0:s1], value=-1.0)
     return g
 
 
@@ -449,7 +435,7 @@ def _grad_ref(p, r, d, gf, grk, glr, fkl, s0, s1) -> Tensor | None:
     else:
         g = (coef.add_(lin) if lin is not None else coef).mul_(r)
     if grk is not None:
-        g.sub_(p * grk[s0:s1])
+        g.addcmul_(p, grk[s0:s1], value=-1.0)
     return g
 
 
