@@ -13,7 +13,7 @@ token_kl (mixed KL, λ = 0.5: both directions in one call)
     torch / triton / cuda   ``fgpo_kernels.token_kl(h, hr, w, w.detach(), impl=...)``
     torch_recompute         ours, impl torch, with ``FGPO_GRADS_IN_FORWARD=off``: the backward
                             recomputes the logits (the path before gradients moved into the
-                            forward; docs/design.md §3.8)
+                            forward; docs/design.md §3.8); ``triton_recompute`` likewise
     matmul_floor            only the matmuls the op must do (2 logits + dH + dW), computed in
                             the forward (``benchmarks/floor.py``): the floor on this machine
     materialized            the same with ``impl="reference"`` (full N x V logits, autograd)
@@ -43,12 +43,15 @@ import os
 
 OURS = ("torch", "triton", "cuda")
 # Ours under a switch: impl -> (impl it runs, environment it sets in its worker process).
-VARIANTS = {"torch_recompute": ("torch", {"FGPO_GRADS_IN_FORWARD": "off"})}
+VARIANTS = {
+    "torch_recompute": ("torch", {"FGPO_GRADS_IN_FORWARD": "off"}),
+    "triton_recompute": ("triton", {"FGPO_GRADS_IN_FORWARD": "off"}),
+}
 IMPLS = {
-    "token_kl": (*OURS, "torch_recompute", "matmul_floor", "materialized", "liger_jsd_b0",
+    "token_kl": (*OURS, *VARIANTS, "matmul_floor", "materialized", "liger_jsd_b0",
                  "liger_jsd_b1"),
     "token_logprobs": (*OURS, "materialized", "liger_flce", "cce", "torch_lce"),
-    "fire_mpo_step": (*OURS, "torch_recompute", "materialized"),
+    "fire_mpo_step": (*OURS, *VARIANTS, "materialized"),
 }  # fmt: skip
 ALL_IMPLS = tuple(dict.fromkeys(i for v in IMPLS.values() for i in v))
 PEERS = {"liger": "liger_kernel", "cce": "cut_cross_entropy"}
@@ -195,7 +198,7 @@ def build(impl: str, case, device: str, grad_w: bool = True, liger_eager: bool =
             fn = lambda: fk.token_kl(h, hr, w, wr, lambda_=0.5, impl=name).loss
             note = "both KL directions" + (" (interpreter)" if case.note and impl == "triton"
                                            else "")  # fmt: skip
-            if impl == "torch":
+            if impl in ("torch", "triton"):
                 note += "; gradients " + (
                     "recomputed in the backward"
                     if os.environ.get("FGPO_GRADS_IN_FORWARD") == "off"

@@ -27,6 +27,7 @@ STYLE = {  # impl -> (color, marker); ours solid, others dashed
     "cce": ("tab:green", "P"),
     "torch_lce": ("tab:brown", "*"),
     "torch_recompute": ("tab:gray", "o"),
+    "triton_recompute": ("tab:gray", "s"),
     "matmul_floor": ("black", "_"),
 }
 OURS = ("torch", "triton", "cuda")
@@ -43,6 +44,7 @@ LABELS = {
     "cce": "Cut Cross-Entropy",
     "torch_lce": "PyTorch linear_cross_entropy (peer)",
     "torch_recompute": "ours: chunked PyTorch, logits recomputed in the backward",
+    "triton_recompute": "ours: Triton, logits recomputed in the backward",
     "matmul_floor": "matmul floor (the op's matmuls only)",
 }
 

@@ -10,6 +10,7 @@ FiRe-MPO step the end-to-end benchmark times computes the same loss and gradient
 from __future__ import annotations
 
 import csv
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -31,7 +32,8 @@ def test_runner_tiny_preset_writes_rows_and_plots(tmp_path):
     cmd = [
         sys.executable, "-m", "benchmarks.run", "--preset", "tiny", "--device", "cpu",
         "--ops", "token_kl", "fire_mpo_step", "--impls", "torch", "materialized", "cuda",
-        "liger_jsd_b0", "--repeats", "2", "--no-matmul-rate", "--threads", "1", "--out", str(out),
+        "liger_jsd_b0", "torch_recompute", "matmul_floor", "--repeats", "2", "--no-matmul-rate",
+        "--threads", "1", "--out", str(out),
     ]  # fmt: skip
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -40,7 +42,7 @@ def test_runner_tiny_preset_writes_rows_and_plots(tmp_path):
     assert set(REQUIRED) <= set(rows[0]), sorted(rows[0])
     got = {(r["op"], r["impl"], r["mode"]): r for r in rows}
     for op in ("token_kl", "fire_mpo_step"):
-        for impl in ("torch", "materialized"):
+        for impl in ("torch", "materialized", "torch_recompute"):
             for mode in ("forward", "full"):
                 r = got[(op, impl, mode)]
                 assert r["status"] == "ok", r
@@ -49,6 +51,11 @@ def test_runner_tiny_preset_writes_rows_and_plots(tmp_path):
                 assert r["device"] == "cpu" and r["dtype"] == "float32", r
         cuda = got[(op, "cuda", "all")]
         assert cuda["status"] == "skipped" and "CUDA" in cuda["reason"], cuda
+    # The same op with its gradients computed in the forward and recomputed (design §3.8),
+    # and the floor of its matmuls.
+    assert "computed in the forward" in got[("token_kl", "torch", "full")]["note"]
+    assert "recomputed" in got[("token_kl", "torch_recompute", "full")]["note"]
+    assert got[("token_kl", "matmul_floor", "full")]["status"] == "ok"
     liger = [r for r in rows if r["impl"] == "liger_jsd_b0"]
     assert liger, "a peer row (ok, or skipped with a reason) must be written"
     assert all(r["status"] == "ok" or r["reason"] for r in liger), liger
@@ -134,3 +141,21 @@ def test_train_step_benchmark_writes_both_modes(tmp_path):
     assert (int(plain["vision_runs_per_step"]), int(shared["vision_runs_per_step"])) == (16, 4)
     assert shared["plan"].startswith("shared prefix on (qwen-vl, sdpa)")
     assert plain["image_tokens"] == "16" and float(plain["peak_mib"]) > 0
+
+
+def test_loss_memory_modes_agree(tmp_path):
+    """benchmarks.loss_memory at a tiny head: ours (gradients in the forward), ours with
+    recomputation and the materialized trainer compute the same loss; the floor runs."""
+    out = tmp_path / "loss.jsonl"
+    modes = "ours,ours_recompute,floor,materialized"
+    cmd = [sys.executable, "-m", "benchmarks.loss_memory", "--b", "2", "--seq-len", "8",
+           "--masked", "4", "--d", "16", "--v", "301", "--modes", modes, "--repeats", "2",
+           "--out", str(out)]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = {r["mode"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert set(rows) == {"ours", "ours_recompute", "floor", "materialized"}, rows
+    for mode in ("ours_recompute", "materialized"):
+        assert rows[mode]["loss"] == pytest.approx(rows["ours"]["loss"], rel=1e-5), rows
+    assert all(r["rows"] == 2 * 4 * 4 and len(r["times_s"]) == 2 for r in rows.values()), rows
+    assert "| ours |" in proc.stdout and "matmul share" in proc.stdout
