@@ -10,7 +10,7 @@ import math
 
 import pytest
 import torch
-from helpers import compare
+from helpers import compare, rel_err
 
 import fgpo_kernels as fk
 from fgpo_kernels import _registry, torch_impl
@@ -58,7 +58,8 @@ class Calls:
 
 
 def run(case, impl, grads, *, targets, plan="auto", reduction="sum", upcast=False,
-        outputs=(3.7, 0.0, 0.0, 0.0), monkeypatch=None, backward_twice=False, **kw):  # fmt: skip
+        outputs=(3.7, 0.0, 0.0, 0.0), monkeypatch=None, backward_twice=False,
+        dtype=torch.float32, **kw):  # fmt: skip
     """Gradients of 3.7 * loss (per-row weights 0..1 with reduction "none"), plus coefficients
     times sums of lp, lpr and of fkl (weighted 0..1), w.r.t. ``grads``."""
     if monkeypatch is not None:
@@ -66,7 +67,7 @@ def run(case, impl, grads, *, targets, plan="auto", reduction="sum", upcast=Fals
     leaves = {}
     for k in ("h", "hr", "w", "wr"):
         if case[k] is not None:
-            x = case[k].to(device=DEV, dtype=torch.float64 if upcast else torch.float32)
+            x = case[k].to(device=DEV, dtype=torch.float64 if upcast else dtype)
             leaves[k] = x.clone().requires_grad_(k in grads)
     tgt = case["targets"].to(DEV) if targets else None
     out = fk.token_kl(leaves["h"], leaves["hr"], leaves["w"], leaves.get("wr"),
@@ -197,6 +198,23 @@ def test_torch_jacobians_many_tiles_and_moving_maxima(monkeypatch):
     compare({"d" + k: getattr(jac, k) for k in want}, {"d" + k: v for k, v in want.items()},
             0, 2e-5)  # fmt: skip
     compare({"lse": stats.lse}, {"lse": st64.lse}, 1e-6, 0)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("targets,grads", [(False, ("h", "w")), (True, ("h",))],
+                         ids=["held", "jacobian"])  # fmt: skip
+def test_bf16_within_2x_of_pytorch(impl, targets, grads, monkeypatch):
+    """bf16 inputs: each plan's error against float64 is at most twice the materialized
+    PyTorch path's in bf16 (+1e-3), as for the recompute path (docs/design.md §4.1)."""
+    case = _case(n=41, d=64, v=1009)
+    ref = run(case, "reference", grads, targets=targets, upcast=True)
+    base = run(case, "reference", grads, targets=targets, dtype=torch.bfloat16)
+    calls = Calls(monkeypatch, impl)
+    got = run(case, impl, grads, targets=targets, dtype=torch.bfloat16, tile_budget_mb=1.0)
+    assert set(calls.n) == {"forward_with_jacobians" if targets else "forward_with_grads"}
+    for k, r in ref.items():
+        e, e_pt = rel_err(got[k], r), rel_err(base[k], r)
+        assert e <= 2 * e_pt + 1e-3, f"[{impl} bf16] {k}: {e:.3e} vs pytorch {e_pt:.3e}"
 
 
 # ------------------------------------------------ every plan: retain_graph, accumulation
