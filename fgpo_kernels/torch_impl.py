@@ -1,13 +1,15 @@
 """Chunked pure-PyTorch implementation of the fused token statistics (any device).
 
 Math: see ``_backend.py``. Work is tiled in two dimensions: row chunks of R rows and vocabulary
-chunks of C columns (R * C near ``FGPO_TORCH_CHUNK_ELEMS``, default 2**19 elements = 2 MB in
-fp32, so that the ~10 elementwise passes per tile run from L2 cache; measured on a 2-core Xeon,
-one thread, N=4096, D=512, V=32000: 2**19 -> 5.8 s, 2**22 -> 6.9 s, 2**23 -> 8.5 s fwd+bwd CPU
-time, against 9.9 s for the materialized path), so only R x C tensors exist and every row chunk
-streams the weight once. Small row chunks alone would re-read the whole weight (V x D, 2 GB at
-V=152064, D=3584) for every few rows; small vocabulary chunks alone would re-read the hidden
-states; the 2-D tiling bounds both.
+chunks of C columns (R * C near ``FGPO_TORCH_CHUNK_ELEMS``, default 2**18), so only R x C
+tensors exist and every row chunk streams the weight once. Policy and reference tiles are
+stacked (2R x C, ``_Chunk``) so that each elementwise pass covers both models: 2**18 keeps a
+stacked fp32 tile at 2 MB and its ~10 elementwise passes in L2 cache (measured on a 2-core
+Xeon, one thread, N=4096, D=512, V=32000, unstacked tiles: 2**19 -> 5.8 s, 2**22 -> 6.9 s,
+2**23 -> 8.5 s fwd+bwd CPU time, against 9.9 s for the materialized path; stacked, N=1024:
+2**18 per model 1.27-1.60 s against 2**19 1.41-1.51 s, held plan, under a load of 3). Small
+row chunks alone would re-read the whole weight (V x D, 2 GB at V=152064, D=3584) for every few
+rows; small vocabulary chunks alone would re-read the hidden states; the 2-D tiling bounds both.
 
 Forward, per row, online over vocabulary chunks (m: running max, s: scaled sum, rescaled by
 e^(m_old - m_new) as the max moves):
@@ -53,7 +55,7 @@ def probe() -> dict:
 
 
 def _chunk_elems() -> int:
-    return int(os.environ.get("FGPO_TORCH_CHUNK_ELEMS", 1 << 19))
+    return int(os.environ.get("FGPO_TORCH_CHUNK_ELEMS", 1 << 18))
 
 
 def _tiles(n: int, v: int) -> tuple[int, int]:
