@@ -7,8 +7,9 @@ from torch import Tensor
 
 from ._validate import check_has_data
 
-# Field names of ``loss.SequenceStates``, in order (error messages name them).
-SEQ_FIELDS = ("policy", "ref", "targets", "mask")
+# Field names of ``loss.SequenceStates``, in order (error messages name them); the last one,
+# ``kl_mask``, is optional (a 4-tuple or a None leaves it at ``mask``).
+SEQ_FIELDS = ("policy", "ref", "targets", "mask", "kl_mask")
 
 
 def corrupt_gate(has_corrupt, b: int, device) -> Tensor | None:
@@ -51,18 +52,21 @@ def missing_corrupt(name: str, loss) -> ValueError:
     )
 
 
-def check_targets(name: str, tgt: Tensor, ignore_index: int, v: int) -> None:
-    """The targets gathered at the weighted positions of one sequence: real ids in [0, V)."""
-    if bool((tgt == ignore_index).any()):
+def check_targets(name: str, tgt: Tensor, ignore_index: int, v: int, where: str = "mask") -> None:
+    """The targets gathered at the weighted positions of one sequence: real ids in [0, V).
+    ``where="kl_mask"``: positions with only a KL weight, which may also have no target."""
+    ignored = tgt == ignore_index
+    if where == "mask" and bool(ignored.any()):
         raise ValueError(
             f"{name}.targets is ignore_index={ignore_index} at positions where "
             f"{name}.mask is nonzero; every weighted position needs a target"
         )
-    bad = (tgt < 0) | (tgt >= v)
+    bad = ((tgt < 0) | (tgt >= v)) & ~ignored
     if bool(bad.any()):
         raise ValueError(
-            f"{name}.targets must be in [0, V={v}) where {name}.mask is "
-            f"nonzero; found {int(bad.sum())} outside, e.g. {tgt[bad][:5].tolist()}"
+            f"{name}.targets must be in [0, V={v}) where {name}.{where} is nonzero"
+            f"{' (or ignore_index)' if where != 'mask' else ''}; found {int(bad.sum())} "
+            f"outside, e.g. {tgt[bad][:5].tolist()}"
         )
 
 
@@ -71,17 +75,20 @@ def _shape(x) -> str:
 
 
 def check_seq(name: str, seq, like=None) -> tuple[int, int]:
-    """Shapes of one ``SequenceStates`` (any 4-tuple); returns (B, L). Also checks B, L, D,
-    D_ref and dtypes against ``like`` (the chosen sequence)."""
-    if not isinstance(seq, tuple) or len(seq) != 4:
+    """Shapes of one ``SequenceStates`` (any 4- or 5-tuple); returns (B, L). Also checks B, L,
+    D, D_ref and dtypes against ``like`` (the chosen sequence)."""
+    if not isinstance(seq, tuple) or len(seq) not in (4, 5):
         raise TypeError(
-            f"{name} must be SequenceStates(policy, ref, targets, mask), got {type(seq).__name__}"
+            f"{name} must be SequenceStates(policy, ref, targets, mask[, kl_mask]), got "
+            f"{type(seq).__name__}" + (f" of {len(seq)} fields" if isinstance(seq, tuple) else "")
         )
     for field, x in zip(SEQ_FIELDS, seq):
+        if field == "kl_mask" and x is None:
+            continue
         if not isinstance(x, Tensor):
             raise TypeError(f"{name}.{field} must be a torch.Tensor, got {_shape(x)}")
         check_has_data(f"{name}.{field}", x)
-    pol, ref, tgt, m = seq
+    pol, ref, tgt, m = seq[:4]
     if pol.dim() != 3:
         raise ValueError(f"{name}.policy must have shape (B, L, D), got {_shape(pol)}")
     if ref.dim() != 3 or ref.shape[:2] != pol.shape[:2]:
@@ -104,6 +111,8 @@ def check_seq(name: str, seq, like=None) -> tuple[int, int]:
         )
     if m.is_complex():
         raise TypeError(f"{name}.mask must be bool or real, got {m.dtype}")
+    if len(seq) == 5 and seq[4] is not None:
+        _check_kl_mask(name, seq[4], pol)
     for field, x in (("ref", ref), ("targets", tgt), ("mask", m)):
         if x.device != pol.device:
             raise ValueError(
@@ -129,6 +138,30 @@ def check_seq(name: str, seq, like=None) -> tuple[int, int]:
         if x.device != y.device:
             raise ValueError(f"{name}.{field} is on {x.device} but chosen.{field} on {y.device}")
     return bb, ll
+
+
+def _check_kl_mask(name: str, k: Tensor, pol: Tensor) -> None:
+    """KL weights: (B, L), bool or real, on the policy's device, finite and >= 0 (a negative
+    weight would reward drifting from the reference; NaN or inf would poison every step)."""
+    if tuple(k.shape) != tuple(pol.shape[:2]):
+        raise ValueError(
+            f"{name}.kl_mask must have shape (B, L) = {tuple(pol.shape[:2])}, got {_shape(k)}"
+        )
+    if k.is_complex():
+        raise TypeError(f"{name}.kl_mask must be bool or real, got {k.dtype}")
+    if k.device != pol.device:
+        raise ValueError(f"{name}.kl_mask is on {k.device} but {name}.policy is on {pol.device}")
+    if k.device.type == "meta":
+        return
+    kf = k.detach() if k.dtype.is_floating_point else k.detach().float()
+    if not bool(torch.isfinite(kf).all()):
+        raise ValueError(f"{name}.kl_mask must be finite; found {int((~torch.isfinite(kf)).sum())} "
+                         "NaN or inf values")  # fmt: skip
+    if bool((kf < 0).any()):
+        raise ValueError(
+            f"{name}.kl_mask must be >= 0 (token weights of the KL); found negative values "
+            f"{kf[kf < 0][:5].tolist()}"
+        )
 
 
 def check_batch(b: int, reduction: str) -> None:

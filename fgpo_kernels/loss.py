@@ -3,11 +3,13 @@
 Math, per example (m = token weights of a sequence, β = ``beta``, σ = sigmoid):
 
     ρ_t    = log π(y_t) − log π_ref(y_t)                 R(s) = Σ_t m_t ρ_t   (a sum)
-    rank   = −log σ(β [R(v, y+) − R(v, y−)])
-    visual = −c · log σ(β [R(v', y−) − R(v', y+)])       c = has_corrupt (0/1 or a weight)
-    v1     = −c · log σ(β [R(v, y+) − R(v', y+)])        (off unless alpha_v1 > 0)
-    v2     = −c · log σ(β [R(v, y+) − R(v', y−)])        (off unless alpha_v2 > 0)
-    kl     = Σ_t m+_t [λ KL(π_ref‖π)_t + (1 − λ) KL(π‖π_ref)_t]   on (v, y+) only
+    ℓ(w, l) = −log σ(β [R(w) − R(l)])    (``loss_type="sigmoid"``; others: _pair_losses.py)
+    rank   = ℓ((v, y+), (v, y−))
+    visual = c · ℓ((v', y−), (v', y+))                   c = has_corrupt (0/1 or a weight)
+    v1     = c · ℓ((v, y+), (v', y+))                    (off unless alpha_v1 > 0)
+    v2     = c · ℓ((v, y+), (v', y−))                    (off unless alpha_v2 > 0)
+    kl     = Σ_t k_t [λ KL(π_ref‖π)_t + (1 − λ) KL(π‖π_ref)_t]   on (v, y+) only
+             k = the chosen sequence's ``kl_mask``, by default its ``mask`` m+
     term   = rank + γ·visual + α·kl + alpha_v1·v1 + alpha_v2·v2
     loss   = mean over the batch of term   (``reduction="sum"``: the sum)
 
@@ -16,7 +18,8 @@ states are detached, and a shared head weight that requires grad is detached on 
 side).
 
 Performance design: the rows with a nonzero token weight of every sequence in use (chosen,
-rejected, and the corrupted ones when a visual term is on and ``has_corrupt`` is nonzero) are
+rejected, and the corrupted ones when a visual term is on and ``has_corrupt`` is nonzero; for
+the chosen sequence a nonzero ``mask`` or ``kl_mask``) are
 gathered and concatenated, policy and reference side by side, and go through ONE ``token_kl``
 call. The head weight is therefore streamed once per step and positions with weight 0 are never
 projected. That call returns per-row log-probs of both models (for ρ) and the two KLs (used at
@@ -34,12 +37,12 @@ import math
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from . import _loss_checks as checks
 from . import _registry
 from ._autograd import tile_budget
+from ._pair_losses import check_loss_type, pair_loss
 from ._util import check_fraction, check_index, check_real
 from .token_kl import IGNORE_INDEX, TokenKLOutput, token_kl
 
@@ -53,12 +56,16 @@ class SequenceStates(NamedTuple):
     ref: ``(B, L, D_ref)`` reference hidden states (no gradient flows into them).
     targets: ``(B, L)`` integer token ids; every position with a nonzero mask needs a valid id.
     mask: ``(B, L)`` token weights: bool/0-1 span mask or any real weights (0 = not projected).
+    kl_mask: optional ``(B, L)`` token weights of the KL term, >= 0; None = ``mask``. Read on the
+        chosen sequence only (the KL is on (v, y+)): RRPO rewards the span but regularises
+        every response token. Positions with only a KL weight need no target.
     """
 
     policy: Tensor
     ref: Tensor
     targets: Tensor
     mask: Tensor
+    kl_mask: Tensor | None = None
 
 
 class FiReMPOOutput(NamedTuple):
@@ -107,14 +114,14 @@ METRIC_KEYS = (
     "rewards/accuracies",  # 1.0 where chosen > rejected
     "logps/chosen",  # Σ m log π(y+ | v)
     "logps/rejected",  # Σ m log π(y− | v)
-    "kl/forward",  # Σ m+ KL(π_ref‖π) on (v, y+)
-    "kl/reverse",  # Σ m+ KL(π‖π_ref) on (v, y+)
-    "kl/mixed",  # Σ m+ [λ fkl + (1 − λ) rkl]
+    "kl/forward",  # Σ k KL(π_ref‖π) on (v, y+)   (k = chosen.kl_mask, default its mask)
+    "kl/reverse",  # Σ k KL(π‖π_ref) on (v, y+)
+    "kl/mixed",  # Σ k [λ fkl + (1 − λ) rkl]
     "loss/rank",
     "loss/total",  # the per-example term whose batch mean (or sum) is ``loss``
 )
 VISUAL_METRIC_KEYS = (
-    "visual/loss",  # −log σ(β [R(v', y−) − R(v', y+)])   (NaN where has_corrupt == 0)
+    "visual/loss",  # ℓ((v', y−), (v', y+)) before has_corrupt   (NaN where has_corrupt == 0)
     "visual/accuracy",  # 1.0 where R(v', y−) > R(v', y+)
     "visual/margins",  # β [R(v', y−) − R(v', y+)]
     "rewards/chosen_corrupt",  # β·R(v', y+)
@@ -124,11 +131,13 @@ VISUAL_METRIC_KEYS = (
 # The ONE preset table (the trainer reads it too): preset name -> keyword overrides of
 # ``FiReMPOLoss``; every coefficient not named keeps its default (docs/design.md §1). DPO and
 # Mask-DPO have the same coefficients: they differ in the mask the caller builds (every response
-# token for DPO, the edited spans for Mask-DPO).
+# token for DPO, the edited spans for Mask-DPO). No preset fixes ``loss_type``: each runs with
+# any of them (the default ``sigmoid`` is the one the named method uses).
 LOSS_PRESETS: dict[str, dict[str, float]] = {
     # Binary mask = all response tokens (built by the caller), γ = 0, α = 0.
     "dpo": dict(gamma=0.0, alpha=0.0),
-    # Span mask, forward KL only, no visual term.
+    # Span mask for the reward, forward KL only, no visual term; RRPO (pritamqu/RRPO) when the
+    # caller passes the whole response mask as the chosen sequence's ``kl_mask``.
     "rrpo": dict(gamma=0.0, lambda_=1.0),
     # Span mask, no KL, no visual term.
     "mask_dpo": dict(gamma=0.0, alpha=0.0),
@@ -142,9 +151,9 @@ class _Rows(NamedTuple):
 
     policy: Tensor  # (R, D)
     ref: Tensor  # (R, D_ref), detached: the reference is frozen
-    targets: Tensor  # (R,) int64
-    kl_weight: Tensor  # (R,) the chosen rows' weights, 0 elsewhere (KL on (v, y+) only)
-    segs: list  # per sequence: (name, example index of each row, weight of each row)
+    targets: Tensor  # (R,) int64; ignore_index only at KL-only rows (reward weight 0)
+    kl_weight: Tensor  # (R,) the chosen rows' KL weights, 0 elsewhere (KL on (v, y+) only)
+    segs: list  # per sequence: (name, example index of each row, reward weight of each row)
 
 
 class _Sums(NamedTuple):
@@ -152,9 +161,10 @@ class _Sums(NamedTuple):
 
     reward: dict  # name -> R(s) = Σ m ρ (differentiable)
     logps: dict  # name -> Σ m log π (detached)
-    mixed_kl: Tensor  # Σ m+ [λ fkl + (1 − λ) rkl] on (v, y+) (differentiable)
-    fkl: Tensor  # Σ m+ fkl (detached)
-    rkl: Tensor  # Σ m+ rkl (detached)
+    count: dict  # name -> Σ m (the ipo loss takes the mean ρ)
+    mixed_kl: Tensor  # Σ k [λ fkl + (1 − λ) rkl] on (v, y+) (differentiable)
+    fkl: Tensor  # Σ k fkl (detached)
+    rkl: Tensor  # Σ k rkl (detached)
 
 
 class _Terms(NamedTuple):
@@ -165,6 +175,7 @@ class _Terms(NamedTuple):
     v1: Tensor
     v2: Tensor
     total: Tensor  # rank + α·kl + γ·visual + alpha_v1·v1 + alpha_v2·v2
+    visual_pair: Tensor | None  # ℓ((v', y−), (v', y+)) before has_corrupt (its metric)
 
 
 class FiReMPOLoss(torch.nn.Module):
@@ -182,6 +193,10 @@ class FiReMPOLoss(torch.nn.Module):
             forward (``token_kl``'s argument; None = its default).
         reduction: ``"mean"`` over the batch (default) or ``"sum"`` (see the normalizer note).
         ignore_index: target id meaning "no target"; it must not occur where the mask is nonzero.
+        loss_type: the pairwise loss of the rank and every visual term, one of ``LOSS_TYPES``
+            (TRL's DPO losses of those names; ``_pair_losses.py``); default ``"sigmoid"``.
+        label_smoothing: ε in [0, 0.5) of ``robust``, ``label_smoothing`` (cDPO) and
+            ``exo_pair`` (which needs ε > 0); the other loss types ignore it.
     """
 
     def __init__(
@@ -197,6 +212,8 @@ class FiReMPOLoss(torch.nn.Module):
         reduction: str = "mean",
         ignore_index: int = IGNORE_INDEX,
         tile_budget_mb: float | None = None,
+        loss_type: str = "sigmoid",
+        label_smoothing: float = 0.0,
     ) -> None:
         super().__init__()
         check_real("beta", beta)
@@ -212,6 +229,8 @@ class FiReMPOLoss(torch.nn.Module):
             raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
         _registry.check_name(impl)
         check_index("ignore_index", ignore_index)
+        check_loss_type(loss_type, label_smoothing)
+        self.loss_type, self.label_smoothing = loss_type, float(label_smoothing)
         self.beta, self.alpha, self.gamma, self.lambda_ = beta, alpha, gamma, lambda_
         self.alpha_v1, self.alpha_v2 = alpha_v1, alpha_v2
         self.impl, self.reduction, self.ignore_index = impl, reduction, ignore_index
@@ -234,7 +253,8 @@ class FiReMPOLoss(torch.nn.Module):
         return (
             f"beta={self.beta}, alpha={self.alpha}, gamma={self.gamma}, lambda_={self.lambda_}, "
             f"alpha_v1={self.alpha_v1}, alpha_v2={self.alpha_v2}, impl={self.impl!r}, "
-            f"reduction={self.reduction!r}"
+            f"reduction={self.reduction!r}, loss_type={self.loss_type!r}, "
+            f"label_smoothing={self.label_smoothing}"
         )
 
     def forward(
@@ -266,7 +286,10 @@ class FiReMPOLoss(torch.nn.Module):
             weight, ref_weight, chosen, rejected, chosen_corrupt, rejected_corrupt, has_corrupt
         )
         rows = _gather_rows(seqs, gate, weight.shape[0], self.ignore_index)
-        out = _fused_stats(rows, weight, ref_weight, self.lambda_, self.impl, self.tile_budget_mb)
+        out = _fused_stats(
+            rows, weight, ref_weight, self.lambda_, self.impl, self.tile_budget_mb,
+            self.ignore_index,
+        )  # fmt: skip
         sums = _per_example_sums(rows, out, seqs["chosen"].policy.shape[0])
         terms = self._terms(sums, gate)
         loss = terms.total.mean() if self.reduction == "mean" else terms.total.sum()
@@ -307,28 +330,35 @@ class FiReMPOLoss(torch.nn.Module):
         checks.check_weights(weight, ref_weight, chosen)
         return seqs, gate
 
+    def _pair(self, sums: _Sums, win: str, lose: str) -> Tensor:
+        """ℓ(win, lose) per example: the ``loss_type`` on the two sequences' sums."""
+        r, n = sums.reward, sums.count
+        return pair_loss(
+            self.loss_type, self.beta, self.label_smoothing, r[win], r[lose], n[win], n[lose]
+        )
+
     def _terms(self, sums: _Sums, gate: Tensor | None) -> _Terms:
         """rank, the visual terms and their weighted sum, per example."""
-        beta = self.beta
-        rc, rr = sums.reward["chosen"], sums.reward["rejected"]
-        rank = -F.logsigmoid(beta * (rc - rr))
+        rank = self._pair(sums, "chosen", "rejected")
         term = rank + self.alpha * sums.mixed_kl if self.alpha else rank
         visual = v1 = v2 = torch.zeros_like(rank)
-        g = None if gate is None else gate.to(rc.dtype)
-        rcc, rrc = sums.reward.get("chosen_corrupt"), sums.reward.get("rejected_corrupt")
-        if rcc is not None and rrc is not None:
-            visual = g * -F.logsigmoid(beta * (rrc - rcc))
+        pair_v = None
+        g = None if gate is None else gate.to(rank.dtype)
+        has_cc, has_rc = "chosen_corrupt" in sums.reward, "rejected_corrupt" in sums.reward
+        if has_cc and has_rc:
+            pair_v = self._pair(sums, "rejected_corrupt", "chosen_corrupt")
+            visual = g * pair_v
             if self.gamma:
                 term = term + self.gamma * visual
-        if rcc is not None:
-            v1 = g * -F.logsigmoid(beta * (rc - rcc))
+        if has_cc:
+            v1 = g * self._pair(sums, "chosen", "chosen_corrupt")
             if self.alpha_v1:
                 term = term + self.alpha_v1 * v1
-        if rrc is not None:
-            v2 = g * -F.logsigmoid(beta * (rc - rrc))
+        if has_rc:
+            v2 = g * self._pair(sums, "chosen", "rejected_corrupt")
             if self.alpha_v2:
                 term = term + self.alpha_v2 * v2
-        return _Terms(rank, visual, v1, v2, term)
+        return _Terms(rank, visual, v1, v2, term, pair_v)
 
     def _metrics(self, sums: _Sums, terms: _Terms, gate: Tensor | None) -> dict[str, Tensor]:
         """Detached per-example metrics (``METRIC_KEYS``, plus ``VISUAL_METRIC_KEYS`` when both
@@ -355,7 +385,7 @@ class FiReMPOLoss(torch.nn.Module):
             nan = torch.full_like(cr, math.nan)
             on = gate.to(acc) != 0
             vm = (beta * (rrc - rcc)).detach()
-            metrics["visual/loss"] = torch.where(on, -F.logsigmoid(vm), nan)
+            metrics["visual/loss"] = torch.where(on, terms.visual_pair.detach(), nan)
             metrics["visual/accuracy"] = torch.where(on, (vm > 0).to(acc), nan)
             metrics["visual/margins"] = torch.where(on, vm, nan)
             metrics["rewards/chosen_corrupt"] = torch.where(on, (beta * rcc).detach(), nan)
@@ -363,26 +393,38 @@ class FiReMPOLoss(torch.nn.Module):
         return metrics
 
 
+def _as_weights(m: Tensor) -> Tensor:
+    m = m.detach()
+    return m if m.dtype.is_floating_point else m.float()
+
+
 def _gather_rows(seqs: dict, gate: Tensor | None, v: int, ignore_index: int) -> _Rows:
     """The rows with a nonzero token weight of every sequence in use (of the corrupted ones
-    only where ``gate`` is nonzero), checked and concatenated for one ``token_kl`` call."""
+    only where ``gate`` is nonzero; of the chosen one, a nonzero mask or KL weight), checked and
+    concatenated for one ``token_kl`` call."""
     h_parts, hr_parts, t_parts, kw_parts, segs = [], [], [], [], []
     for name, seq in seqs.items():
-        m = seq.mask.detach()
-        m = m if m.dtype.is_floating_point else m.float()
-        active = m != 0
+        m = _as_weights(seq.mask)
+        kl = None
+        if name == "chosen":
+            kl = m if seq.kl_mask is None else _as_weights(seq.kl_mask)
+        active = m != 0 if kl is None or kl is m else (m != 0) | (kl != 0)
         if name.endswith("_corrupt"):
             active = active & (gate != 0).unsqueeze(-1)
         # (example, position) of every weighted row; advanced indexing gathers just those
         # rows, even from a non-contiguous view such as ``hidden[:, :-1]``.
         ex, pos = active.nonzero().unbind(-1)
         tgt = seq.targets[ex, pos].long()
-        checks.check_targets(name, tgt, ignore_index, v)
         w_rows = m[ex, pos]
+        if kl is None or kl is m:
+            checks.check_targets(name, tgt, ignore_index, v)
+        else:  # rows with only a KL weight need no target (their reward weight is 0)
+            checks.check_targets(name, tgt[w_rows != 0], ignore_index, v)
+            checks.check_targets(name, tgt[w_rows == 0], ignore_index, v, where="kl_mask")
         h_parts.append(seq.policy[ex, pos])
         hr_parts.append(seq.ref.detach()[ex, pos])
         t_parts.append(tgt)
-        kw_parts.append(w_rows if name == "chosen" else torch.zeros_like(w_rows))
+        kw_parts.append(torch.zeros_like(w_rows) if kl is None else kl[ex, pos].to(w_rows.dtype))
         segs.append((name, ex, w_rows))
     return _Rows(
         torch.cat(h_parts), torch.cat(hr_parts), torch.cat(t_parts), torch.cat(kw_parts), segs
@@ -391,7 +433,7 @@ def _gather_rows(seqs: dict, gate: Tensor | None, v: int, ignore_index: int) -> 
 
 def _fused_stats(
     rows: _Rows, weight: Tensor, ref_weight: Tensor | None, lambda_: float, impl: str | None,
-    tile_budget_mb: float | None,
+    tile_budget_mb: float | None, ignore_index: int,
 ) -> TokenKLOutput:  # fmt: skip
     """Per-row log-probs of both models and the mixed KL: ONE ``token_kl`` call, so the head
     weight is streamed once per step. With a frozen head (LoRA) that call computes each row's
@@ -412,6 +454,7 @@ def _fused_stats(
         mask=rows.kl_weight,
         targets=rows.targets,
         lambda_=lambda_,
+        ignore_index=ignore_index,
         reduction="none",
         impl=impl,
         tile_budget_mb=tile_budget_mb,
@@ -431,22 +474,23 @@ def _fused_token_kl(*args, **kwargs):
 
 
 def _per_example_sums(rows: _Rows, out: TokenKLOutput, b: int) -> _Sums:
-    """Scatter-add the weighted per-row values back to their examples: R, Σ m log π, and the
-    KL sums of the chosen sequence (its rows come first)."""
+    """Scatter-add the weighted per-row values back to their examples: R, Σ m log π, Σ m, and
+    the KL sums of the chosen sequence (its rows come first)."""
     segs = rows.segs
     sizes = [s[1].numel() for s in segs]
     rho = torch.split(out.policy_logps - out.ref_logps, sizes)
     lp = torch.split(out.policy_logps, sizes)
     acc = out.policy_logps.dtype
     zeros = torch.zeros(b, dtype=acc, device=out.policy_logps.device)
-    big_r, logps = {}, {}
+    big_r, logps, count = {}, {}, {}
     for (name, ex, w_rows), r_rows, lp_rows in zip(segs, rho, lp):
         wr_ = w_rows.to(acc)
         big_r[name] = zeros.index_add(0, ex, wr_ * r_rows)
         logps[name] = zeros.index_add(0, ex, (wr_ * lp_rows).detach())
-    ex_c, w_c = segs[0][1], segs[0][2].to(acc)
-    n_c = sizes[0]
+        count[name] = zeros.index_add(0, ex, wr_)
+    ex_c, n_c = segs[0][1], sizes[0]
+    k_c = rows.kl_weight[:n_c].to(acc)
     mixed_kl = zeros.index_add(0, ex_c, out.loss[:n_c])
-    fkl = zeros.index_add(0, ex_c, (w_c * out.forward_kl[:n_c]).detach())
-    rkl = zeros.index_add(0, ex_c, (w_c * out.reverse_kl[:n_c]).detach())
-    return _Sums(big_r, logps, mixed_kl, fkl, rkl)
+    fkl = zeros.index_add(0, ex_c, (k_c * out.forward_kl[:n_c]).detach())
+    rkl = zeros.index_add(0, ex_c, (k_c * out.reverse_kl[:n_c]).detach())
+    return _Sums(big_r, logps, count, mixed_kl, fkl, rkl)

@@ -100,7 +100,7 @@ def test_meta_and_zero_width_inputs_to_the_loss_name_the_problem():
     w = torch.randn(11, 0)
     with pytest.raises(ValueError, match="D"):
         FiReMPOLoss()(w, *_four(d=0))
-    meta = [SequenceStates(*(x.to("meta") for x in s)) for s in _four()]
+    meta = [SequenceStates(*(x.to("meta") for x in s[:4])) for s in _four()]
     with pytest.raises(ValueError, match="meta"):
         FiReMPOLoss()(torch.randn(11, 8).to("meta"), *meta)
 

@@ -313,7 +313,7 @@ def _loss_grads(batch, impl, *, dtype=torch.float32, head_grad=False, upstream=N
     loss_fn = fk.FiReMPOLoss(impl=impl, reduction="sum", **cfg)
     upstream = upstream or (lambda out: 3.7 * out.loss)
     for s0, s1 in parts:
-        part = [fk.SequenceStates(*(x[s0:s1] for x in seqs[k])) for k in NAMES]
+        part = [fk.SequenceStates(*(x[s0:s1] for x in seqs[k][:4])) for k in NAMES]
         out = loss_fn(w, *part, has_corrupt=batch["has_corrupt"][s0:s1].to(DEV), ref_weight=wr)
         total = upstream(out)
         total.backward(retain_graph=twice)

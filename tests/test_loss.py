@@ -4,125 +4,25 @@ gradient accumulation, bad input and torch.compile."""
 from __future__ import annotations
 
 import math
-from collections import defaultdict
-from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 from helpers import compare, rel_err
+from loss_helpers import (
+    IMPLS,
+    NAMES,
+    cast_seqs,
+    make_batch,
+    materialized,
+    ours,
+    response_mask_batch,
+    summed_logps,
+    trl_dpo_loss,
+)
 
 import fgpo_kernels as fk
-from fgpo_kernels import FiReMPOLoss, SequenceStates, _registry
-
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
-NAMES = ("chosen", "rejected", "chosen_corrupt", "rejected_corrupt")
-
-
-def _impls() -> list:
-    out = [pytest.param("reference", id="reference")]
-    for name in ("torch", "triton", "cuda"):
-        ok, why = _registry._usable_on(name, torch.device(DEV))
-        out.append(pytest.param(name, marks=[] if ok else [pytest.mark.skip(reason=why)], id=name))
-    return out
-
-
-IMPLS = _impls()
-
-
-# ---------------------------------------------------------------- random batches
-
-
-def make_batch(b=3, seq_len=None, d=None, v=None, mask="binary", d_ref=None, corrupt=(1, 0, 1)):
-    """Four sequences of float64 states (policy ≈ reference + noise), masks, targets with
-    ignore_index at some weight-0 positions, a has_corrupt switch and the head weight(s)."""
-    seq_len = seq_len or int(torch.randint(7, 14, ()))
-    d = d or int(torch.randint(24, 49, ()))
-    v = v or int(torch.randint(500, 1004, ()))
-    w = torch.randn(v, d, dtype=torch.float64) / math.sqrt(d) * 3
-    wr = (
-        None if d_ref is None else torch.randn(v, d_ref, dtype=torch.float64) / math.sqrt(d_ref) * 3
-    )
-    seqs = {}
-    for name in NAMES:
-        pol = torch.randn(b, seq_len, d, dtype=torch.float64)
-        ref = pol + 0.3 * torch.randn_like(pol) if wr is None else torch.randn(b, seq_len, d_ref)
-        tgt = torch.randint(0, v, (b, seq_len))
-        if mask == "binary":
-            m = (torch.rand(b, seq_len) < 0.5).double()
-        else:  # token weights: edited tokens 5, others 1, some 0
-            m = torch.where(torch.rand(b, seq_len) < 0.3, 5.0, 1.0).double()
-            m = m * (torch.rand(b, seq_len) < 0.8)
-        m[:, 0] = 1.0  # at least one weighted position per example
-        tgt[(m == 0) & (torch.rand(b, seq_len) < 0.5)] = -100
-        seqs[name] = SequenceStates(pol, ref.double(), tgt, m)
-    hc = torch.tensor(corrupt[:b], dtype=torch.bool)
-    return dict(w=w, wr=wr, seqs=seqs, has_corrupt=hc)
-
-
-def cast_seqs(batch, dtype, grad=True):
-    """Fresh leaf copies in ``dtype`` (policy states and the weight require grad)."""
-    cp = lambda x: x.detach().to(device=DEV, dtype=dtype, copy=True)
-    w = cp(batch["w"]).requires_grad_(grad)
-    wr = None if batch["wr"] is None else cp(batch["wr"])
-    seqs = {}
-    for k, s in batch["seqs"].items():
-        seqs[k] = SequenceStates(
-            cp(s.policy).requires_grad_(grad), cp(s.ref), s.targets.to(DEV), s.mask.to(DEV)
-        )
-    return w, wr, seqs
-
-
-# ---------------------------------------------------------------- the definition (float64)
-
-
-def materialized(batch, beta, alpha, gamma, lambda_, alpha_v1=0.0, alpha_v2=0.0):
-    """The whole FiRe-MPO objective from full logits, autograd for the gradients."""
-    w, wr, seqs = cast_seqs(batch, torch.float64)
-    wref = w.detach() if wr is None else wr
-    hc = batch["has_corrupt"].double().to(DEV)
-    big_r, kl = {}, {}
-    for k, s in seqs.items():
-        logp = torch.log_softmax(s.policy @ w.T, -1)
-        logr = torch.log_softmax(s.ref @ wref.T, -1)
-        t = s.targets.clamp(min=0).unsqueeze(-1)
-        rho = logp.gather(-1, t).squeeze(-1) - logr.gather(-1, t).squeeze(-1)
-        big_r[k] = (s.mask * rho).sum(1)
-        fkl = (logr.exp() * (logr - logp)).sum(-1)
-        rkl = (logp.exp() * (logp - logr)).sum(-1)
-        kl[k] = (s.mask * (lambda_ * fkl + (1 - lambda_) * rkl)).sum(1)
-    rc, rr, rcc, rrc = (big_r[k] for k in NAMES)
-    rank = -F.logsigmoid(beta * (rc - rr))
-    visual = -hc * F.logsigmoid(beta * (rrc - rcc))
-    v1 = -hc * F.logsigmoid(beta * (rc - rcc))
-    v2 = -hc * F.logsigmoid(beta * (rc - rrc))
-    term = rank + gamma * visual + alpha * kl["chosen"] + alpha_v1 * v1 + alpha_v2 * v2
-    loss = term.mean()
-    loss.backward()
-    res = dict(
-        loss=loss.detach(), rank=rank.detach(), visual=visual.detach(),
-        mixed_kl=kl["chosen"].detach(), chosen_rewards=(beta * rc).detach(),
-        rejected_rewards=(beta * rr).detach(), visual_v1=v1.detach(), visual_v2=v2.detach(),
-        dw=w.grad,
-    )  # fmt: skip
-    for k, s in seqs.items():
-        res["d_" + k] = s.policy.grad
-    return res
-
-
-def ours(batch, impl, dtype=torch.float32, loss_fn=None, **cfg):
-    loss_fn = loss_fn or FiReMPOLoss(impl=impl, **cfg)
-    w, wr, seqs = cast_seqs(batch, dtype)
-    out = loss_fn(w, *(seqs[k] for k in NAMES), has_corrupt=batch["has_corrupt"].to(DEV),
-                  ref_weight=wr)  # fmt: skip
-    out.loss.backward()
-    res = {k: getattr(out, k).detach() for k in ("loss", "rank", "visual", "mixed_kl",
-           "chosen_rewards", "rejected_rewards", "visual_v1", "visual_v2")}  # fmt: skip
-    res["dw"] = w.grad
-    for k, s in seqs.items():
-        res["d_" + k] = s.policy.grad if s.policy.grad is not None else torch.zeros_like(s.policy)
-    return res, out
-
+from fgpo_kernels import FiReMPOLoss, SequenceStates
 
 # ---------------------------------------------------------------- correctness
 
@@ -228,28 +128,8 @@ def test_views_of_longer_hidden_states_are_accepted():
 # ---------------------------------------------------------------- presets
 
 
-def _summed_logps(batch, name, model):
-    s = batch["seqs"][name]
-    h = s.policy if model == "policy" else s.ref
-    w = batch["w"]
-    lp = fk.token_logprobs(h, w, s.targets.masked_fill(s.mask == 0, -100), impl="reference")
-    return lp
-
-
-def _response_mask_batch():
-    """DPO data: the mask is the whole response (ones, then two padding positions)."""
-    batch = make_batch(mask="binary")
-    for k, s in batch["seqs"].items():
-        m = torch.ones_like(s.mask)
-        m[:, -2:] = 0
-        t = s.targets.clamp(min=0)
-        t[:, -2:] = -100
-        batch["seqs"][k] = s._replace(mask=m, targets=t)
-    return batch
-
-
 def test_dpo_preset_is_sigmoid_dpo_formula():
-    batch = _response_mask_batch()
+    batch = response_mask_batch()
     beta = 0.2
     got, out = ours(
         batch,
@@ -257,60 +137,22 @@ def test_dpo_preset_is_sigmoid_dpo_formula():
         dtype=torch.float64,
         loss_fn=FiReMPOLoss.preset("dpo", beta=beta, impl="torch"),
     )
-    pc, pr = (_summed_logps(batch, k, "policy").sum(1) for k in ("chosen", "rejected"))
-    rc, rr = (_summed_logps(batch, k, "ref").sum(1) for k in ("chosen", "rejected"))
+    pc, pr = (summed_logps(batch, k, "policy").sum(1) for k in ("chosen", "rejected"))
+    rc, rr = (summed_logps(batch, k, "ref").sum(1) for k in ("chosen", "rejected"))
     want = -F.logsigmoid(beta * ((pc - rc) - (pr - rr))).mean()
     torch.testing.assert_close(got["loss"], want.detach(), rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(out.metrics["logps/chosen"], pc.detach(), rtol=1e-10, atol=1e-12)
     assert torch.equal(got["visual"], torch.zeros(3, dtype=torch.float64))
 
 
-def _trl_sigmoid_dpo(beta, per_token_c, per_token_r, ref_c, ref_r):
-    """TRL's own sigmoid DPO loss (DPOTrainer._compute_loss) fed with our per-token log-probs
-    through a stand-in model; skips when TRL or that private method is not as expected."""
-    dpo = pytest.importorskip("trl.trainer.dpo_trainer")
-    fn = getattr(dpo.DPOTrainer, "_compute_loss", None)
-    if fn is None:
-        pytest.skip("trl.DPOTrainer._compute_loss not found in this TRL version")
-    per_token = torch.cat([per_token_c, per_token_r])
-    n, seq_len = per_token.shape
-    zeros = torch.zeros_like(per_token)
-
-    def model(**kw):
-        return SimpleNamespace(log_probs=per_token, entropy=zeros, mean_logits=zeros,
-                               is_top1=zeros.bool())  # fmt: skip
-
-    ident = lambda x: x
-    trainer = SimpleNamespace(
-        model=SimpleNamespace(training=True),
-        accelerator=SimpleNamespace(
-            device=per_token.device, gather=ident, gather_for_metrics=ident
-        ),
-        aux_loss_enabled=False, ld_alpha=None, precompute_ref_logps=True,
-        f_divergence_type="reverse_kl", loss_types=["sigmoid"], loss_weights=[1.0], beta=beta,
-        label_smoothing=0.0, use_weighting=False, _total_train_tokens=0, _tp_size=1,
-        _metrics=defaultdict(lambda: defaultdict(list)),
-    )  # fmt: skip
-    inputs = {
-        "input_ids": torch.zeros(n, seq_len + 1, dtype=torch.long),
-        "attention_mask": torch.ones(n, seq_len + 1, dtype=torch.long),
-        "completion_mask": torch.ones(n, seq_len + 1, dtype=torch.long),
-        "ref_chosen_logps": ref_c,
-        "ref_rejected_logps": ref_r,
-    }
-    try:
-        return fn(trainer, model, inputs, False)
-    except (AttributeError, KeyError, TypeError) as exc:
-        pytest.skip(f"TRL's private DPOTrainer._compute_loss changed: {exc!r}")
-
-
 def test_dpo_preset_equals_trl_sigmoid_dpo():
-    batch = _response_mask_batch()
+    batch = response_mask_batch()
     beta = 0.15
     got, _ = ours(batch, "torch", dtype=torch.float64, loss_fn=FiReMPOLoss.preset("DPO", beta=beta))
-    pc, pr = (_summed_logps(batch, k, "policy") for k in ("chosen", "rejected"))
-    rc, rr = (_summed_logps(batch, k, "ref").sum(1) for k in ("chosen", "rejected"))
-    trl_loss = _trl_sigmoid_dpo(beta, pc, pr, rc, rr)
+    pc, pr = (summed_logps(batch, k, "policy") for k in ("chosen", "rejected"))
+    rc, rr = (summed_logps(batch, k, "ref").sum(1) for k in ("chosen", "rejected"))
+    mc, mr = (batch["seqs"][k].mask for k in ("chosen", "rejected"))
+    trl_loss = trl_dpo_loss("sigmoid", beta, pc, pr, rc, rr, mc, mr)
     torch.testing.assert_close(got["loss"], trl_loss.detach().double(), rtol=1e-10, atol=1e-12)
 
 
@@ -403,7 +245,7 @@ def test_gradient_accumulation_equals_one_big_batch(reduction):
     loss_fn = FiReMPOLoss(impl="torch", reduction=reduction, **cfg)
     total = 0.0
     for s, e in splits:
-        part = [SequenceStates(*(x[s:e] for x in seqs[k])) for k in NAMES]
+        part = [SequenceStates(*(x[s:e] for x in seqs[k][:4])) for k in NAMES]
         out = loss_fn(w, *part, has_corrupt=batch["has_corrupt"][s:e])
         # mean: equal micro-batches, divide by their count; sum: divide by the global batch
         scaled = out.loss / len(splits) if reduction == "mean" else out.loss / b
@@ -443,7 +285,7 @@ def test_bad_inputs_raise_clear_errors():
     w, _, seqs = cast_seqs(batch, torch.float32, grad=False)
     c, r, cc, rc = (seqs[k] for k in NAMES)
     loss_fn = FiReMPOLoss(impl="torch")
-    short = SequenceStates(*(x[:2] for x in r))
+    short = SequenceStates(*(x[:2] for x in r[:4]))
     shorter = SequenceStates(r.policy[:, :7], r.ref[:, :7], r.targets[:, :7], r.mask[:, :7])
     bad_t = c.targets.clone()
     bad_t[0, 0] = -100  # ignore_index where the mask is 1
@@ -453,7 +295,7 @@ def test_bad_inputs_raise_clear_errors():
     cases = [
         (lambda: loss_fn(w, c, short, cc, rc), ValueError, "rejected has batch size B=2"),
         (lambda: loss_fn(w, c, shorter, cc, rc), ValueError, "rejected has length L=7"),
-        (lambda: loss_fn(w, c, r, cc, SequenceStates(*(x[:2] for x in rc))), ValueError,
+        (lambda: loss_fn(w, c, r, cc, SequenceStates(*(x[:2] for x in rc[:4]))), ValueError,
          "rejected_corrupt has batch size"),
         (lambda: loss_fn(w, c, r), ValueError, "chosen_corrupt is required when gamma"),
         (lambda: loss_fn(w, c, r, cc), ValueError, "rejected_corrupt is required"),

@@ -29,17 +29,19 @@ _CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 # The loss presets are the loss's own table (``fgpo_kernels.LOSS_PRESETS``: the coefficients
 # each one fixes); the trainer adds only what belongs to it: which mask a preset trains on (DPO:
-# every response token) and ``sft``, supervised fine-tuning on the chosen answers (every
+# every response token), which mask its KL term reads (RRPO: every response token of y+, while
+# its reward reads the spans) and ``sft``, supervised fine-tuning on the chosen answers (every
 # response token), the control a preference method must beat.
 _TRAINER_PRESETS: dict[str, dict[str, Any]] = {
     "dpo": {"mask": "response"},
+    "rrpo": {"kl_mask": "response"},
     "sft": {"gamma": 0.0, "alpha": 0.0, "mask": "response"},
 }
 PRESETS: dict[str, dict[str, Any]] = {
     name: {**LOSS_PRESETS.get(name, {}), **_TRAINER_PRESETS.get(name, {})}
     for name in (*LOSS_PRESETS, *_TRAINER_PRESETS)
 }
-_LOSS_FIELDS = ("beta", "alpha", "gamma", "lambda_", "alpha_v1", "alpha_v2")
+_LOSS_FIELDS = ("beta", "alpha", "gamma", "lambda_", "alpha_v1", "alpha_v2", "label_smoothing")
 
 # Fields that do not change what is trained (where and how often to save and log, progress,
 # threads, prefetching, caching): they may differ when a run is resumed. Every other field
@@ -96,8 +98,17 @@ class TrainConfig:
     lambda_: float = 0.5
     alpha_v1: float = 0.0
     alpha_v2: float = 0.0
+    loss_type: str = "sigmoid"
+    """The pairwise loss of the rank and visual terms: ``sigmoid`` (DPO) | ``hinge`` | ``ipo`` |
+    ``robust`` | ``label_smoothing`` (conservative DPO) | ``exo_pair`` | ``nca_pair``, each
+    TRL's DPO loss of that name (``fgpo_kernels.LOSS_TYPES``; docs/design.md §1.4). Any preset
+    runs with any of them."""
+    label_smoothing: float = 0.0
+    """ε in [0, 0.5) of ``robust``, ``label_smoothing`` and ``exo_pair`` (which needs ε > 0)."""
     mask: str | None = None
-    """``span`` (tagged tokens) | ``response`` (all response tokens); None = the preset's."""
+    """``span`` (tagged tokens) | ``response`` (all response tokens); None = the preset's.
+    The reward reads it; so does the KL, except under ``rrpo``, whose KL reads every response
+    token of y+ (RRPO's objective)."""
     impl: str | None = None
     """``fgpo_kernels`` implementation (None = best available)."""
 
@@ -196,7 +207,9 @@ class TrainConfig:
             fraction(self, name, upper_open=True)
         # The loss checks its own coefficients and impl name; its argument names are the
         # fields' (the preset's fixed values are applied later and are valid by construction).
-        FiReMPOLoss(**{k: getattr(self, k) for k in _LOSS_FIELDS}, impl=self.impl)
+        FiReMPOLoss(
+            **{k: getattr(self, k) for k in _LOSS_FIELDS}, impl=self.impl, loss_type=self.loss_type
+        )
         if self.global_batch_size % self.micro_batch_size:
             raise ValueError(
                 f"global_batch_size={self.global_batch_size} is not a multiple of "
@@ -218,7 +231,7 @@ class TrainConfig:
         """Arguments of ``FiReMPOLoss`` after the preset is applied."""
         fixed = PRESETS[self.preset_key]
         kw = {k: float(fixed.get(k, getattr(self, k))) for k in _LOSS_FIELDS}
-        kw["impl"] = self.impl
+        kw["impl"], kw["loss_type"] = self.impl, self.loss_type
         return kw
 
     def resolved_mask(self) -> str:
@@ -226,6 +239,12 @@ class TrainConfig:
         if self.mask is not None:
             return self.mask
         return PRESETS[self.preset_key].get("mask", "span")
+
+    def resolved_kl_mask(self) -> str | None:
+        """The mask the KL term reads when it is not ``resolved_mask()``: ``response`` for
+        ``rrpo`` (passed to the loss as the chosen sequence's ``kl_mask``), else None."""
+        kl = PRESETS[self.preset_key].get("kl_mask")
+        return None if kl == self.resolved_mask() else kl
 
     def needs_corrupt(self) -> bool:
         """Whether any visual term is on (then the corrupted sequences are encoded)."""

@@ -1,7 +1,8 @@
 """The objectives the trainer optimises, all from backbone hidden states and the LM-head weight.
 
 - the preference presets (``fire_mpo``, ``dpo``, ``rrpo``, ``mask_dpo``): ``FiReMPOLoss``
-  of ``fgpo_kernels`` on the sequences of a micro-batch;
+  of ``fgpo_kernels`` on the sequences of a micro-batch (``rrpo``: the KL reads every
+  response token of y+ through the chosen sequence's ``kl_mask``);
 - ``sft``: supervised fine-tuning on the chosen answers, the control every preference method
   must beat on the same examples. Per example, the mean over its response tokens (eos
   included) of ``-log π(y+_t)``, through ``fgpo_kernels.token_logprobs``; no logits tensor.
@@ -51,13 +52,16 @@ def build_loss(preset: str, loss_kwargs: dict[str, Any]):
 
 
 def split_sequences(
-    b: dict[str, Any], h: Tensor, h_ref: Tensor | None, mask_key: str, device
-) -> list[fk.SequenceStates]:
+    b: dict[str, Any], h: Tensor, h_ref: Tensor | None, mask_key: str, device,
+    kl_key: str | None = None,
+) -> list[fk.SequenceStates]:  # fmt: skip
     """The micro-batch's ``n_seq`` groups of ``B`` sequences as ``SequenceStates``, in the
-    collator's order: (v, y+), (v, y-), (v', y+), (v', y-)."""
+    collator's order: (v, y+), (v, y-), (v', y+), (v', y-). ``kl_key``: the batch mask that
+    the chosen group's KL reads (its ``kl_mask``); None = the same as ``mask_key``."""
     bsz, n_seq = b["batch_size"], b["n_seq"]
     targets = b["targets"].to(device)
     mask = b[mask_key].to(device)
+    kl = None if kl_key is None else b[kl_key][:bsz].to(device)
     ref = h if h_ref is None else h_ref
     return [
         fk.SequenceStates(
@@ -65,6 +69,7 @@ def split_sequences(
             ref[i * bsz : (i + 1) * bsz],
             targets[i * bsz : (i + 1) * bsz],
             mask[i * bsz : (i + 1) * bsz],
+            kl if i == 0 else None,
         )
         for i in range(n_seq)
     ]

@@ -240,6 +240,9 @@ class Trainer:
         self.data_sha256 = sha256_file(self.train_file)  # recorded in every checkpoint
         self.needs_corrupt = cfg.needs_corrupt()
         self.mask_key = "span_mask" if cfg.resolved_mask() == "span" else "response_mask"
+        self.kl_key = {None: None, "span": "span_mask", "response": "response_mask"}[
+            cfg.resolved_kl_mask()
+        ]
         self.dataset = PreferenceDataset(
             self.train_file,
             self.processor,
@@ -358,7 +361,7 @@ class Trainer:
     def compute_loss(self, b: dict[str, Any], h, h_ref, w, w_ref):
         """The objective (summed over the micro-batch) on the hidden states of each group:
         ``FiReMPOLoss`` for the preference presets, :class:`~.objectives.SFTLoss` for ``sft``."""
-        seqs = split_sequences(b, h, h_ref, self.mask_key, self.device)
+        seqs = split_sequences(b, h, h_ref, self.mask_key, self.device, self.kl_key)
         if self.sft:
             return self.loss_fn(w, seqs[0])
         corrupt = seqs[2:] if b["n_seq"] == 4 else [None, None]
