@@ -211,3 +211,26 @@ def test_visual_loss_type_applies_to_has_corrupt_weighted_examples():
         w, *(SequenceStates(*(x[[0]] for x in seqs[k][:4])) for k in NAMES)
     )
     torch.testing.assert_close(one.visual, got["visual"][[0]].to(DEV))
+
+
+def test_readme_preset_table_matches_the_presets():
+    """The README's table states each preset's λ, γ, α and default loss type: the values the
+    loss and the trainer use (a preset added or changed without its row fails here)."""
+    import pathlib
+
+    from fgpo.train.config import PRESETS
+
+    text = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text.split("### Presets and loss types", 1)[1].split("\n#", 1)[0]
+    rows = {}
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 8 and cells[0].startswith("`"):
+            rows[cells[0].split("`")[1]] = cells
+    assert set(rows) == set(PRESETS)
+    for name in fk.LOSS_PRESETS:
+        loss = FiReMPOLoss.preset(name)
+        lam, gamma, alpha = (float(rows[name][i].split()[0]) for i in (3, 4, 5))
+        assert (lam, gamma, alpha) == (loss.lambda_, loss.gamma, loss.alpha), name
+        assert rows[name][6] == f"`{loss.loss_type}`", name
+    assert "every response token of y+" in rows["rrpo"][2] and PRESETS["rrpo"]["kl_mask"]
