@@ -90,6 +90,19 @@ def test_materialized_step_is_the_same_objective():
         assert torch.allclose(a, r, rtol=1e-8, atol=1e-12), (a - r).abs().max()
 
 
+def test_loss_variants_runs_every_variant(capsys):
+    """benchmarks.loss_variants at a tiny shape: a row for every loss type and both RRPO KLs."""
+    fk = pytest.importorskip("fgpo_kernels")
+    from benchmarks import loss_variants
+
+    argv = "--d 16 --v 97 --b 2 --seq-len 12 --resp 6 --span 2 --repeats 1".split()
+    assert loss_variants.main(argv) == 0
+    out = capsys.readouterr().out
+    for t in fk.LOSS_TYPES:
+        assert f"| fire_mpo/{t} |" in out
+    assert "| rrpo/span_kl |" in out and "| rrpo/response_kl |" in out
+
+
 def test_prefix_flop_count_matches_the_model_and_the_mask():
     """The computed FLOPs of benchmarks/prefix_flops.py count a real model's linear layers and
     exactly the (query, key) pairs the packed mask lets through."""
