@@ -243,7 +243,9 @@ class FiReMPOLoss(torch.nn.Module):
         """A loss from ``LOSS_PRESETS``: ``"dpo"``, ``"rrpo"``, ``"mask_dpo"`` (or
         ``"mask-dpo"``), ``"fire_mpo"`` (or ``"fire-mpo"``), with keyword overrides. DPO and
         Mask-DPO have the same coefficients (γ = 0, α = 0); they differ in the data: for DPO the
-        mask passed to ``forward`` must be the whole response mask, for Mask-DPO the span mask."""
+        mask passed to ``forward`` must be the whole response mask, for Mask-DPO the span mask.
+        For RRPO the chosen sequence's ``kl_mask`` must be its whole response mask (the reward
+        reads the span). No preset fixes ``loss_type``; pass it as an override."""
         key = name.lower().replace("-", "_") if isinstance(name, str) else name
         if key not in LOSS_PRESETS:
             raise ValueError(f"unknown preset {name!r}; expected one of {sorted(LOSS_PRESETS)}")
