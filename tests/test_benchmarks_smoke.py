@@ -172,3 +172,42 @@ def test_loss_memory_modes_agree(tmp_path):
         assert rows[mode]["loss"] == pytest.approx(rows["ours"]["loss"], rel=1e-5), rows
     assert all(r["rows"] == 2 * 4 * 4 and len(r["times_s"]) == 2 for r in rows.values()), rows
     assert "| ours |" in proc.stdout and "matmul share" in proc.stdout
+
+
+def test_side_by_side_interleaves_impls_and_keeps_variant_env_to_its_calls(tmp_path, monkeypatch):
+    """benchmarks.side_by_side at a tiny shape: a row per impl, the recompute variant's switch
+    applied only around its own calls (the plain impl keeps computing gradients in the
+    forward), floor share = floor time / impl time."""
+    from benchmarks import side_by_side
+
+    monkeypatch.delenv("FGPO_GRADS_IN_FORWARD", raising=False)
+    seen = []
+    real = side_by_side._step
+
+    def spy(fn, leaves, env):
+        import os
+
+        out = real(fn, leaves, env)
+        seen.append(os.environ.get("FGPO_GRADS_IN_FORWARD"))
+        return out
+
+    monkeypatch.setattr(side_by_side, "_step", spy)
+    out = tmp_path / "sbs.csv"
+    threads = torch.get_num_threads()
+    try:
+        impls = ["torch", "torch_recompute", "matmul_floor"]
+        args = ["--n", "48", "--d", "16", "--v", "301", "--rounds", "2", "--peer", "torch",
+                "--out", str(out), "--impls", *impls]  # fmt: skip
+        assert side_by_side.main(args) == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert seen and all(v is None for v in seen)  # restored after every call
+    with open(out, newline="") as f:
+        rows = {r["impl"]: r for r in csv.DictReader(f)}
+    assert set(rows) == {"torch", "torch_recompute", "matmul_floor"}
+    assert "computed in the forward" in rows["torch"]["note"]
+    assert "recomputed in the backward" in rows["torch_recompute"]["note"]
+    t = rows["torch"]
+    assert float(t["cpu_vs_peer"]) == 1.0 and t["rounds"] == "2"
+    share = float(rows["matmul_floor"]["cpu_p50_s"]) / float(t["cpu_p50_s"])
+    assert float(t["floor_share"]) == pytest.approx(share, rel=0.01, abs=0.002)
