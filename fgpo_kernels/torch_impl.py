@@ -15,7 +15,8 @@ Forward, per row, online over vocabulary chunks (m: running max, s: scaled sum, 
 e^(m_old - m_new) as the max moves):
     s = sum e^(z - m),    A = sum e^(z - m) (z - zr),
     sr = sum e^(zr - mr), B = sum e^(zr - mr) (zr - z),
-    lse = m + log s,  rkl = A / s - lse + lser,  fkl = B / sr - lser + lse.
+    lse = m + log s,  rkl = A / s - lse + lser,  fkl = B / sr - lser + lse
+(``_backend.finish_kl``: lse - lser formed as (m - mr) + (log s - log sr)).
 Backward recomputes each tile's logits and uses the saved lse, lser, rkl, fkl; with
 p = softmax z, r = softmax zr, d = log p - log r the logit gradients regroup as
     G  = p * (g_fkl + g_rkl * (d - rkl) - g_lp) - g_fkl * r
@@ -43,7 +44,7 @@ import os
 import torch
 from torch import Tensor
 
-from ._backend import Grads, Needs, RowGrads, RowJacobians, RowStats
+from ._backend import Grads, Needs, RowGrads, RowJacobians, RowStats, finish_kl
 from ._util import acc_dtype
 
 _MIN_ROWS = 512  # rows per chunk when there are that many: the weight is read N / 512 times
@@ -145,14 +146,13 @@ class _Online:
     def finish(self, stats: RowStats, s0: int, s1: int) -> None:
         """Write (lse, lser, fkl, rkl) of the chunk's rows into ``stats``."""
         k = self.k
-        lse2 = self.m + self.s.log()
-        stats.lse[s0:s1] = lse2[:k]
-        if self.kl:
-            stats.lser[s0:s1] = lse2[k:]
-            ratio = self.ab / self.s  # [A / s; B / sr]
-            gap = lse2[k:] - lse2[:k]  # lser - lse
-            stats.rkl[s0:s1] = ratio[:k] + gap
-            stats.fkl[s0:s1] = ratio[k:] - gap
+        if not self.kl:
+            stats.lse[s0:s1] = self.m + self.s.log()
+            return
+        m, s, ab = self.m, self.s, self.ab
+        done = finish_kl(m[:k], s[:k], ab[:k], m[k:], s[k:], ab[k:])
+        for out, x in zip(stats, done):
+            out[s0:s1] = x
 
 
 def _empty_stats(n: int, kl: bool, dtype: torch.dtype, device) -> RowStats:

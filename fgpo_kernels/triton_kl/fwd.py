@@ -5,7 +5,8 @@ Math (row i; p = softmax z, r = softmax zr, T = temperature):
         s = sum e^(z - m),  sr = sum e^(zr - mr),
         A = sum e^(z - m) (z - zr),  B = sum e^(zr - mr) (zr - z)
     (all four rescaled by e^(m_old - m_new) when a maximum moves), then
-        lse = m + log s,  rkl = A / s - lse + lser,  fkl = B / sr - lser + lse.
+        lse = m + log s,  rkl = A / s - lse + lser,  fkl = B / sr - lser + lse
+    (``_backend.finish_kl``: lse - lser formed as (m - mr) + (log s - log sr)).
 Grid (row blocks, vocabulary splits): each program writes its partial statistics per
 (row, split); ``forward`` merges them over the splits (log-sum-exp rescaling) in a few torch ops.
 """
@@ -15,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._backend import RowStats
+from .._backend import RowStats, finish_kl
 from .common import DOT_PRECISION, on_device, prepare, tl, triton
 from .configs import KernelConfig, kernel_config, launch_opts, vocab_splits
 
@@ -130,18 +131,16 @@ def forward(
             STORE_LOGITS=logits is not None,
             **launch_opts(cfg),
         )  # fmt: skip
-    lse = _merge(part[0], part[1])
     if not has_ref:
-        return RowStats(lse, None, None, None)
-    lser = _merge(part[2], part[3])
+        return RowStats(_merge(part[0], part[1]), None, None, None)
+    # Every partial sum onto the row's overall maxima, then the one KL finish of every impl.
     top = part[0].amax(dim=1, keepdim=True)
     top_r = part[2].amax(dim=1, keepdim=True)
-    # A/s and B/sr, merged over splits with the same rescaling as s and sr.
     scale, scale_r = torch.exp(part[0] - top), torch.exp(part[2] - top_r)
-    a_over_s = (part[4] * scale).sum(1) / (part[1] * scale).sum(1)
-    b_over_sr = (part[5] * scale_r).sum(1) / (part[3] * scale_r).sum(1)
-    gap = lser - lse
-    return RowStats(lse, lser, b_over_sr - gap, a_over_s + gap)
+    return finish_kl(
+        top[:, 0], (part[1] * scale).sum(1), (part[4] * scale).sum(1),
+        top_r[:, 0], (part[3] * scale_r).sum(1), (part[5] * scale_r).sum(1),
+    )  # fmt: skip
 
 
 def _merge(m: Tensor, s: Tensor) -> Tensor:
