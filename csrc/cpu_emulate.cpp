@@ -1,7 +1,8 @@
-// The unmodified kernels of kernels.cuh (bf16), run on the CPU through emulate.h.
+// The unmodified kernels of kernels.cuh (bf16 and fp16), run on the CPU through emulate.h.
 // Built with g++ by tests/test_cuda_math.py; never part of _C.
 #define FGPO_EMULATE 1
 #include <stdexcept>
+#include <string>
 
 #include "kernels.cuh"
 
@@ -9,16 +10,35 @@
 namespace fgpo {
 void launch_fwd_bf16(const FwdArgs& a) { launch_fwd<__nv_bfloat16>(a); }
 void launch_bwd_bf16(const BwdArgs& a) { launch_bwd<__nv_bfloat16>(a); }
-void launch_fwd_f16(const FwdArgs&) { throw std::runtime_error("fp16 is not emulated"); }
-void launch_bwd_f16(const BwdArgs&) { throw std::runtime_error("fp16 is not emulated"); }
+void launch_fwd_f16(const FwdArgs& a) { launch_fwd<__half>(a); }
+void launch_bwd_f16(const BwdArgs& a) { launch_bwd<__half>(a); }
 }  // namespace fgpo
+
+namespace {
+std::string g_error;  // what the last failed fgpo_emu_* call threw
+
+template <class F>
+int guarded(F&& f) {
+  try {
+    f();
+    return 0;
+  } catch (const std::exception& e) {
+    g_error = e.what();
+    return 1;
+  }
+}
+}  // namespace
 
 extern "C" {
 
-// Same semantics as _C.fwd (pointers to host memory; 0/null = absent).
-void fgpo_emu_fwd(const void* h, const void* hr, const void* w, const void* wr, long long n,
-                  long long d, long long dr, long long v, float inv_t, int splits, float* partial,
-                  float* lse, float* lser, float* fkl, float* rkl) {
+// Why the last fgpo_emu_fwd / fgpo_emu_bwd returned 1 (an emulation error, a bad argument).
+const char* fgpo_emu_error() { return g_error.c_str(); }
+
+// Same semantics as _C.fwd (pointers to host memory; 0/null = absent; dtype 0 bf16, 1 fp16).
+// Returns 0, or 1 with the reason in fgpo_emu_error().
+int fgpo_emu_fwd(const void* h, const void* hr, const void* w, const void* wr, long long n,
+                 long long d, long long dr, long long v, float inv_t, int dtype, int splits,
+                 float* partial, float* lse, float* lser, float* fkl, float* rkl) {
   fgpo::FwdArgs a{};
   a.h = h;
   a.hr = hr;
@@ -36,15 +56,15 @@ void fgpo_emu_fwd(const void* h, const void* hr, const void* w, const void* wr, 
   a.fkl = fkl;
   a.rkl = rkl;
   a.stream = nullptr;
-  fgpo::launch_fwd<__nv_bfloat16>(a);
+  return guarded([&] { dtype == 0 ? fgpo::launch_fwd_bf16(a) : fgpo::launch_fwd_f16(a); });
 }
 
-// Same semantics as _C.bwd; outputs must be zero-filled by the caller.
-void fgpo_emu_bwd(const void* h, const void* hr, const void* w, const void* wr, long long n,
-                  long long d, long long dr, long long v, float inv_t, const float* lse,
-                  const float* lser, const float* fkl, const float* rkl, const float* g_fkl,
-                  const float* g_rkl, const float* g_lp, const float* g_lpr, float* dh, float* dhr,
-                  float* dw, float* dwr) {
+// Same semantics as _C.bwd; outputs must be zero-filled by the caller. Returns as fgpo_emu_fwd.
+int fgpo_emu_bwd(const void* h, const void* hr, const void* w, const void* wr, long long n,
+                 long long d, long long dr, long long v, float inv_t, int dtype, const float* lse,
+                 const float* lser, const float* fkl, const float* rkl, const float* g_fkl,
+                 const float* g_rkl, const float* g_lp, const float* g_lpr, float* dh, float* dhr,
+                 float* dw, float* dwr) {
   fgpo::BwdArgs a{};
   a.h = h;
   a.hr = hr;
@@ -68,6 +88,15 @@ void fgpo_emu_bwd(const void* h, const void* hr, const void* w, const void* wr, 
   a.dw = dw;
   a.dwr = dwr;
   a.stream = nullptr;
-  fgpo::launch_bwd<__nv_bfloat16>(a);
+  return guarded([&] { dtype == 0 ? fgpo::launch_bwd_bf16(a) : fgpo::launch_bwd_f16(a); });
+}
+
+// The emulation's fp16 rounding, for its check against torch: out[i] = bits of half(x[i]), and
+// back[i] = float of the half with bits in[i].
+void fgpo_emu_to_half(const float* x, uint16_t* out, long long n) {
+  for (long long i = 0; i < n; ++i) out[i] = emu::float_to_half(x[i]);
+}
+void fgpo_emu_from_half(const uint16_t* in, float* back, long long n) {
+  for (long long i = 0; i < n; ++i) back[i] = emu::half_to_float(in[i]);
 }
 }

@@ -9,14 +9,31 @@
 //     C/D: d[2*half + e] is row l/4 + 8*half, column 2*(l%4) + e.
 //   ldmatrix.x4: lanes 8i..8i+7 give the row addresses of matrix i (-> reg i); lane l receives
 //     row l/4, columns 2*(l%4)+{0,1} (with .trans: rows 2*(l%4)+{0,1}, column l/4).
-// cp.async copies at issue (no asynchrony); CTAs run one after another. Only bf16 is modelled.
+// bf16 and fp16 operands (round to nearest even, subnormals, inf and NaN as the hardware).
+//
+// Asynchrony, so that ordering bugs fail here instead of on a GPU:
+//   - cp.async poisons its 16 destination bytes at issue (0xFF: NaN in bf16, fp16 and fp32) and
+//     the data arrive only when the issuing thread's cp.async.wait_group retires the group;
+//     commit_group closes a group, wait_group N retires all but the N newest committed groups,
+//     exactly the PTX rule. A read between issue and the matching wait sees NaN.
+//   - dynamic shared memory starts each CTA filled with 0xFF, so a read of bytes that nothing
+//     wrote is NaN too (CTAs run one after another in one buffer otherwise).
+//   - a thread that exits with copies not retired by a wait is an error (the launch throws).
+// What it still cannot show: real timing, and a missing __syncthreads between one thread's
+// wait and another thread's read is caught only when the OS happens to schedule it badly.
 #pragma once
 
 #include <atomic>
 #include <barrier>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
+#include <deque>
+#include <mutex>
+#include <stdexcept>
+#include <string>
 #include <memory>
 #include <thread>
 #include <vector>
@@ -49,6 +66,9 @@ inline cudaError_t cudaGetDeviceCount(int* count) {
 struct __nv_bfloat16 {
   uint16_t bits;
 };
+struct __half {
+  uint16_t bits;
+};
 
 namespace emu {
 
@@ -60,12 +80,40 @@ struct Warp {
 };
 
 struct Block {
-  explicit Block(int threads) : bar(threads), warps((threads + 31) / 32) {
+  Block(int threads, int smem_bytes)
+      : bar(threads), warps((threads + 31) / 32), smem_bytes(smem_bytes) {
     for (auto& w : warps) w = std::make_unique<Warp>();
+    if (smem_bytes > 0) {
+      smem = static_cast<unsigned char*>(std::aligned_alloc(16, (smem_bytes + 15) / 16 * 16));
+      std::memset(smem, 0xFF, smem_bytes);  // unwritten shared memory reads as NaN
+    }
   }
+  ~Block() { std::free(smem); }
   std::barrier<> bar;
   std::vector<std::unique_ptr<Warp>> warps;
+  int smem_bytes;
+  unsigned char* smem = nullptr;
 };
+
+// One thread's cp.async state: copies issued since the last commit, and the committed groups
+// (oldest first) that no wait_group has retired yet.
+struct AsyncCopy {
+  void* dst;
+  unsigned char data[16];
+};
+struct AsyncState {
+  std::vector<AsyncCopy> open;
+  std::deque<std::vector<AsyncCopy>> groups;
+};
+inline thread_local AsyncState async_state;
+
+// The first error any emulated thread reported during a launch (thrown when the launch ends).
+inline std::mutex error_mutex;
+inline std::string first_error;
+inline void report(const std::string& what) {
+  std::lock_guard<std::mutex> lock(error_mutex);
+  if (first_error.empty()) first_error = what;
+}
 
 inline thread_local dim3 tid, bid, bdim;
 inline Block* g_block = nullptr;
@@ -86,16 +134,80 @@ inline uint16_t float_to_bf16(float f) {  // round to nearest even
   u += 0x7fffu + ((u >> 16) & 1u);
   return static_cast<uint16_t>(u >> 16);
 }
-inline float lo(uint32_t r) { return bf16_to_float(static_cast<uint16_t>(r & 0xffffu)); }
-inline float hi(uint32_t r) { return bf16_to_float(static_cast<uint16_t>(r >> 16)); }
-inline float half_of(uint32_t r, int k) { return (k & 1) ? hi(r) : lo(r); }
+inline float half_to_float(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  const uint32_t e = (h >> 10) & 0x1fu, m = h & 0x3ffu;
+  uint32_t u;
+  if (e == 0) {  // zero or subnormal: m * 2^-24
+    float f = std::ldexp(static_cast<float>(m), -24);
+    std::memcpy(&u, &f, 4);
+    u |= sign;
+  } else if (e == 31) {
+    u = sign | 0x7f800000u | (m << 13);
+  } else {
+    u = sign | ((e + 112) << 23) | (m << 13);
+  }
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline uint16_t float_to_half(float f) {  // round to nearest even, as __floats2half2_rn
+  uint32_t x;
+  std::memcpy(&x, &f, 4);
+  const uint16_t sign = static_cast<uint16_t>((x >> 16) & 0x8000u);
+  const uint32_t ax = x & 0x7fffffffu;
+  if (ax > 0x7f800000u) return sign | 0x7e00u;  // NaN
+  if (ax >= 0x477ff000u) return sign | 0x7c00u;  // >= 65520 (and inf) round to inf
+  if (ax < 0x38800000u) {  // below 2^-14: a subnormal half, in units of 2^-24
+    float a;
+    std::memcpy(&a, &ax, 4);
+    return sign | static_cast<uint16_t>(std::nearbyint(a * 16777216.0f));  // ties to even
+  }
+  uint32_t r = ax - 0x38000000u;  // exponent bias 127 -> 15
+  r = (r + 0x0fffu + ((r >> 13) & 1u)) >> 13;
+  return sign | static_cast<uint16_t>(r);
+}
+
+// The 16-bit operand types: element bits <-> float.
+template <typename T>
+struct Bits;
+template <>
+struct Bits<__nv_bfloat16> {
+  static float to(uint16_t b) { return bf16_to_float(b); }
+  static uint16_t from(float f) { return float_to_bf16(f); }
+};
+template <>
+struct Bits<__half> {
+  static float to(uint16_t b) { return half_to_float(b); }
+  static uint16_t from(float f) { return float_to_half(f); }
+};
+template <typename T>
+inline float elem(uint32_t r, int k) {  // element k & 1 of a packed pair
+  return Bits<T>::to(static_cast<uint16_t>((k & 1) ? (r >> 16) : (r & 0xffffu)));
+}
+
+// The kernel's dynamic shared memory (FGPO_DYNAMIC_SMEM): this CTA's, poisoned at its start.
+inline unsigned char* dyn_smem(int bytes) {
+  if (g_block == nullptr || bytes > g_block->smem_bytes) {
+    std::string what = "CPU emulation: kernel declares " + std::to_string(bytes) +
+                       " bytes of dynamic shared memory but was launched with " +
+                       std::to_string(g_block ? g_block->smem_bytes : 0) + "\n";
+    std::fputs(what.c_str(), stderr);
+    std::abort();  // a launch that would fail on a GPU: nothing sensible can follow
+  }
+  return g_block->smem;
+}
 
 template <class F>
-void launch(dim3 grid, dim3 block, F&& body) {
+void launch(dim3 grid, dim3 block, int smem_bytes, F&& body) {
+  {
+    std::lock_guard<std::mutex> lock(error_mutex);
+    first_error.clear();
+  }
   for (unsigned bz = 0; bz < grid.z; ++bz)
     for (unsigned by = 0; by < grid.y; ++by)
       for (unsigned bx = 0; bx < grid.x; ++bx) {
-        Block blk(static_cast<int>(block.x));
+        Block blk(static_cast<int>(block.x), smem_bytes);
         g_block = &blk;
         std::vector<std::thread> ts;
         ts.reserve(block.x);
@@ -105,11 +217,18 @@ void launch(dim3 grid, dim3 block, F&& body) {
             bid = dim3(bx, by, bz);
             bdim = block;
             body();
+            const AsyncState& st = async_state;
+            if (!st.open.empty() || !st.groups.empty()) {
+              report("thread " + std::to_string(t) + " of block (" + std::to_string(bx) + ", " +
+                     std::to_string(by) + ") exited with cp.async copies no wait_group retired");
+            }
           });
         }
         for (auto& th : ts) th.join();
         g_block = nullptr;
       }
+  std::lock_guard<std::mutex> lock(error_mutex);
+  if (!first_error.empty()) throw std::runtime_error("CPU emulation: " + first_error);
 }
 
 }  // namespace emu
@@ -134,16 +253,32 @@ inline float atomicAdd(float* p, float v) { return std::atomic_ref<float>(*p).fe
 
 namespace fgpo {
 
+// The source is read at issue (the kernels' global inputs are read-only while they run); the
+// destination holds NaN until the wait_group that retires this copy's group.
 inline void cp_async16(void* dst, const void* src, int src_bytes) {
+  emu::AsyncCopy c;
+  c.dst = dst;
   if (src_bytes == 16) {
-    std::memcpy(dst, src, 16);
+    std::memcpy(c.data, src, 16);
   } else {
-    std::memset(dst, 0, 16);
+    std::memset(c.data, 0, 16);  // src_bytes = 0: zero-fill, delivered at the wait like data
+  }
+  std::memset(dst, 0xFF, 16);
+  emu::async_state.open.push_back(c);
+}
+inline void cp_async_commit() {
+  auto& st = emu::async_state;
+  st.groups.push_back(std::move(st.open));
+  st.open.clear();
+}
+template <int N>
+inline void cp_async_wait() {
+  auto& st = emu::async_state;
+  while (st.groups.size() > static_cast<size_t>(N)) {
+    for (const auto& c : st.groups.front()) std::memcpy(c.dst, c.data, 16);
+    st.groups.pop_front();
   }
 }
-inline void cp_async_commit() {}
-template <int N>
-inline void cp_async_wait() {}
 
 inline void ldsm_impl(uint32_t (&r)[4], const void* p, bool trans) {
   auto& w = emu::warp();
@@ -190,15 +325,15 @@ struct Mma {
           const int qa = (row >= 8 ? 1 : 0) + (k >= 8 ? 2 : 0);
           const int lb = col * 4 + (k % 8) / 2;
           const int qb = k >= 8 ? 1 : 0;
-          acc += emu::half_of(w.reg[la][qa], k) * emu::half_of(w.reg[lb][4 + qb], k);
+          acc += emu::elem<T>(w.reg[la][qa], k) * emu::elem<T>(w.reg[lb][4 + qb], k);
         }
         d[2 * half + e] = acc;
       }
     w.bar.arrive_and_wait();
   }
   static uint32_t pack(float x, float y) {
-    return static_cast<uint32_t>(emu::float_to_bf16(x)) |
-           (static_cast<uint32_t>(emu::float_to_bf16(y)) << 16);
+    return static_cast<uint32_t>(emu::Bits<T>::from(x)) |
+           (static_cast<uint32_t>(emu::Bits<T>::from(y)) << 16);
   }
 };
 
@@ -209,6 +344,6 @@ inline void red_add2(float* dst, float a, float b) {
 
 }  // namespace fgpo
 
-#define FGPO_DYNAMIC_SMEM(name, bytes) static __attribute__((aligned(16))) unsigned char name[bytes]
+#define FGPO_DYNAMIC_SMEM(name, bytes) unsigned char* const name = ::emu::dyn_smem(bytes)
 #define FGPO_LAUNCH(kern, grid, block, smem, stream, ...) \
-  ::emu::launch(dim3(grid), dim3(block), [&] { kern(__VA_ARGS__); })
+  ::emu::launch(dim3(grid), dim3(block), (smem), [&] { kern(__VA_ARGS__); })

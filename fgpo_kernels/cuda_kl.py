@@ -328,20 +328,30 @@ def _rel(a: Tensor, b: Tensor) -> float:
     return (a - b).norm().item() / den if den > 0 else (a - b).norm().item()
 
 
-def _self_test() -> str | None:
-    """Compare the kernels with impl 'torch' on small odd shapes; return a failure or None."""
+# (mode, n, d, dr, v, splits, dtype, LoRA): odd shapes through every path the kernels have. D = 520
+# refills the forward's 3-stage ring many times (17 slices of 32, the last one ragged) and gives
+# the backward 9 chunks of 64; LoRA (hidden-state gradients only) takes the ping-pong W buffers;
+# fp16 is the second instantiation of every kernel.
+SELF_TEST_CASES = (
+    ("shared", 40, 520, 520, 65, 0, torch.float16, True),
+    ("separate", 33, 56, 24, 200, 2, torch.float16, False),
+    ("shared", 70, 72, 72, 301, 3, torch.bfloat16, False),
+    ("separate", 131, 40, 56, 1003, 0, torch.bfloat16, False),
+    ("logprob", 9, 24, 0, 77, 2, torch.bfloat16, False),
+)
+
+
+def _self_test(device: torch.device | None = None) -> str | None:
+    """Compare the kernels with impl 'torch' on ``SELF_TEST_CASES``; return a failure or None.
+    ``device`` defaults to the current GPU (tests pass the CPU with the emulated kernels)."""
     global _SELFTEST_RUNNING
     from . import torch_impl
 
     _SELFTEST_RUNNING = True
     try:
         gen = torch.Generator(device="cpu").manual_seed(1234)
-        dev = torch.device("cuda", torch.cuda.current_device())
-        for mode, n, d, dr, v, splits in (
-            ("shared", 70, 72, 72, 301, 3),
-            ("separate", 131, 40, 56, 1003, 0),
-            ("logprob", 9, 24, 0, 77, 2),
-        ):
+        dev = device or torch.device("cuda", torch.cuda.current_device())
+        for mode, n, d, dr, v, splits, dtype, lora in SELF_TEST_CASES:
             kl = mode != "logprob"
             rnd = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float32)
             h = rnd(n, d)
@@ -350,8 +360,9 @@ def _self_test() -> str | None:
             wr = rnd(v, dr) * (2.0 / math.sqrt(dr)) if mode == "separate" else None
             g = [rnd(n) if (kl or k == 2) else None for k in range(4)]
             to = lambda x, dt: None if x is None else x.to(dev, dt)
-            args16 = [to(x, torch.bfloat16) for x in (h, hr, w, wr)]
-            args32 = [to(x, torch.float32) for x in args16]  # same bf16-rounded values
+            args16 = [to(x, dtype) for x in (h, hr, w, wr)]
+            args32 = [to(x, torch.float32) for x in args16]  # same rounded values
+            what = f"{mode} {str(dtype)[6:]}{' LoRA' if lora else ''} (n={n}, d={d}, v={v})"
             got = forward(*args16, 0.9, splits=splits)
             ref = torch_impl.forward(*args32, 0.9)
             for name, a, b in zip(("lse", "lser", "fkl", "rkl"), got, ref):
@@ -359,18 +370,19 @@ def _self_test() -> str | None:
                     continue
                 if a is None or b is None or not torch.isfinite(a).all() or _rel(a, b) > 2e-2:
                     err = None if a is None or b is None else _rel(a, b)
-                    return f"{mode} forward {name}: rel err {err} (n={n}, d={d}, v={v})"
+                    return f"{what} forward {name}: rel err {err}"
             gd = [to(x, torch.float32) for x in g]
-            gd, need = RowGrads(*gd), Needs(True, kl, True, mode == "separate")
-            got_b = backward(*args16, 0.9, ref, gd, need)
-            ref_b = torch_impl.backward(*args32, 0.9, ref, gd, need)
+            need = Needs(True, kl, not lora, mode == "separate" and not lora)
+            got_b = backward(*args16, 0.9, ref, RowGrads(*gd), need)
+            ref_b = torch_impl.backward(*args32, 0.9, ref, RowGrads(*gd), need)
             for name, a, b in zip(("dh", "dhr", "dw", "dwr"), got_b, ref_b):
                 if a is None and b is None:
                     continue
                 if a is None or b is None or not torch.isfinite(a).all() or _rel(a, b) > 3e-2:
                     err = None if a is None or b is None else _rel(a, b)
-                    return f"{mode} backward {name}: rel err {err} (n={n}, d={d}, v={v})"
-        torch.cuda.synchronize()
+                    return f"{what} backward {name}: rel err {err}"
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
     except Exception as exc:
         return f"{type(exc).__name__}: {exc}"
     finally:
