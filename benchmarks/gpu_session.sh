@@ -1,111 +1,201 @@
 #!/usr/bin/env bash
-# One call on a GPU machine (no network needed): install, record the machine, run the tests,
-# the GPU benchmark suite (docs/design.md §4 shapes), the measured matmul rate, the CUDA helper's
-# check, and print a short table last. Everything lands in
-#   benchmarks/results/<device-name>-<UTC date-time>/
-# Each step is logged to its own file there; a failing or timed-out step is reported and the
-# next one still runs. The whole script fits in 10 minutes (step budgets below, overridable):
-#   FGPO_T_INSTALL (default 150 s), FGPO_T_TESTS (140), FGPO_T_BENCH (210), FGPO_T_CHECK (50).
-# Peers: Liger-Kernel and Cut Cross-Entropy are installed from benchmarks/wheels/*.whl when that
-# folder exists (fill it where there is network: pip download --no-deps liger-kernel
-# cut-cross-entropy -d benchmarks/wheels); otherwise their rows are "skipped: not installed".
+# One GPU session in ONE call of at most 10 minutes, on a fresh machine with no network: install,
+# self-test, GPU tests, every impl and available peer at the design §4 shape and the few-rows
+# case, every backward path, the traffic model's predictions against the measurements, then a
+# short table last. The lease is 15 minutes of GPU time in all, the machine's start (a few
+# minutes) included, so the phases below are budgeted to FGPO_BUDGET_S = 540 s together (the
+# call's limit is 600 s) and each runs under `timeout`, clipped to what is left of the budget.
 #
-#   bash benchmarks/gpu_session.sh            # from the repository root or anywhere
-#   FGPO_DRY_RUN=1 bash benchmarks/gpu_session.sh   # CPU rehearsal: no install, tiny shapes
+#   phase       limit (s)  what
+#   machine        15      nvidia-smi, nvcc, python/torch/triton versions, commit
+#   install       130      pip install --no-deps --no-build-isolation -e . (_C for this GPU only)
+#   status         40      backend_status(): imports _C and runs its first-use self-test
+#   gpu_tests      60      tests/test_cuda_gpu.py, tests/test_kl_numerics.py on the GPU
+#   bench         150      benchmarks.run --preset session: token_kl and token_logprobs at
+#                          N = 8192, 256, 1024 (D = 3584, V = 152064, bf16), every impl + peer
+#   backward       50      benchmarks.gpu_backward: triton gblock/atomic/held, cuda, torch
+#   model          15      benchmarks.gpu_model (issue 15 item 4) against bench + backward
+#   cuda_check     40      benchmarks/gpu_cuda_check.py --quick (bf16 and fp16 vs float64)
+#   kernel_tests   30      tests/test_triton_kl.py, tests/test_token_kl.py (as far as they get)
+#   plot           10      benchmarks.plot
+# Sum 540. Override a limit with FGPO_T_<PHASE> (upper case), the total with FGPO_BUDGET_S.
+#
+# Results: benchmarks/results/<gpu>-<UTC date-time>/ (FGPO_RESULTS_DIR overrides): one log per
+# phase, steps.txt (status and seconds of each), results.csv (bench), backward/backward.csv,
+# cuda_check/, model/, written as each phase ends, so a phase that dies or times out leaves the
+# earlier ones. With $OUT set (the device tool's folder; or
+# FGPO_EXPORT_DIR), steps.txt and session.tar.gz (the whole folder) are refreshed there after
+# every phase: what a killed call leaves under $OUT still comes back.
+#
+#   bash benchmarks/gpu_session.sh                  # on the GPU machine, from anywhere
+#   FGPO_DRY_RUN=1 bash benchmarks/gpu_session.sh   # CPU rehearsal: the same phases, no
+#                                                   # install, tiny shapes, seconds per phase
+#   FGPO_PLAN=1 bash benchmarks/gpu_session.sh      # print the phase budgets and exit
 set -u
 cd "$(dirname "$0")/.." || exit 1
-PY=${PY:-python}
-T_INSTALL=${FGPO_T_INSTALL:-150}
-T_TESTS=${FGPO_T_TESTS:-140}
-T_BENCH=${FGPO_T_BENCH:-210}
-T_CHECK=${FGPO_T_CHECK:-50}
-START=$(date +%s)
+PY=${PY:-python3}  # the GPU image's python3 is the one with torch
 DRY=${FGPO_DRY_RUN:-0}
-DEVICE=cuda
-PRESET=gpu
-if [ "$DRY" = 1 ]; then DEVICE=cpu; PRESET=tiny; fi
+BUDGET=${FGPO_BUDGET_S:-540}
+PHASES="machine:15 install:130 status:40 gpu_tests:60 bench:150 backward:50 model:15 \
+cuda_check:40 kernel_tests:30 plot:10"
 
-GPU_NAME=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1)
+limit_of() {  # the budget of phase $1 (FGPO_T_<PHASE> overrides)
+    local p var
+    for p in $PHASES; do
+        if [ "${p%%:*}" = "$1" ]; then
+            var="FGPO_T_$(printf '%s' "$1" | tr '[:lower:]' '[:upper:]')"
+            echo "${!var:-${p##*:}}"
+            return
+        fi
+    done
+    echo 0
+}
+
+if [ "${FGPO_PLAN:-0}" = 1 ]; then
+    total=0
+    for p in $PHASES; do
+        l=$(limit_of "${p%%:*}")
+        total=$((total + l))
+        printf '%-13s %4s\n' "${p%%:*}" "$l"
+    done
+    printf '%-13s %4s\n%-13s %4s\n' total "$total" budget "$BUDGET"
+    exit 0
+fi
+
+START=$(date +%s)
+DEADLINE=$((START + BUDGET))
+if [ "$DRY" = 1 ]; then
+    export TRITON_INTERPRET=1  # Triton on CPU tensors
+    GPU_NAME="dry-run-cpu"
+else
+    GPU_NAME=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1)
+fi
 SLUG=$(printf '%s' "${GPU_NAME:-unknown-gpu}" | tr -c 'A-Za-z0-9._-' '-' | sed 's/--*/-/g; s/-$//')
-OUT=benchmarks/results/${SLUG}-$(date -u +%Y%m%d-%H%M)
-mkdir -p "$OUT"
-SUMMARY="$OUT/steps.txt"
-: > "$SUMMARY"
+RES=${FGPO_RESULTS_DIR:-benchmarks/results/${SLUG}-$(date -u +%Y%m%d-%H%M)}
+mkdir -p "$RES"
+STEPS="$RES/steps.txt"
+: > "$STEPS"
+EXPORT=${FGPO_EXPORT_DIR:-${OUT:-}}
+export PYTHONUNBUFFERED=1
 
-# step NAME TIMEOUT CMD...: run CMD with a time limit, log to $OUT/NAME.log, never abort.
-step() {
-    local name=$1 limit=$2
-    shift 2
-    local t0 rc
-    t0=$(date +%s)
-    echo "== [$name] $* (limit ${limit}s)"
-    timeout --kill-after=10 "$limit" "$@" > "$OUT/$name.log" 2>&1
-    rc=$?
-    local took=$(( $(date +%s) - t0 ))
-    local what=ok
-    [ "$rc" -ne 0 ] && what="FAILED rc=$rc"
-    [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ] && what="TIMED OUT after ${limit}s"
-    echo "== [$name] $what (${took}s); last lines of $OUT/$name.log:"
-    tail -n 6 "$OUT/$name.log" | sed 's/^/   /'
-    printf '%-10s %-24s %5ss\n' "$name" "$what" "$took" >> "$SUMMARY"
+export_results() {  # copy what exists so far to $EXPORT (no-op without one)
+    [ -n "$EXPORT" ] && [ -d "$EXPORT" ] || return 0
+    cp "$STEPS" "$EXPORT/steps.txt" 2>/dev/null
+    tar -czf "$EXPORT/session.tar.gz.part" -C "$(dirname "$RES")" "$(basename "$RES")" \
+        2>/dev/null && mv "$EXPORT/session.tar.gz.part" "$EXPORT/session.tar.gz"
     return 0
 }
 
-# ---- the machine and the commit
-{
+# phase NAME CMD...: run CMD under its limit (clipped to the time left), log to $RES/NAME.log,
+# record "NAME status seconds" in steps.txt; never abort the session.
+phase() {
+    local name=$1 limit t0 rc took what left
+    shift
+    limit=$(limit_of "$name")
+    left=$((DEADLINE - $(date +%s)))
+    [ "$left" -lt "$limit" ] && limit=$left
+    if [ "$left" -lt 5 ]; then
+        echo "== [$name] SKIPPED: ${left}s left of the ${BUDGET}s budget"
+        printf '%-13s %-28s %5ss\n' "$name" "SKIPPED (no time left)" 0 >> "$STEPS"
+        return 0
+    fi
+    echo "== [$name] $* (limit ${limit}s)"
+    t0=$(date +%s)
+    timeout --kill-after=5 "$limit" "$@" > "$RES/$name.log" 2>&1
+    rc=$?
+    took=$(($(date +%s) - t0))
+    what=ok
+    [ "$rc" -ne 0 ] && what="FAILED rc=$rc"
+    { [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; } && what="TIMED OUT after ${limit}s"
+    echo "== [$name] $what (${took}s); last lines of $RES/$name.log:"
+    tail -n 6 "$RES/$name.log" | sed 's/^/   /'
+    printf '%-13s %-28s %5ss\n' "$name" "$what" "$took" >> "$STEPS"
+    export_results
+    return 0
+}
+
+skip() {  # skip NAME REASON
+    echo "== [$1] skipped: $2"
+    printf '%-13s %-28s %5ss\n' "$1" "skipped: $2" 0 >> "$STEPS"
+}
+
+machine_info() {
     echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
     echo "commit: $(git describe --always --dirty --abbrev=10 2>/dev/null || echo unknown)"
-    git log -1 --format='%H %s' 2>/dev/null
-    nvidia-smi 2>&1
+    echo "dry run: $DRY; budget ${BUDGET}s"
+    nvidia-smi 2>&1 || echo "no nvidia-smi"
     nvcc --version 2>&1 | tail -n 2
-    $PY -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda)" 2>&1
-    $PY -c "import triton; print('triton', triton.__version__)" 2>&1
-} > "$OUT/machine.txt" 2>&1
-head -n 3 "$OUT/machine.txt"
-echo "GPU: ${GPU_NAME:-none found}"
+    $PY -c "import sys, torch; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda)"
+    $PY -c "import triton; print('triton', triton.__version__)"
+}
 
-# ---- install (builds fgpo_kernels._C for this GPU's architecture only, to save time)
+# ---- machine and install
+export -f machine_info
+export DRY BUDGET PY
+phase machine bash -c machine_info
 CAP=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -n 1 | tr -d '. ')
-export FGPO_CUDA_ARCHS=${FGPO_CUDA_ARCHS:-${CAP:-90}}
 if [ "$DRY" = 1 ]; then
-    echo "== [install] skipped (dry run)"
+    skip install "dry run (the installed package is used)"
 else
-    step install "$T_INSTALL" $PY -m pip install --no-deps --no-build-isolation -e .
+    FGPO_BUILD_CUDA=1 FGPO_CUDA_ARCHS=${FGPO_CUDA_ARCHS:-${CAP:-90}} MAX_JOBS=${MAX_JOBS:-$(nproc)} \
+        phase install $PY -m pip install --no-deps --no-build-isolation --no-index -e .
 fi
-if ls benchmarks/wheels/*.whl > /dev/null 2>&1; then
-    step peers 60 $PY -m pip install --no-deps --no-index --find-links benchmarks/wheels \
+if ls benchmarks/wheels/*.whl > /dev/null 2>&1 && [ "$DRY" != 1 ]; then
+    phase peers $PY -m pip install --no-deps --no-index --find-links benchmarks/wheels \
         liger-kernel cut-cross-entropy
 fi
-step status 60 $PY -c "import json, fgpo_kernels as fk; print(json.dumps(fk.backend_status(), indent=1))"
+phase status $PY -c "import json, fgpo_kernels as fk; print(json.dumps(fk.backend_status(), indent=1))"
 
-# ---- tests (GPU tests included)
+# ---- GPU tests (on a CPU they skip or run in the interpreter: seconds)
+phase gpu_tests $PY -m pytest tests/test_cuda_gpu.py tests/test_kl_numerics.py -q -ra \
+    -p no:cacheprovider
+
+# ---- every impl and peer at the design §4 shape and the few-rows case (rows as groups end)
 if [ "$DRY" = 1 ]; then
-    step tests "$T_TESTS" $PY -m pytest tests/test_benchmarks_smoke.py -q -ra -p no:cacheprovider
+    phase bench $PY -m benchmarks.run --device cpu --preset tiny --ops token_kl \
+        --impls torch --modes full --repeats 2 --no-matmul-rate --out "$RES"
 else
-    step tests "$T_TESTS" $PY -m pytest tests -q -ra -p no:cacheprovider
+    phase bench $PY -m benchmarks.run --device cuda --preset session --repeats 5 \
+        --max-seconds 10 --case-timeout 140 --out "$RES"
 fi
 
-# ---- benchmarks: matmul rate probe + the gpu preset (rows written as each group ends)
-step bench "$T_BENCH" $PY -m benchmarks.run --device "$DEVICE" --preset "$PRESET" --modes forward full \
-    --repeats 5 --out "$OUT"
+# ---- every backward path, side by side
+DRYFLAG=""
+[ "$DRY" = 1 ] && DRYFLAG="--dry-run"
+phase backward $PY -m benchmarks.gpu_backward --out "$RES/backward" $DRYFLAG
 
-# ---- the CUDA helper's correctness/timing check, if present
-if [ -f benchmarks/gpu_cuda_check.py ] && [ "$DRY" != 1 ]; then
-    step cuda_check "$T_CHECK" $PY benchmarks/gpu_cuda_check.py --out "$OUT/cuda_check"
+# ---- the traffic and time model (issue 15 item 4, benchmarks/gpu_model.py) vs the measurements
+if [ -f benchmarks/gpu_model.py ]; then
+    MODEL_ARGS=()
+    HELP=$(timeout 10 $PY -m benchmarks.gpu_model --help 2>&1)
+    if printf '%s' "$HELP" | grep -q -- "--measured"; then MODEL_ARGS+=(--measured "$RES"); fi
+    if printf '%s' "$HELP" | grep -q -- "--out"; then MODEL_ARGS+=(--out "$RES/model"); fi
+    phase model $PY -m benchmarks.gpu_model "${MODEL_ARGS[@]}"
+else
+    skip model "benchmarks/gpu_model.py is not in this tree yet"
 fi
 
-# ---- charts (needs matplotlib; optional)
-step plot 30 $PY -m benchmarks.plot "$OUT"
+# ---- the CUDA impl against float64 at larger shapes, bf16 and fp16 (no-op without a GPU)
+phase cuda_check $PY benchmarks/gpu_cuda_check.py --quick --out "$RES/cuda_check"
+
+# ---- the kernel test files on the GPU; collection only in the dry run (minutes on a CPU)
+KFLAG=()
+[ "$DRY" = 1 ] && KFLAG=(--collect-only)
+phase kernel_tests $PY -m pytest tests/test_triton_kl.py tests/test_token_kl.py -q -ra \
+    -p no:cacheprovider "${KFLAG[@]}"
+
+phase plot $PY -m benchmarks.plot "$RES"
 
 # ---- short table last
 echo
-echo "== steps"
-cat "$SUMMARY"
+echo "== phases ($STEPS)"
+cat "$STEPS"
 echo
-echo "== matmul rate and results ($OUT/results.csv)"
-grep -h "matmul rate" "$OUT/bench.log" 2>/dev/null
-if [ -f "$OUT/results.csv" ]; then
-    $PY -m benchmarks.report "$OUT" --mode full --no-skipped 2>&1 | tee "$OUT/table.md"
+grep -h "matmul rate" "$RES/bench.log" 2>/dev/null
+if [ -f "$RES/results.csv" ]; then
+    $PY -m benchmarks.report "$RES" --mode full --no-skipped 2>&1 | tee "$RES/table.md"
 fi
-grep -E "passed|failed|error" "$OUT/tests.log" 2>/dev/null | tail -n 1
-echo "total $(( $(date +%s) - START ))s; everything is under $OUT"
+[ -f "$RES/backward/backward.csv" ] && cut -d, -f1-8,12 "$RES/backward/backward.csv"
+grep -hE "passed|failed|error" "$RES/gpu_tests.log" "$RES/kernel_tests.log" 2>/dev/null | tail -n 2
+echo "total $(($(date +%s) - START))s of ${BUDGET}s; everything is under $RES"
+export_results

@@ -117,6 +117,13 @@ def presets() -> dict[str, Preset]:
     p["gpu"] = Preset("gpu", "GPU suite (design §4 shapes; a few minutes on an H100)", gpu,
                       modes=("forward", "backward", "full"), repeats=10)  # fmt: skip
 
+    # One GPU session (benchmarks/gpu_session.sh, ~2.5 minutes of its 9): the design §4 shape
+    # and the few-rows case, the Qwen2.5-VL-7B head only, forward and forward+backward.
+    session = [Case(op, n, d7, v7, "bfloat16", "qwen2.5-vl-7b") for op in kernel_ops
+               for n in (8192, 256, 1024)]  # fmt: skip
+    p["session"] = Preset("session", "GPU session: design §4 shape + few rows (bf16)", session,
+                          modes=("forward", "full"), repeats=5)  # fmt: skip
+
     # Every model head over the whole N sweep (GPU; long).
     models = []
     for m, (d, v, _) in MODELS.items():
