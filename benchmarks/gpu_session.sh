@@ -27,7 +27,8 @@
 # FGPO_EXPORT_DIR), steps.txt and session.tar.gz (the whole folder) are refreshed there after
 # every phase: what a killed call leaves under $OUT still comes back.
 #
-#   bash benchmarks/gpu_session.sh                  # on the GPU machine, from anywhere
+#   FGPO_COMMIT=<sha> bash benchmarks/gpu_session.sh   # on the GPU machine (device tool:
+#                                                   # timeout_s=600), from anywhere
 #   FGPO_DRY_RUN=1 bash benchmarks/gpu_session.sh   # CPU rehearsal: the same phases, no
 #                                                   # install, tiny shapes, seconds per phase
 #   FGPO_PLAN=1 bash benchmarks/gpu_session.sh      # print the phase budgets and exit
@@ -121,7 +122,8 @@ skip() {  # skip NAME REASON
 
 machine_info() {
     echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
-    echo "commit: $(git describe --always --dirty --abbrev=10 2>/dev/null || echo unknown)"
+    # The device machine gets a copy of the working tree without .git: pass FGPO_COMMIT=<sha>.
+    echo "commit: ${FGPO_COMMIT:-$(git describe --always --dirty --abbrev=10 2>/dev/null || echo unknown)}"
     echo "dry run: $DRY; budget ${BUDGET}s"
     nvidia-smi 2>&1 || echo "no nvidia-smi"
     nvcc --version 2>&1 | tail -n 2
@@ -131,7 +133,7 @@ machine_info() {
 
 # ---- machine and install
 export -f machine_info
-export DRY BUDGET PY
+export DRY BUDGET PY FGPO_COMMIT=${FGPO_COMMIT:-}
 phase machine bash -c machine_info
 CAP=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -n 1 | tr -d '. ')
 if [ "$DRY" = 1 ]; then
