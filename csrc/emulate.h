@@ -18,7 +18,9 @@
 //     exactly the PTX rule. A read between issue and the matching wait sees NaN.
 //   - dynamic shared memory starts each CTA filled with 0xFF, so a read of bytes that nothing
 //     wrote is NaN too (CTAs run one after another in one buffer otherwise).
-//   - a thread that exits with copies not retired by a wait is an error (the launch throws).
+//   - a thread that exits with a group no wait retired is an error (the launch throws). Stricter
+//     than the hardware for an empty group, but every kernel here retires all its groups, and a
+//     non-empty one left behind would write into the next CTA's shared memory.
 // What it still cannot show: real timing, and a missing __syncthreads between one thread's
 // wait and another thread's read is caught only when the OS happens to schedule it badly.
 #pragma once

@@ -272,9 +272,10 @@ def _emu_call(so, fn: str, *args) -> None:
         raise RuntimeError(so.fgpo_emu_error().decode())
 
 
-def _stats_and_lora_grads(so, case, dtype_code: int):
-    """Run the forward (KL, shared weight) and the LoRA backward (dh, dhr; no dW: the ping-pong
-    path) through the plain library. Returns (stats, grads) float32."""
+def _stats_and_grads(so, case, dtype_code: int, dw: bool):
+    """Run the forward (KL, shared weight) and the backward through the plain library: dh, dhr
+    and, with ``dw``, the weight gradient (else the LoRA path: W chunks ping-pong). Returns
+    (stats, grads) float32."""
     h, hr, w, _, gs = case
     n, d = h.shape
     v = w.shape[0]
@@ -284,21 +285,36 @@ def _stats_and_lora_grads(so, case, dtype_code: int):
     stats = [f32(n) for _ in range(4)]
     _emu_call(so, "fgpo_emu_fwd", h, hr, w, None, n, d, d, v, 1.0, dtype_code, splits, partial,
               *stats)  # fmt: skip
-    dh, dhr = f32(n, d), f32(n, d)
-    _emu_call(so, "fgpo_emu_bwd", h, hr, w, None, n, d, d, v, 1.0, dtype_code, *stats, *gs, dh,
-              dhr, None, None)  # fmt: skip
-    return stats, (dh, dhr)
+    grads = [f32(n, d), f32(n, d)] + ([f32(v, d)] if dw else [])
+    _emu_call(so, "fgpo_emu_bwd", h, hr, w, None, n, d, d, v, 1.0, dtype_code, *stats, *gs,
+              *grads, *([] if dw else [None]), None)  # fmt: skip
+    return stats, grads
 
 
-# (name, the exact text in csrc/kernels.cuh, its mis-ordered replacement). Each moves one wait
-# so that a thread reads a cp.async destination before the group that fills it is retired.
+# (name, the exact text in csrc/kernels.cuh, its mis-ordered replacement, run with dW). Each
+# moves or drops one wait so that a thread reads a cp.async destination before the group that
+# fills it is retired, or exits with a group no wait retired.
 _MISORDERED = [
     # main loop: wait for one group fewer, so slice kt is still in flight when it is read
-    ("mainloop_wait", "cp_async_wait<STAGES - 2>();", "cp_async_wait<STAGES - 1>();"),
+    ("mainloop_wait", "cp_async_wait<STAGES - 2>();", "cp_async_wait<STAGES - 1>();", False),
     # LoRA backward ping-pong: chunk i is read while it may still be in flight
-    ("lora_wait", "cp_async_wait<1>();  // chunk i has landed", "cp_async_wait<2>();  // not"),
-    # LoRA backward: the final wait dropped, so the thread exits with a copy in flight
-    ("lora_final_wait", "    cp_async_wait<0>();\n    return;", "    return;"),
+    (
+        "lora_wait",
+        "cp_async_wait<1>();  // chunk i has landed",
+        "cp_async_wait<2>();  // not",
+        False,
+    ),
+    # backward with dW: the chunks are multiplied out without waiting for them
+    (
+        "dw_wait",
+        "    cp_async_commit();\n    cp_async_wait<0>();\n    __syncthreads();\n\n",
+        "    cp_async_commit();\n    __syncthreads();\n\n",
+        True,
+    ),
+    # LoRA backward: the final wait dropped, so the thread exits with its last (empty) group
+    # unretired: harmless on a GPU while the group is empty, but the emulator holds every
+    # kernel to retiring all its groups (a non-empty one would race with the next CTA)
+    ("lora_final_wait", "    cp_async_wait<0>();\n    return;", "    return;", False),
 ]
 
 
@@ -308,7 +324,7 @@ def misordered_libs(tmp_path_factory):
     builds overlap)."""
     source = (CSRC / "kernels.cuh").read_text()
     builds = {}
-    for name, text, wrong in _MISORDERED:
+    for name, text, wrong, _ in _MISORDERED:
         assert source.count(text) == 1, f"{name}: {text!r} is no longer in csrc/kernels.cuh once"
         d = tmp_path_factory.mktemp(name)
         src = d / "csrc"
@@ -327,34 +343,29 @@ def test_shipped_copies_are_ordered(emu_lib, dtype_code):
 
     dt = (torch.bfloat16, torch.float16)[dtype_code]
     case = _emu_case(torch, "shared", 20, 136, 136, 129, seed=3, dtype=dt)
-    stats, grads = _stats_and_lora_grads(emu_lib, case, dtype_code)
     h, hr, w, _, gs = case
     dbl = lambda x: None if x is None else x.double()
     ref = torch_impl.forward(dbl(h), dbl(hr), dbl(w), None, 1.0)
-    for a, b in zip(stats, ref):
-        assert torch.isfinite(a).all() and _rel(torch, a, b) <= 1e-4
-    ref_b = torch_impl.backward(
-        dbl(h),
-        dbl(hr),
-        dbl(w),
-        None,
-        1.0,
-        ref,
-        RowGrads(*(dbl(x) for x in gs)),
-        Needs(True, True, False, False),
-    )
-    for a, b in zip(grads, ref_b[:2]):
-        assert torch.isfinite(a).all() and _rel(torch, a, b) <= 6e-3
+    g64 = RowGrads(*(dbl(x) for x in gs))
+    for dw in (False, True):
+        stats, grads = _stats_and_grads(emu_lib, case, dtype_code, dw)
+        for a, b in zip(stats, ref):
+            assert torch.isfinite(a).all() and _rel(torch, a, b) <= 1e-4
+        need = Needs(True, True, dw, False)
+        ref_b = torch_impl.backward(dbl(h), dbl(hr), dbl(w), None, 1.0, ref, g64, need)
+        for a, b in zip(grads, ref_b):
+            assert torch.isfinite(a).all() and _rel(torch, a, b) <= 6e-3, (dw, _rel(torch, a, b))
 
 
 @pytest.mark.parametrize("name", [m[0] for m in _MISORDERED])
 def test_misordered_copies_fail(misordered_libs, name):
     """Each mis-ordered variant must fail under the emulator: NaN where a copy was read early,
-    or the launch's error for a copy never waited for. (With copies landing at issue, as the
-    emulator had it before, all three passed every test.)"""
+    or the launch's error for a group never retired. (With copies landing at issue, as the
+    emulator had it before, none of them changes a result: checked for the first two.)"""
     case = _emu_case(torch, "shared", 20, 136, 136, 129, seed=3)
+    dw = next(m[3] for m in _MISORDERED if m[0] == name)
     try:
-        stats, grads = _stats_and_lora_grads(misordered_libs[name], case, 0)
+        stats, grads = _stats_and_grads(misordered_libs[name], case, 0, dw)
     except RuntimeError as exc:
         assert "cp.async" in str(exc), exc
         return
