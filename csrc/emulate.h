@@ -33,10 +33,10 @@
 #include <cstdlib>
 #include <cstring>
 #include <deque>
+#include <memory>
 #include <mutex>
 #include <stdexcept>
 #include <string>
-#include <memory>
 #include <thread>
 #include <vector>
 
