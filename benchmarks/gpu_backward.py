@@ -8,9 +8,9 @@ Paths: ``triton_gblock`` and ``triton_atomic`` (``triton_kl.backward(mode=...)``
 PyTorch, few-rows shapes only: it is not a GPU path), and ``triton_held`` (``forward_with_grads``:
 the forward that keeps the logits and turns them into gradients; its time includes that
 forward, so compare it with forward + backward, the ``fwd`` row of the same shape). Each is
-timed on the backend contract directly (no autograd, no dispatch), the statistics computed once
-by impl ``torch``'s reference-quality forward; two needs: ``dh`` (LoRA: frozen head and
-reference) and ``dh+dW`` (trained head).
+timed on the backend contract directly (no autograd, no dispatch), with the statistics computed
+once by impl ``torch``'s forward; shared head (``wr`` None), two needs: ``dh`` (LoRA: frozen head
+and reference) and ``dh+dW`` (trained head: dW = G^T h + Gr^T hr, both sides).
 
 Rows are appended to DIR/backward.csv as each one is measured (a timeout keeps the earlier
 ones): median / p20 / p80 milliseconds (CUDA events; wall clock on CPU), and the FLOPs of the
@@ -175,12 +175,17 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True, help="directory for backward.csv")
     ap.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes (CI rehearsal)")
-    ap.add_argument("--repeats", type=int, default=None, help="timed calls (default 5; dry 2)")
+    ap.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="timed calls (default 3: the session gives this 50 s)",
+    )
     args = ap.parse_args(argv)
     if not args.dry_run and not torch.cuda.is_available():
         print("error: no CUDA device (use --dry-run on a CPU)", file=sys.stderr)
         return 2
-    run(Path(args.out), args.dry_run, args.repeats or (2 if args.dry_run else 5))
+    run(Path(args.out), args.dry_run, args.repeats or 3)
     return 0
 
 
