@@ -63,7 +63,7 @@ void check_sizes(long long n, long long d, long long dr, long long v, bool kl, b
 void fwd(std::uintptr_t h, std::uintptr_t hr, std::uintptr_t w, std::uintptr_t wr, long long n,
          long long d, long long dr, long long v, double inv_t, int dtype, int splits,
          std::uintptr_t partial, std::uintptr_t lse, std::uintptr_t lser, std::uintptr_t fkl,
-         std::uintptr_t rkl, std::uintptr_t stream) {
+         std::uintptr_t rkl, std::uintptr_t stream, int group) {
   const bool kl = hr != 0;
   check_sizes(n, d, dr, v, kl, wr == 0, static_cast<float>(inv_t), dtype);
   CHECK_PTR("h", h, 16);
@@ -90,6 +90,7 @@ void fwd(std::uintptr_t h, std::uintptr_t hr, std::uintptr_t w, std::uintptr_t w
   a.v = v;
   a.inv_t = static_cast<float>(inv_t);
   a.splits = splits;
+  a.group = group;
   a.partial = ptr<float>(partial);
   a.lse = ptr<float>(lse);
   a.lser = ptr<float>(lser);
@@ -108,7 +109,8 @@ void bwd(std::uintptr_t h, std::uintptr_t hr, std::uintptr_t w, std::uintptr_t w
          long long d, long long dr, long long v, double inv_t, int dtype, std::uintptr_t lse,
          std::uintptr_t lser, std::uintptr_t fkl, std::uintptr_t rkl, std::uintptr_t g_fkl,
          std::uintptr_t g_rkl, std::uintptr_t g_lp, std::uintptr_t g_lpr, std::uintptr_t dh,
-         std::uintptr_t dhr, std::uintptr_t dw, std::uintptr_t dwr, std::uintptr_t stream) {
+         std::uintptr_t dhr, std::uintptr_t dw, std::uintptr_t dwr, std::uintptr_t stream,
+         int group) {
   const bool kl = hr != 0;
   check_sizes(n, d, dr, v, kl, wr == 0, static_cast<float>(inv_t), dtype);
   CHECK_PTR("h", h, 16);
@@ -149,6 +151,7 @@ void bwd(std::uintptr_t h, std::uintptr_t hr, std::uintptr_t w, std::uintptr_t w
   a.dhr = ptr<float>(dhr);
   a.dw = ptr<float>(dw);
   a.dwr = ptr<float>(dwr);
+  a.group = group;
   a.stream = reinterpret_cast<cudaStream_t>(stream);
   py::gil_scoped_release nogil;
   if (dtype == fgpo::kBF16) {
@@ -175,22 +178,25 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "CUDA kernels of fgpo_kernels (token_kl / token_logprobs); see csrc/kernels.cuh";
   m.def("fwd", &fwd,
         "Forward statistics: fwd(h, hr, w, wr, n, d, dr, v, inv_t, dtype, splits, partial, lse, "
-        "lser, fkl, rkl, stream); pointers as integers, 0 = absent",
+        "lser, fkl, rkl, stream, group=0); pointers as integers, 0 = absent; group: row blocks "
+        "numbered together (launch order; 0 = all)",
         py::arg("h"), py::arg("hr"), py::arg("w"), py::arg("wr"), py::arg("n"), py::arg("d"),
         py::arg("dr"), py::arg("v"), py::arg("inv_t"), py::arg("dtype"), py::arg("splits"),
         py::arg("partial"), py::arg("lse"), py::arg("lser"), py::arg("fkl"), py::arg("rkl"),
-        py::arg("stream"));
+        py::arg("stream"), py::arg("group") = 0);
   m.def("bwd", &bwd,
         "Backward: bwd(h, hr, w, wr, n, d, dr, v, inv_t, dtype, lse, lser, fkl, rkl, g_fkl, "
-        "g_rkl, g_lp, g_lpr, dh, dhr, dw, dwr, stream); outputs fp32, zero-filled by the caller",
+        "g_rkl, g_lp, g_lpr, dh, dhr, dw, dwr, stream, group=0); outputs fp32, zero-filled by the "
+        "caller",
         py::arg("h"), py::arg("hr"), py::arg("w"), py::arg("wr"), py::arg("n"), py::arg("d"),
         py::arg("dr"), py::arg("v"), py::arg("inv_t"), py::arg("dtype"), py::arg("lse"),
         py::arg("lser"), py::arg("fkl"), py::arg("rkl"), py::arg("g_fkl"), py::arg("g_rkl"),
         py::arg("g_lp"), py::arg("g_lpr"), py::arg("dh"), py::arg("dhr"), py::arg("dw"),
-        py::arg("dwr"), py::arg("stream"));
+        py::arg("dwr"), py::arg("stream"), py::arg("group") = 0);
   m.def("device_count", &device_count, "(number of CUDA devices, error message or '')");
   m.attr("BLOCK_ROWS") = fgpo::kBlockRows;
   m.attr("BLOCK_VOCAB") = fgpo::kBlockVocab;
+  m.attr("BLOCK_K") = fgpo::kBlockK;
   m.attr("SMEM_BYTES") = fgpo::kMaxSmemBytes;
   m.attr("ARCHS") = FGPO_ARCHS;
   m.attr("CUDART_VERSION") = CUDART_VERSION;

@@ -47,7 +47,7 @@ constexpr int WTM = BM / WARPS_M;  // warp tile: 32 rows x 64 columns
 constexpr int WTN = BN / WARPS_N;
 constexpr int MT = WTM / 16;  // m16 tiles per warp
 constexpr int NT = WTN / 8;   // n8 tiles per warp
-constexpr int BK = 32;        // reduction slice over D
+constexpr int BK = kBlockK;   // reduction slice over D
 constexpr int LDS = BK + 8;   // padded smem row (80 B): ldmatrix rows hit distinct banks
 constexpr int STAGES = 3;
 constexpr int DC = 64;        // backward: D chunk multiplied out at a time
@@ -266,20 +266,23 @@ __device__ __forceinline__ void logit_tiles(float (&z)[MT][NT][4], float (&zr)[M
 
 // ---- forward ------------------------------------------------------------------------------------
 
-// grid (row blocks, vocabulary splits); each split walks tiles [t0, t1).
+// 1-D grid of row blocks x vocabulary splits in grouped order (launch.h grouped_pos); each split
+// walks tiles [t0, t1).
 template <typename T, bool KL>
 __global__ void __launch_bounds__(THREADS, 1)
     fgpo_fwd_kernel(const T* __restrict__ h, const T* __restrict__ hr, const T* __restrict__ w,
                     const T* __restrict__ wr, long long n, long long d, long long dr, long long v,
-                    float inv_t, int tiles_per_split, float* __restrict__ partial) {
+                    float inv_t, int tiles_per_split, int splits, int group,
+                    float* __restrict__ partial) {
   FGPO_DYNAMIC_SMEM(smem_raw, kFwdSmem);
   T* smem = reinterpret_cast<T*>(smem_raw);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int wm = warp % WARPS_M, wn = warp / WARPS_M;
   const int g = lane / 4, c = lane % 4;
-  const long long row0 = (long long)blockIdx.x * BM;
+  const GridPos pos = grouped_pos(blockIdx.x, (n + BM - 1) / BM, splits, group);
+  const long long row0 = pos.row * BM;
   const long long n_tiles = (v + BN - 1) / BN;
-  const long long t0 = (long long)blockIdx.y * tiles_per_split;
+  const long long t0 = pos.col * tiles_per_split;
   const long long t1 = t0 + tiles_per_split < n_tiles ? t0 + tiles_per_split : n_tiles;
 
   KLState st[MT][2];  // rows wm*WTM + mt*16 + g + 8*half of the tile
@@ -352,7 +355,7 @@ __global__ void __launch_bounds__(THREADS, 1)
   for (int r = threadIdx.x; r < BM; r += THREADS) {
     const long long row = row0 + r;
     if (!row_valid(row, n)) continue;
-    float* p = partial + (long long)blockIdx.y * NS * n + row;
+    float* p = partial + pos.col * NS * n + row;
     if (KL) {
       KLState acc = kl_init();
       for (int q = 0; q < WARPS_N; ++q) {
@@ -547,7 +550,8 @@ __device__ __forceinline__ void bwd_side(T* smem, const T* const (&gs)[2], const
   }
 }
 
-// grid (vocabulary tiles, row blocks): one BM x BN logit tile per CTA.
+// 1-D grid of row blocks x vocabulary tiles in grouped order (launch.h grouped_pos): one BM x BN
+// logit tile per CTA; the CTAs of a group reduce into the same dW rows while they are in L2.
 template <typename T, bool KL>
 __global__ void __launch_bounds__(THREADS, 1) fgpo_bwd_kernel(BwdArgs a) {
   FGPO_DYNAMIC_SMEM(smem_raw, kBwdSmem);
@@ -560,8 +564,9 @@ __global__ void __launch_bounds__(THREADS, 1) fgpo_bwd_kernel(BwdArgs a) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int wm = warp % WARPS_M, wn = warp / WARPS_M;
   const int g = lane / 4, c = lane % 4;
-  const long long v0 = (long long)blockIdx.x * BN;
-  const long long row0 = (long long)blockIdx.y * BM;
+  const GridPos pos = grouped_pos(blockIdx.x, (n + BM - 1) / BM, (v + BN - 1) / BN, a.group);
+  const long long v0 = pos.col * BN;
+  const long long row0 = pos.row * BM;
 
   float z[MT][NT][4], zr[MT][NT][4];
   logit_tiles<T, KL>(z, zr, smem, h, hr, w, wr, n, a.d, a.dr, v, row0, v0);
@@ -658,10 +663,10 @@ void launch_fwd(const FwdArgs& a) {
   if (splits > n_tiles) splits = static_cast<int>(n_tiles);
   const int tps = static_cast<int>((n_tiles + splits - 1) / splits);
   splits = static_cast<int>((n_tiles + tps - 1) / tps);  // no empty split
-  if (row_blocks > 0x7fffffffLL || splits > 65535) {
+  if (row_blocks * splits > 0x7fffffffLL) {
     throw std::invalid_argument("fgpo_kernels._C: too many rows or splits for one launch");
   }
-  dim3 grid(static_cast<unsigned>(row_blocks), static_cast<unsigned>(splits));
+  dim3 grid(static_cast<unsigned>(row_blocks * splits));
   const T* h = static_cast<const T*>(a.h);
   const T* hr = static_cast<const T*>(a.hr);
   const T* w = static_cast<const T*>(a.w);
@@ -670,7 +675,7 @@ void launch_fwd(const FwdArgs& a) {
   auto fwd = kl ? fgpo_fwd_kernel<T, true> : fgpo_fwd_kernel<T, false>;
   allow_smem(fwd, kFwdSmem, "forward");
   FGPO_LAUNCH(fwd, grid, THREADS, kFwdSmem, a.stream, h, hr, w, wr, a.n, a.d, a.dr, a.v, a.inv_t,
-              tps, a.partial);
+              tps, splits, a.group, a.partial);
   check_launch("forward");
   const int mt = 128;
   const unsigned mb = static_cast<unsigned>((a.n + mt - 1) / mt);
@@ -683,10 +688,10 @@ template <typename T>
 void launch_bwd(const BwdArgs& a) {
   const long long n_tiles = (a.v + BN - 1) / BN;
   const long long row_blocks = (a.n + BM - 1) / BM;
-  if (n_tiles > 0x7fffffffLL || row_blocks > 65535) {
-    throw std::invalid_argument("fgpo_kernels._C: backward grid too large (rows > 8M?)");
+  if (n_tiles * row_blocks > 0x7fffffffLL) {
+    throw std::invalid_argument("fgpo_kernels._C: backward grid too large");
   }
-  dim3 grid(static_cast<unsigned>(n_tiles), static_cast<unsigned>(row_blocks));
+  dim3 grid(static_cast<unsigned>(n_tiles * row_blocks));
   auto bwd = a.hr != nullptr ? fgpo_bwd_kernel<T, true> : fgpo_bwd_kernel<T, false>;
   allow_smem(bwd, kBwdSmem, "backward");
   FGPO_LAUNCH(bwd, grid, THREADS, kBwdSmem, a.stream, a);

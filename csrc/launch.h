@@ -20,6 +20,7 @@ struct FwdArgs {
   long long n, d, dr, v;
   float inv_t;      // 1 / temperature
   int splits;       // vocabulary splits (>= 1): CTAs along the vocabulary per row block
+  int group = 0;    // row blocks numbered together (launch order below); 0 = all of them
   float* partial;   // workspace: splits * (6 or 2) * n floats
   float* lse;
   float* lser;      // null in log-prob-only mode (also fkl, rkl)
@@ -49,8 +50,27 @@ struct BwdArgs {
   float* dhr;  // (N, Dr)
   float* dw;   // (V, D): with a shared weight it receives both sides
   float* dwr;  // (V, Dr): separate reference weight only
+  int group = 0;  // row blocks numbered together (launch order below); 0 = all of them
   cudaStream_t stream;
 };
+
+// Launch order (fgpo_kernels/_launch.py chooses ``group``): a 1-D grid of row_blocks x cols
+// CTAs (cols = vocabulary splits in the forward, vocabulary tiles in the backward) numbered in
+// groups of ``group`` row blocks, row block fastest inside a group, so the CTAs resident at
+// once share few hidden-state blocks and weight tiles, and both are reused from L2.
+struct GridPos {
+  long long row;  // row block
+  long long col;  // split or vocabulary tile
+};
+__host__ __device__ inline GridPos grouped_pos(long long pid, long long row_blocks, long long cols,
+                                                 long long group) {
+  if (group < 1 || group > row_blocks) group = row_blocks;
+  const long long per_group = group * cols;
+  const long long first = (pid / per_group) * group;
+  const long long size = row_blocks - first < group ? row_blocks - first : group;
+  const long long local = pid % per_group;
+  return GridPos{first + local % size, local / size};
+}
 
 void launch_fwd_bf16(const FwdArgs& a);
 void launch_fwd_f16(const FwdArgs& a);
@@ -60,6 +80,7 @@ void launch_bwd_f16(const BwdArgs& a);
 // Tile sizes shared with the host (Python chooses the number of vocabulary splits from them).
 constexpr int kBlockRows = 128;
 constexpr int kBlockVocab = 128;
+constexpr int kBlockK = 32;  // the cp.async ring's slice over D (3 stages)
 // Dynamic shared memory of the largest kernel (the backward), checked in kernels.cuh; the GPU
 // must allow this much per block (sm_80: 163 KB, sm_90: 227 KB; sm_86/89: 99 KB is too little).
 constexpr int kMaxSmemBytes = 124928;

@@ -5,17 +5,18 @@ tensors: shapes and allocations, no data, no GPU. A kernel cannot run there, but
 fused op holds on a GPU is its host code's: the outputs and the workspaces it allocates around
 the launches. These fakes implement the backend contract (``_backend.py``) on meta tensors by
 allocating exactly those tensors, sized by the SAME functions the real host code calls
-(``triton_kl.configs``: tile table, vocabulary splits, backward mode, gblock chunk width;
-``cuda_kl._splits`` and ``cuda_kl._pad8``), so a tracker sees the impl's real workspace:
+(``triton_kl.configs``: tile table, launch plan, backward mode, gblock chunk width;
+``cuda_kl._plan`` and ``cuda_kl._pad8``), so a tracker sees the impl's real workspace:
 
 - triton forward: the (6 or 2, N, splits) fp32 split partials and their log-sum-exp merge
   (``fwd._merge``);
 - triton backward, gblock: dW (and dWr) in fp32, the (8, N) per-row inputs
   (``common.row_inputs``), the rows x chunk gradient buffer(s) in the input dtype, the fp32
-  accumulators of dh/dhr with the spare buffer of the cuBLAS ``out_dtype=float32`` path (the
-  one an H100/H200 takes), and [h; hr] for the shared dW; atomic: the fp32 gradient buffers;
+  accumulators of dh/dhr (summed in place), and [h; hr] for the shared dW; atomic: the fp32
+  gradient buffers;
 - cuda: the zero-padded copies when D is not a multiple of 8, the splits x (6 or 2) x N fp32
-  partials, the fp32 gradient buffers and their trimmed copies.
+  partials; its backward is triton's gblock (the default) or, with FGPO_CUDA_BWD=cuda, the fp32
+  gradient buffers and their trimmed copies.
 
 ``simulate_gpu(name, sm_count)`` is the switch: while it is active, meta tensors stand for that
 GPU (``_util.sm_count`` answers its SM count, ``_registry`` treats "triton" and "cuda" as usable
@@ -86,10 +87,6 @@ def _check(h: Tensor) -> None:
         )
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 def _zeros_or_none(shape, need: bool, like: Tensor) -> Tensor | None:
     return torch.zeros(shape, dtype=_F32, device=like.device) if need else None
 
@@ -116,11 +113,11 @@ class TritonFake:
         n, d = h.shape
         v, has_ref = w.shape[0], hr is not None
         dr = hr.shape[1] if has_ref else d
-        cfg = configs.kernel_config("fwd", n, max(d, dr), h.dtype, has_ref)
-        n_tiles = _cdiv(v, cfg.block_v)
-        s = configs.vocab_splits(_cdiv(n, cfg.block_n), n_tiles, SIM_DEVICE)
-        s = max(1, min(int(s), n_tiles))
-        s = _cdiv(n_tiles, _cdiv(n_tiles, s))  # as fwd.forward: every split owns a tile
+        shared = wr is None
+        cfg = configs.kernel_config(
+            "fwd", n, max(d, dr), h.dtype, has_ref, shared=shared, device=SIM_DEVICE
+        )
+        s = configs.grid_plan(cfg, n, v, d, dr, has_ref, shared, h.dtype, SIM_DEVICE).splits
         part = torch.empty((6 if has_ref else 2, n, s), dtype=_F32, device=h.device)
         lse = fwd._merge(part[0], part[1])
         if not has_ref:
@@ -165,7 +162,8 @@ class TritonFake:
         dw = torch.empty((v, d), dtype=_F32, device=dev) if need_w else None
         dwr = torch.empty((v, dr), dtype=_F32, device=dev) if need_wr else None
         keep = [row_inputs(n, dev, stats, grads)]
-        cfg = configs.kernel_config("g", n, max(d, dr), h.dtype, has_ref)
+        cfg = configs.kernel_config("g", n, max(d, dr), h.dtype, has_ref, shared=shared,
+                                    both=do_g and do_gr, device=SIM_DEVICE)  # fmt: skip
         g_rows, gr_rows = (n if do_g else 0), (n if do_gr else 0)
         vc = configs.chunk_columns(g_rows + gr_rows, v, cfg.block_v, budget)
         if shared:
@@ -175,12 +173,8 @@ class TritonFake:
             keep.append(torch.empty((gr_rows, vc), dtype=hr.dtype, device=dev))
 
         def acc(rows: int, cols: int) -> Tensor:
-            # _Acc: the fp32 sum; 16-bit inputs take cuBLAS's out_dtype=float32 path on the GPU,
-            # which adds the sum into a spare buffer and swaps (fp32 inputs add in place).
-            total = torch.zeros((rows, cols), dtype=_F32, device=dev)
-            if h.dtype != _F32:
-                keep.append(torch.empty_like(total))
-            return total
+            # _Acc: the fp32 sum, accumulated in place (cuBLAS out_dtype=float32 on a GPU).
+            return torch.zeros((rows, cols), dtype=_F32, device=dev)
 
         dh = dhr = None
         if shared and need_h and need_hr:  # stacked: [G; Gr] @ W_c in one GEMM
@@ -212,7 +206,8 @@ class CudaFake:
         lser, fkl, rkl = (torch.empty(n if kl else 0, dtype=_F32, device=h.device) for _ in "abc")
         if n:
             padded = [cuda_kl._pad8(x) for x in (h, hr, w, wr)]
-            s = cuda_kl._splits(n, v, SIM_DEVICE)
+            dr = hr.shape[1] if kl else 0
+            s = cuda_kl._plan(n, v, h.shape[1], dr, kl, wr is None, SIM_DEVICE).splits
             torch.empty(s * (6 if kl else 2) * n, dtype=_F32, device=h.device)
             del padded
         return RowStats(lse, lser, fkl, rkl) if kl else RowStats(lse, None, None, None)
@@ -223,6 +218,11 @@ class CudaFake:
         _check(h)
         if not cuda_kl.supports(h.dtype):
             return TritonFake().backward(h, hr, w, wr, temperature, stats, grads, need)
+        if cuda_kl.bwd_choice() == "triton":  # the default: impl "triton"'s gblock backward
+            args = (h, hr, w, wr, RowStats(*stats), RowGrads(*grads), Needs(*need))
+            from .triton_kl import configs
+
+            return TritonFake()._gblock(*args, configs.gblock_elems(None))
         need = Needs(*need).possible(hr, wr)
         hp, hrp, wp, wrp = (cuda_kl._pad8(x) for x in (h, hr, w, wr))
         n, v = h.shape[0], w.shape[0]

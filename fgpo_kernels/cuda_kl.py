@@ -13,6 +13,12 @@ fp32 accumulation, online log-sum-exp, no rows x V tensor. Other dtypes (fp32, a
 exact checks) are handed to impl "triton" (GPU) or "torch": the CUDA kernels have no fp32 path.
 D that is not a multiple of 8 (or a misaligned view) is zero-padded on the fly (a copy of W).
 
+Backward: by default impl "cuda" hands its backward to impl "triton"'s gblock backward (G chunks
++ cuBLAS GEMMs; docs/design.md §3.4): the CUDA backward kernel sweeps the vocabulary fastest
+and reduces into the whole fp32 dW once per row block, which a GPU run has yet to time against
+gblock. ``FGPO_CUDA_BWD=cuda`` (or ``backward(..., bwd="cuda")``) runs the CUDA kernel; without a
+usable Triton the CUDA kernel runs too, and ``probe()`` says which backward is in use.
+
 The two entry points are ``torch.library`` custom ops (``fgpo::cuda_token_stats_fwd`` /
 ``_bwd``, flat tensor arguments: the typed contract is unpacked at that boundary only) with fake
 implementations, so ``torch.compile`` traces through ``token_kl`` without
@@ -30,8 +36,9 @@ import os
 import torch
 from torch import Tensor
 
+from . import _launch
 from ._backend import Grads, Needs, RowGrads, RowStats
-from ._util import no_cuda_reason, sm_count
+from ._util import no_cuda_reason
 
 _HALF = (torch.bfloat16, torch.float16)
 _DTYPE_CODE = {torch.bfloat16: 0, torch.float16: 1}
@@ -39,6 +46,42 @@ _C = None
 _IMPORT_ERROR: str | None = None
 _PROBE: dict | None = None
 _SELFTEST_RUNNING = False
+# The backward that impl "cuda" runs (env FGPO_CUDA_BWD): "triton" = impl "triton"'s gblock
+# backward (the default until a GPU run has timed every backward path), "cuda" = the CUDA kernel.
+BWD_CHOICES = ("triton", "cuda")
+
+
+def bwd_choice(bwd: str | None = None) -> str:
+    """``bwd`` if given, else env FGPO_CUDA_BWD, else "triton" (an unknown name is an error
+    naming where it came from)."""
+    chosen = bwd if bwd is not None else (os.environ.get("FGPO_CUDA_BWD") or "triton")
+    if chosen not in BWD_CHOICES:
+        src = "bwd" if bwd is not None else "FGPO_CUDA_BWD"
+        raise ValueError(f"impl 'cuda': {src} must be one of {BWD_CHOICES}, got {chosen!r}")
+    return chosen
+
+
+def _triton_backward():
+    """impl "triton"'s module when it can take the backward (a GPU, triton importable), else
+    None (then the CUDA kernel runs)."""
+    from . import _registry
+
+    if _registry.status("triton")["available"]:
+        return _registry.module("triton")
+    return None
+
+
+def _bwd_note() -> str:
+    """Which backward impl "cuda" runs now, for ``probe()``'s reason."""
+    try:
+        choice = bwd_choice()
+    except ValueError as exc:
+        return f"backward: {exc}"
+    if choice == "cuda":
+        return "backward: the CUDA kernel (FGPO_CUDA_BWD=cuda)"
+    if _triton_backward() is None:
+        return "backward: the CUDA kernel (impl 'triton' unavailable for the default gblock)"
+    return "backward: impl 'triton' gblock (FGPO_CUDA_BWD=cuda for the CUDA kernel)"
 
 
 def _ext():
@@ -110,7 +153,7 @@ def probe() -> dict:
             "available": True,
             "built": True,
             "reason": f"{built}, running on {name} (sm_{cap[0]}{cap[1]}); bf16/fp16 kernels, "
-            "fp32/fp64 inputs delegated to impl 'triton' (else 'torch')",
+            f"fp32/fp64 inputs delegated to impl 'triton' (else 'torch'); {_bwd_note()}",
         }
     return _PROBE
 
@@ -136,14 +179,23 @@ def _ptr(x: Tensor | None) -> int:
     return 0 if x is None else x.data_ptr()
 
 
-def _splits(n: int, v: int, device: torch.device) -> int:
-    """Vocabulary splits so that row blocks x splits is about 4 waves (1 CTA per SM fits)."""
+def _plan(
+    n: int, v: int, d: int, dr: int, kl: bool, shared: bool, device: torch.device,
+    splits: int = 0, *, backward: bool = False,
+) -> _launch.GridPlan:  # fmt: skip
+    """Grid of one launch (``_launch.plan``: vocabulary splits in whole waves, the launch-order
+    group), from the CUDA tiles (one CTA per SM: ``__launch_bounds__(THREADS, 1)``)."""
     ext = _ext()
-    row_blocks = -(-n // ext.BLOCK_ROWS)
-    n_tiles = -(-v // ext.BLOCK_VOCAB)
-    sms = sm_count(device)
-    want = -(-(4 * sms) // row_blocks)
-    return max(1, min(n_tiles, want))
+    if ext is not None and (ext.BLOCK_ROWS, ext.BLOCK_VOCAB) != (
+        _launch.CUDA_BLOCK_ROWS, _launch.CUDA_BLOCK_VOCAB,
+    ):  # fmt: skip
+        raise RuntimeError("fgpo_kernels._C was built with other tiles than _launch.CUDA_BLOCK_*")
+    h_row, w_window = _launch.cuda_plan_inputs(d, dr, kl, shared)
+    return _launch.device_plan(
+        n, v, _launch.CUDA_BLOCK_ROWS, _launch.CUDA_BLOCK_VOCAB, device, per_sm=1,
+        h_row_bytes=h_row, w_window=w_window, splits=splits or None,
+        tiles_per_program=1 if backward else None,
+    )  # fmt: skip
 
 
 def _launch_context(device: torch.device):
@@ -178,7 +230,8 @@ def _fwd_impl(h, hr, w, wr, temperature: float, splits: int) -> tuple[Tensor, ..
     if n == 0:
         return lse, lser, fkl, rkl
     h, hr, w, wr = _pad8(h), _pad8(hr), _pad8(w), _pad8(wr)
-    s = splits if splits > 0 else _splits(n, v, h.device)
+    plan = _plan(n, v, h.shape[1], hr.shape[1] if kl else 0, kl, wr is None, h.device, splits)
+    s = plan.splits
     partial = torch.empty(s * (6 if kl else 2) * n, **f32)
     guard, stream = _launch_context(h.device)
     with guard:
@@ -186,6 +239,7 @@ def _fwd_impl(h, hr, w, wr, temperature: float, splits: int) -> tuple[Tensor, ..
             _ptr(h), _ptr(hr), _ptr(w), _ptr(wr), n, h.shape[1], hr.shape[1] if kl else 0, v,
             1.0 / temperature, _DTYPE_CODE[h.dtype], s, _ptr(partial), _ptr(lse),
             _ptr(lser) if kl else 0, _ptr(fkl) if kl else 0, _ptr(rkl) if kl else 0, stream,
+            group=plan.group,
         )  # fmt: skip
     return lse, lser, fkl, rkl
 
@@ -219,13 +273,15 @@ def _bwd_impl(
     if not kl:
         gs[0] = gs[1] = gs[3] = None
     if n and (need_h or need_hr or need_w or need_wr):
+        plan = _plan(n, v, hp.shape[1], hrp.shape[1] if kl else 0, kl, shared, h.device,
+                     backward=True)  # fmt: skip
         guard, stream = _launch_context(h.device)
         with guard:
             ext.bwd(
                 _ptr(hp), _ptr(hrp), _ptr(wp), _ptr(wrp), n, hp.shape[1],
                 hrp.shape[1] if kl else 0, v, 1.0 / temperature, _DTYPE_CODE[h.dtype],
                 *(_ptr(x) for x in stats), *(_ptr(x) for x in gs),
-                _ptr(dh), _ptr(dhr), _ptr(dw), _ptr(dwr), stream,
+                _ptr(dh), _ptr(dhr), _ptr(dw), _ptr(dwr), stream, group=plan.group,
             )  # fmt: skip
 
     def out(x, cols):
@@ -309,10 +365,16 @@ def forward(
 
 def backward(
     h: Tensor, hr: Tensor | None, w: Tensor, wr: Tensor | None, temperature: float,
-    stats: RowStats, grads: RowGrads, need: Needs,
+    stats: RowStats, grads: RowGrads, need: Needs, *, bwd: str | None = None,
 ) -> Grads:  # fmt: skip
+    """Contract of ``_backend.py``; ``bwd`` ("triton" / "cuda", default env FGPO_CUDA_BWD or
+    "triton") picks the backward (module doc)."""
     if not supports(h.dtype):
         return _delegate().backward(h, hr, w, wr, temperature, stats, grads, need)
+    if bwd_choice(bwd) == "triton":
+        tri = _triton_backward()
+        if tri is not None:
+            return tri.backward(h, hr, w, wr, temperature, stats, grads, need, mode="gblock")
     need = Needs(*need).possible(hr, wr)
     # The custom op takes flat tensors and flags (its schema has no tuples).
     out = _bwd_op(h, hr, w, wr, float(temperature), *stats, *grads, *need)
@@ -373,7 +435,7 @@ def _self_test(device: torch.device | None = None) -> str | None:
                     return f"{what} forward {name}: rel err {err}"
             gd = [to(x, torch.float32) for x in g]
             need = Needs(True, kl, not lora, mode == "separate" and not lora)
-            got_b = backward(*args16, 0.9, ref, RowGrads(*gd), need)
+            got_b = backward(*args16, 0.9, ref, RowGrads(*gd), need, bwd="cuda")  # the kernel
             ref_b = torch_impl.backward(*args32, 0.9, ref, RowGrads(*gd), need)
             for name, a, b in zip(("dh", "dhr", "dw", "dwr"), got_b, ref_b):
                 if a is None and b is None:

@@ -73,12 +73,13 @@ def emulated_cuda(emu_ext, monkeypatch):
     import contextlib
 
     torch = pytest.importorskip("torch")
-    from fgpo_kernels import _registry, cuda_kl
+    from fgpo_kernels import _launch, _registry, cuda_kl
 
     monkeypatch.setattr(cuda_kl, "_C", emu_ext)
     monkeypatch.setattr(cuda_kl, "_check_device", lambda x: None)
     monkeypatch.setattr(cuda_kl, "_launch_context", lambda dev: (contextlib.nullcontext(), 0))
-    monkeypatch.setattr(cuda_kl, "sm_count", lambda dev: 2)
+    monkeypatch.setattr(_launch, "sm_count", lambda dev: 2)
+    monkeypatch.setenv("FGPO_CUDA_BWD", "cuda")  # the CUDA backward kernel, not triton's gblock
     usable = _registry._usable_on
     monkeypatch.setattr(
         _registry,
@@ -149,6 +150,33 @@ def test_emulated_kernels_match_float64(emulated_cuda, mode, n, d, dr, v, splits
         assert a.shape == b.shape and a.dtype == torch.float32, name
         # G is rounded to the input dtype before the two backward products (as the
         # materialized path does).
+        assert _rel(torch, a, b) <= 6e-3, (name, _rel(torch, a, b))
+
+
+@pytest.mark.parametrize("group", [1, 2])
+def test_emulated_grouped_launch_order(emulated_cuda, monkeypatch, group):
+    """A launch-order group smaller than the row blocks (3 row blocks of 128, groups of 1 or 2:
+    a partial last group) covers every (row block, split / tile) exactly once: the same forward
+    and backward as the float64 reference (csrc/launch.h grouped_pos)."""
+    cuda_kl, torch = emulated_cuda
+    from fgpo_kernels import _launch, torch_impl
+    from fgpo_kernels._backend import Needs, RowGrads
+
+    real = _launch.group_rows
+    monkeypatch.setattr(_launch, "group_rows", lambda *a: (group, real(*a)[1]))
+    n, d, v = 300, 24, 400
+    h, hr, w, wr, gs = _emu_case(torch, "shared", n, d, d, v, seed=group)
+    assert cuda_kl._plan(n, v, d, d, True, True, h.device, 2).group == group
+    got = cuda_kl.forward(h, hr, w, wr, 1.0, splits=2)
+    dbl = lambda x: None if x is None else x.double()
+    ref = torch_impl.forward(dbl(h), dbl(hr), dbl(w), None, 1.0)
+    for name, a, b in zip(("lse", "lser", "fkl", "rkl"), got, ref):
+        assert _rel(torch, a, b) <= 1e-4, (name, _rel(torch, a, b))
+    need = Needs(True, True, True, False)
+    got_b = cuda_kl.backward(h, hr, w, wr, 1.0, got, RowGrads(*gs), need)
+    ref_b = torch_impl.backward(dbl(h), dbl(hr), dbl(w), None, 1.0, ref,
+                                RowGrads(*(dbl(x) for x in gs)), need)  # fmt: skip
+    for name, a, b in zip(("dh", "dhr", "dw"), got_b, ref_b):
         assert _rel(torch, a, b) <= 6e-3, (name, _rel(torch, a, b))
 
 

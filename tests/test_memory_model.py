@@ -112,7 +112,7 @@ def test_fake_triton_allocates_what_the_host_code_allocates(monkeypatch, mode):
 
 def test_fake_cuda_sizes_come_from_cuda_kl(monkeypatch):
     from fgpo_kernels import _fake, cuda_kl
-    from fgpo_kernels._backend import Needs, RowGrads
+    from fgpo_kernels._backend import Needs, RowGrads, RowStats
 
     if cuda_kl._ext() is None:
         pytest.skip("fgpo_kernels._C is not built")
@@ -120,15 +120,31 @@ def test_fake_cuda_sizes_come_from_cuda_kl(monkeypatch):
     h, hr, w = (torch.empty(*s, dtype=torch.bfloat16, device="meta")
                 for s in ((n, d), (n, d), (v, d)))  # fmt: skip
     with _fake.simulate_gpu(sm_count=132):
-        splits = cuda_kl._splits(n, v, _fake.SIM_DEVICE)
+        plan = cuda_kl._plan(n, v, d, d, True, True, _fake.SIM_DEVICE)
+        splits = plan.splits
         allocs = _logged_allocations(lambda: _fake.CudaFake().forward(h, hr, w, None, 1.0))
         assert ("empty", (splits * 6 * n,), torch.float32) in allocs
         assert ("new_zeros", (v, 64), torch.bfloat16) in allocs  # the padded copy of W
         g = RowGrads(*(torch.empty(n, device="meta") for _ in range(4)))
         need = Needs(True, True, True, False)
+        monkeypatch.setenv("FGPO_CUDA_BWD", "cuda")  # the CUDA kernel's buffers (padded)
+        allocs = _logged_allocations(
+            lambda: _fake.CudaFake().backward(h, hr, w, None, 1.0, None, g, need)
+        )
+        assert ("zeros", (v, 64), torch.float32) in allocs
         out = _fake.CudaFake().backward(h, hr, w, None, 1.0, None, g, need)
+        # The default backward is triton's gblock (cuda_kl.bwd_choice): its G buffer instead.
+        monkeypatch.delenv("FGPO_CUDA_BWD")
+        stats = RowStats(*(torch.empty(n, device="meta") for _ in range(4)))
+        allocs = _logged_allocations(
+            lambda: _fake.CudaFake().backward(h, hr, w, None, 1.0, stats, g, need)
+        )
+        assert ("zeros", (v, 64), torch.float32) not in allocs
+        assert any(a[0] == "empty" and a[1][0] == 2 * n and a[2] == torch.bfloat16 for a in allocs)
     assert out.dh.shape == (n, d) and out.dw.shape == (v, d) and out.dwr is None
-    assert splits == max(1, min(-(-v // 128), -(-4 * 132 // -(-n // 128))))
+    # The launch plan's choice for 132 SMs (_launch.plan): within the L2 budget, whole waves
+    # where the tiles allow (3 row blocks x 40 tiles cannot fill 132 SMs: one tile per split).
+    assert plan.per_wave == 132 and plan.fits and splits == plan.n_tiles == 40, plan
 
 
 def test_known_values_answer_data_dependent_ops():

@@ -43,17 +43,43 @@ _G_MODES = {  # gblock G kernel: (mode, DO_G, DO_GR, FROM_LOGITS)
     "shared_full_held": ("shared", True, True, True),
     "separate_full_held": ("separate", True, True, True),
 }
-_SHIPPED = {  # config name -> (dtype, kernel, variants)
-    "fwd_few_rows": ("bf16", "fwd", tuple(_FWD_MODES)),
-    "fwd": ("bf16", "fwd", tuple(_FWD_MODES)),
-    "fwd_store": ("bf16", "fwd", tuple(_STORE_MODES)),
-    "bwd": ("bf16", "bwd", tuple(_BWD_MODES)),
-    "fwd_fp32": ("fp32", "fwd", ("shared", "separate", "shared_store", "separate_store")),
-    "fwd_fp32_logprob": ("fp32", "fwd", ("logprob", "logprob_store")),
-    "bwd_fp32": ("fp32", "bwd", tuple(_BWD_MODES)),
-    "g": ("bf16", "g", tuple(_G_MODES)),
-    "g_fp32": ("fp32", "g", tuple(_G_MODES)),
+# "g" (128 x 128) serves sm_90 launches that write one of G / Gr from recomputed logits (or a
+# log-prob G from kept ones); "g_both" everything else, and every gblock launch on sm_80.
+_G_ONE = tuple(k for k, (m, g, gr, held) in _G_MODES.items()
+               if not (g and gr) and not (held and m != "logprob"))  # fmt: skip
+_SHIPPED = {  # config name -> (dtype, kernel, variants, widest wgmma on sm_90 or None)
+    "fwd": ("bf16", "fwd", tuple(_FWD_MODES), "m64n128k16"),
+    "fwd_sm80": ("bf16", "fwd", tuple(_FWD_MODES), None),
+    "fwd_store": ("bf16", "fwd", tuple(_STORE_MODES), "m64n32k16"),
+    "bwd": ("bf16", "bwd", tuple(_BWD_MODES), "m64n64k16"),
+    "fwd_fp32": ("fp32", "fwd", ("shared", "separate", "shared_store", "separate_store"), None),
+    "fwd_fp32_logprob": ("fp32", "fwd", ("logprob", "logprob_store"), None),
+    "bwd_fp32": ("fp32", "bwd", tuple(_BWD_MODES), None),
+    "g": ("bf16", "g", _G_ONE, "m64n128k16"),
+    "g_both": ("bf16", "g", tuple(_G_MODES), "m64n64k16"),
+    "g_fp32": ("fp32", "g", tuple(_G_MODES), None),
 }
+
+
+def _archs(config: str) -> tuple[int, ...]:
+    from fgpo_kernels.triton_kl import configs
+
+    if config in configs.SM90_ONLY:
+        return (90,)
+    return (80,) if config in configs.SM80_ONLY else (80, 90)
+
+
+# sm_90 resources per SM and per block (CUDA programming guide, compute capability 9.0).
+_SM90_REGS, _SM90_SMEM, _SM90_SMEM_BLOCK, _SM90_SMEM_RESERVED = 65536, 233472, 232448, 1024
+
+
+def _resident(regs: int, warps: int, smem: int) -> int:
+    """Programs one sm_90 SM holds: registers (allocated per warp in units of 256) and shared
+    memory (1 KB reserved per block), at most 32 blocks."""
+    per_warp = -(-regs * 32 // 256) * 256
+    by_regs = _SM90_REGS // (per_warp * warps)
+    by_smem = _SM90_SMEM // (smem + _SM90_SMEM_RESERVED) if smem else 32
+    return min(by_regs, by_smem, 32)
 
 
 def _aot_worker(jobs_json: str) -> None:
@@ -81,8 +107,6 @@ def _aot_worker(jobs_json: str) -> None:
         kernel = kernels[job["kernel"]]
         consts = dict(BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d)
         consts.update(job["flags"])
-        if job["kernel"] in ("bwd", "g"):
-            consts["GROUP_N"] = configs.BWD_GROUP_N
         sig, attrs = {}, {}
         for i, name in enumerate(kernel.arg_names):
             if name in consts:
@@ -95,8 +119,9 @@ def _aot_worker(jobs_json: str) -> None:
                 sig[name] = "fp32"
             else:
                 sig[name] = "i32"
-            # What the launcher specializes for 16-byte aligned tensors with D % 16 == 0.
-            if name.endswith("_ptr") or name.startswith("stride"):
+            # What the launcher specializes for 16-byte aligned tensors with D % 16 == 0 (the
+            # SPEC shape; without it the loads cannot be vectorized and nothing is pipelined).
+            if name.endswith("_ptr") or name.startswith("stride") or name in ("D", "DR"):
                 attrs[(i,)] = [["tt.divisibility", 16]]
         unknown = sorted(set(consts) - set(kernel.arg_names))
         # A constexpr the job does not set would compile as a runtime int (another kernel).
@@ -115,15 +140,16 @@ def _aot_worker(jobs_json: str) -> None:
         usage = {key: int(v) for key, v in re.findall(r"\b(REG|STACK|LOCAL):(\d+)", out)}
         result = dict(job, usage=usage, unknown_constexprs=unknown, cubin_bytes=len(cubin))
         result["target_ok"] = f".target sm_{job['arch']}" in ptx
-        result["wgmma"] = "wgmma" in ptx
+        result["wgmma"] = sorted(set(re.findall(r"wgmma\.mma_async\.sync\.aligned\.(\w+?)\.", ptx)))
         result["mma_sync"] = "mma.sync" in ptx
+        result["shared"] = int(k.metadata.shared)
         print("AOT " + json.dumps(result), flush=True)
 
 
 def _jobs() -> list:
     jobs = []
-    for arch in (80, 90):
-        for config, (dtype, kernel, variants) in _SHIPPED.items():
+    for config, (dtype, kernel, variants, _shape) in _SHIPPED.items():
+        for arch in _archs(config):
             prec = "ieee" if dtype == "fp32" else "tf32"
             for variant in variants:
                 if kernel == "fwd":
@@ -174,14 +200,23 @@ def aot_results():
 @pytest.mark.parametrize("arch", [80, 90])
 @pytest.mark.parametrize("config_name", list(_SHIPPED))
 def test_aot_compile_shipped_configs(aot_results, config_name, arch):
+    """Every variant of a shipped config: compiles, no spills, tensor cores; on sm_90 the wgmma
+    instruction shape the table promises, shared memory within a block's limit, and exactly
+    ``per_sm`` programs resident per SM (what the launch plan sizes waves with)."""
+    import triton
+
     from fgpo_kernels import triton_kl as tk
 
     assert set(_SHIPPED) == set(tk.GPU_CONFIGS), "every shipped config must be compiled here"
+    cfg = tk.GPU_CONFIGS[config_name]
+    if arch not in _archs(config_name):
+        pytest.skip(f"{config_name} serves sm_{_archs(config_name)[0]} only")
     results = aot_results.get((config_name, arch), [])
     assert len(results) == len(_SHIPPED[config_name][2]), f"missing compiles: {results}"
-    problems = []
+    problems, resident = [], []
     for r in results:
-        label = f"{config_name} {tk.GPU_CONFIGS[config_name]} {r['dtype']} {r['variant']} sm_{arch}"
+        label = f"{config_name} {cfg} {r['dtype']} {r['variant']} sm_{arch} (triton "
+        label += f"{triton.__version__})"
         if r["unknown_constexprs"] or not r["target_ok"] or not r["cubin_bytes"]:
             problems.append(f"{label}: bad compile {r}")
         use = r["usage"]
@@ -191,7 +226,28 @@ def test_aot_compile_shipped_configs(aot_results, config_name, arch):
         dots = not r["flags"].get("FROM_LOGITS")
         if r["dtype"] != "fp32" and dots and not r["wgmma" if arch == 90 else "mma_sync"]:
             problems.append(f"{label}: no tensor-core instruction in the PTX")
+        if arch != 90:
+            continue
+        shape = _SHIPPED[config_name][3]
+        want = shape if shape and dots else None
+        widest = max(r["wgmma"], key=lambda x: int(x.split("n")[1].split("k")[0]), default=None)
+        if widest != want:
+            problems.append(f"{label}: widest wgmma {widest} ({r['wgmma']}), expected {want}")
+        if r["shared"] > _SM90_SMEM_BLOCK:
+            problems.append(f"{label}: {r['shared']} B of shared memory per program")
+        if "REG" in use:
+            resident.append(_resident(use["REG"], cfg.num_warps, r["shared"]))
+    if resident and min(resident) != cfg.per_sm:
+        problems.append(f"{config_name}: {min(resident)} programs fit an SM, per_sm says "
+                        f"{cfg.per_sm} ({resident})")  # fmt: skip
     assert not problems, "\n".join(problems)
+
+
+def test_resident_programs_arithmetic():
+    """The residency rule the per_sm check uses, on hand-checked cases."""
+    assert _resident(255, 8, 147456) == 1  # 2 x 256 threads x 256 regs > 64K
+    assert _resident(128, 4, 98304) == 2  # registers allow 4, shared memory 2
+    assert _resident(64, 4, 0) == 8
 
 
 def test_gpu_config_choice_names_shipped_entries():
@@ -202,4 +258,8 @@ def test_gpu_config_choice_names_shipped_entries():
         for n in (1, 300, 5000):
             for dtype in (torch.float32, torch.bfloat16, torch.float16):
                 for has_ref in (False, True):
-                    assert tk.gpu_config_name(kind, n, dtype, has_ref) in _SHIPPED
+                    for shared in (False, True):
+                        for both in (False, True):
+                            name = tk.gpu_config_name(kind, n, dtype, has_ref, shared=shared,
+                                                      both=both)  # fmt: skip
+                            assert name in _SHIPPED

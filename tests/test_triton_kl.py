@@ -11,7 +11,7 @@ import pytest
 import torch
 from helpers import rel_err, worst
 
-from fgpo_kernels import _registry, torch_impl
+from fgpo_kernels import _launch, _registry, torch_impl
 from fgpo_kernels._backend import Needs, RowGrads, RowStats
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -20,7 +20,7 @@ needs_triton = pytest.mark.skipif(not _ok, reason=_why)
 
 if _ok:
     from fgpo_kernels import triton_kl
-    from fgpo_kernels.triton_kl import bwd_gblock, configs
+    from fgpo_kernels.triton_kl import bwd_gblock
 
     # Small tiles so that even small shapes have several row blocks, vocabulary tiles, D chunks
     # and ragged tails everywhere.
@@ -165,10 +165,13 @@ def test_backward_every_gradient_flag(mode, need, bwd):
 
 @needs_triton
 @pytest.mark.parametrize("bwd", BWD)
-def test_backward_many_row_blocks_grouped_order(bwd):
-    """More row blocks than one program group (GROUP_N), with a partial last group."""
-    n = 16 * (configs.BWD_GROUP_N + 2) - 5
+def test_backward_many_row_blocks_grouped_order(bwd, monkeypatch):
+    """More row blocks than one launch-order group, with a partial last group (the group is
+    forced small; TINY has 16-row blocks)."""
+    n = 16 * (3 + 2) - 5
     h, hr, w, wr = _inputs(n, 20, 150, 24, shared=False)
+    real = _launch.group_rows
+    monkeypatch.setattr(_launch, "group_rows", lambda *a: (3, real(*a)[1]))
     stats = triton_kl.forward(h, hr, w, wr, 1.0, splits=2, config=TINY)
     _check_forward(stats, torch_impl.forward(*_f64((h, hr, w, wr)), 1.0), 2e-5, "[groups] ")
     gs = _grads_in(n, True)
@@ -238,7 +241,8 @@ def test_gblock_env_budget_and_modes_agree(mode, monkeypatch):
 @pytest.mark.parametrize("mode", ["shared", "separate"])
 def test_gblock_fp32_output_gemm_path(mode, monkeypatch):
     """The CUDA path of the gblock GEMMs (16-bit operands, fp32 output through ``out_dtype``,
-    two swapping fp32 sums) emulated on CPU: same results as float64 over several chunks."""
+    each fp32 sum accumulated in place: ``out`` IS the sum, so PyTorch copies nothing per chunk)
+    emulated on CPU: same results as float64 over several chunks."""
     n, d, v, dr = 19, 24, 389, 20
     h, hr, w, wr = _inputs(n, d, v, dr, shared=mode == "shared", dtype=torch.bfloat16)
     stats = triton_kl.forward(h, hr, w, wr, 1.0)
@@ -255,9 +259,10 @@ def test_gblock_fp32_output_gemm_path(mode, monkeypatch):
         return out.copy_(real_mm(a.float(), b.float()))
 
     def addmm(c, a, b, out_dtype=None, out=None):
-        assert out_dtype == torch.float32 and out is not None and out.data_ptr() != c.data_ptr()
+        assert out_dtype == torch.float32 and out is not None
+        assert out.data_ptr() == c.data_ptr(), "addmm into another buffer copies the sum first"
         used.append("addmm")
-        return out.copy_(c + real_mm(a.float(), b.float()))
+        return c.add_(real_mm(a.float(), b.float()))
 
     monkeypatch.setattr(bwd_gblock, "_fp32_out_gemm", lambda a: a.dtype != torch.float32)
     monkeypatch.setattr(torch, "mm", mm)
@@ -315,6 +320,36 @@ def test_bwd_mode_and_budget_validation(monkeypatch):
         tk.gblock_elems(None)
     monkeypatch.delenv("FGPO_TRITON_GBLOCK_ELEMS")
     assert tk.gblock_elems(None) == 1 << 25 and tk.gblock_elems(1000) == 1000
+
+
+def test_gblock_budget_from_free_memory(monkeypatch):
+    """On a GPU the gblock buffer is GBLOCK_FREE_FRACTION of the free memory, clamped (fake
+    free-memory numbers; torch.cuda.mem_get_info is replaced)."""
+    pytest.importorskip("triton")
+    from fgpo_kernels import _fake
+    from fgpo_kernels.triton_kl import configs as tk
+
+    gib = 1 << 30
+    assert tk.gblock_budget(1 * gib, 2) == gib // 8 // 2  # 1/8 of 1 GiB in bf16 elements
+    assert tk.gblock_budget(1 * gib, 4) == gib // 8 // 4
+    assert tk.gblock_budget(120 * gib, 2) == tk.GBLOCK_MAX_ELEMS  # an idle H200: the cap
+    assert tk.gblock_budget(16 << 20, 2) == tk.GBLOCK_MIN_ELEMS  # nearly full: the floor
+    monkeypatch.delenv("FGPO_TRITON_GBLOCK_ELEMS", raising=False)
+    asked = []
+    fake_free = lambda dev: asked.append(dev) or (3 * gib, 141 * gib)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", fake_free)
+    cuda = torch.device("cuda", 1)
+    assert tk.gblock_elems(None, cuda, 2) == 3 * gib // 8 // 2 and asked == [cuda]
+    assert tk.gblock_elems(None, torch.device("cpu"), 2) == tk.GBLOCK_ELEMS
+    monkeypatch.setenv("FGPO_TRITON_GBLOCK_ELEMS", "4096")  # the environment wins
+    assert tk.gblock_elems(None, cuda, 2) == 4096
+    monkeypatch.delenv("FGPO_TRITON_GBLOCK_ELEMS")
+    with _fake.simulate_gpu():
+        assert tk.gblock_elems(None, cuda, 2) == tk.GBLOCK_MAX_ELEMS
+    # The SPEC backward (2N = 16384 buffer rows) on an idle H200: 10 chunks of 16384 columns
+    # instead of 75 of 2048 at the old fixed 2^25 budget.
+    vc = tk.chunk_columns(16384, 152064, 128, tk.gblock_budget(120 * gib, 2))
+    assert vc == tk.GBLOCK_MAX_COLS and -(-152064 // vc) == 10
 
 
 def test_chunk_columns_respect_budget_and_tile():
@@ -389,13 +424,20 @@ def test_split_choice_fills_the_gpu(monkeypatch):
     from fgpo_kernels.triton_kl import configs as tk
 
     monkeypatch.setattr(tk, "triton_interpret", lambda: False)
-    monkeypatch.setattr(tk, "sm_count", lambda device: 132)
+    monkeypatch.setattr(_launch, "sm_count", lambda device: 132)
     cuda = torch.device("cuda")
-    tiles = -(-152064 // 128)
-    # Few rows (e.g. 300 masked positions = 5 row blocks), huge V: splits make ~4 programs/SM.
-    s = tk.vocab_splits(5, tiles, cuda)
-    assert 5 * s >= 4 * 132 and s <= tiles
-    # Many rows: row blocks alone fill the GPU.
-    assert tk.vocab_splits(1000, tiles, cuda) == 1
+    cfg = tk.GPU_CONFIGS["fwd"]
+    tiles = -(-152064 // cfg.block_v)
+
+    def plan(n):
+        return tk.grid_plan(cfg, n, 152064, 3584, 3584, True, True, torch.bfloat16, cuda)
+
+    # Few rows (300 masked positions = 3 row blocks), huge V: splits fill whole waves.
+    p = plan(300)
+    assert p.row_blocks * p.splits >= 132 and p.splits <= tiles
+    assert p.programs % 132 == 0 or p.waves >= 4, p
+    # Many rows: the split count keeps the last wave nearly full.
+    p = plan(8192)
+    assert p.row_blocks * p.splits / (p.waves * 132) > 0.95, p
     # Never more splits than tiles.
-    assert tk.vocab_splits(1, 3, cuda) == 3
+    assert tk.grid_plan(cfg, 1, 300, 64, 64, True, True, torch.bfloat16, cuda).splits == 3

@@ -34,8 +34,10 @@ from .configs import (
     KernelConfig,
     bwd_mode,
     chunk_columns,
+    gblock_budget,
     gblock_elems,
     gpu_config_name,
+    grid_plan,
 )
 from .fused import forward_with_grads, forward_with_jacobians
 from .fwd import forward
@@ -50,7 +52,10 @@ __all__ = [
     "forward",
     "forward_with_grads",
     "forward_with_jacobians",
+    "gblock_budget",
+    "gblock_elems",
     "gpu_config_name",
+    "grid_plan",
     "probe",
 ]
 
@@ -96,8 +101,9 @@ def backward(
 ) -> Grads:  # fmt: skip
     """Contract of ``_backend.py``. ``mode`` ("gblock" / "atomic", default env FGPO_TRITON_BWD
     or gblock), ``config`` (kernel tiles) and ``chunk_elems`` (gblock buffer budget, default env
-    FGPO_TRITON_GBLOCK_ELEMS or 2^25) override the defaults (tests, benchmarks)."""
+    FGPO_TRITON_GBLOCK_ELEMS, else a share of the GPU's free memory, else 2^25) override the
+    defaults (tests, benchmarks)."""
     args = (h, hr, w, wr, temperature, RowStats(*stats), RowGrads(*grads), Needs(*need))
     if bwd_mode(mode) == "gblock":
-        return backward_gblock(*args, config=config, chunk_elems=gblock_elems(chunk_elems))
+        return backward_gblock(*args, config=config, chunk_elems=chunk_elems)
     return backward_atomic(*args, config=config)

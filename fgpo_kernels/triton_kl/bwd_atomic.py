@@ -16,7 +16,7 @@ from torch import Tensor
 
 from .._backend import Grads, Needs, RowGrads, RowStats
 from .common import DOT_PRECISION, on_device, prepare, row_inputs, tl, triton
-from .configs import BWD_GROUP_N, KernelConfig, kernel_config, launch_opts
+from .configs import KernelConfig, grid_plan, kernel_config, launch_opts
 
 if triton is not None:
     from .common import _grouped_pid, _tile_grads, _tile_logits
@@ -28,14 +28,14 @@ if triton is not None:
         dh_ptr, dhr_ptr, dw_ptr, dwr_ptr,  # fp32 contiguous gradient buffers (atomic adds)
         N, V, D, DR, stride_h, stride_hr, stride_w, stride_wr,
         inv_t,  # 1 / temperature
+        group,  # row blocks that sweep the vocabulary together (L2 reuse, _launch.py)
         BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-        GROUP_N: tl.constexpr,  # row blocks that sweep the vocabulary together (L2 reuse)
         HAS_REF: tl.constexpr, SHARED: tl.constexpr, PREC: tl.constexpr, PREC_R: tl.constexpr,
         DO_DH: tl.constexpr, DO_DW: tl.constexpr,  # policy gradients wanted
         DO_DHR: tl.constexpr, DO_DWR: tl.constexpr,  # reference gradients wanted (DWR: separate)
     ):  # fmt: skip
-        # Grouped program order: GROUP_N consecutive row blocks walk the vocabulary tiles together.
-        pid_n, pid_v = _grouped_pid(tl.cdiv(N, BLOCK_N), tl.cdiv(V, BLOCK_V), GROUP_N)
+        # Grouped order: ``group`` consecutive row blocks walk the vocabulary tiles together.
+        pid_n, pid_v = _grouped_pid(tl.cdiv(N, BLOCK_N), tl.cdiv(V, BLOCK_V), group)
 
         rows = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
         cols = (pid_v * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
@@ -137,21 +137,21 @@ def backward_atomic(
 
     dh, dw = buf(n, d, need_h), buf(v, d, need_w)
     dhr, dwr = buf(n, dr, need_hr), buf(v, dr, need_wr)
-    if not (need_h or need_w or need_hr or need_wr):
+    if n == 0 or not (need_h or need_w or need_hr or need_wr):
         return Grads(dh, dhr, dw, dwr)
     per_row = row_inputs(n, dev, stats, grads)
-    cfg = config or kernel_config("bwd", n, max(d, dr), h.dtype, has_ref)
+    cfg = config or kernel_config("bwd", n, max(d, dr), h.dtype, has_ref, device=dev)
     hr_, wr_ = (hr if has_ref else h), (w if shared else wr)
     dummy = per_row  # stands in for the gradient buffers nobody asked for (never touched)
-    grid = (triton.cdiv(n, cfg.block_n) * triton.cdiv(v, cfg.block_v),)
+    plan = grid_plan(cfg, n, v, d, dr, has_ref, shared, h.dtype, dev, tiles_per_program=1)
     with on_device(h):
-        _bwd_kernel[grid](
+        _bwd_kernel[(plan.programs,)](
             h, hr_, w, wr_, per_row,
             dummy if dh is None else dh, dummy if dhr is None else dhr,
             dummy if dw is None else dw, dummy if dwr is None else dwr,
             n, v, d, dr, h.stride(0), hr_.stride(0), w.stride(0), wr_.stride(0),
-            1.0 / temperature,
-            BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d, GROUP_N=BWD_GROUP_N,
+            1.0 / temperature, plan.group,
+            BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
             HAS_REF=has_ref, SHARED=shared,
             PREC=DOT_PRECISION[h.dtype], PREC_R=DOT_PRECISION[hr_.dtype],
             DO_DH=need_h, DO_DW=need_w, DO_DHR=need_hr, DO_DWR=need_wr,

@@ -19,10 +19,10 @@ from torch import Tensor
 from .._backend import Grads, Needs, RowGrads, RowStats
 from .common import DOT_PRECISION, on_device, prepare, row_inputs, tl, triton
 from .configs import (
-    BWD_GROUP_N,
-    GBLOCK_ELEMS,
     KernelConfig,
     chunk_columns,
+    gblock_elems,
+    grid_plan,
     kernel_config,
     launch_opts,
 )
@@ -40,15 +40,15 @@ if triton is not None:
         inv_t,  # 1 / temperature
         v0,  # first vocabulary column of the chunk
         chunk_v,  # columns in the chunk (v0 + chunk_v <= V)
+        group,  # row blocks that sweep the chunk's tiles together (L2 reuse, _launch.py)
         BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-        GROUP_N: tl.constexpr,  # row blocks that sweep the chunk's tiles together (L2 reuse)
         HAS_REF: tl.constexpr, SHARED: tl.constexpr, PREC: tl.constexpr, PREC_R: tl.constexpr,
         DO_G: tl.constexpr, DO_GR: tl.constexpr,  # which gradient tiles to write
         FROM_LOGITS: tl.constexpr,  # read the kept logits instead of recomputing them
     ):  # fmt: skip
         """gblock backward, step 1: the logit-gradient tiles of one vocabulary chunk, written to
         a (rows x chunk) buffer for the library GEMMs (already divided by T)."""
-        pid_n, pid_v = _grouped_pid(tl.cdiv(N, BLOCK_N), tl.cdiv(chunk_v, BLOCK_V), GROUP_N)
+        pid_n, pid_v = _grouped_pid(tl.cdiv(N, BLOCK_N), tl.cdiv(chunk_v, BLOCK_V), group)
         rows = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
         local = (pid_v * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
         cols = v0 + local
@@ -82,11 +82,12 @@ if triton is not None:
 
 # ---------------------------------------------------------------------------------- host side
 
-_OUT_DTYPE_GEMM: dict = {}  # device -> whether torch.mm / addmm accept out_dtype=float32 there
+_OUT_DTYPE_GEMM: dict = {}  # (device, dtype) -> whether cuBLAS can accumulate fp32 in place
 
 
 def _fp32_out_gemm(a: Tensor) -> bool:
-    """16-bit CUDA operands and a torch whose cuBLAS GEMMs can write fp32 (``out_dtype``)."""
+    """16-bit CUDA operands and a torch whose cuBLAS GEMMs write fp32 (``out_dtype``) and add
+    into the output in place (``addmm(acc, a, b, out=acc)``), checked once per device."""
     if a.dtype == torch.float32 or a.device.type != "cuda":
         return False
     key = (str(a.device), a.dtype)
@@ -95,8 +96,8 @@ def _fp32_out_gemm(a: Tensor) -> bool:
             x = torch.ones((2, 2), dtype=a.dtype, device=a.device)
             out = torch.empty((2, 2), dtype=torch.float32, device=a.device)
             torch.mm(x, x, out_dtype=torch.float32, out=out)
-            res = torch.addmm(out, x, x, out_dtype=torch.float32)
-            _OUT_DTYPE_GEMM[key] = bool((res == 4).all())
+            res = torch.addmm(out, x, x, out_dtype=torch.float32, out=out)
+            _OUT_DTYPE_GEMM[key] = bool((res == 4).all()) and res.data_ptr() == out.data_ptr()
         except (TypeError, RuntimeError):
             _OUT_DTYPE_GEMM[key] = False
     return _OUT_DTYPE_GEMM[key]
@@ -119,26 +120,22 @@ def _gemm_store(out: Tensor, a: Tensor, b: Tensor) -> None:
 
 
 class _Acc:
-    """An fp32 (rows, D) accumulator over vocabulary chunks: acc += a @ b.
+    """An fp32 (rows, D) accumulator over vocabulary chunks: acc += a @ b, in place.
 
-    fp32 operands: in-place addmm. 16-bit CUDA operands: cuBLAS reads the old sum and writes
-    the new one in fp32 (``addmm(..., out_dtype=float32)``) into a second buffer, then the two
-    swap (no aliasing of input and output, no extra pass over the sum). Otherwise (CPU, or a
-    torch without ``out_dtype``): the chunk's product is rounded to the input dtype, then added in
-    fp32."""
+    fp32 operands: ``addmm_``. 16-bit CUDA operands: cuBLAS reads the sum and writes it back
+    in fp32 (``addmm(acc, a, b, out_dtype=float32, out=acc)``: beta = 1 on the same buffer; an
+    ``out`` other than ``acc`` would make PyTorch copy the sum there first, one extra pass over
+    it per chunk). Otherwise (CPU, or a torch without ``out_dtype``): the chunk's product is
+    rounded to the input dtype, then added in fp32."""
 
     def __init__(self, rows: int, cols: int, device) -> None:
         self.sum = torch.zeros((rows, cols), dtype=torch.float32, device=device)
-        self.spare: Tensor | None = None
 
     def add(self, a: Tensor, b: Tensor) -> None:
         if a.dtype == torch.float32:
             self.sum.addmm_(a, b)
         elif _fp32_out_gemm(a):
-            if self.spare is None:
-                self.spare = torch.empty_like(self.sum)
-            torch.addmm(self.sum, a, b, out_dtype=torch.float32, out=self.spare)
-            self.sum, self.spare = self.spare, self.sum
+            torch.addmm(self.sum, a, b, out_dtype=torch.float32, out=self.sum)
         else:
             self.sum.add_(torch.mm(_dense_on_cpu(a), b))
 
@@ -146,13 +143,14 @@ class _Acc:
 def backward_gblock(
     h: Tensor, hr: Tensor | None, w: Tensor, wr: Tensor | None, temperature: float,
     stats: RowStats, grads: RowGrads, need: Needs,
-    *, config: KernelConfig | None = None, chunk_elems: int = GBLOCK_ELEMS,
+    *, config: KernelConfig | None = None, chunk_elems: int | None = None,
     logits: tuple[Tensor, Tensor | None] | None = None,
 ) -> Grads:  # fmt: skip
     """Per vocabulary chunk: a Triton kernel writes G / T (and Gr / T) for all rows in the input
     dtype, then library GEMMs do dh += G W_c, dW_c = G^T h (written once, no atomics).
     ``logits`` = (z, zr) kept by ``forward`` (row-major fp32, row stride V): G is computed from
-    them instead of recomputing the logit tiles."""
+    them instead of recomputing the logit tiles. ``chunk_elems``: the buffer budget
+    (``configs.gblock_elems``: env, else a share of the GPU's free memory)."""
     h, hr, w, wr = prepare(h, hr, w, wr)
     n, d = h.shape
     v = w.shape[0]
@@ -171,14 +169,17 @@ def backward_gblock(
     dw = torch.empty((v, d), dtype=torch.float32, device=dev) if need_w else None
     dwr = torch.empty((v, dr), dtype=torch.float32, device=dev) if need_wr else None
     per_row = row_inputs(n, dev, stats, grads)
-    cfg = config or kernel_config("g", n, max(d, dr), h.dtype, has_ref)
+    cfg = config or kernel_config("g", n, max(d, dr), h.dtype, has_ref, shared=shared,
+                                  both=(do_g and do_gr) or logits is not None,
+                                  device=dev)  # fmt: skip
     hr_, wr_ = (hr if has_ref else h), (w if shared else wr)
+    budget = gblock_elems(chunk_elems, dev, h.element_size())
 
     # Gradient buffers. Shared weight: one buffer, G rows on top of Gr rows, so the shared dW is
     # ONE GEMM over 2N rows (against [h; hr]) and dh, dhr one GEMM against the W chunk.
     g_rows = n if do_g else 0
     gr_rows = n if do_gr else 0
-    vc = chunk_columns(g_rows + gr_rows, v, cfg.block_v, chunk_elems)
+    vc = chunk_columns(g_rows + gr_rows, v, cfg.block_v, budget)
     if shared:
         buf = torch.empty((g_rows + gr_rows, vc), dtype=h.dtype, device=dev)
         gbuf, grbuf = buf[:g_rows], buf[g_rows:]
@@ -200,21 +201,22 @@ def backward_gblock(
     else:
         w_rhs = h
 
-    n_row_blocks = triton.cdiv(n, cfg.block_n)
     opts = launch_opts(cfg)
     z_buf, zr_buf = logits if logits is not None else (per_row, per_row)
     zr_buf = z_buf if zr_buf is None else zr_buf
     with on_device(h):
         for v0 in range(0, v, vc):
             vl = min(vc, v - v0)
-            grid = (n_row_blocks * triton.cdiv(vl, cfg.block_v),)
+            plan = grid_plan(cfg, n, vl, d, dr, has_ref, shared, h.dtype, dev,
+                             tiles_per_program=1)  # fmt: skip
+            grid = (plan.programs,)
             _g_kernel[grid](
                 h, hr_, w, wr_, per_row, g_arg, gr_arg, z_buf, zr_buf,
                 n, v, d, dr, h.stride(0), hr_.stride(0), w.stride(0), wr_.stride(0),
                 g_arg.stride(0), gr_arg.stride(0), z_buf.stride(0),
-                1.0 / temperature, v0, vl,
+                1.0 / temperature, v0, vl, plan.group,
                 BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
-                GROUP_N=BWD_GROUP_N, HAS_REF=has_ref, SHARED=shared,
+                HAS_REF=has_ref, SHARED=shared,
                 PREC=DOT_PRECISION[h.dtype], PREC_R=DOT_PRECISION[hr_.dtype],
                 DO_G=do_g, DO_GR=do_gr, FROM_LOGITS=logits is not None,
                 **opts,

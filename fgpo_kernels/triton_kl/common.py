@@ -2,8 +2,10 @@
 
 Jit helpers (row i, vocabulary column j of one tile, T = temperature):
     _tile_logits   z = h W^T / T and zr = hr Wr^T / T for a (BLOCK_N, BLOCK_V) tile, fp32
-                   accumulation over BLOCK_D chunks of D (one load of each W chunk when shared)
-    _grouped_pid   (row block, column block) of a program in grouped (L2-friendly) order
+                   accumulation over BLOCK_D chunks of D (one load of each W chunk when shared;
+                   both dots in one loop; W loads evict_first)
+    _grouped_pid   (row block, column block) of a program in grouped (L2-friendly) order,
+                   the order ``_launch.py`` sizes
     _tile_grads    G  = g_fkl (p - r) + g_rkl p (d - rkl) - g_lp p
                    Gr = g_fkl r (-d - fkl) + g_rkl (r - p) - g_lpr r      (d = log p - log r)
                    from the saved per-row lse, lser, fkl, rkl and the incoming per-row gradients
@@ -47,11 +49,17 @@ if triton is not None:
         SHARED: tl.constexpr,  # the reference uses w (one load of each W chunk for both dots)
         PREC: tl.constexpr, PREC_R: tl.constexpr,  # dot input precision ("ieee" for fp32)
     ):  # fmt: skip
-        """(z, zr) fp32 tiles (BLOCK_N, BLOCK_V), already divided by T; masked entries are 0."""
+        """(z, zr) fp32 tiles (BLOCK_N, BLOCK_V), already divided by T; masked entries are 0.
+
+        One loop over max(D, DR) feeds both dots (a separate reference weight too: one
+        accumulator pair live at a time, which keeps 128 x 128 tiles free of register spills;
+        when D != DR the shorter side's slices are masked to zero). W loads ``evict_first``: the
+        row blocks of one group read a W slice at about the same time and never again, so L2
+        keeps the hidden states instead (the L2 model of ``_launch.py``)."""
         offs_d = tl.arange(0, BLOCK_D)
         acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
         accr = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
-        for d0 in range(0, D, BLOCK_D):
+        for d0 in range(0, tl.maximum(D, DR), BLOCK_D):
             dk = d0 + offs_d
             dk_ok = dk < D
             x = tl.load(
@@ -63,42 +71,37 @@ if triton is not None:
                 w_ptr + cols[None, :] * stride_w + dk[:, None],
                 mask=dk_ok[:, None] & col_ok[None, :],
                 other=0.0,
+                eviction_policy="evict_first",
             )
             acc = tl.dot(x, wt, acc, input_precision=PREC)
             if HAS_REF:
+                dkr_ok = dk < DR
+                xr = tl.load(
+                    hr_ptr + rows[:, None] * stride_hr + dk[None, :],
+                    mask=row_ok[:, None] & dkr_ok[None, :],
+                    other=0.0,
+                )
                 if SHARED:
-                    xr = tl.load(
-                        hr_ptr + rows[:, None] * stride_hr + dk[None, :],
-                        mask=row_ok[:, None] & dk_ok[None, :],
-                        other=0.0,
-                    )
                     accr = tl.dot(xr, wt, accr, input_precision=PREC_R)
-        if HAS_REF:
-            if not SHARED:
-                for d0 in range(0, DR, BLOCK_D):
-                    dk = d0 + offs_d
-                    dk_ok = dk < DR
-                    xr = tl.load(
-                        hr_ptr + rows[:, None] * stride_hr + dk[None, :],
-                        mask=row_ok[:, None] & dk_ok[None, :],
-                        other=0.0,
-                    )
+                else:
                     wrt = tl.load(
                         wr_ptr + cols[None, :] * stride_wr + dk[:, None],
-                        mask=dk_ok[:, None] & col_ok[None, :],
+                        mask=dkr_ok[:, None] & col_ok[None, :],
                         other=0.0,
+                        eviction_policy="evict_first",
                     )
                     accr = tl.dot(xr, wrt, accr, input_precision=PREC_R)
         return acc * inv_t, accr * inv_t
 
     @triton.jit
-    def _grouped_pid(n_row_blocks, n_col_blocks, GROUP_N: tl.constexpr):
-        """(row block, column block) of this program in grouped order: GROUP_N consecutive row
-        blocks walk the column blocks together, so their W and H tiles are reused from L2."""
+    def _grouped_pid(n_row_blocks, n_col_blocks, group):
+        """(row block, column block or split) of this program in grouped order: ``group``
+        consecutive row blocks walk the column blocks together, row block fastest, so one wave
+        touches few H blocks and W tiles and both are reused from L2 (``_launch.py``)."""
         pid = tl.program_id(0)
-        per_group = GROUP_N * n_col_blocks
-        first = (pid // per_group) * GROUP_N
-        group_size = tl.minimum(n_row_blocks - first, GROUP_N)
+        per_group = group * n_col_blocks
+        first = (pid // per_group) * group
+        group_size = tl.minimum(n_row_blocks - first, group)
         pid_n = first + (pid % per_group) % group_size
         pid_v = (pid % per_group) // group_size
         return pid_n, pid_v

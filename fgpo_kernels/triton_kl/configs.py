@@ -12,7 +12,9 @@ from typing import NamedTuple
 
 import torch
 
-from .._util import sm_count, triton_interpret
+from .. import _launch
+from .._launch import GridPlan
+from .._util import simulated_gpu, triton_interpret
 
 
 class KernelConfig(NamedTuple):
@@ -21,37 +23,52 @@ class KernelConfig(NamedTuple):
     block_d: int
     num_warps: int
     num_stages: int
+    # Programs resident per SM on sm_90 (registers and shared memory of the compiled kernel allow
+    # it; tests/test_triton_aot.py checks): sizes the waves of the launch plan (_launch.py).
+    per_sm: int = 1
 
 
 # The shipped GPU configurations, one line each (no autotuning). The tests compile every entry
-# ahead of time for sm_80 and sm_90 (for each kernel variant it serves) and check that nothing
-# spills and that 16-bit inputs use tensor cores (mma / wgmma); all entries were checked spill-free
-# with triton 3.6.0 and 3.7.1. fp32 inputs use IEEE dots (FMA, exact to fp32), which need smaller
-# tiles and fewer stages (with 2 stages ptxas spills the log-prob forward and the fp32 backward).
+# ahead of time for the architectures it serves (``SM80_ONLY`` / ``SM90_ONLY``, else sm_80 and
+# sm_90), for each kernel variant, with D % 16 == 0 as the launcher specializes it, and check
+# that nothing spills, that 16-bit inputs use tensor cores, the widest wgmma instruction on
+# sm_90, the shared memory per program and ``per_sm``; all entries were checked with triton
+# 3.6.0 and 3.7.1. On sm_90, 128 x 128 tiles give wgmma m64n128k16 (64-wide tiles give m64n64,
+# which needs about the whole shared-memory bandwidth of an SM). Where a kernel holds two
+# 128 x 128 fp32 tiles AND their gradients or stores, ptxas spills (bytes of stack measured
+# with triton 3.7.1 in the comments), so those launches keep narrower tiles; so does sm_80
+# (mma.sync, no wgmma: 104 B of spill at 128 x 128). fp32 inputs use IEEE dots (FMA, exact to
+# fp32), which need smaller tiles and fewer stages.
 GPU_CONFIGS = {
-    "fwd_few_rows": KernelConfig(64, 128, 64, 8, 3),  # bf16/fp16, N <= _FEW_ROWS
-    "fwd": KernelConfig(128, 64, 64, 8, 3),  # bf16/fp16, many rows
+    "fwd": KernelConfig(128, 128, 64, 8, 3),  # sm_90 bf16/fp16 forward: m64n128k16
+    "fwd_sm80": KernelConfig(128, 64, 32, 8, 3),  # sm_80 bf16/fp16 forward
     # bf16/fp16 forward that also writes its logits (gradients in the forward, fused.py): the
-    # stores of two 64 x 128 fp32 tiles spill the "fwd" entries (255 registers + stack).
+    # stores of two fp32 tiles spill wider tiles (696 B at 128 x 128, 48 B at 64 x 64 x 4 warps).
     "fwd_store": KernelConfig(64, 64, 64, 8, 3),
-    "bwd": KernelConfig(64, 128, 32, 8, 3),  # bf16/fp16
-    "fwd_fp32": KernelConfig(64, 64, 32, 8, 2),
-    "fwd_fp32_logprob": KernelConfig(64, 64, 32, 8, 1),
-    "bwd_fp32": KernelConfig(64, 64, 16, 8, 1),
-    "g": KernelConfig(64, 128, 64, 8, 3),  # bf16/fp16 gblock G tiles
-    "g_fp32": KernelConfig(64, 64, 32, 8, 2),
+    "bwd": KernelConfig(64, 128, 32, 8, 3),  # bf16/fp16 atomic backward
+    "fwd_fp32": KernelConfig(64, 64, 16, 8, 1),
+    "fwd_fp32_logprob": KernelConfig(32, 64, 32, 4, 1, per_sm=3),
+    "bwd_fp32": KernelConfig(64, 32, 16, 8, 1),
+    "g": KernelConfig(128, 128, 64, 8, 3),  # sm_90 gblock writing G or Gr (LoRA): m64n128k16
+    # gblock writing G and Gr (trained head or reference: 88 B at 128 x 128), or reading kept
+    # logits (FROM_LOGITS: 16 B), and every gblock launch on sm_80.
+    "g_both": KernelConfig(128, 64, 64, 8, 3),
+    "g_fp32": KernelConfig(64, 64, 16, 8, 2, per_sm=2),
 }
-# Rows at or below which the 16-bit forward uses the smaller row block (less padding).
-_FEW_ROWS = 1024
-# Row blocks that sweep the vocabulary tiles together in the backward kernels (L2 reuse).
-BWD_GROUP_N = 8
+SM90_ONLY = ("fwd", "g")
+SM80_ONLY = ("fwd_sm80",)
 # Backward modes (env FGPO_TRITON_BWD): "gblock" writes the logit gradient of one vocabulary chunk
 # and runs library GEMMs; "atomic" accumulates every tile with fp32 atomics. Why gblock is the
 # default: docs/kernels/triton.md.
 BWD_MODES = ("gblock", "atomic")
-# gblock: elements of the (rows x chunk) gradient buffer(s) at most (env FGPO_TRITON_GBLOCK_ELEMS),
-# and a chunk never wider than this many columns (the buffer never spans a whole LM vocabulary).
+# gblock: elements of the (rows x chunk) gradient buffer(s). On a GPU the budget is a share of
+# the device's free memory (``gblock_budget``), between the floor and the cap below; elsewhere
+# (CPU, interpreter, simulation) GBLOCK_ELEMS. Env FGPO_TRITON_GBLOCK_ELEMS overrides both.
 GBLOCK_ELEMS = 1 << 25
+GBLOCK_FREE_FRACTION = 0.125  # of the free bytes at the call: G buffers live only inside it
+GBLOCK_MAX_ELEMS = 1 << 28  # 512 MB of bf16: chunk GEMMs are already at full rate far below
+GBLOCK_MIN_ELEMS = 1 << 22  # below this, per-chunk launches start to cost time
+# A chunk is never wider than this many columns (the buffer never spans a whole LM vocabulary).
 GBLOCK_MAX_COLS = 16384
 
 
@@ -73,9 +90,14 @@ def _interp_config(n: int, d: int) -> KernelConfig:
 KINDS = ("fwd", "fwd_store", "bwd", "g")
 
 
-def gpu_config_name(kind: str, n: int, dtype: torch.dtype, has_ref: bool) -> str:
+def gpu_config_name(
+    kind: str, n: int, dtype: torch.dtype, has_ref: bool, *, shared: bool = True,
+    both: bool = False, arch: int = 90,
+) -> str:  # fmt: skip
     """The GPU_CONFIGS entry used for a launch (``kind``: one of ``KINDS``; "fwd_store" is the
-    forward that keeps its logits)."""
+    forward that keeps its logits). ``shared``: the reference uses the policy's weight;
+    ``both``: a "g" launch writes G and Gr or reads kept logits; ``arch``: the GPU's compute
+    capability as major * 10 + minor (below 90: no wgmma)."""
     if kind not in KINDS:
         raise ValueError(f"gpu_config_name: kind must be one of {KINDS}, got {kind!r}")
     if dtype == torch.float32:
@@ -83,31 +105,72 @@ def gpu_config_name(kind: str, n: int, dtype: torch.dtype, has_ref: bool) -> str
         if kind == "fwd" and not has_ref:
             return "fwd_fp32_logprob"
         return f"{kind}_fp32"
-    if kind == "fwd_store":
-        return kind
     if kind == "fwd":
-        return "fwd_few_rows" if n <= _FEW_ROWS else "fwd"
+        return "fwd" if arch >= 90 else "fwd_sm80"
+    if kind == "g":
+        return "g" if arch >= 90 and not (has_ref and both) else "g_both"
     return kind
 
 
-def kernel_config(kind: str, n: int, d: int, dtype: torch.dtype, has_ref: bool) -> KernelConfig:
-    """Tiles of one launch: the interpreter's under TRITON_INTERPRET=1, else the shipped entry."""
+def device_arch(device: torch.device | None) -> int:
+    """Compute capability (major * 10 + minor) of a CUDA device; 90 (H100/H200) for a simulated
+    GPU or when none can be asked."""
+    if device is None or device.type != "cuda" or simulated_gpu() is not None:
+        return 90
+    if not torch.cuda.is_available():
+        return 90
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
+
+
+def kernel_config(
+    kind: str, n: int, d: int, dtype: torch.dtype, has_ref: bool, *, shared: bool = True,
+    both: bool = False, device: torch.device | None = None,
+) -> KernelConfig:  # fmt: skip
+    """Tiles of one launch: the interpreter's under TRITON_INTERPRET=1, else the shipped entry
+    for ``device``'s architecture."""
     if triton_interpret():
         return _interp_config(n, d)
-    return GPU_CONFIGS[gpu_config_name(kind, n, dtype, has_ref)]
+    name = gpu_config_name(kind, n, dtype, has_ref, shared=shared, both=both,
+                           arch=device_arch(device))  # fmt: skip
+    return GPU_CONFIGS[name]
 
 
 def launch_opts(cfg: KernelConfig) -> dict:
     return {} if triton_interpret() else {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
 
 
-def vocab_splits(n_row_blocks: int, n_tiles: int, device: torch.device) -> int:
-    """Vocabulary splits: enough programs for ~4 per SM (few on CPU / the interpreter)."""
-    if triton_interpret() or device.type != "cuda":
-        target = 2
-    else:
-        target = -(-4 * sm_count(device) // n_row_blocks)
-    return max(1, min(n_tiles, target))
+def plan_inputs(
+    cfg: KernelConfig, d: int, dr: int, has_ref: bool, shared: bool, elem: int
+) -> tuple[int, int]:
+    """(hidden-state bytes of one row, W bytes one split holds in L2) of a Triton launch, for
+    ``_launch.plan``. W loads are ``evict_first``: a split holds only the slices in flight,
+    ``num_stages x BLOCK_V x BLOCK_D`` (per weight)."""
+    h_row = (d + (dr if has_ref else 0)) * elem
+    w_window = cfg.num_stages * cfg.block_v * cfg.block_d * elem * (1 if shared else 2)
+    return h_row, w_window
+
+
+def grid_plan(
+    cfg: KernelConfig, n: int, v: int, d: int, dr: int, has_ref: bool, shared: bool,
+    dtype: torch.dtype, device: torch.device, *, splits: int | None = None,
+    tiles_per_program: int | None = None,
+) -> GridPlan:  # fmt: skip
+    """Splits, launch-order group and waves of one Triton launch on ``device``
+    (``_launch.device_plan``). On a CPU or the interpreter (one "SM") the forward takes 2
+    splits unless told, so the tests run the merge."""
+    elem = dtype.itemsize
+    h_row, w_window = plan_inputs(cfg, d, dr, has_ref, shared, elem)
+    if (
+        splits is None
+        and tiles_per_program is None
+        and (triton_interpret() or (device.type != "cuda" and simulated_gpu() is None))
+    ):
+        splits = 2
+    return _launch.device_plan(
+        n, v, cfg.block_n, cfg.block_v, device, per_sm=cfg.per_sm, h_row_bytes=h_row,
+        w_window=w_window, splits=splits, tiles_per_program=tiles_per_program,
+    )  # fmt: skip
 
 
 def bwd_mode(mode: str | None = None) -> str:
@@ -119,14 +182,29 @@ def bwd_mode(mode: str | None = None) -> str:
     return chosen
 
 
-def gblock_elems(chunk_elems: int | None) -> int:
+def gblock_budget(free_bytes: int, elem_bytes: int) -> int:
+    """gblock buffer elements for a device with ``free_bytes`` free: GBLOCK_FREE_FRACTION of
+    them in the input dtype, clamped to [GBLOCK_MIN_ELEMS, GBLOCK_MAX_ELEMS]."""
+    elems = int(free_bytes * GBLOCK_FREE_FRACTION) // max(1, int(elem_bytes))
+    return max(GBLOCK_MIN_ELEMS, min(GBLOCK_MAX_ELEMS, elems))
+
+
+def gblock_elems(
+    chunk_elems: int | None, device: torch.device | None = None, elem_bytes: int = 2
+) -> int:
     """The gblock buffer budget: ``chunk_elems`` if given, else env FGPO_TRITON_GBLOCK_ELEMS,
-    else GBLOCK_ELEMS."""
+    else, on a GPU, ``gblock_budget`` of its free memory now (a simulated GPU: the largest,
+    GBLOCK_MAX_ELEMS), else GBLOCK_ELEMS."""
     if chunk_elems is not None:
         value, src = chunk_elems, "chunk_elems"
     else:
         raw, src = os.environ.get("FGPO_TRITON_GBLOCK_ELEMS"), "FGPO_TRITON_GBLOCK_ELEMS"
         if not raw:
+            if simulated_gpu() is not None:  # a memory simulation: the largest the GPU takes
+                return GBLOCK_MAX_ELEMS
+            if device is not None and device.type == "cuda":
+                free, _total = torch.cuda.mem_get_info(device)
+                return gblock_budget(free, elem_bytes)
             return GBLOCK_ELEMS
         try:
             value = int(raw)

@@ -18,7 +18,6 @@ from torch import Tensor
 
 from .._backend import Grads, Needs, RowGrads, RowJacobians, RowStats
 from .bwd_gblock import backward_gblock
-from .configs import gblock_elems
 from .fwd import forward
 
 
@@ -42,7 +41,7 @@ def forward_with_grads(
         return None
     stats = forward(h, hr, w, wr, temperature, logits=logits)
     out = backward_gblock(h, hr, w, wr, temperature, stats, RowGrads(*grads), Needs(*need),
-                          chunk_elems=gblock_elems(None), logits=logits)  # fmt: skip
+                          logits=logits)  # fmt: skip
     return stats, out
 
 
@@ -59,7 +58,6 @@ def forward_with_jacobians(
     n = h.shape[0]
     only_h = Needs(True, False, False, False)
     ones = torch.ones(n, dtype=torch.float32, device=h.device)
-    elems = gblock_elems(None)
 
     def dh(rows: int, grads: RowGrads) -> Tensor:
         """d(sum of the unit-weighted outputs)/dh of the first ``rows`` rows: row i's own."""
@@ -67,7 +65,7 @@ def forward_with_jacobians(
         sub = RowStats(*(None if x is None else x[:rows] for x in stats))
         held = (z[:rows], None if zr is None else zr[:rows])
         part = backward_gblock(h[:rows], None if hr is None else hr[:rows], w, wr, temperature,
-                               sub, grads, only_h, chunk_elems=elems, logits=held)  # fmt: skip
+                               sub, grads, only_h, logits=held)  # fmt: skip
         return part.dh
 
     # G = -g_lp p with g_lp = 1 is dlogp/dz without its one-hot part.

@@ -7,8 +7,10 @@ Math (row i; p = softmax z, r = softmax zr, T = temperature):
     (all four rescaled by e^(m_old - m_new) when a maximum moves), then
         lse = m + log s,  rkl = A / s - lse + lser,  fkl = B / sr - lser + lse
     (``_backend.finish_kl``: lse - lser formed as (m - mr) + (log s - log sr)).
-Grid (row blocks, vocabulary splits): each program writes its partial statistics per
-(row, split); ``forward`` merges them over the splits (log-sum-exp rescaling) in a few torch ops.
+Grid: row blocks x vocabulary splits programs in the grouped order of ``_launch.py`` (groups of
+row blocks, row block fastest, so one wave's H blocks and W tiles stay in L2); the split count
+fills whole waves. Each program writes its partial statistics per (row, split); ``forward``
+merges them over the splits (log-sum-exp rescaling) in a few torch ops.
 """
 
 from __future__ import annotations
@@ -18,10 +20,10 @@ from torch import Tensor
 
 from .._backend import RowStats, finish_kl
 from .common import DOT_PRECISION, on_device, prepare, tl, triton
-from .configs import KernelConfig, kernel_config, launch_opts, vocab_splits
+from .configs import KernelConfig, grid_plan, kernel_config, launch_opts
 
 if triton is not None:
-    from .common import _tile_logits
+    from .common import _grouped_pid, _tile_logits
 
     @triton.jit
     def _fwd_kernel(
@@ -31,13 +33,13 @@ if triton is not None:
         N, V, D, DR, stride_h, stride_hr, stride_w, stride_wr,
         inv_t,  # 1 / temperature
         tiles_per_split,  # vocabulary tiles owned by one program
-        n_splits,  # grid size along axis 1
+        n_splits,  # splits per row block (grid = row blocks x n_splits programs)
+        group,  # row blocks numbered together (launch order, _launch.py)
         BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
         HAS_REF: tl.constexpr, SHARED: tl.constexpr, PREC: tl.constexpr, PREC_R: tl.constexpr,
         STORE_LOGITS: tl.constexpr,  # also write every logit tile (gradients in the forward)
     ):  # fmt: skip
-        pid_n = tl.program_id(0)
-        pid_s = tl.program_id(1)
+        pid_n, pid_s = _grouped_pid(tl.cdiv(N, BLOCK_N), n_splits, group)
         rows = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
         row_ok = rows < N
         neg_inf = float("-inf")
@@ -110,27 +112,26 @@ def forward(
     has_ref, shared = hr is not None, wr is None
     dr = hr.shape[1] if has_ref else d
     kind = "fwd" if logits is None else "fwd_store"
-    cfg = config or kernel_config(kind, n, max(d, dr), h.dtype, has_ref)
-    n_row_blocks = triton.cdiv(n, cfg.block_n)
-    n_tiles = triton.cdiv(v, cfg.block_v)
-    s = splits or vocab_splits(n_row_blocks, n_tiles, h.device)
-    s = max(1, min(int(s), n_tiles))
-    tiles_per_split = triton.cdiv(n_tiles, s)
-    s = triton.cdiv(n_tiles, tiles_per_split)  # every split owns at least one tile
+    cfg = config or kernel_config(
+        kind, n, max(d, dr), h.dtype, has_ref, shared=shared, device=h.device
+    )
+    plan = grid_plan(cfg, n, v, d, dr, has_ref, shared, h.dtype, h.device, splits=splits)
+    s = plan.splits
     part = torch.empty((6 if has_ref else 2, n, s), dtype=torch.float32, device=h.device)
     hr_, wr_ = (hr if has_ref else h), (w if shared else wr)
     z_buf, zr_buf = logits if logits is not None else (part, part)
-    with on_device(h):
-        _fwd_kernel[(n_row_blocks, s)](
-            h, hr_, w, wr_, part, z_buf, zr_buf if zr_buf is not None else z_buf,
-            n, v, d, dr, h.stride(0), hr_.stride(0), w.stride(0), wr_.stride(0),
-            1.0 / temperature, tiles_per_split, s,
-            BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
-            HAS_REF=has_ref, SHARED=shared,
-            PREC=DOT_PRECISION[h.dtype], PREC_R=DOT_PRECISION[hr_.dtype],
-            STORE_LOGITS=logits is not None,
-            **launch_opts(cfg),
-        )  # fmt: skip
+    if n:  # no rows: nothing to launch (the program numbering needs a row block)
+        with on_device(h):
+            _fwd_kernel[(plan.programs,)](
+                h, hr_, w, wr_, part, z_buf, zr_buf if zr_buf is not None else z_buf,
+                n, v, d, dr, h.stride(0), hr_.stride(0), w.stride(0), wr_.stride(0),
+                1.0 / temperature, plan.tiles_per_split, s, plan.group,
+                BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
+                HAS_REF=has_ref, SHARED=shared,
+                PREC=DOT_PRECISION[h.dtype], PREC_R=DOT_PRECISION[hr_.dtype],
+                STORE_LOGITS=logits is not None,
+                **launch_opts(cfg),
+            )  # fmt: skip
     if not has_ref:
         return RowStats(_merge(part[0], part[1]), None, None, None)
     # Every partial sum onto the row's overall maxima, then the one KL finish of every impl.
