@@ -1,0 +1,287 @@
+"""PREDICTED (not measured) HBM traffic and time of the GPU kernels (`-m benchmarks.gpu_model`).
+
+A roofline-style model of every forward and backward kernel at the SPEC shape (bf16, N=8192,
+D=3584, V=152064: Qwen2.5-VL-7B's head) and the few-rows case (N=256..1024), shared (LoRA) and
+separate (full fine-tuning) weights, with and without dW. It imports the launch-configuration
+functions the kernels use (``fgpo_kernels._launch``: splits, launch-order group, waves;
+``triton_kl.configs``: the tile table, the gblock chunk width), so no number is copied.
+
+Per kernel and case it reports executed and useful FLOPs, HBM bytes under a one-wave L2 model,
+the compulsory bytes (every input read once, every output written once), waves, and a
+predicted time on H100 and H200 datasheet numbers (``DEVICES``), or on a measured matmul rate
+(``--tflops``, e.g. the ``matmul_tflops`` column of a GPU run).
+
+The model, per tiled kernel (``_launch.py`` for the L2 working set):
+- one-wave L2 model: a hidden-state block stays in L2 between its uses when the working set of
+  one wave fits the cache; then H is read once and W once per launch-order group, else every
+  program re-reads its H block for every vocabulary tile and W is read once per row block;
+- MMA time: executed FLOPs / (peak x efficiency), efficiency = the shared-memory bandwidth of an
+  SM (128 B/clock) over what the tile's wgmma operands and cp.async fills need, or
+  ``MMA_SYNC_EFFICIENCY`` for the CUDA kernels' mma.sync;
+- epilogue: exponentials on the SFU (16/clock/SM) and FP32 ALU work (128 lanes/clock/SM) per
+  logit (``EPILOGUE``, counted from the kernels' source), added to the MMA time when one program
+  runs per SM (nothing overlaps it), else hidden behind the other program's MMAs;
+- wave quantization: the makespan of ``waves`` x ``tiles per program`` tile-steps;
+- time = max(compute, HBM bytes / bandwidth). cuBLAS GEMMs (gblock's products) run at
+  ``GEMM_EFFICIENCY`` of peak and read each operand once.
+Everything printed is a prediction; GPU runs replace it (benchmarks/gpu_session.sh).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from typing import NamedTuple
+
+import torch
+
+from fgpo_kernels import _launch
+from fgpo_kernels.triton_kl import configs
+
+
+class Device(NamedTuple):
+    name: str
+    sms: int
+    l2_bytes: int
+    hbm_bytes_per_s: float
+    bf16_flops: float  # dense tensor-core FLOP/s
+    hbm_capacity: int
+    smem_per_sm: int
+
+
+# Datasheet numbers (sources: NVIDIA H100 Tensor Core GPU datasheet, SXM5 column: 3.35 TB/s,
+# 989 TFLOPS bf16 dense (1979 with sparsity), 80 GB; NVIDIA H200 Tensor Core GPU datasheet, SXM:
+# 4.8 TB/s, 989 TFLOPS bf16 dense, 141 GB; NVIDIA H100 (Hopper) architecture whitepaper: 132
+# SMs on the SXM5 part, 50 MB L2, 228 KB shared memory per SM; the H200 is the same GH100 die).
+DEVICES = {
+    "H100-SXM": Device("H100 SXM5", 132, 50 << 20, 3.35e12, 989.4e12, 80 * 10**9, 228 << 10),
+    "H200-SXM": Device("H200 SXM", 132, 50 << 20, 4.8e12, 989.4e12, 141 * 10**9, 228 << 10),
+}
+# Per SM and clock on sm_90: dense bf16 tensor FLOPs (989.4 TFLOPS / 132 SMs / 1.83 GHz), shared
+# memory bytes (32 banks x 4 B), SFU exponentials and FP32 lanes (CUDA C++ Programming Guide,
+# arithmetic instruction throughput, compute capability 9.0).
+MMA_FLOP_PER_CLK, SMEM_BYTES_PER_CLK, SFU_PER_CLK, FP32_PER_CLK = 4096, 128, 16, 128
+# Assumptions (replace with measurements): mma.sync vs wgmma on Hopper (the static review's
+# 60-65%), cuBLAS bf16 GEMMs at these sizes, and the free memory the gblock chunk sees.
+MMA_SYNC_EFFICIENCY, GEMM_EFFICIENCY, FREE_FRACTION = 0.62, 0.8, 0.5
+# Per logit element: (exponentials, other FP32 operations), counted from the kernels' source.
+EPILOGUE = {"fwd_kl": (2, 16), "fwd_lp": (1, 6), "g_kl": (2, 22), "g_lp": (1, 6)}
+BF16 = 2
+
+
+class Case(NamedTuple):
+    n: int
+    d: int
+    v: int
+    shared: bool  # LoRA: the reference uses the policy's head
+    grad_w: bool  # the head is trained (dW)
+
+    @property
+    def label(self) -> str:
+        return (f"N={self.n} {'shared' if self.shared else 'separate'} "
+                f"{'+dW' if self.grad_w else 'no dW'}")  # fmt: skip
+
+
+SPEC = (8192, 3584, 152064)
+FEW_ROWS = (256, 512, 1024)
+
+
+def cases() -> list[Case]:
+    """SPEC and the few-rows case, shared and separate weights, with and without dW."""
+    _, d, v = SPEC
+    return [Case(n, d, v, shared, grad_w) for n in (SPEC[0], *FEW_ROWS)
+            for shared in (True, False) for grad_w in (False, True)]  # fmt: skip
+
+
+class Prediction(NamedTuple):
+    kernel: str
+    case: Case
+    useful_flops: float
+    executed_flops: float
+    hbm_bytes: float
+    compulsory_bytes: float
+    waves: int
+    working_set: int
+    budget: int
+    seconds: float
+    compute_s: float
+    memory_s: float
+    roofline_s: float  # useful FLOPs at the matmul peak (datasheet or measured)
+
+    @property
+    def roofline_fraction(self) -> float:
+        """The matmul roofline over the predicted time (1 = at the roofline)."""
+        return self.roofline_s / self.seconds if self.seconds else 0.0
+
+
+def _smem_efficiency(bn: int, bv: int, models_h: int, models_w: int) -> float:
+    """wgmma with both operands from shared memory: bytes per clock one k16 slice needs (operand
+    reads of every m64 instruction + the cp.async fills) against 128 B/clock."""
+    flops = 2 * bn * bv * 16 * models_h
+    reads = models_h * (bn // 64) * (64 * 16 + bv * 16) * BF16
+    fills = (bn * models_h + bv * models_w) * 16 * BF16
+    return min(1.0, SMEM_BYTES_PER_CLK / ((reads + fills) / (flops / MMA_FLOP_PER_CLK)))
+
+
+def _tiled(
+    plan: _launch.GridPlan, dev: Device, flops: float, epi: tuple[int, int], *, logits: int,
+    per_sm: int, efficiency: float, h_bytes: int, w_bytes: int, tile_h: int,
+) -> tuple[float, float]:  # fmt: skip
+    """(compute seconds, HBM bytes) of one tiled launch: ``logits`` logit elements computed,
+    ``h_bytes`` / ``w_bytes`` the hidden states and weights it reads, ``tile_h`` the hidden-state
+    bytes of one row block (re-read per tile when the wave does not fit L2)."""
+    peak = dev.bf16_flops
+    clock = peak / (dev.sms * MMA_FLOP_PER_CLK)
+    mma = flops / (peak * efficiency)
+    exps, alu = epi
+    epilogue = logits * (exps / SFU_PER_CLK + alu / FP32_PER_CLK) / (dev.sms * clock)
+    compute = mma + epilogue if per_sm == 1 else max(mma, epilogue)
+    steps = plan.row_blocks * plan.splits * plan.tiles_per_split
+    compute *= plan.waves * plan.per_wave * plan.tiles_per_split / steps  # the last wave
+    if plan.working_set <= dev.l2_bytes:  # reuse in L2 (the kernels aim at half of it)
+        groups = math.ceil(plan.row_blocks / plan.group)
+        hbm = h_bytes + groups * w_bytes
+    else:
+        hbm = plan.programs * plan.tiles_per_split * tile_h + plan.row_blocks * w_bytes
+    return compute, hbm
+
+
+def _finish(kernel, case, dev, useful, executed, compute, hbm, compulsory, plan, tflops):
+    memory = hbm / dev.hbm_bytes_per_s
+    peak = tflops * 1e12 if tflops else dev.bf16_flops
+    scale = dev.bf16_flops / peak  # a measured rate rescales every compute term
+    seconds = max(compute * scale, memory)
+    return Prediction(kernel, case, useful, executed, hbm, compulsory, plan.waves,
+                      plan.working_set, plan.budget, seconds, compute * scale, memory,
+                      useful / peak)  # fmt: skip
+
+
+def triton_forward(case: Case, dev: Device, tflops: float | None = None) -> Prediction:
+    """impl "triton" forward (token_kl: both models), the shipped sm_90 config and plan."""
+    n, d, v = case.n, case.d, case.v
+    name = configs.gpu_config_name("fwd", n, torch.bfloat16, True, shared=case.shared, arch=90)
+    cfg = configs.GPU_CONFIGS[name]
+    h_row, w_win = configs.plan_inputs(cfg, d, d, True, case.shared, BF16)
+    plan = _launch.plan(n, v, cfg.block_n, cfg.block_v, h_row_bytes=h_row, w_window=w_win,
+                        per_wave=dev.sms * cfg.per_sm, l2=dev.l2_bytes)  # fmt: skip
+    w_models = 1 if case.shared else 2
+    flops = 2 * 2.0 * n * d * v
+    eff = _smem_efficiency(cfg.block_n, cfg.block_v, 2, w_models)
+    compute, hbm = _tiled(plan, dev, flops, EPILOGUE["fwd_kl"], logits=2 * n * v,
+                          per_sm=cfg.per_sm, efficiency=eff, h_bytes=n * h_row,
+                          w_bytes=w_models * v * d * BF16, tile_h=cfg.block_n * h_row)  # fmt: skip
+    hbm += 2 * 6 * n * plan.splits * 4  # split partials written, merged
+    compulsory = n * h_row + w_models * v * d * BF16 + 4 * n * 4
+    return _finish(f"triton fwd [{name}]", case, dev, flops, flops, compute, hbm, compulsory,
+                   plan, tflops)  # fmt: skip
+
+
+def cuda_forward(case: Case, dev: Device, tflops: float | None = None) -> Prediction:
+    """impl "cuda" forward: 128 x 128 mma.sync tiles, one CTA per SM, plain cp.async."""
+    n, d, v = case.n, case.d, case.v
+    bn, bv = _launch.CUDA_BLOCK_ROWS, _launch.CUDA_BLOCK_VOCAB
+    h_row, w_win = _launch.cuda_plan_inputs(d, d, True, case.shared, BF16)
+    plan = _launch.plan(n, v, bn, bv, h_row_bytes=h_row, w_window=w_win, per_wave=dev.sms,
+                        l2=dev.l2_bytes)  # fmt: skip
+    w_models = 1 if case.shared else 2
+    flops = 2 * 2.0 * n * d * v
+    compute, hbm = _tiled(plan, dev, flops, EPILOGUE["fwd_kl"], logits=2 * n * v, per_sm=1,
+                          efficiency=MMA_SYNC_EFFICIENCY, h_bytes=n * h_row,
+                          w_bytes=w_models * v * d * BF16, tile_h=bn * h_row)  # fmt: skip
+    hbm += 2 * 6 * n * plan.splits * 4
+    compulsory = n * h_row + w_models * v * d * BF16 + 4 * n * 4
+    return _finish("cuda fwd [128x128 mma.sync]", case, dev, flops, flops, compute, hbm,
+                   compulsory, plan, tflops)  # fmt: skip
+
+
+def _needs(case: Case) -> tuple[bool, bool]:
+    """(G written, Gr written) by gblock for ``case``: the policy hidden states always need a
+    gradient; a trained shared head also needs Gr (dW = [G; Gr]^T [h; hr])."""
+    return True, case.shared and case.grad_w
+
+
+def gblock_backward(case: Case, dev: Device, tflops: float | None = None) -> Prediction:
+    """impl "triton" gblock backward (the default on CUDA): per vocabulary chunk, the G kernel
+    (logits recomputed) and cuBLAS GEMMs dh += G W_c, dW_c = G^T h (in place, fp32 sums)."""
+    n, d, v = case.n, case.d, case.v
+    do_g, do_gr = _needs(case)
+    name = configs.gpu_config_name("g", n, torch.bfloat16, True, shared=case.shared,
+                                   both=do_g and do_gr, arch=90)  # fmt: skip
+    cfg = configs.GPU_CONFIGS[name]
+    rows = n * (int(do_g) + int(do_gr))
+    budget = configs.gblock_budget(int(dev.hbm_capacity * FREE_FRACTION), BF16)
+    vc = configs.chunk_columns(rows, v, cfg.block_v, budget)
+    chunks = math.ceil(v / vc)
+    h_row, w_win = configs.plan_inputs(cfg, d, d, True, case.shared, BF16)
+    w_models = 1 if case.shared else 2
+    eff = _smem_efficiency(cfg.block_n, cfg.block_v, 2, w_models)
+    one = 2.0 * n * d * v
+    compute = hbm = 0.0
+    for v0 in range(0, v, vc):  # each chunk: the G kernel, then the GEMMs
+        width = min(vc, v - v0)
+        plan = _launch.plan(n, width, cfg.block_n, cfg.block_v, h_row_bytes=h_row,
+                            w_window=w_win, per_wave=dev.sms * cfg.per_sm, l2=dev.l2_bytes,
+                            tiles_per_program=1)  # fmt: skip
+        g_compute, g_hbm = _tiled(plan, dev, 2 * 2.0 * n * d * width, EPILOGUE["g_kl"],
+                                  logits=2 * n * width, per_sm=cfg.per_sm, efficiency=eff,
+                                  h_bytes=n * h_row, w_bytes=w_models * width * d * BF16,
+                                  tile_h=cfg.block_n * h_row)  # fmt: skip
+        # dh += G W_c (policy rows only: the reference is frozen); dW_c = G^T [h; hr] if trained.
+        gemm = 2.0 * n * width * d + (2.0 * rows * width * d if case.grad_w else 0.0)
+        gemm_hbm = rows * width * BF16 + width * d * BF16 + 2 * n * d * 4  # G, W_c, fp32 sum
+        if case.grad_w:
+            gemm_hbm += rows * width * BF16 + rows * d * BF16 + width * d * 4  # G, [h; hr], dW_c
+        compute += g_compute + gemm / (dev.bf16_flops * GEMM_EFFICIENCY)
+        hbm += g_hbm + rows * width * BF16 + gemm_hbm  # + the G buffer written
+    useful = one + (one * (2 if do_gr else 1) if case.grad_w else 0.0)  # dH (+ dW)
+    executed = 2 * one + useful  # both models' logits again
+    compulsory = n * h_row + w_models * v * d * BF16 + n * d * 4 + (v * d * 4 if case.grad_w
+                                                                    else 0)  # fmt: skip
+    return _finish(f"triton gblock bwd [{name}, {chunks} chunks of {vc}]", case, dev, useful,
+                   executed, compute, hbm, compulsory, plan, tflops)  # fmt: skip
+
+
+def predict(dev: Device, tflops: float | None = None) -> list[Prediction]:
+    out = []
+    for case in cases():
+        out += [triton_forward(case, dev, tflops), cuda_forward(case, dev, tflops),
+                gblock_backward(case, dev, tflops)]  # fmt: skip
+    return out
+
+
+def table(preds: list[Prediction]) -> str:
+    head = ("| kernel | case | useful TFLOP | executed TFLOP | HBM GB (compulsory) | waves | "
+            "wave working set MB (L2/2) | predicted ms | % of matmul roofline |\n"
+            "|---|---|---|---|---|---|---|---|---|")  # fmt: skip
+    rows = [
+        f"| {p.kernel} | {p.case.label} | {p.useful_flops / 1e12:.2f} | "
+        f"{p.executed_flops / 1e12:.2f} | {p.hbm_bytes / 1e9:.2f} ({p.compulsory_bytes / 1e9:.2f})"
+        f" | {p.waves} | {p.working_set / 1e6:.1f} ({p.budget / 1e6:.1f}) | "
+        f"{p.seconds * 1e3:.2f} | {100 * p.roofline_fraction:.0f}% |"
+        for p in preds
+    ]
+    return "\n".join([head, *rows])
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", choices=sorted(DEVICES), action="append",
+                    help="datasheet to predict for (default: all)")  # fmt: skip
+    ap.add_argument(
+        "--tflops",
+        type=float,
+        default=None,
+        help="a measured bf16 matmul rate (TFLOP/s) instead of the datasheet's",
+    )
+    args = ap.parse_args(argv)
+    for key in args.device or sorted(DEVICES):
+        dev = DEVICES[key]
+        rate = f"measured {args.tflops} TFLOP/s" if args.tflops else "datasheet peak"
+        print(f"\n## PREDICTED (model, not measured): {dev.name}, {rate}, "
+              f"{dev.hbm_bytes_per_s / 1e12:.2f} TB/s, L2 {dev.l2_bytes >> 20} MiB\n")  # fmt: skip
+        print(table(predict(dev, args.tflops)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,82 @@
+"""The PREDICTED traffic and time model of the GPU kernels (``benchmarks/gpu_model.py``): its
+invariants at the SPEC shape and the few-rows case, shared and separate weights, with and
+without dW, and that it reads the kernels' own launch configuration (no copied numbers)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+pytest.importorskip("triton")
+
+from benchmarks import gpu_model as gm
+
+CASES = gm.cases()
+
+
+def _ids(cases):
+    return [c.label.replace(" ", "-") for c in cases]
+
+
+@pytest.mark.parametrize("device", sorted(gm.DEVICES))
+@pytest.mark.parametrize("case", CASES, ids=_ids(CASES))
+def test_triton_kernels_fit_half_of_l2_and_stay_near_compulsory_traffic(device, case):
+    """One wave of the Triton forward and of the gblock G kernel touches at most L2/2; HBM
+    bytes stay within 2x the compulsory bytes when every row's hidden states fit L2/2 (the
+    few-rows case), and within 2% of the least any H-resident order can read otherwise."""
+    dev = gm.DEVICES[device]
+    for pred in (gm.triton_forward(case, dev), gm.gblock_backward(case, dev)):
+        assert pred.working_set <= pred.budget <= dev.l2_bytes // 2 + 1, pred
+    fwd = gm.triton_forward(case, dev)
+    h_all = case.n * 2 * case.d * gm.BF16
+    if h_all <= dev.l2_bytes // 2:
+        assert fwd.hbm_bytes <= 2 * fwd.compulsory_bytes, fwd
+    else:
+        w = (1 if case.shared else 2) * case.v * case.d * gm.BF16
+        bound = h_all + w * math.ceil(h_all / (dev.l2_bytes // 2))
+        assert fwd.hbm_bytes <= 1.02 * bound + 2 * 6 * case.n * 4 * 1188, (fwd, bound)
+
+
+@pytest.mark.parametrize("device", sorted(gm.DEVICES))
+@pytest.mark.parametrize("case", CASES, ids=_ids(CASES))
+def test_predicted_triton_forward_is_at_least_70_percent_of_the_matmul_roofline(device, case):
+    pred = gm.triton_forward(case, gm.DEVICES[device])
+    assert pred.roofline_fraction >= 0.70, pred
+    assert pred.executed_flops == pred.useful_flops == 4.0 * case.n * case.d * case.v
+
+
+def test_backward_counts_recompute_as_executed_not_useful():
+    case = gm.Case(*gm.SPEC, shared=True, grad_w=False)
+    pred = gm.gblock_backward(case, gm.DEVICES["H200-SXM"])
+    one = 2.0 * case.n * case.d * case.v
+    assert pred.useful_flops == one  # dH only (LoRA: frozen head, frozen reference)
+    assert pred.executed_flops == pytest.approx(3 * one)  # + both models' logits again
+
+
+def test_model_reads_the_kernels_launch_configuration(monkeypatch):
+    """Change the shipped forward tile or the L2 budget share and the prediction follows:
+    the model imports the kernels' functions, it does not copy their numbers."""
+    from fgpo_kernels import _launch
+    from fgpo_kernels.triton_kl import configs
+
+    case, dev = gm.Case(*gm.SPEC, shared=True, grad_w=False), gm.DEVICES["H100-SXM"]
+    base = gm.triton_forward(case, dev)
+    cfg = configs.GPU_CONFIGS["fwd"]
+    monkeypatch.setitem(configs.GPU_CONFIGS, "fwd", cfg._replace(block_v=64))
+    narrow = gm.triton_forward(case, dev)
+    assert narrow.seconds > base.seconds  # m64n64: shared-memory bound
+    monkeypatch.setitem(configs.GPU_CONFIGS, "fwd", cfg)
+    monkeypatch.setattr(_launch, "L2_FRACTION", 0.25)
+    assert gm.triton_forward(case, dev).budget == (50 << 20) // 4
+
+
+def test_measured_rate_rescales_and_output_is_labelled_predicted(capsys):
+    case, dev = gm.Case(*gm.SPEC, shared=True, grad_w=False), gm.DEVICES["H200-SXM"]
+    peak = gm.triton_forward(case, dev)
+    slow = gm.triton_forward(case, dev, tflops=dev.bf16_flops / 2e12)
+    assert slow.compute_s == pytest.approx(2 * peak.compute_s)
+    assert slow.roofline_fraction == pytest.approx(peak.roofline_fraction)
+    assert gm.main(["--device", "H100-SXM"]) == 0
+    out = capsys.readouterr().out
+    assert "PREDICTED" in out and "triton fwd" in out and "cuda fwd" in out
