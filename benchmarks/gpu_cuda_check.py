@@ -8,7 +8,8 @@ Usage (on a GPU machine, after ``pip install --no-deps --no-build-isolation -e .
    same dtype (docs/design.md §4: cuda must stay within 2x of the materialized error + atol).
 2. Timing (CUDA events, median of repeats, rotating input sets): forward, forward+backward with
    LoRA-style gradients (hidden states only) and with the weight gradient, for cuda and triton,
-   with achieved TFLOP/s (the matmul FLOPs the op must do) against a measured bf16 torch.mm
+   with achieved TFLOP/s, useful (the matmul FLOPs the op must do) and executed (recomputation
+   counted, for the plan the op took), against a measured bf16 torch.mm
    ceiling. Writes DIR/gpu_cuda_check.json and DIR/gpu_cuda_check.csv; prints a table last.
 """
 
@@ -29,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import fgpo_kernels as fk  # noqa: E402
+from benchmarks.impls import PlanLog, split_by_plan  # noqa: E402
 from fgpo_kernels import _registry, torch_impl  # noqa: E402
 from fgpo_kernels._backend import Needs, RowGrads, RowStats  # noqa: E402
 
@@ -137,8 +139,11 @@ def timing(quick: bool) -> list[dict]:
         sets = 2
         inputs = [make("shared", n, d, v, torch.bfloat16, seed=s) for s in range(sets)]
         tgt = torch.randint(0, v, (n,), device="cuda")
-        # matmul FLOPs: forward 2 dots; backward recomputes them, plus G W and G^T h per side.
-        f_fwd = 2 * 2 * n * v * d
+        # Useful matmul FLOPs (design §4.4): forward 2 logit dots; backward dh (hr takes no
+        # gradient here) and, with the shared head trained, dW from both sides (G^T h + Gr^T hr).
+        # Executed FLOPs add what the plan the op took recomputes (impls.executed_by_plan).
+        one = 2 * n * v * d
+        f_fwd = 2 * one
         for impl in impls:
             for kind in ("fwd", "fwd+bwd(h)", "fwd+bwd(h,w)"):
                 leaves = []
@@ -161,18 +166,20 @@ def timing(quick: bool) -> list[dict]:
                 torch.cuda.reset_peak_memory_stats()
                 base_mem = torch.cuda.memory_allocated()
                 try:
-                    p20, p50, p80 = bench(run, reps, sets)
+                    with PlanLog() as plans:
+                        p20, p50, p80 = bench(run, reps, sets)
                 except Exception as exc:  # report and go on (e.g. out of memory)
                     print(f"{impl} {kind} n={n}: {type(exc).__name__}: {exc}", flush=True)
                     continue
                 peak = (torch.cuda.max_memory_allocated() - base_mem) / 2**20
-                flops = f_fwd
-                if kind == "fwd+bwd(h)":
-                    flops += f_fwd + 2 * 2 * n * v * d  # recompute + dh, dhr
-                elif kind == "fwd+bwd(h,w)":
-                    flops += f_fwd + 4 * 2 * n * v * d  # recompute + dh, dhr, dW (both sides)
+                bwd = {"fwd": 0, "fwd+bwd(h)": one, "fwd+bwd(h,w)": 3 * one}[kind]
+                plan = plans.plan() if kind != "fwd" else "forward"
+                executed = split_by_plan(plan, f_fwd, bwd, 3 * one).get("full", 0.0)
+                executed = f_fwd if kind == "fwd" else executed
+                rate = lambda f, p50=p50: f / (p50 * 1e-3) / 1e12 if f else None
                 row = {"impl": impl, "kind": kind, "n": n, "d": d, "v": v, "p20_ms": p20,
-                       "p50_ms": p50, "p80_ms": p80, "tflops": flops / (p50 * 1e-3) / 1e12,
+                       "p50_ms": p50, "p80_ms": p80, "useful_tflops": rate(f_fwd + bwd),
+                       "plan": plan, "exec_tflops": rate(executed),
                        "peak_extra_mib": peak}  # fmt: skip
                 rows.append(row)
                 print(json.dumps(row), flush=True)
@@ -226,7 +233,8 @@ def main(argv=None) -> int:
         print(f"\n== timing (bf16, median ms; matmul ceiling {res['ceiling_tflops']:.0f} TFLOP/s)")
         for r in res["timing"]:
             print(f"{r['impl']:6s} {r['kind']:13s} n={r['n']:5d} d={r['d']} v={r['v']}: "
-                  f"{r['p50_ms']:8.2f} ms {r['tflops']:6.1f} TFLOP/s "
+                  f"{r['p50_ms']:8.2f} ms {r['useful_tflops']:6.1f} useful / "
+                  f"{r['exec_tflops'] or 0:6.1f} executed TFLOP/s ({r['plan']}) "
                   f"peak+{r['peak_extra_mib']:.0f} MiB")  # fmt: skip
     bad = [r for r in res["correctness"] if r.get("cuda_ok") is False]
     return 1 if bad or not status["cuda"]["available"] else 0

@@ -39,7 +39,9 @@ fire_mpo_step: see ``benchmarks/e2e.py`` (impls torch / triton / cuda / material
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
+import re
 
 OURS = ("torch", "triton", "cuda")
 # Ours under a switch: impl -> (impl it runs, environment it sets in its worker process).
@@ -270,13 +272,86 @@ def build(impl: str, case, device: str, grad_w: bool = True, liger_eager: bool =
 
 
 def matmul_flops(case, mode: str, grad_w: bool) -> float:
-    """Matmul FLOPs the op must do (no recomputation counted): forward = the logit matmuls
-    (2 for token_kl, 1 for token_logprobs); backward = dH and, when the head is trained, dW.
-    Liger/CCE-style ops that fold the backward into the forward are credited the same amount.
-    0 for fire_mpo_step (its row count depends on the masks)."""
+    """USEFUL matmul FLOPs: what the op must do, recomputation not counted (design §4.4):
+    forward = the logit matmuls (2 for token_kl, 1 for token_logprobs); backward = dH and, when
+    the head is trained, dW. 0 for fire_mpo_step (its row count depends on the masks)."""
     if case.op == "fire_mpo_step":
         return 0.0
     one = 2.0 * case.n * case.d * case.v
     fwd = one * (2 if case.op == "token_kl" else 1)
     bwd = one * (2 if grad_w else 1)
     return {"forward": fwd, "backward": bwd, "full": fwd + bwd}[mode]
+
+
+# How the peers compute their gradients, for executed FLOPs (our ops report their own plan):
+# Liger's fused linear CE / JSD compute the gradient in the forward, chunk by chunk ("held");
+# Cut Cross-Entropy recomputes the logits in its backward; the materialized path keeps its
+# logits for autograd; matmul_floor does its matmuls in the forward. Unknown: "" (not scored).
+PEER_PLANS = {
+    "liger_flce": "held", "liger_jsd_b0": "held", "liger_jsd_b1": "held", "cce": "recompute",
+    "materialized": "materialized", "matmul_floor": "held",
+}  # fmt: skip
+
+
+class PlanLog(logging.Handler):
+    """Collects the plans (recompute / held / jacobian) our ops log at DEBUG level while
+    active; ``plan()`` is the one plan seen, "mixed" for several, "" for none (peers)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.seen: set[str] = set()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        m = re.search(r"\bplan (\w+)", record.getMessage())
+        if m:
+            self.seen.add(m.group(1))
+
+    def plan(self) -> str:
+        return next(iter(self.seen)) if len(self.seen) == 1 else ("mixed" if self.seen else "")
+
+    def __enter__(self):
+        self.log = logging.getLogger("fgpo_kernels")
+        self.old = self.log.level
+        self.log.setLevel(logging.DEBUG)
+        self.log.addHandler(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.log.removeHandler(self)
+        self.log.setLevel(self.old)
+
+
+def peer_plan(impl: str) -> str:
+    """The gradient plan of a peer impl (``PEER_PLANS``), "" when unknown."""
+    return PEER_PLANS.get(impl, "")
+
+
+def split_by_plan(plan: str, fwd: float, bwd: float, jacobian: float) -> dict[str, float]:
+    """EXECUTED matmul FLOPs per mode from the useful ones (``fwd`` = the logit matmuls, ``bwd``
+    = dH (+ dW)) for the gradient ``plan`` an op took: "recompute" (the backward recomputes the
+    logits), "held" (gradients computed in the forward: the forward does all useful work, the
+    backward scales), "jacobian" (frozen head: the forward also does ``jacobian``, the per-row
+    d out/dh products), "materialized" (autograd through kept logits: the useful FLOPs as they
+    fall). Empty for an unknown or mixed plan (not scored)."""
+    if plan == "recompute":
+        f, b = fwd, bwd + fwd
+    elif plan == "held":
+        f, b = fwd + bwd, 0.0
+    elif plan == "jacobian":
+        f, b = fwd + jacobian, 0.0
+    elif plan == "materialized":
+        f, b = fwd, bwd
+    else:
+        return {}
+    return {"forward": f, "backward": b, "full": f + b}
+
+
+def executed_flops(case, mode: str, grad_w: bool, plan: str) -> float:
+    """``split_by_plan`` for a benchmark case (0 for fire_mpo_step or an unknown plan). The
+    jacobian plan does one dH-sized product per output: lp, and fkl and rkl for token_kl."""
+    if case.op == "fire_mpo_step":
+        return 0.0
+    one = 2.0 * case.n * case.d * case.v
+    fwd, bwd = matmul_flops(case, "forward", grad_w), matmul_flops(case, "backward", grad_w)
+    jac = one * (3 if case.op == "token_kl" else 1)
+    return split_by_plan(plan, fwd, bwd, jac).get(mode, 0.0)

@@ -37,9 +37,9 @@ def table(rows: list[dict], mode: str = "full", ops=None, skipped: bool = True) 
         if r["status"] == "ok" and r["mode"] == mode and (not ops or r["op"] in ops):
             ok[(*_case_key(r), r["impl"])] = r
     lines = [
-        f"| op | shape | N | D | V | dtype | impl | {mode} p50 ms | peak MB | TFLOP/s "
-        "| of matmul | time / mat. | mem / mat. |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| op | shape | N | D | V | dtype | impl | {mode} p50 ms | peak MB | useful TFLOP/s "
+        "| of matmul | plan | executed TFLOP/s | of matmul | time / mat. | mem / mat. |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     ref = {_case_key(r): r for r in ok.values() if r["impl"] == "materialized"}
     for r in ok.values():
@@ -47,11 +47,12 @@ def table(rows: list[dict], mode: str = "full", ops=None, skipped: bool = True) 
         tr = mr = ""
         if m is not None and r["impl"] != "materialized":
             tr, mr = _ratio(r["p50_ms"], m["p50_ms"]), _ratio(r["peak_mb"], m["peak_mb"])
-        frac = _f(r.get("matmul_frac"))
+        frac, ex = _f(r.get("matmul_frac")), _f(r.get("exec_frac"))
         lines.append(
             f"| {r['op']} | {r.get('shape', '')} | {r['N']} | {r['D']} | {r['V']} | {r['dtype']} "
             f"| {r['impl']} | {r['p50_ms']} | {r['peak_mb']} | {r.get('tflops', '')} "
-            f"| {'' if frac is None else f'{100 * frac:.0f}%'} | {tr} | {mr} |"
+            f"| {_pct(frac)} | {r.get('plan', '')} | {r.get('exec_tflops', '')} | {_pct(ex)} "
+            f"| {tr} | {mr} |"
         )
     if len(lines) == 2:
         lines = [f"(no '{mode}' rows)"]
@@ -64,6 +65,48 @@ def table(rows: list[dict], mode: str = "full", ops=None, skipped: bool = True) 
                     seen.add(k)
                     lines.append(f"- {r['op']} / {r['impl']}: {r['status']}: {r.get('reason')}")
     return "\n".join(lines)
+
+
+def _pct(x: float | None) -> str:
+    return "" if x is None else f"{100 * x:.0f}%"
+
+
+# docs/design.md §4.4: the GPU shape and the share of the measured matmul rate.
+GPU_SPEC = ("token_kl", "8192", "3584", "152064", "bfloat16")
+MATMUL_TARGET = 0.70
+
+
+def gpu_verdict(rows: list[dict]) -> str:
+    """design §4.4 matmul-rate target at the GPU shape, judged twice per impl of ours: on the
+    forward (useful FLOPs: the logit matmuls; a "held" forward also does the backward's work,
+    so it is judged on executed FLOPs) and on forward + backward with recomputation credited
+    (executed FLOPs of the plan the op took / the measured torch.mm rate)."""
+    pick = {}
+    for r in rows:
+        key = tuple(str(r[k]) for k in ("op", "N", "D", "V", "dtype"))
+        if key == GPU_SPEC and r["status"] == "ok" and r["impl"] in ("torch", "triton", "cuda"):
+            pick[(r["impl"], r["mode"])] = r
+    lines = []
+    for impl in ("triton", "cuda", "torch"):
+        fwd, full = pick.get((impl, "forward")), pick.get((impl, "full"))
+        if fwd is None and full is None:
+            continue
+        parts = [f"{impl}:"]
+        if fwd is not None:
+            held = fwd.get("plan") == "held"
+            frac = _f(fwd.get("exec_frac" if held else "matmul_frac"))
+            what = "executed" if held else "useful"
+            ok = frac is not None and frac >= MATMUL_TARGET
+            parts.append(f"forward {_pct(frac)} of matmul ({what}; {'PASS' if ok else 'FAIL'})")
+        if full is not None:
+            frac = _f(full.get("exec_frac"))
+            ok = frac is not None and frac >= MATMUL_TARGET
+            parts.append(f"fwd+bwd {_pct(frac)} executed, plan {full.get('plan') or '?'} "
+                         f"({'PASS' if ok else 'FAIL'})")  # fmt: skip
+        lines.append(" ".join(parts))
+    if not lines:
+        return "design §4.4 GPU check: needs ok rows of ours at token_kl N=8192 D=3584 bf16"
+    return f"design §4.4 GPU check (>= {_pct(MATMUL_TARGET)} of torch.mm):\n- " + "\n- ".join(lines)
 
 
 def spec_verdict(rows: list[dict]) -> str:
@@ -111,6 +154,8 @@ def main(argv=None) -> int:
     print(table(rows, args.mode, args.op, skipped=not args.no_skipped))
     if any((r["N"], r["D"], r["V"]) == ("4096", "512", "32000") for r in rows):
         print("\n" + spec_verdict(rows))
+    if any(tuple(str(r[k]) for k in ("op", "N", "D", "V", "dtype")) == GPU_SPEC for r in rows):
+        print("\n" + gpu_verdict(rows))
     return 0
 
 

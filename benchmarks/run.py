@@ -48,6 +48,7 @@ from .shapes import OPS, Case, default_preset, presets
 COLUMNS = [
     "op", "impl", "device", "device_name", "dtype", "N", "D", "V", "mode",
     "p20_ms", "p50_ms", "p80_ms", "peak_mb", "tflops", "matmul_tflops", "matmul_frac",
+    "plan", "exec_tflops", "exec_frac",
     "status", "reason", "note", "shape", "seq", "grad_w", "repeats", "threads", "load1",
     "preset", "commit", "version", "peer_version", "torch_version", "timestamp",
 ]  # fmt: skip
@@ -194,9 +195,11 @@ def _run_case(spec: dict, case: Case, device: str) -> dict:
         clear()
         return dt * 1e3
 
-    for _ in range(spec["warmup"]):
-        fn().backward()
-        clear()
+    plans = impls_mod.PlanLog()  # the plan our ops took (their DEBUG log): executed FLOPs
+    with plans:
+        for _ in range(spec["warmup"]):
+            fn().backward()
+            clear()
     sync()
     times = {}
     for mode in spec["modes"]:
@@ -236,7 +239,7 @@ def _run_case(spec: dict, case: Case, device: str) -> dict:
             peaks[mode] = (_rss_kb()[1] - base) / 1024
         del out
         clear()
-    return {"times": times, "peaks": peaks, "note": note}
+    return {"times": times, "peaks": peaks, "note": note, "plan": plans.plan()}
 
 
 # ----------------------------------------------------------------------------- parent
@@ -492,6 +495,9 @@ def _case_rows(case, impl, res, meta, args, repeats, modes, rates, load) -> list
         p50 = _percentile(ts, 0.5)
         flops = impls_mod.matmul_flops(case, mode, not args.frozen_weight)
         tfl = flops / (p50 * 1e-3) / 1e12 if flops else None
+        plan = res.get("plan") or impls_mod.peer_plan(impl)
+        ex = impls_mod.executed_flops(case, mode, not args.frozen_weight, plan)
+        ex_tfl = ex / (p50 * 1e-3) / 1e12 if ex else None
         rate = rates.get(case.dtype)
         rows.append({
             **base, "mode": mode, "status": "ok", "note": res["note"],
@@ -499,6 +505,8 @@ def _case_rows(case, impl, res, meta, args, repeats, modes, rates, load) -> list
             "p80_ms": _fmt(_percentile(ts, 0.8), 3), "peak_mb": _fmt(res["peaks"][mode], 1),
             "tflops": "" if tfl is None else f"{tfl:.4g}", "matmul_tflops": _fmt(rate, 3),
             "matmul_frac": _fmt(tfl / rate if tfl and rate else None, 3),
+            "plan": plan, "exec_tflops": "" if ex_tfl is None else f"{ex_tfl:.4g}",
+            "exec_frac": _fmt(ex_tfl / rate if ex_tfl and rate else None, 3),
             "repeats": len(ts), "load1": _fmt(load),
         })  # fmt: skip
     return rows
@@ -524,7 +532,8 @@ def _base_row(case: Case, impl: str, meta: dict, args, repeats: int) -> dict:
         "peer_version": impls_mod.peer_version(impl), "torch_version": meta["torch_version"],
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "p20_ms": "", "p50_ms": "", "p80_ms": "", "peak_mb": "", "tflops": "",
-        "matmul_tflops": "", "matmul_frac": "", "reason": "", "note": "", "load1": "",
+        "matmul_tflops": "", "matmul_frac": "", "plan": "", "exec_tflops": "", "exec_frac": "",
+        "reason": "", "note": "", "load1": "",
     }  # fmt: skip
 
 

@@ -56,6 +56,13 @@ def test_runner_tiny_preset_writes_rows_and_plots(tmp_path):
     assert "computed in the forward" in got[("token_kl", "torch", "full")]["note"]
     assert "recomputed" in got[("token_kl", "torch_recompute", "full")]["note"]
     assert got[("token_kl", "matmul_floor", "full")]["status"] == "ok"
+    # Honest scoring: the plan each op of ours took (its DEBUG log) and executed FLOPs with the
+    # recomputation counted: the recompute path executes 2 more logit matmuls than it is
+    # credited for (useful: 2 logits + dH + dW = 4 units; executed: 6), the held path none.
+    held, rec = got[("token_kl", "torch", "full")], got[("token_kl", "torch_recompute", "full")]
+    assert (held["plan"], rec["plan"]) == ("held", "recompute"), (held, rec)
+    assert float(held["exec_tflops"]) == pytest.approx(float(held["tflops"]), rel=1e-3)
+    assert float(rec["exec_tflops"]) == pytest.approx(1.5 * float(rec["tflops"]), rel=1e-3)
     liger = [r for r in rows if r["impl"] == "liger_jsd_b0"]
     assert liger, "a peer row (ok, or skipped with a reason) must be written"
     assert all(r["status"] == "ok" or r["reason"] for r in liger), liger
@@ -211,3 +218,31 @@ def test_side_by_side_interleaves_impls_and_keeps_variant_env_to_its_calls(tmp_p
     assert float(t["cpu_vs_peer"]) == 1.0 and t["rounds"] == "2"
     share = float(rows["matmul_floor"]["cpu_p50_s"]) / float(t["cpu_p50_s"])
     assert float(t["floor_share"]) == pytest.approx(share, rel=0.01, abs=0.002)
+
+
+def test_executed_flops_per_plan_and_the_gpu_verdict():
+    from benchmarks import impls, report
+    from benchmarks.shapes import Case
+
+    case = Case("token_kl", 8192, 3584, 152064, "bfloat16", "qwen2.5-vl-7b")
+    one = 2.0 * 8192 * 3584 * 152064
+    useful = impls.matmul_flops(case, "full", True)
+    assert useful == 4 * one  # 2 logits + dH + dW
+    assert impls.executed_flops(case, "full", True, "recompute") == 6 * one
+    assert impls.executed_flops(case, "backward", True, "recompute") == 4 * one
+    assert impls.executed_flops(case, "forward", True, "held") == 4 * one
+    assert impls.executed_flops(case, "full", False, "jacobian") == 5 * one  # + lp, fkl, rkl
+    assert impls.executed_flops(case, "full", True, "mixed") == 0  # not scored
+    base = dict(op="token_kl", N="8192", D="3584", V="152064", dtype="bfloat16", status="ok")
+    rows = [
+        {**base, "impl": "triton", "mode": "forward", "plan": "recompute", "matmul_frac": "0.8",
+         "exec_frac": "0.8"},
+        {**base, "impl": "triton", "mode": "full", "plan": "recompute", "matmul_frac": "0.5",
+         "exec_frac": "0.75"},
+        {**base, "impl": "cuda", "mode": "full", "plan": "recompute", "matmul_frac": "0.4",
+         "exec_frac": "0.6"},
+    ]  # fmt: skip
+    verdict = report.gpu_verdict(rows)
+    assert "triton: forward 80% of matmul (useful; PASS)" in verdict
+    assert "fwd+bwd 75% executed, plan recompute (PASS)" in verdict
+    assert "cuda: fwd+bwd 60% executed, plan recompute (FAIL)" in verdict
