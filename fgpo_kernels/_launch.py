@@ -114,10 +114,11 @@ def plan(
     per_wave: int, l2: int, splits: int | None = None, tiles_per_program: int | None = None,
 ) -> GridPlan:  # fmt: skip
     """The grid of one launch. ``h_row_bytes``: hidden-state bytes of one row (all models),
-    ``w_window``: see the module doc. The forward's split count is the one whose wave working
-    set fits the budget (with the largest group for it) and whose makespan is smallest, then
-    fewest W re-reads, then fewest splits; ``splits`` fixes it (tests, the interpreter);
-    ``tiles_per_program=1`` plans a backward grid (one tile per program)."""
+    ``w_window``: see the module doc. The forward's split count fills at least one wave where
+    the tiles allow, then has a wave working set within the budget (with the largest group for
+    it) and the smallest makespan, then fewest W re-reads, then fewest splits. ``splits`` fixes
+    it (tests, the interpreter); ``tiles_per_program=1`` plans a backward grid (one tile per
+    program)."""
     row_blocks = max(1, -(-n // block_n))
     n_tiles = max(1, -(-v // block_v))
     budget = int(l2 * L2_FRACTION)
@@ -134,7 +135,9 @@ def plan(
         s = -(-n_tiles // tps)  # every split owns at least one tile
         group, ws = group_rows(row_blocks, s, per_wave, h_block, w_window, budget)
         fits = ws <= budget
-        key = (not fits, _makespan(row_blocks, s, n_tiles, per_wave) if fits else ws,
+        # Never idle SMs to fit L2: a grid that can fill a wave does.
+        fills = row_blocks * s >= min(per_wave, row_blocks * n_tiles)
+        key = (not fills, not fits, _makespan(row_blocks, s, n_tiles, per_wave) if fits else ws,
                -(-row_blocks // group), s)  # fmt: skip
         if best is None or key < best[0]:
             best = (key, s, tps, group, ws)

@@ -18,8 +18,11 @@ from ._backend import Backend
 from ._util import simulated_gpu, triton_interpret
 
 IMPLS = ("reference", "torch", "triton", "cuda")
-# Preference order for impl=None on each device type.
-_AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("torch",)}
+# Preference order for impl=None on each device type. On CUDA: "triton" (its forward is
+# predicted faster than "cuda"'s, wgmma m64n128 against mma.sync: python -m benchmarks.gpu_model;
+# its backward is gblock, the safe default until a GPU run has timed every backward path), then
+# "cuda" (whose backward is triton's gblock too unless FGPO_CUDA_BWD=cuda), then "torch".
+_AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("torch",)}
 
 
 @dataclass

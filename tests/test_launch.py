@@ -80,6 +80,11 @@ def test_plan_few_rows_and_backward_grids():
                        per_wave=132, l2=50 << 20)  # fmt: skip
     assert few.group == few.row_blocks == 2 and few.fits  # every row block in one group
     assert few.programs >= 132 and few.programs % 132 == 0, few
+    # Whole W tiles held (the CUDA kernels): 66 splits do not fit L2/2, yet the grid still
+    # fills the 132 SMs rather than idling them to fit.
+    cuda = _launch.plan(256, 152064, 128, 128, h_row_bytes=h_row, w_window=128 * 3584 * 2,
+                        per_wave=132, l2=50 << 20)  # fmt: skip
+    assert cuda.programs >= 132 and not cuda.fits, cuda
     bwd = _launch.plan(8192, 16384, 128, 128, h_row_bytes=h_row, w_window=w_window,
                        per_wave=132, l2=50 << 20, tiles_per_program=1)  # fmt: skip
     assert bwd.splits == bwd.n_tiles == 128 and bwd.tiles_per_split == 1 and bwd.fits
