@@ -437,14 +437,14 @@ class _Broken:
     def __getattr__(self, name):
         return getattr(self._ext, name)
 
-    def fwd(self, *a):
-        self._ext.fwd(*a)
+    def fwd(self, *a, **kw):
+        self._ext.fwd(*a, **kw)
         d, dtype, lse = a[5], a[9], a[12]
         if (self._path == "fp16" and dtype == 1) or (self._path == "large_d" and d >= 520):
             ctypes.c_float.from_address(lse).value = math.nan
 
-    def bwd(self, *a):
-        self._ext.bwd(*a)
+    def bwd(self, *a, **kw):
+        self._ext.bwd(*a, **kw)
         wr, dh, dhr, dw = a[3], a[18], a[19], a[20]
         if self._path == "lora" and wr == 0 and dhr != 0 and dw == 0 and dh != 0:
             ctypes.c_float.from_address(dh).value = math.nan
