@@ -30,7 +30,9 @@ Everything printed is a prediction; GPU runs replace it (benchmarks/gpu_session.
 from __future__ import annotations
 
 import argparse
+import csv
 import math
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -263,6 +265,42 @@ def table(preds: list[Prediction]) -> str:
     return "\n".join([head, *rows])
 
 
+def compare(results_csv, dev: Device) -> list[dict]:
+    """Predicted vs measured forward time for every GPU ``token_kl`` forward row of a
+    ``benchmarks.run`` CSV (impls triton and cuda; the bench's head is shared: the reference
+    uses ``w.detach()``), each predicted on the matmul rate that run measured."""
+    out = []
+    with open(results_csv, newline="") as f:
+        for row in csv.DictReader(f):
+            if (row.get("op"), row.get("mode"), row.get("device"), row.get("status")) != (
+                "token_kl",
+                "forward",
+                "cuda",
+                "ok",
+            ) or row.get("impl") not in ("triton", "cuda"):
+                continue
+            rate = float(row["matmul_tflops"]) if row.get("matmul_tflops") else None
+            case = Case(int(row["N"]), int(row["D"]), int(row["V"]), True, False)
+            fn = triton_forward if row["impl"] == "triton" else cuda_forward
+            pred = fn(case, dev, rate)
+            measured = float(row["p50_ms"]) / 1e3
+            out.append({"impl": row["impl"], "case": case.label, "dtype": row.get("dtype", ""),
+                        "rate_tflops": rate, "predicted_ms": pred.seconds * 1e3,
+                        "measured_ms": measured * 1e3, "measured_over_predicted":
+                        measured / pred.seconds})  # fmt: skip
+    return out
+
+
+def compare_table(rows: list[dict]) -> str:
+    head = ("| impl | case | dtype | matmul rate used (TFLOP/s) | PREDICTED ms | measured ms | "
+            "measured / predicted |\n|---|---|---|---|---|---|---|")  # fmt: skip
+    lines = [f"| {r['impl']} | {r['case']} | {r['dtype']} | "
+             f"{'datasheet' if r['rate_tflops'] is None else r['rate_tflops']} | "
+             f"{r['predicted_ms']:.2f} | {r['measured_ms']:.2f} | "
+             f"{r['measured_over_predicted']:.2f} |" for r in rows]  # fmt: skip
+    return "\n".join([head, *lines])
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", choices=sorted(DEVICES), action="append",
@@ -273,13 +311,37 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="a measured bf16 matmul rate (TFLOP/s) instead of the datasheet's",
     )
+    ap.add_argument(
+        "--measured",
+        default=None,
+        metavar="DIR",
+        help="a GPU run's folder (its results.csv): predicted vs measured forward",
+    )
+    ap.add_argument("--out", default=None, metavar="DIR", help="also write the tables here")
     args = ap.parse_args(argv)
+    texts = []
+    if args.measured:
+        csv_path = Path(args.measured) / "results.csv"
+        if not csv_path.is_file():
+            print(f"--measured: no results.csv in {args.measured}; predictions only")
+        else:
+            dev = DEVICES[(args.device or ["H200-SXM"])[0]]
+            rows = compare(csv_path, dev)
+            body = compare_table(rows) if rows else "(no GPU token_kl forward rows)"
+            text = f"\n## PREDICTED vs measured: {dev.name} model, {csv_path}\n\n{body}"
+            print(text)
+            texts.append(text)
     for key in args.device or sorted(DEVICES):
         dev = DEVICES[key]
         rate = f"measured {args.tflops} TFLOP/s" if args.tflops else "datasheet peak"
-        print(f"\n## PREDICTED (model, not measured): {dev.name}, {rate}, "
-              f"{dev.hbm_bytes_per_s / 1e12:.2f} TB/s, L2 {dev.l2_bytes >> 20} MiB\n")  # fmt: skip
-        print(table(predict(dev, args.tflops)))
+        text = (f"\n## PREDICTED (model, not measured): {dev.name}, {rate}, "
+                f"{dev.hbm_bytes_per_s / 1e12:.2f} TB/s, L2 {dev.l2_bytes >> 20} MiB\n\n"
+                + table(predict(dev, args.tflops)))  # fmt: skip
+        print(text)
+        texts.append(text)
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "gpu_model.md").write_text("\n".join(texts) + "\n")
     return 0
 
 

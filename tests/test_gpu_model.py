@@ -80,3 +80,39 @@ def test_measured_rate_rescales_and_output_is_labelled_predicted(capsys):
     assert gm.main(["--device", "H100-SXM"]) == 0
     out = capsys.readouterr().out
     assert "PREDICTED" in out and "triton fwd" in out and "cuda fwd" in out
+
+
+def test_measured_rows_are_compared_with_predictions_on_their_own_matmul_rate(tmp_path):
+    """--measured DIR: every GPU token_kl forward row of triton / cuda gets the prediction for
+    its N on the matmul rate that run measured; other rows (CPU, full mode, peers, skipped) are
+    left out; --out writes both tables."""
+    import csv
+
+    cols = ["op", "impl", "device", "mode", "status", "N", "D", "V", "dtype", "p50_ms",
+            "matmul_tflops"]  # fmt: skip
+    rows = [
+        ["token_kl", "triton", "cuda", "forward", "ok", 8192, 3584, 152064, "bfloat16", 40.0, 600],
+        ["token_kl", "cuda", "cuda", "forward", "ok", 256, 3584, 152064, "bfloat16", 3.0, 600],
+        ["token_kl", "triton", "cuda", "full", "ok", 8192, 3584, 152064, "bfloat16", 90.0, 600],
+        ["token_kl", "torch", "cuda", "forward", "ok", 8192, 3584, 152064, "bfloat16", 80.0, 600],
+        ["token_kl", "triton", "cpu", "forward", "ok", 64, 64, 1000, "float32", 9.0, 0.1],
+        ["token_kl", "cuda", "cuda", "forward", "skipped", 1024, 3584, 152064, "bfloat16", "", ""],
+    ]
+    with open(tmp_path / "results.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(cols)
+        w.writerows(rows)
+    dev = gm.DEVICES["H200-SXM"]
+    got = gm.compare(tmp_path / "results.csv", dev)
+    assert [(r["impl"], r["case"]) for r in got] == [
+        ("triton", "N=8192 shared no dW"),
+        ("cuda", "N=256 shared no dW"),
+    ]
+    pred = gm.triton_forward(gm.Case(8192, 3584, 152064, True, False), dev, 600.0).seconds
+    assert got[0]["predicted_ms"] == pytest.approx(pred * 1e3)
+    assert got[0]["measured_over_predicted"] == pytest.approx(0.040 / pred)
+    assert pred != gm.triton_forward(gm.Case(8192, 3584, 152064, True, False), dev).seconds
+    out = tmp_path / "model"
+    assert gm.main(["--measured", str(tmp_path), "--out", str(out), "--device", "H200-SXM"]) == 0
+    text = (out / "gpu_model.md").read_text()
+    assert "PREDICTED vs measured" in text and "| triton | N=8192 shared no dW |" in text
