@@ -4,6 +4,8 @@ gradients; bad values; the trainer's config fields."""
 
 from __future__ import annotations
 
+import zlib
+
 import pytest
 import torch
 from helpers import compare
@@ -63,7 +65,7 @@ CFG = dict(beta=0.4, alpha=0.3, gamma=0.7, lambda_=0.4, alpha_v1=0.2, alpha_v2=0
 def test_matches_transcription_float64(loss_type):
     """The whole objective (rank, visual, v1, v2, KL) with real token weights, reference impl in
     float64: values and gradients equal the materialized definition to rounding."""
-    torch.manual_seed(hash(loss_type) % 1000)
+    torch.manual_seed(zlib.crc32(loss_type.encode()) % 1000)  # hash() varies per process
     batch = make_batch(mask="weights", corrupt=(1, 0, 1))
     eps = EPS.get(loss_type, 0.0)
     want = materialized(batch, **CFG, pair=transcribed(loss_type, CFG["beta"], eps))
