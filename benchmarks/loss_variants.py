@@ -14,7 +14,6 @@ masks inside the response); the head is frozen, as with LoRA.
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 
@@ -23,6 +22,7 @@ import torch
 import fgpo_kernels as fk
 
 from .e2e import SEQ_NAMES, make_inputs
+from .run import _device_name
 
 
 def variants() -> list[tuple[str, dict, bool]]:
@@ -50,14 +50,6 @@ def step(loss_fn, w, seqs, hc, kl_response: bool) -> float:
     return time.perf_counter() - t0
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--b", type=int, default=4)
@@ -80,7 +72,7 @@ def main(argv=None) -> int:
     base = statistics.median(times["fire_mpo/sigmoid"])
     print(f"# FiReMPOLoss fwd+bwd, impl {a.impl}, fp32, B={a.b} L={a.seq_len} resp={a.resp} "
           f"span={a.span} D={a.d} V={a.v}, {torch.get_num_threads()} threads, "
-          f"{cpu_name()}, median of {a.repeats}")  # fmt: skip
+          f"{_device_name('cpu')}, median of {a.repeats}")  # fmt: skip
     print("| variant | median ms | vs fire_mpo/sigmoid |\n|---|---|---|")
     for name in times:
         med = statistics.median(times[name])

@@ -21,13 +21,13 @@ from __future__ import annotations
 import argparse
 import csv
 import os
-import platform
 import statistics
-import subprocess
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from . import impls as impls_mod
+from .run import _device_name, _git_commit
 from .shapes import Case
 
 COLUMNS = [
@@ -37,57 +37,36 @@ COLUMNS = [
 ]  # fmt: skip
 
 
-def _cpu_name() -> str:
+@contextmanager
+def _env(env: dict):
+    """A variant's environment switch around one call, the previous values back afterwards."""
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
-def _commit() -> str:
-    root = Path(__file__).resolve().parents[1]
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short=10", "HEAD"], cwd=root,
-                             capture_output=True, text=True, timeout=10)  # fmt: skip
-        return out.stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return ""
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _build(impl: str, case: Case, grad_w: bool):
     """(fn, leaves, note, env): a variant's environment is applied around each of its calls,
     not left set for the impls that run after it."""
     base, env = impls_mod.VARIANTS.get(impl, (impl, {}))
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
+    with _env(env):
         fn, leaves, note = impls_mod.build(base, case, "cpu", grad_w=grad_w)
-    finally:
-        _restore(saved)
     return fn, leaves, note, env
-
-
-def _restore(saved: dict) -> None:
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
 
 
 def _step(fn, leaves, env) -> tuple[float, float]:
     """One forward + backward: (wall seconds, process CPU seconds)."""
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
+    with _env(env):
         c0, t0 = time.process_time(), time.perf_counter()
         fn().backward()
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-    finally:
-        _restore(saved)
     for leaf in leaves:
         leaf.grad = None
     return wall, cpu
@@ -121,8 +100,8 @@ def run(case: Case, impls: list[str], rounds: int, grad_w: bool, peer: str) -> l
             "cpu_vs_peer": round(cpu / med[peer][1], 3) if peer in med else "",
             "peer": peer if peer in med else "",
             "floor_share": round(med["matmul_floor"][1] / cpu, 3) if "matmul_floor" in med else "",
-            "note": built[name][2], "cpu": _cpu_name(),
-            "load1": round(statistics.mean(loads), 2), "commit": _commit(), "timestamp": stamp,
+            "note": built[name][2], "cpu": _device_name("cpu"),
+            "load1": round(statistics.mean(loads), 2), "commit": _git_commit(), "timestamp": stamp,
         })  # fmt: skip
     return rows
 
