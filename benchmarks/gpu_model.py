@@ -179,10 +179,11 @@ def triton_forward(case: Case, dev: Device, tflops: float | None = None) -> Pred
 
 
 def cuda_forward(case: Case, dev: Device, tflops: float | None = None) -> Prediction:
-    """impl "cuda" forward: 128 x 128 mma.sync tiles, one CTA per SM, plain cp.async."""
+    """impl "cuda" forward: 128 x 128 mma.sync tiles, one CTA per SM, cp.async with L2 hints
+    (weights evict_first, hidden states evict_last)."""
     n, d, v = case.n, case.d, case.v
     bn, bv = _launch.CUDA_BLOCK_ROWS, _launch.CUDA_BLOCK_VOCAB
-    h_row, w_win = _launch.cuda_plan_inputs(d, d, True, case.shared, BF16)
+    h_row, w_win = _launch.cuda_plan_inputs(d, d, True, BF16)
     plan = _launch.plan(n, v, bn, bv, h_row_bytes=h_row, w_window=w_win, per_wave=dev.sms,
                         l2=dev.l2_bytes)  # fmt: skip
     w_models = 1 if case.shared else 2
@@ -194,6 +195,20 @@ def cuda_forward(case: Case, dev: Device, tflops: float | None = None) -> Predic
     compulsory = n * h_row + w_models * v * d * BF16 + 4 * n * 4
     return _finish("cuda fwd [128x128 mma.sync]", case, dev, flops, flops, compute, hbm,
                    compulsory, plan, tflops)  # fmt: skip
+
+
+def least_forward_hbm(case: Case, dev: Device) -> tuple[int, int]:
+    """(least HBM bytes any L2-resident order of the forward's tiles can read, compulsory bytes):
+    the forward reads every (hidden-state block, weight tile) pair once; with at most L2/2 of
+    either kept resident while the other streams past it, the other is re-read once per
+    resident set: H-resident reads H once and W ceil(|H| / (L2/2)) times, W-resident the
+    reverse. When neither operand fits L2/2 (N=8192: H is 117 MB) the least of the two exceeds
+    2x the compulsory bytes: that target is then out of reach for every launch order."""
+    h = case.n * 2 * case.d * BF16
+    w = (1 if case.shared else 2) * case.v * case.d * BF16
+    half = dev.l2_bytes // 2
+    least = min(h + w * math.ceil(h / half), w + h * math.ceil(w / half))
+    return least, h + w
 
 
 def _needs(case: Case) -> tuple[bool, bool]:

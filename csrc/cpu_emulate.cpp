@@ -91,6 +91,23 @@ int fgpo_emu_bwd(const void* h, const void* hr, const void* w, const void* wr, l
   return guarded([&] { dtype == 0 ? fgpo::launch_bwd_bf16(a) : fgpo::launch_bwd_f16(a); });
 }
 
+// Watch source range `slot` (0..3; bytes = 0 clears it) and reset its counters; after a launch,
+// fgpo_emu_watched(slot, hint) is the bytes cp.async read from it with hint 0 (keep: evict_last)
+// or 1 (stream: evict_first).
+int fgpo_emu_watch(int slot, const void* base, long long bytes) {
+  if (slot < 0 || slot >= emu::kWatch) return 1;
+  auto& w = emu::watches[slot];
+  w.lo = static_cast<const unsigned char*>(base);
+  w.hi = bytes > 0 ? w.lo + bytes : w.lo;
+  w.bytes[0] = 0;
+  w.bytes[1] = 0;
+  return 0;
+}
+long long fgpo_emu_watched(int slot, int hint) {
+  if (slot < 0 || slot >= emu::kWatch || hint < 0 || hint > 1) return -1;
+  return emu::watches[slot].bytes[hint];
+}
+
 // The emulation's fp16 rounding, for its check against torch: out[i] = bits of half(x[i]), and
 // back[i] = float of the half with bits in[i].
 void fgpo_emu_to_half(const float* x, uint16_t* out, long long n) {

@@ -109,6 +109,22 @@ struct AsyncState {
 };
 inline thread_local AsyncState async_state;
 
+// L2 hints (kernels.cuh L2Hint) have no effect on data; the emulation counts the bytes each hint
+// reads from up to kWatch watched source ranges (the test's h, hr, w, wr), so a test can check
+// that every weight byte streams and every hidden-state byte is kept.
+constexpr int kWatch = 4;
+struct Watch {
+  const unsigned char* lo = nullptr;
+  const unsigned char* hi = nullptr;
+  std::atomic<long long> bytes[2] = {0, 0};  // by hint: keep, stream
+};
+inline Watch watches[kWatch];
+inline void watch_read(const void* src, int hint) {
+  const auto* p = static_cast<const unsigned char*>(src);
+  for (auto& w : watches)
+    if (p >= w.lo && p < w.hi) w.bytes[hint] += 16;
+}
+
 // The first error any emulated thread reported during a launch (thrown when the launch ends).
 inline std::mutex error_mutex;
 inline std::string first_error;
@@ -257,11 +273,14 @@ namespace fgpo {
 
 // The source is read at issue (the kernels' global inputs are read-only while they run); the
 // destination holds NaN until the wait_group that retires this copy's group.
-inline void cp_async16(void* dst, const void* src, int src_bytes) {
+// Hint: kernels.cuh's L2Hint (keep = 0, stream = 1; declared after this header is included).
+template <class Hint>
+inline void cp_async16(void* dst, const void* src, int src_bytes, Hint hint) {
   emu::AsyncCopy c;
   c.dst = dst;
   if (src_bytes == 16) {
     std::memcpy(c.data, src, 16);
+    emu::watch_read(src, static_cast<int>(hint));
   } else {
     std::memset(c.data, 0, 16);  // src_bytes = 0: zero-fill, delivered at the wait like data
   }

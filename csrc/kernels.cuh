@@ -49,8 +49,8 @@ constexpr int MT = WTM / 16;  // m16 tiles per warp
 constexpr int NT = WTN / 8;   // n8 tiles per warp
 constexpr int BK = kBlockK;   // reduction slice over D
 constexpr int LDS = BK + 8;   // padded smem row (80 B): ldmatrix rows hit distinct banks
-constexpr int STAGES = 3;
-constexpr int DC = 64;        // backward: D chunk multiplied out at a time
+constexpr int STAGES = kStages;
+constexpr int DC = kChunkD;   // backward: D chunk multiplied out at a time
 constexpr int LDG = BN + 8;   // padded rows of the G tile
 constexpr int LDC = DC + 8;   // padded rows of the backward chunks
 // Backward products (M = BM rows for dh, BN vocabulary rows for dW; N = DC): the same warp grid.
@@ -73,6 +73,13 @@ constexpr int kBwdSmem = kMainBytes > kBwdBytes ? kMainBytes : kBwdBytes;
 static_assert(kBwdSmem <= 160 * 1024, "fits sm_80 (164 KB) and sm_90 (227 KB) per CTA");
 static_assert(kFwdSmem <= kMaxSmemBytes && kBwdSmem == kMaxSmemBytes, "update launch.h");
 
+// L2 residency of the tiles a cp.async brings in (PTX createpolicy + .L2::cache_hint, sm_80+).
+// The launch order (launch.h grouped_pos, fgpo_kernels/_launch.py) keeps a group's hidden-state
+// blocks in L2 while its CTAs sweep the vocabulary: hidden states are loaded evict_last, weight
+// slices evict_first, so a weight tile occupies L2 only while the CTAs of one wave that share it
+// read the same slices, and the wave's working set fits half of the L2 (H100/H200).
+enum class L2Hint : int { keep = 0, stream = 1 };  // evict_last (H), evict_first (W)
+
 #ifndef FGPO_EMULATE
 // ---- PTX wrappers -------------------------------------------------------------------------------
 
@@ -80,10 +87,24 @@ __device__ __forceinline__ uint32_t smem_u32(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
 
-// 16-byte async copy; src_bytes = 0 zero-fills the destination without reading.
-__device__ __forceinline__ void cp_async16(void* dst, const void* src, int src_bytes) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(dst)), "l"(src),
-               "r"(src_bytes)
+// The 64-bit L2 cache policy of a hint (not volatile: the compiler may hoist and share it).
+__device__ __forceinline__ uint64_t l2_policy(L2Hint hint) {
+  uint64_t p;
+  if (hint == L2Hint::keep) {
+    asm("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;\n" : "=l"(p));
+  } else {
+    asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(p));
+  }
+  return p;
+}
+
+// 16-byte async copy with an L2 residency hint; src_bytes = 0 zero-fills the destination
+// without reading.
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, int src_bytes,
+                                           L2Hint hint) {
+  asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2, %3;\n" ::"r"(
+                   smem_u32(dst)),
+               "l"(src), "r"(src_bytes), "l"(l2_policy(hint))
                : "memory");
 }
 __device__ __forceinline__ void cp_async_commit() {
@@ -159,8 +180,8 @@ __device__ __forceinline__ void red_add2(float* dst, float a, float b) {
 
 // rows [row0, row0 + ROWS) x columns [k0, k0 + COLS) of a row-major (nrows, K) matrix into smem
 // with row pitch LD; out-of-range 16-byte chunks are zero-filled (K % 8 == 0, so a chunk is
-// either wholly inside or wholly outside).
-template <int ROWS, int COLS, int LD, typename T>
+// either wholly inside or wholly outside). HINT: hidden states keep, weights stream (above).
+template <int ROWS, int COLS, int LD, L2Hint HINT, typename T>
 __device__ __forceinline__ void load_tile(T* s, const T* g, long long nrows, long long K,
                                           long long row0, long long k0) {
   constexpr int CPR = COLS / 8;  // chunks per row
@@ -170,7 +191,7 @@ __device__ __forceinline__ void load_tile(T* s, const T* g, long long nrows, lon
     long long gr = row0 + r, gk = k0 + kc;
     bool ok = gr < nrows && gk < K;
     const T* src = ok ? g + gr * K + gk : g;
-    cp_async16(s + r * LD + kc, src, ok ? 16 : 0);
+    cp_async16(s + r * LD + kc, src, ok ? 16 : 0, HINT);
   }
 }
 
@@ -196,9 +217,10 @@ __device__ __forceinline__ void mainloop(float (&acc0)[MT][NT][4], float (&acc1)
 
   auto load = [&](int stage, int kt) {
     T* st = smem + stage * kStageElems;
-    load_tile<BM, BK, LDS>(st, a0, n, K, row0, (long long)kt * BK);
-    if (TWO) load_tile<BM, BK, LDS>(st + BM * LDS, a1, n, K, row0, (long long)kt * BK);
-    load_tile<BN, BK, LDS>(st + 2 * BM * LDS, b, v, K, v0, (long long)kt * BK);
+    load_tile<BM, BK, LDS, L2Hint::keep>(st, a0, n, K, row0, (long long)kt * BK);
+    if (TWO)
+      load_tile<BM, BK, LDS, L2Hint::keep>(st + BM * LDS, a1, n, K, row0, (long long)kt * BK);
+    load_tile<BN, BK, LDS, L2Hint::stream>(st + 2 * BM * LDS, b, v, K, v0, (long long)kt * BK);
   };
 
 #pragma unroll
@@ -501,13 +523,13 @@ __device__ __forceinline__ void bwd_side(T* smem, const T* const (&gs)[2], const
     // No weight gradient (LoRA): only W chunks are needed, so they ping-pong between wc and the
     // (unused) hidden-state area; chunk i+1 streams in while chunk i is multiplied out.
     static_assert(BN * LDC <= BM * LDC, "second W buffer fits the hidden-state area");
-    load_tile<BN, DC, LDC>(wc, wk, v, K, v0, 0);
+    load_tile<BN, DC, LDC, L2Hint::stream>(wc, wk, v, K, v0, 0);
     cp_async_commit();
     int i = 0;
     for (long long d0 = 0; d0 < K; d0 += DC, ++i) {
       T* cur = (i & 1) ? hc : wc;  // a select, not an indexed array (which would hit the stack)
       T* nxt = (i & 1) ? wc : hc;
-      if (d0 + DC < K) load_tile<BN, DC, LDC>(nxt, wk, v, K, v0, d0 + DC);
+      if (d0 + DC < K) load_tile<BN, DC, LDC, L2Hint::stream>(nxt, wk, v, K, v0, d0 + DC);
       cp_async_commit();
       cp_async_wait<1>();  // chunk i has landed (chunk i+1 may still be in flight)
       __syncthreads();
@@ -525,9 +547,10 @@ __device__ __forceinline__ void bwd_side(T* smem, const T* const (&gs)[2], const
   }
 
   for (long long d0 = 0; d0 < K; d0 += DC) {
-    load_tile<BN, DC, LDC>(wc, wk, v, K, v0, d0);
+    load_tile<BN, DC, LDC, L2Hint::stream>(wc, wk, v, K, v0, d0);
 #pragma unroll
-    for (int e = 0; e < NE; ++e) load_tile<BM, DC, LDC>(hc + e * BM * LDC, hk[e], n, K, row0, d0);
+    for (int e = 0; e < NE; ++e)
+      load_tile<BM, DC, LDC, L2Hint::keep>(hc + e * BM * LDC, hk[e], n, K, row0, d0);
     cp_async_commit();
     cp_async_wait<0>();
     __syncthreads();

@@ -80,7 +80,9 @@ void launch_bwd_f16(const BwdArgs& a);
 // Tile sizes shared with the host (Python chooses the number of vocabulary splits from them).
 constexpr int kBlockRows = 128;
 constexpr int kBlockVocab = 128;
-constexpr int kBlockK = 32;  // the cp.async ring's slice over D (3 stages)
+constexpr int kBlockK = 32;  // the cp.async ring's slice over D
+constexpr int kStages = 3;   // slices in flight in the ring
+constexpr int kChunkD = 64;  // backward: D chunk of W (and H) multiplied out at a time
 // Dynamic shared memory of the largest kernel (the backward), checked in kernels.cuh; the GPU
 // must allow this much per block (sm_80: 163 KB, sm_90: 227 KB; sm_86/89: 99 KB is too little).
 constexpr int kMaxSmemBytes = 124928;

@@ -207,7 +207,7 @@ class CudaFake:
         if n:
             padded = [cuda_kl._pad8(x) for x in (h, hr, w, wr)]
             dr = hr.shape[1] if kl else 0
-            s = cuda_kl._plan(n, v, h.shape[1], dr, kl, wr is None, SIM_DEVICE).splits
+            s = cuda_kl._plan(n, v, h.shape[1], dr, kl, SIM_DEVICE).splits
             torch.empty(s * (6 if kl else 2) * n, dtype=_F32, device=h.device)
             del padded
         return RowStats(lse, lser, fkl, rkl) if kl else RowStats(lse, None, None, None)

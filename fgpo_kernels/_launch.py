@@ -20,12 +20,14 @@ fast that runs on a GPU, and both are made here, for the kernels' host code and 
       working_set = wave row blocks * h_block + wave splits * w_window
 
   ``h_block`` = BLOCK_N rows x (D + Dr) x bytes (both models' hidden states), ``w_window`` = the
-  weight bytes one split holds while the row blocks of its group read them. The Triton kernels
-  load W with ``evict_first`` and H with ``evict_last``, so W only has to survive the few BLOCK_D
-  slices in flight (``stages x BLOCK_V x BLOCK_D``); the CUDA kernels issue plain cp.async, so
-  their window is the whole tile (``BLOCK_V x D``). ``group_rows`` takes the largest group
-  whose working set fits ``l2_fraction`` of L2 (half: H100/H200 split their L2 in two
-  partitions), since each group re-reads W once: W traffic = ceil(row_blocks / group) x |W|.
+  weight bytes one split holds while the row blocks of its group read them. Every kernel loads W
+  with ``evict_first`` (Triton ``eviction_policy``; CUDA ``cp.async ... L2::cache_hint`` with an
+  evict_first policy, hidden states evict_last), so W only has to survive the slices in flight:
+  ``stages x BLOCK_V x BLOCK_D`` (Triton, per weight read in the loop), ``kStages x BLOCK_V x
+  kBlockK`` (CUDA forward: one weight at a time) and, for the CUDA backward, the larger of that
+  ring and its two ``BLOCK_V x kChunkD`` W chunks. ``group_rows`` takes the largest group whose
+  working set fits ``l2_fraction`` of L2 (half: H100/H200 split their L2 in two partitions),
+  since each group re-reads W once: W traffic = ceil(row_blocks / group) x |W|.
 """
 
 from __future__ import annotations
@@ -40,11 +42,14 @@ from ._util import simulated_gpu, sm_count
 L2_FRACTION = 0.5
 # L2 size assumed when the device cannot say (the meta device of a simulation, a CPU): H100/H200.
 DEFAULT_L2_BYTES = 50 * 1024 * 1024
-# CUDA kernel tiles (csrc/launch.h kBlockRows / kBlockVocab / kBlockK: tests/test_launch.py
-# reads the header; the built extension's BLOCK_* must agree, cuda_kl checks).
+# CUDA kernel tiles (csrc/launch.h kBlockRows / kBlockVocab / kBlockK / kStages / kChunkD:
+# tests/test_launch.py reads the header; the built extension's BLOCK_* must agree, cuda_kl
+# checks).
 CUDA_BLOCK_ROWS = 128
 CUDA_BLOCK_VOCAB = 128
 CUDA_BLOCK_K = 32
+CUDA_STAGES = 3
+CUDA_CHUNK_D = 64
 
 
 class GridPlan(NamedTuple):
@@ -159,9 +164,15 @@ def device_plan(
     )  # fmt: skip
 
 
-def cuda_plan_inputs(d: int, dr: int, kl: bool, shared: bool, elem: int = 2) -> tuple[int, int]:
-    """(hidden-state bytes of one row, W bytes one split holds in L2) of a CUDA launch: its
-    cp.async loads carry no eviction hint, so a split holds its whole weight tile(s)."""
+def cuda_plan_inputs(
+    d: int, dr: int, kl: bool, elem: int = 2, *, backward: bool = False
+) -> tuple[int, int]:
+    """(hidden-state bytes of one row, W bytes one split holds in L2) of a CUDA launch. The
+    weights are loaded evict_first, one at a time (a shared weight serves both dots; separate
+    weights run one main loop each), so a split holds the cp.async ring's slices in flight;
+    the backward also streams W in two ``CUDA_CHUNK_D``-wide chunks (csrc/kernels.cuh)."""
     h_row = (d + (dr if kl else 0)) * elem
-    w_window = CUDA_BLOCK_VOCAB * (d + (dr if kl and not shared else 0)) * elem
+    w_window = CUDA_STAGES * CUDA_BLOCK_VOCAB * CUDA_BLOCK_K * elem
+    if backward:
+        w_window = max(w_window, 2 * CUDA_BLOCK_VOCAB * CUDA_CHUNK_D * elem)
     return h_row, w_window

@@ -180,8 +180,8 @@ def _ptr(x: Tensor | None) -> int:
 
 
 def _plan(
-    n: int, v: int, d: int, dr: int, kl: bool, shared: bool, device: torch.device,
-    splits: int = 0, *, backward: bool = False,
+    n: int, v: int, d: int, dr: int, kl: bool, device: torch.device, splits: int = 0, *,
+    backward: bool = False,
 ) -> _launch.GridPlan:  # fmt: skip
     """Grid of one launch (``_launch.plan``: vocabulary splits in whole waves, the launch-order
     group), from the CUDA tiles (one CTA per SM: ``__launch_bounds__(THREADS, 1)``)."""
@@ -190,7 +190,7 @@ def _plan(
         _launch.CUDA_BLOCK_ROWS, _launch.CUDA_BLOCK_VOCAB,
     ):  # fmt: skip
         raise RuntimeError("fgpo_kernels._C was built with other tiles than _launch.CUDA_BLOCK_*")
-    h_row, w_window = _launch.cuda_plan_inputs(d, dr, kl, shared)
+    h_row, w_window = _launch.cuda_plan_inputs(d, dr, kl, backward=backward)
     return _launch.device_plan(
         n, v, _launch.CUDA_BLOCK_ROWS, _launch.CUDA_BLOCK_VOCAB, device, per_sm=1,
         h_row_bytes=h_row, w_window=w_window, splits=splits or None,
@@ -230,7 +230,7 @@ def _fwd_impl(h, hr, w, wr, temperature: float, splits: int) -> tuple[Tensor, ..
     if n == 0:
         return lse, lser, fkl, rkl
     h, hr, w, wr = _pad8(h), _pad8(hr), _pad8(w), _pad8(wr)
-    plan = _plan(n, v, h.shape[1], hr.shape[1] if kl else 0, kl, wr is None, h.device, splits)
+    plan = _plan(n, v, h.shape[1], hr.shape[1] if kl else 0, kl, h.device, splits)
     s = plan.splits
     partial = torch.empty(s * (6 if kl else 2) * n, **f32)
     guard, stream = _launch_context(h.device)
@@ -273,8 +273,7 @@ def _bwd_impl(
     if not kl:
         gs[0] = gs[1] = gs[3] = None
     if n and (need_h or need_hr or need_w or need_wr):
-        plan = _plan(n, v, hp.shape[1], hrp.shape[1] if kl else 0, kl, shared, h.device,
-                     backward=True)  # fmt: skip
+        plan = _plan(n, v, hp.shape[1], hrp.shape[1] if kl else 0, kl, h.device, backward=True)
         guard, stream = _launch_context(h.device)
         with guard:
             ext.bwd(

@@ -146,6 +146,19 @@ def test_fatbin_has_sm80_sm90_and_ptx(fresh_build, cuobjdump):
     assert "sm_90" in ptx or "compute_90" in ptx, ptx
 
 
+def test_cp_async_carries_l2_hints(fresh_build, cuobjdump):
+    """Every cp.async of the shipped kernels carries an L2 cache policy (csrc/kernels.cuh
+    L2Hint): evict_last for hidden states, evict_first for weights. The launch plan's L2 working
+    set (fgpo_kernels/_launch.py cuda_plan_inputs) counts only the in-flight W slices because
+    of it; a plain cp.async would hold whole W tiles and overflow L2/2."""
+    so, _ = fresh_build
+    ptx = _run([cuobjdump, "-ptx", str(so)])
+    copies = re.findall(r"cp\.async\.cg\.shared\.global\S*", ptx)
+    assert copies and set(copies) == {"cp.async.cg.shared.global.L2::cache_hint"}, set(copies)
+    for policy in ("evict_last", "evict_first"):
+        assert f"createpolicy.fractional.L2::{policy}.b64" in ptx, policy
+
+
 def test_resource_usage_no_local_memory(fresh_build, cuobjdump):
     so, _ = fresh_build
     usage = _run([cuobjdump, "-res-usage", str(so)])

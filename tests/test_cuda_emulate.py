@@ -166,7 +166,7 @@ def test_emulated_grouped_launch_order(emulated_cuda, monkeypatch, group):
     monkeypatch.setattr(_launch, "group_rows", lambda *a: (group, real(*a)[1]))
     n, d, v = 300, 24, 400
     h, hr, w, wr, gs = _emu_case(torch, "shared", n, d, d, v, seed=group)
-    assert cuda_kl._plan(n, v, d, d, True, True, h.device, 2).group == group
+    assert cuda_kl._plan(n, v, d, d, True, h.device, 2).group == group
     got = cuda_kl.forward(h, hr, w, wr, 1.0, splits=2)
     dbl = lambda x: None if x is None else x.double()
     ref = torch_impl.forward(dbl(h), dbl(hr), dbl(w), None, 1.0)
@@ -259,6 +259,8 @@ def _load(path: Path):
     so.fgpo_emu_bwd.argtypes = [ptr] * 4 + [ll] * 4 + [f32, i32] + [ptr] * 12
     for fn in (so.fgpo_emu_to_half, so.fgpo_emu_from_half):
         fn.argtypes, fn.restype = [ptr, ptr, ll], None
+    so.fgpo_emu_watch.argtypes = [i32, ptr, ll]
+    so.fgpo_emu_watched.argtypes, so.fgpo_emu_watched.restype = [i32, i32], ll
     return so
 
 
@@ -317,6 +319,28 @@ def _stats_and_grads(so, case, dtype_code: int, dw: bool):
     _emu_call(so, "fgpo_emu_bwd", h, hr, w, None, n, d, d, v, 1.0, dtype_code, *stats, *gs,
               *grads, *([] if dw else [None]), None)  # fmt: skip
     return stats, grads
+
+
+@pytest.mark.parametrize("dw", [False, True], ids=["lora", "dw"])
+def test_l2_hints_keep_hidden_states_and_stream_weights(emu_lib, dw):
+    """Every byte the kernels read from h and hr carries the evict_last hint and every byte of
+    w the evict_first one (forward, then the backward's recompute and its LoRA ping-pong or dW
+    chunks): the launch plan's L2 working set (fgpo_kernels/_launch.py) assumes both."""
+    case = _emu_case(torch, "shared", 20, 136, 136, 129, seed=5)
+    h, hr, w, _, _ = case
+    names = ("h", "hr", "w")
+    for slot, x in enumerate((h, hr, w)):
+        assert emu_lib.fgpo_emu_watch(slot, x.data_ptr(), x.numel() * x.element_size()) == 0
+    _stats_and_grads(emu_lib, case, 0, dw)
+    read = {n: [emu_lib.fgpo_emu_watched(i, hint) for hint in (0, 1)] for i, n in enumerate(names)}
+    for slot in range(3):
+        emu_lib.fgpo_emu_watch(slot, None, 0)
+    for name in ("h", "hr"):
+        assert read[name][0] > 0 and read[name][1] == 0, (name, "keep/stream bytes", read)
+    assert read["w"][0] == 0 and read["w"][1] > 0, ("w keep/stream bytes", read)
+    # at least every byte once in the forward and once in the backward's recompute
+    for name, x in zip(names, (h, hr, w)):
+        assert sum(read[name]) >= 2 * x.numel() * x.element_size(), (name, read)
 
 
 # (name, the exact text in csrc/kernels.cuh, its mis-ordered replacement, run with dW). Each

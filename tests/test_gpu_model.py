@@ -4,8 +4,6 @@ without dW, and that it reads the kernels' own launch configuration (no copied n
 
 from __future__ import annotations
 
-import math
-
 import pytest
 
 pytest.importorskip("triton")
@@ -21,21 +19,24 @@ def _ids(cases):
 
 @pytest.mark.parametrize("device", sorted(gm.DEVICES))
 @pytest.mark.parametrize("case", CASES, ids=_ids(CASES))
-def test_triton_kernels_fit_half_of_l2_and_stay_near_compulsory_traffic(device, case):
-    """One wave of the Triton forward and of the gblock G kernel touches at most L2/2; HBM
-    bytes stay within 2x the compulsory bytes when every row's hidden states fit L2/2 (the
-    few-rows case), and within 2% of the least any H-resident order can read otherwise."""
+def test_kernels_fit_half_of_l2_and_stay_near_compulsory_traffic(device, case):
+    """One wave of the Triton and CUDA forwards and of the gblock G kernel touches at most
+    L2/2; forward HBM bytes stay within 2x the compulsory bytes when the hidden states fit L2/2
+    (the few-rows case), and within 2% of the least any L2-resident order can read otherwise
+    (which is itself above 2x the compulsory bytes there: no order meets 2x at N=8192)."""
     dev = gm.DEVICES[device]
-    for pred in (gm.triton_forward(case, dev), gm.gblock_backward(case, dev)):
+    fwds = (gm.triton_forward(case, dev), gm.cuda_forward(case, dev))
+    for pred in (*fwds, gm.gblock_backward(case, dev)):
         assert pred.working_set <= pred.budget <= dev.l2_bytes // 2 + 1, pred
-    fwd = gm.triton_forward(case, dev)
-    h_all = case.n * 2 * case.d * gm.BF16
-    if h_all <= dev.l2_bytes // 2:
-        assert fwd.hbm_bytes <= 2 * fwd.compulsory_bytes, fwd
+    least, compulsory = gm.least_forward_hbm(case, dev)
+    partials = 2 * 6 * case.n * 4 * 1188  # split partials, written and merged (at most)
+    for fwd in fwds:
+        assert fwd.hbm_bytes <= 1.02 * least + partials, (fwd, least)
+    if case.n * 2 * case.d * gm.BF16 <= dev.l2_bytes // 2:
+        for fwd in fwds:
+            assert fwd.hbm_bytes <= 2 * fwd.compulsory_bytes, fwd
     else:
-        w = (1 if case.shared else 2) * case.v * case.d * gm.BF16
-        bound = h_all + w * math.ceil(h_all / (dev.l2_bytes // 2))
-        assert fwd.hbm_bytes <= 1.02 * bound + 2 * 6 * case.n * 4 * 1188, (fwd, bound)
+        assert least > 2 * compulsory, (least, compulsory)
 
 
 @pytest.mark.parametrize("device", sorted(gm.DEVICES))

@@ -33,6 +33,34 @@ def test_cuda_tile_constants_match_the_header():
     assert consts["kBlockRows"] == _launch.CUDA_BLOCK_ROWS
     assert consts["kBlockVocab"] == _launch.CUDA_BLOCK_VOCAB
     assert consts["kBlockK"] == _launch.CUDA_BLOCK_K
+    assert consts["kStages"] == _launch.CUDA_STAGES
+    assert consts["kChunkD"] == _launch.CUDA_CHUNK_D
+
+
+@pytest.mark.parametrize("n", [256, 1024, 8192])
+@pytest.mark.parametrize("backward", [False, True])
+def test_cuda_plans_fit_half_of_l2(n, backward):
+    """With the weights loaded evict_first (csrc/kernels.cuh L2Hint), a CUDA split holds only
+    its in-flight W slices, so forward and backward waves fit L2/2 at the GPU shape (bf16,
+    D=3584, V=152064, 132 SMs) and in the few-rows case; holding whole W tiles (no hint) they
+    did not."""
+    h_row, w_window = _launch.cuda_plan_inputs(3584, 3584, True, backward=backward)
+    assert w_window <= 2 * 128 * 64 * 2
+    p = _launch.plan(n, 152064, 128, 128, h_row_bytes=h_row, w_window=w_window, per_wave=132,
+                     l2=50 << 20, tiles_per_program=1 if backward else None)  # fmt: skip
+    assert p.fits, p
+    whole = _launch.plan(
+        n,
+        152064,
+        128,
+        128,
+        h_row_bytes=h_row,
+        w_window=128 * 3584 * 2,
+        per_wave=132,
+        l2=50 << 20,
+        tiles_per_program=1 if backward else None,
+    )
+    assert whole.working_set > p.working_set
 
 
 @pytest.mark.parametrize("row_blocks,cols", [(1, 1), (5, 3), (64, 33), (7, 1188), (13, 2)])
@@ -80,8 +108,8 @@ def test_plan_few_rows_and_backward_grids():
                        per_wave=132, l2=50 << 20)  # fmt: skip
     assert few.group == few.row_blocks == 2 and few.fits  # every row block in one group
     assert few.programs >= 132 and few.programs % 132 == 0, few
-    # Whole W tiles held (the CUDA kernels): 66 splits do not fit L2/2, yet the grid still
-    # fills the 132 SMs rather than idling them to fit.
+    # Whole W tiles held (a kernel without an evict_first hint): 66 splits do not fit L2/2,
+    # yet the grid still fills the 132 SMs rather than idling them to fit.
     cuda = _launch.plan(256, 152064, 128, 128, h_row_bytes=h_row, w_window=128 * 3584 * 2,
                         per_wave=132, l2=50 << 20)  # fmt: skip
     assert cuda.programs >= 132 and not cuda.fits, cuda

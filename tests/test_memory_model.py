@@ -120,7 +120,7 @@ def test_fake_cuda_sizes_come_from_cuda_kl(monkeypatch):
     h, hr, w = (torch.empty(*s, dtype=torch.bfloat16, device="meta")
                 for s in ((n, d), (n, d), (v, d)))  # fmt: skip
     with _fake.simulate_gpu(sm_count=132):
-        plan = cuda_kl._plan(n, v, d, d, True, True, _fake.SIM_DEVICE)
+        plan = cuda_kl._plan(n, v, d, d, True, _fake.SIM_DEVICE)
         splits = plan.splits
         allocs = _logged_allocations(lambda: _fake.CudaFake().forward(h, hr, w, None, 1.0))
         assert ("empty", (splits * 6 * n,), torch.float32) in allocs
