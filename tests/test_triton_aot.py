@@ -2,8 +2,9 @@
 for the architectures it serves (sm_80 / sm_90), no GPU needed, with whatever triton is
 installed (CI: 3.7.1; the GPU machine's 3.6.0 was checked by hand): every kernel variant
 compiles, nothing spills registers, 16-bit inputs use tensor cores (mma / wgmma), and on sm_90
-the widest wgmma instruction is the one the table promises (m64n128k16 for the main forward and
-G kernel), shared memory fits a block and ``per_sm`` programs fit an SM."""
+the widest wgmma instruction is the one the table promises (m64n128k16 for the main forward, the
+forward that keeps its logits and the G kernel), shared memory fits a block and ``per_sm``
+programs fit an SM. Tile buffers (kept logits, G) go as TMA descriptors on sm_90."""
 
 from __future__ import annotations
 
@@ -53,7 +54,8 @@ _G_ONE = tuple(k for k, (m, g, gr, held) in _G_MODES.items()
 _SHIPPED = {  # config name -> (dtype, kernel, variants, widest wgmma on sm_90 or None)
     "fwd": ("bf16", "fwd", tuple(_FWD_MODES), "m64n128k16"),
     "fwd_sm80": ("bf16", "fwd", tuple(_FWD_MODES), None),
-    "fwd_store": ("bf16", "fwd", tuple(_STORE_MODES), "m64n32k16"),
+    "fwd_store": ("bf16", "fwd", tuple(_STORE_MODES), "m64n128k16"),
+    "fwd_store_sm80": ("bf16", "fwd", tuple(_STORE_MODES), None),
     "bwd": ("bf16", "bwd", tuple(_BWD_MODES), "m64n64k16"),
     "fwd_fp32": ("fp32", "fwd", ("shared", "separate", "shared_store", "separate_store"), None),
     "fwd_fp32_logprob": ("fp32", "fwd", ("logprob", "logprob_store"), None),
@@ -110,11 +112,24 @@ def _aot_worker(jobs_json: str) -> None:
         kernel = kernels[job["kernel"]]
         consts = dict(BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d)
         consts.update(job["flags"])
+        # Tile buffers go as TMA descriptors where the launcher passes them (configs.tma_tiles:
+        # sm_90; the forward's only when it keeps logits, the G kernel's z only from logits).
+        tma = job["arch"] >= 90
+        desc = {"g_out": tma, "gr_out": tma, "z_in": tma and consts.get("FROM_LOGITS", False)}
+        desc["z_out"] = tma and consts.get("STORE_LOGITS", False)
+        desc.update(zr_in=desc["z_in"], zr_out=desc["z_out"])
+        if "TMA" in kernel.arg_names:
+            consts["TMA"] = desc["g_out"] if job["kernel"] == "g" else desc["z_out"]
         sig, attrs = {}, {}
         for i, name in enumerate(kernel.arg_names):
+            tile_dtype = job["dtype"] if name.startswith("g") else "fp32"
             if name in consts:
                 sig[name] = "constexpr"
-            elif name in ("h_ptr", "hr_ptr", "w_ptr", "wr_ptr", "g_ptr", "gr_ptr"):
+            elif desc.get(name):
+                sig[name] = f"tensordesc<{tile_dtype}[{cfg.block_n}, {cfg.block_v}]>"
+            elif name in desc:
+                sig[name] = "*" + tile_dtype
+            elif name in ("h_ptr", "hr_ptr", "w_ptr", "wr_ptr"):
                 sig[name] = "*" + job["dtype"]
             elif name.endswith("_ptr"):
                 sig[name] = "*fp32"
@@ -124,7 +139,8 @@ def _aot_worker(jobs_json: str) -> None:
                 sig[name] = "i32"
             # What the launcher specializes for 16-byte aligned tensors with D % 16 == 0 (the
             # SPEC shape; without it the loads cannot be vectorized and nothing is pipelined).
-            if name.endswith("_ptr") or name.startswith("stride") or name in ("D", "DR"):
+            pointer = name.endswith("_ptr") or (name in desc and not desc[name])
+            if pointer or name.startswith("stride") or name in ("D", "DR"):
                 attrs[(i,)] = [["tt.divisibility", 16]]
         unknown = sorted(set(consts) - set(kernel.arg_names))
         # A constexpr the job does not set would compile as a runtime int (another kernel).

@@ -116,6 +116,44 @@ def test_forward_odd_sizes_and_forced_splits(mode, splits):
 
 
 @needs_triton
+@pytest.mark.parametrize("tma", [True, False])
+@pytest.mark.parametrize("mode", ["shared", "separate", "logprob"])
+def test_kept_logits_and_g_tiles_tma_and_pointer_paths(mode, tma, monkeypatch):
+    """The forward that keeps its logits and the G kernel reading them back, through TMA
+    descriptors (sm_90's path) and per-element pointers (sm_80's, FGPO_TRITON_TMA=0): ragged
+    row and column tails, V not a multiple of 4 (padded row stride), several G chunks."""
+    from fgpo_kernels.triton_kl.common import logit_buffer
+
+    monkeypatch.setenv("FGPO_TRITON_TMA", "1" if tma else "0")
+    n, d, v, dr = 37, 45, 203, 29
+    h, hr, w, wr = _inputs(n, d, v, dr, shared=mode == "shared", logprob_only=mode == "logprob")
+    t = 0.85
+    z = logit_buffer(n, v, DEV)
+    zr = None if hr is None else logit_buffer(n, v, DEV)
+    assert z.stride(0) == 204 and z.shape == (n, v)
+    stats = triton_kl.fwd.forward(h, hr, w, wr, t, splits=3, config=TINY, logits=(z, zr))
+    _check_forward(stats, torch_impl.forward(*_f64((h, hr, w, wr)), t), 2e-5, f"[{mode}] ")
+    ref_z = h.double() @ w.double().T / t
+    assert rel_err(z.cpu(), ref_z.cpu()) <= 1e-6, worst(z, ref_z)
+    if zr is not None:
+        ref_zr = hr.double() @ (w if wr is None else wr).double().T / t
+        assert rel_err(zr.cpu(), ref_zr.cpu()) <= 1e-6, worst(zr, ref_zr)
+    gs = _grads_in(n, hr is not None)
+    need = Needs(True, hr is not None, True, wr is not None)
+    kept = bwd_gblock.backward_gblock(h, hr, w, wr, t, stats, gs, need, config=TINY,
+                                      chunk_elems=2 * n * 64, logits=(z, zr))  # fmt: skip
+    again = bwd_gblock.backward_gblock(h, hr, w, wr, t, stats, gs, need, config=TINY,
+                                       chunk_elems=2 * n * 64)  # fmt: skip
+    ref = torch_impl.backward(*_f64((h, hr, w, wr)), t, _f64_stats(stats), _f64_grads(gs), need)
+    for name, a, b, r in zip(("dh", "dhr", "dw", "dwr"), kept, again, ref):
+        assert (a is None) == (b is None) == (r is None), name
+        if r is not None:
+            for label, x in (("kept", a), ("recomputed", b)):
+                e = rel_err(x.cpu(), r.cpu())
+                assert e <= 2e-5, f"[{mode}] {label} {name}: rel err {e:.3e}; {worst(x, r)}"
+
+
+@needs_triton
 @pytest.mark.parametrize("bwd", BWD)
 @pytest.mark.parametrize("mode", ["shared", "separate", "logprob"])
 def test_single_row(mode, bwd):

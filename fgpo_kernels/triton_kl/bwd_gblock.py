@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from .._backend import Grads, Needs, RowGrads, RowStats
-from .common import DOT_PRECISION, on_device, prepare, row_inputs, tl, triton
+from .common import DOT_PRECISION, on_device, prepare, row_inputs, tile_arg, tl, triton
 from .configs import (
     KernelConfig,
     chunk_columns,
@@ -25,17 +25,19 @@ from .configs import (
     grid_plan,
     kernel_config,
     launch_opts,
+    tma_tiles,
 )
 
 if triton is not None:
-    from .common import _grouped_pid, _tile_grads, _tile_logits
+    from .common import _grouped_pid, _load_tile, _store_tile, _tile_grads, _tile_logits
 
     @triton.jit
     def _g_kernel(
         h_ptr, hr_ptr, w_ptr, wr_ptr,  # inputs (see _tile_logits)
         stats_ptr,  # (8, N) fp32: lse, lser, fkl, rkl, g_fkl, g_rkl, g_lp, g_lpr
-        g_ptr, gr_ptr,  # (N, >= chunk_v) buffers in the input dtypes: G / T and Gr / T
-        z_ptr, zr_ptr,  # (N, V) fp32 logits kept by the forward (FROM_LOGITS only)
+        g_out, gr_out,  # (N, >= chunk_v) buffers in the input dtypes: G / T and Gr / T
+        z_in, zr_in,  # (N, V) fp32 logits kept by the forward (FROM_LOGITS only)
+        # (g_out, gr_out, z_in, zr_in: TMA descriptors or pointers, see _store_tile)
         N, V, D, DR, stride_h, stride_hr, stride_w, stride_wr, stride_g, stride_gr, stride_z,
         inv_t,  # 1 / temperature
         v0,  # first vocabulary column of the chunk
@@ -45,6 +47,7 @@ if triton is not None:
         HAS_REF: tl.constexpr, SHARED: tl.constexpr, PREC: tl.constexpr, PREC_R: tl.constexpr,
         DO_G: tl.constexpr, DO_GR: tl.constexpr,  # which gradient tiles to write
         FROM_LOGITS: tl.constexpr,  # read the kept logits instead of recomputing them
+        TMA: tl.constexpr,  # the four tile buffers are TMA descriptors
     ):  # fmt: skip
         """gblock backward, step 1: the logit-gradient tiles of one vocabulary chunk, written to
         a (rows x chunk) buffer for the library GEMMs (already divided by T)."""
@@ -55,10 +58,10 @@ if triton is not None:
         row_ok = rows < N
         col_ok = local < chunk_v
         ok = row_ok[:, None] & col_ok[None, :]
+        r0, c0 = pid_n * BLOCK_N, pid_v * BLOCK_V
         if FROM_LOGITS:
-            at = rows[:, None] * stride_z + cols[None, :]
-            z = tl.load(z_ptr + at, mask=ok, other=0.0)
-            zr = tl.load(zr_ptr + at, mask=ok, other=0.0) if HAS_REF else z
+            z = _load_tile(z_in, r0, v0 + c0, rows, cols, ok, stride_z, TMA)
+            zr = _load_tile(zr_in, r0, v0 + c0, rows, cols, ok, stride_z, TMA) if HAS_REF else z
         else:
             z, zr = _tile_logits(
                 h_ptr, hr_ptr, w_ptr, wr_ptr, rows, cols, row_ok, col_ok,
@@ -67,17 +70,9 @@ if triton is not None:
             )  # fmt: skip
         g, gr = _tile_grads(z, zr, stats_ptr, rows, row_ok, ok, N, HAS_REF)
         if DO_G:
-            tl.store(
-                g_ptr + rows[:, None] * stride_g + local[None, :],
-                (g * inv_t).to(g_ptr.dtype.element_ty),
-                mask=ok,
-            )
+            _store_tile(g_out, r0, c0, rows, local, ok, stride_g, g * inv_t, TMA)
         if DO_GR:
-            tl.store(
-                gr_ptr + rows[:, None] * stride_gr + local[None, :],
-                (gr * inv_t).to(gr_ptr.dtype.element_ty),
-                mask=ok,
-            )
+            _store_tile(gr_out, r0, c0, rows, local, ok, stride_gr, gr * inv_t, TMA)
 
 
 # ---------------------------------------------------------------------------------- host side
@@ -148,7 +143,7 @@ def backward_gblock(
 ) -> Grads:  # fmt: skip
     """Per vocabulary chunk: a Triton kernel writes G / T (and Gr / T) for all rows in the input
     dtype, then library GEMMs do dh += G W_c, dW_c = G^T h (written once, no atomics).
-    ``logits`` = (z, zr) kept by ``forward`` (row-major fp32, row stride V): G is computed from
+    ``logits`` = (z, zr) kept by ``forward`` (row-major fp32, ``common.logit_buffer``): G from
     them instead of recomputing the logit tiles. ``chunk_elems``: the buffer budget
     (``configs.gblock_elems``: env, else a share of the GPU's free memory)."""
     h, hr, w, wr = prepare(h, hr, w, wr)
@@ -202,23 +197,31 @@ def backward_gblock(
         w_rhs = h
 
     opts = launch_opts(cfg)
+    tma = tma_tiles(dev)
     z_buf, zr_buf = logits if logits is not None else (per_row, per_row)
     zr_buf = z_buf if zr_buf is None else zr_buf
+    if logits is not None and z_buf.stride(0) != zr_buf.stride(0):
+        raise ValueError("impl 'triton': gblock logits z and zr need the same row stride")
+    z_in, zr_in = ((tile_arg(x, v, cfg.block_n, cfg.block_v, tma) for x in (z_buf, zr_buf))
+                   if logits is not None else (z_buf, zr_buf))  # fmt: skip
     with on_device(h):
         for v0 in range(0, v, vc):
             vl = min(vc, v - v0)
             plan = grid_plan(cfg, n, vl, d, dr, has_ref, shared, h.dtype, dev,
                              tiles_per_program=1)  # fmt: skip
             grid = (plan.programs,)
+            g_out, gr_out = (
+                tile_arg(x, vl, cfg.block_n, cfg.block_v, tma) for x in (g_arg, gr_arg)
+            )
             _g_kernel[grid](
-                h, hr_, w, wr_, per_row, g_arg, gr_arg, z_buf, zr_buf,
+                h, hr_, w, wr_, per_row, g_out, gr_out, z_in, zr_in,
                 n, v, d, dr, h.stride(0), hr_.stride(0), w.stride(0), wr_.stride(0),
                 g_arg.stride(0), gr_arg.stride(0), z_buf.stride(0),
                 1.0 / temperature, v0, vl, plan.group,
                 BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
                 HAS_REF=has_ref, SHARED=shared,
                 PREC=DOT_PRECISION[h.dtype], PREC_R=DOT_PRECISION[hr_.dtype],
-                DO_G=do_g, DO_GR=do_gr, FROM_LOGITS=logits is not None,
+                DO_G=do_g, DO_GR=do_gr, FROM_LOGITS=logits is not None, TMA=tma,
                 **opts,
             )  # fmt: skip
             cols = slice(v0, v0 + vl)

@@ -9,8 +9,12 @@ Jit helpers (row i, vocabulary column j of one tile, T = temperature):
     _tile_grads    G  = g_fkl (p - r) + g_rkl p (d - rkl) - g_lp p
                    Gr = g_fkl r (-d - fkl) + g_rkl (r - p) - g_lpr r      (d = log p - log r)
                    from the saved per-row lse, lser, fkl, rkl and the incoming per-row gradients
+    _store_tile / _load_tile   one (BLOCK_N, BLOCK_V) tile of a row-major buffer (kept logits,
+                   G): through a TMA tensor descriptor (sm_90, the interpreter) or per-element
+                   pointers (sm_80)
 Host helpers: input checks (``prepare``), the per-row input block of the gradient kernels
-(``row_inputs``), the device guard of a launch (``on_device``).
+(``row_inputs``), the device guard of a launch (``on_device``), the argument a tile buffer is
+passed as (``tile_arg``).
 """
 
 from __future__ import annotations
@@ -26,10 +30,11 @@ from .._util import triton_interpret
 try:
     import triton
     import triton.language as tl
+    from triton.tools.tensor_descriptor import TensorDescriptor
 
     IMPORT_ERROR = ""
 except Exception as exc:  # pragma: no cover - depends on the environment
-    triton = tl = None
+    triton = tl = TensorDescriptor = None
     IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
 
 # tl.dot input precision per input dtype: exact IEEE fp32 dots (no TF32) for fp32 inputs;
@@ -147,6 +152,32 @@ if triton is not None:
             gr = g
         return g, gr
 
+    @triton.jit
+    def _store_tile(
+        dst,  # tensor descriptor (TMA) or pointer to a row-major buffer
+        r0, c0,  # first row / column of the tile (in the descriptor's coordinates)
+        rows, cols, ok,  # int64 rows and columns (pointer path), the (row, column) mask
+        stride,  # row stride of the buffer in elements (pointer path)
+        value,  # (BLOCK_N, BLOCK_V) tile, rounded to the buffer's dtype here
+        TMA: tl.constexpr,
+    ):  # fmt: skip
+        """Store one tile. TMA: the tile goes registers -> shared memory -> global in one bulk
+        copy, clipped to the descriptor's shape: no per-element addresses or masks in registers,
+        which is what lets m64n128 tiles store two fp32 tiles without spilling on sm_90."""
+        if TMA:
+            dst.store([r0, c0], value.to(dst.dtype))
+        else:
+            at = dst + rows[:, None] * stride + cols[None, :]
+            tl.store(at, value.to(dst.dtype.element_ty), mask=ok)
+
+    @triton.jit
+    def _load_tile(src, r0, c0, rows, cols, ok, stride, TMA: tl.constexpr):
+        """Load one tile (zero outside the buffer / ``ok``); arguments as ``_store_tile``."""
+        if TMA:
+            return src.load([r0, c0])
+        else:
+            return tl.load(src + rows[:, None] * stride + cols[None, :], mask=ok, other=0.0)
+
 
 def _check(h: Tensor, name: str) -> None:
     if h.dtype not in DOT_PRECISION:
@@ -173,6 +204,27 @@ def prepare(h, hr, w, wr):
 def on_device(x: Tensor):
     """Launch on the tensors' GPU, not whichever one is current."""
     return torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()
+
+
+def tile_arg(buf: Tensor, cols: int, block_n: int, block_v: int, tma: bool):
+    """A row-major (rows, >= cols) buffer as a kernel argument: a TMA descriptor of its first
+    ``cols`` columns with (``block_n``, ``block_v``) boxes, or the tensor itself (pointer path).
+    TMA needs a 16-byte aligned base and row stride (``logit_buffer`` pads fp32 rows to 4)."""
+    if not tma:
+        return buf
+    if buf.stride(1) != 1 or (buf.stride(0) * buf.element_size()) % 16 or buf.data_ptr() % 16:
+        raise ValueError(
+            f"impl 'triton': a TMA tile buffer needs unit column stride and a 16-byte aligned "
+            f"base and row stride, got shape {tuple(buf.shape)} stride {buf.stride()} "
+            f"({buf.dtype})"
+        )
+    return TensorDescriptor(buf, [buf.shape[0], cols], [buf.stride(0), 1], [block_n, block_v])
+
+
+def logit_buffer(n: int, v: int, device) -> Tensor:
+    """An fp32 (n, v) buffer for kept logits whose rows start 16-byte aligned (stride: v
+    rounded up to 4), as TMA stores need."""
+    return torch.empty((n, -(-v // 4) * 4), dtype=torch.float32, device=device)[:, :v]
 
 
 def row_inputs(n: int, dev, stats: RowStats, grads: RowGrads) -> Tensor:

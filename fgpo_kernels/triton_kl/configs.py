@@ -34,29 +34,38 @@ class KernelConfig(NamedTuple):
 # that nothing spills, that 16-bit inputs use tensor cores, the widest wgmma instruction on
 # sm_90, the shared memory per program and ``per_sm``; all entries were checked with triton
 # 3.6.0 and 3.7.1. On sm_90, 128 x 128 tiles give wgmma m64n128k16 (64-wide tiles give m64n64,
-# which needs about the whole shared-memory bandwidth of an SM). Where a kernel holds two
-# 128 x 128 fp32 tiles AND their gradients or stores, ptxas spills (bytes of stack measured
-# with triton 3.7.1 in the comments), so those launches keep narrower tiles; so does sm_80
+# which needs about the whole shared-memory bandwidth of an SM); so do 64 x 128 tiles with 4
+# warps (one warpgroup). On sm_90 the kept-logit and G tiles are stored through TMA descriptors
+# (``common._store_tile``): no per-element addresses in registers. Where a kernel holds two
+# 128-wide fp32 tiles AND their gradients, ptxas still spills (bytes of stack measured with
+# triton 3.7.1 in the comments), so those launches keep narrower tiles; so does sm_80
 # (mma.sync, no wgmma: 104 B of spill at 128 x 128). fp32 inputs use IEEE dots (FMA, exact to
 # fp32), which need smaller tiles and fewer stages.
 GPU_CONFIGS = {
     "fwd": KernelConfig(128, 128, 64, 8, 3),  # sm_90 bf16/fp16 forward: m64n128k16
     "fwd_sm80": KernelConfig(128, 64, 32, 8, 3),  # sm_80 bf16/fp16 forward
-    # bf16/fp16 forward that also writes its logits (gradients in the forward, fused.py): the
-    # stores of two fp32 tiles spill wider tiles (696 B at 128 x 128, 48 B at 64 x 64 x 4 warps).
-    "fwd_store": KernelConfig(64, 64, 64, 8, 3),
+    # bf16/fp16 forward that also writes its logits (gradients in the forward, fused.py). sm_90:
+    # TMA stores (no per-element addresses; pointer stores spilled 696 B at 128 x 128 and 168 B
+    # at 64 x 128 x 4 warps) into one warpgroup's m64n128k16 tiles, 255 registers, no spill,
+    # 82 KB (shared) / 106 KB (separate) of shared memory: 2 programs per SM.
+    "fwd_store": KernelConfig(64, 128, 32, 4, 3, per_sm=2),
+    # sm_80 (no TMA: pointer stores; 64 x 128 spills 1.4 KB there, 64 x 64 x 64 8 B).
+    "fwd_store_sm80": KernelConfig(64, 64, 32, 8, 3),
     "bwd": KernelConfig(64, 128, 32, 8, 3),  # bf16/fp16 atomic backward
     "fwd_fp32": KernelConfig(64, 64, 16, 8, 1),
-    "fwd_fp32_logprob": KernelConfig(32, 64, 32, 4, 1, per_sm=3),
+    "fwd_fp32_logprob": KernelConfig(32, 64, 32, 4, 1, per_sm=4),
     "bwd_fp32": KernelConfig(64, 32, 16, 8, 1),
     "g": KernelConfig(128, 128, 64, 8, 3),  # sm_90 gblock writing G or Gr (LoRA): m64n128k16
-    # gblock writing G and Gr (trained head or reference: 88 B at 128 x 128), or reading kept
-    # logits (FROM_LOGITS: 16 B), and every gblock launch on sm_80.
+    # gblock writing G and Gr (trained head or reference), or reading kept logits
+    # (FROM_LOGITS), and every gblock launch on sm_80. With TMA stores, G and Gr spill 64 B at
+    # 128 x 128 x 64 / 8 warps and 8 B at 64 x 128 x 32 / 4 warps (0 B only when the chunk
+    # width is a multiple of 16, which a launch cannot promise); TMA loads of kept logits
+    # spill 320 B at 128 x 128, pointer loads 4 KB at 64 x 128.
     "g_both": KernelConfig(128, 64, 64, 8, 3),
     "g_fp32": KernelConfig(64, 64, 16, 8, 2, per_sm=2),
 }
-SM90_ONLY = ("fwd", "g")
-SM80_ONLY = ("fwd_sm80",)
+SM90_ONLY = ("fwd", "fwd_store", "g")
+SM80_ONLY = ("fwd_sm80", "fwd_store_sm80")
 # Backward modes (env FGPO_TRITON_BWD): "gblock" writes the logit gradient of one vocabulary chunk
 # and runs library GEMMs; "atomic" accumulates every tile with fp32 atomics. Why gblock is the
 # default: docs/kernels/triton.md.
@@ -105,8 +114,8 @@ def gpu_config_name(
         if kind == "fwd" and not has_ref:
             return "fwd_fp32_logprob"
         return f"{kind}_fp32"
-    if kind == "fwd":
-        return "fwd" if arch >= 90 else "fwd_sm80"
+    if kind in ("fwd", "fwd_store"):
+        return kind if arch >= 90 else f"{kind}_sm80"
     if kind == "g":
         return "g" if arch >= 90 and not (has_ref and both) else "g_both"
     return kind
@@ -134,6 +143,15 @@ def kernel_config(
     name = gpu_config_name(kind, n, dtype, has_ref, shared=shared, both=both,
                            arch=device_arch(device))  # fmt: skip
     return GPU_CONFIGS[name]
+
+
+def tma_tiles(device: torch.device | None) -> bool:
+    """Whether kept-logit and G tiles move through TMA tensor descriptors: on sm_90 and in the
+    interpreter (which runs the same kernel code on CPU tensors); sm_80 has no TMA. Env
+    FGPO_TRITON_TMA=0 turns it off (per-element pointer stores, the sm_80 path)."""
+    if os.environ.get("FGPO_TRITON_TMA", "1") == "0":
+        return False
+    return triton_interpret() or device_arch(device) >= 90
 
 
 def launch_opts(cfg: KernelConfig) -> dict:

@@ -19,18 +19,20 @@ import torch
 from torch import Tensor
 
 from .._backend import RowStats, finish_kl
-from .common import DOT_PRECISION, on_device, prepare, tl, triton
-from .configs import KernelConfig, grid_plan, kernel_config, launch_opts
+from .common import DOT_PRECISION, on_device, prepare, tile_arg, tl, triton
+from .configs import KernelConfig, grid_plan, kernel_config, launch_opts, tma_tiles
 
 if triton is not None:
-    from .common import _grouped_pid, _tile_logits
+    from .common import _grouped_pid, _store_tile, _tile_logits
 
     @triton.jit
     def _fwd_kernel(
         h_ptr, hr_ptr, w_ptr, wr_ptr,  # inputs (see _tile_logits)
         part_ptr,  # (6, N, n_splits) fp32 partials: m, s, mr, sr, A, B per (row, split)
-        z_ptr, zr_ptr,  # (N, V) fp32 logits kept for the gradient (STORE_LOGITS only)
+        z_out, zr_out,  # (N, V) fp32 logits kept for the gradient (STORE_LOGITS only): TMA
+        # descriptors or pointers (see _store_tile)
         N, V, D, DR, stride_h, stride_hr, stride_w, stride_wr,
+        stride_z,  # row stride of the kept logits (pointer path)
         inv_t,  # 1 / temperature
         tiles_per_split,  # vocabulary tiles owned by one program
         n_splits,  # splits per row block (grid = row blocks x n_splits programs)
@@ -38,6 +40,7 @@ if triton is not None:
         BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
         HAS_REF: tl.constexpr, SHARED: tl.constexpr, PREC: tl.constexpr, PREC_R: tl.constexpr,
         STORE_LOGITS: tl.constexpr,  # also write every logit tile (gradients in the forward)
+        TMA: tl.constexpr,  # z_out / zr_out are TMA descriptors
     ):  # fmt: skip
         pid_n, pid_s = _grouped_pid(tl.cdiv(N, BLOCK_N), n_splits, group)
         rows = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
@@ -61,13 +64,19 @@ if triton is not None:
                 BLOCK_N, BLOCK_V, BLOCK_D, HAS_REF, SHARED, PREC, PREC_R,
             )  # fmt: skip
             if STORE_LOGITS:
-                at = rows[:, None] * V + cols[None, :]
                 ok = row_ok[:, None] & col_ok[None, :]
-                tl.store(z_ptr + at, z, mask=ok)
+                r0, c0 = pid_n * BLOCK_N, t * BLOCK_V
+                _store_tile(z_out, r0, c0, rows, cols, ok, stride_z, z, TMA)
                 if HAS_REF:
-                    tl.store(zr_ptr + at, zr, mask=ok)
+                    _store_tile(zr_out, r0, c0, rows, cols, ok, stride_z, zr, TMA)
             if HAS_REF:
-                diff = tl.where(col_ok[None, :], z - zr, 0.0)  # before masking: no inf - inf
+                # Columns past V are exactly 0 in both tiles (W loads fill 0), so both forms
+                # are exact; which one compiles without spills is ptxas's call: the storing
+                # 64 x 128 tile spills 16 B with the mask, the 128 x 128 one 8 B without it.
+                if STORE_LOGITS:
+                    diff = z - zr
+                else:
+                    diff = tl.where(col_ok[None, :], z - zr, 0.0)
             z = tl.where(col_ok[None, :], z, neg_inf)
             m_new = tl.maximum(m, tl.max(z, axis=1))
             alpha = tl.exp(m - m_new)
@@ -105,7 +114,8 @@ def forward(
     logits: tuple[Tensor, Tensor | None] | None = None,
 ) -> RowStats:  # fmt: skip
     """Per-row (lse, lser, fkl, rkl) fp32; ``splits``/``config`` override the choice (tests).
-    ``logits`` = (z, zr): contiguous fp32 (N, V) buffers that receive the logits (/ T)."""
+    ``logits`` = (z, zr): fp32 (N, V) row-major buffers that receive the logits (/ T); on sm_90
+    and in the interpreter their rows must start 16-byte aligned (``common.logit_buffer``)."""
     h, hr, w, wr = prepare(h, hr, w, wr)
     n, d = h.shape
     v = w.shape[0]
@@ -119,17 +129,23 @@ def forward(
     s = plan.splits
     part = torch.empty((6 if has_ref else 2, n, s), dtype=torch.float32, device=h.device)
     hr_, wr_ = (hr if has_ref else h), (w if shared else wr)
+    tma = logits is not None and tma_tiles(h.device)
     z_buf, zr_buf = logits if logits is not None else (part, part)
+    zr_buf = z_buf if zr_buf is None else zr_buf
+    if logits is not None and z_buf.stride(0) != zr_buf.stride(0):
+        raise ValueError("impl 'triton': forward logits z and zr need the same row stride")
+    z_out, zr_out = (tile_arg(x, v, cfg.block_n, cfg.block_v, tma) for x in (z_buf, zr_buf))
     if n:  # no rows: nothing to launch (the program numbering needs a row block)
         with on_device(h):
             _fwd_kernel[(plan.programs,)](
-                h, hr_, w, wr_, part, z_buf, zr_buf if zr_buf is not None else z_buf,
+                h, hr_, w, wr_, part, z_out, zr_out,
                 n, v, d, dr, h.stride(0), hr_.stride(0), w.stride(0), wr_.stride(0),
+                z_buf.stride(0),
                 1.0 / temperature, plan.tiles_per_split, s, plan.group,
                 BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
                 HAS_REF=has_ref, SHARED=shared,
                 PREC=DOT_PRECISION[h.dtype], PREC_R=DOT_PRECISION[hr_.dtype],
-                STORE_LOGITS=logits is not None,
+                STORE_LOGITS=logits is not None, TMA=tma,
                 **launch_opts(cfg),
             )  # fmt: skip
     if not has_ref:
