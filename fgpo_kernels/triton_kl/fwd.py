@@ -115,7 +115,8 @@ def forward(
 ) -> RowStats:  # fmt: skip
     """Per-row (lse, lser, fkl, rkl) fp32; ``splits``/``config`` override the choice (tests).
     ``logits`` = (z, zr): fp32 (N, V) row-major buffers that receive the logits (/ T); on sm_90
-    and in the interpreter their rows must start 16-byte aligned (``common.logit_buffer``)."""
+    and in the interpreter their rows must start 16-byte aligned (``common.logit_buffer``); one
+    row stride for both."""
     h, hr, w, wr = prepare(h, hr, w, wr)
     n, d = h.shape
     v = w.shape[0]
@@ -132,10 +133,8 @@ def forward(
     tma = logits is not None and tma_tiles(h.device)
     z_buf, zr_buf = logits if logits is not None else (part, part)
     zr_buf = z_buf if zr_buf is None else zr_buf
-    if logits is not None and z_buf.stride(0) != zr_buf.stride(0):
-        raise ValueError("impl 'triton': forward logits z and zr need the same row stride")
-    z_out, zr_out = (tile_arg(x, v, cfg.block_n, cfg.block_v, tma) for x in (z_buf, zr_buf))
     if n:  # no rows: nothing to launch (the program numbering needs a row block)
+        z_out, zr_out = (tile_arg(x, v, cfg.block_n, cfg.block_v, tma) for x in (z_buf, zr_buf))
         with on_device(h):
             _fwd_kernel[(plan.programs,)](
                 h, hr_, w, wr_, part, z_out, zr_out,
