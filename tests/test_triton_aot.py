@@ -1,6 +1,7 @@
 """Ahead-of-time compilation of every shipped Triton GPU configuration (``triton_kl.configs``)
-for the architectures it serves (sm_80 / sm_90), no GPU needed, with whatever triton is
-installed (CI: 3.7.1; the GPU machine's 3.6.0 was checked by hand): every kernel variant
+for the architectures it serves (sm_80 / sm_90), no GPU needed, with the installed triton (CI:
+3.7.1) and with the GPU machine's release (``OTHER_TRITON``, installed by pip on first use into
+a cache folder; skipped, saying why, where pip cannot get it): every kernel variant
 compiles, nothing spills registers, 16-bit inputs use tensor cores (mma / wgmma), and on sm_90
 the widest wgmma instruction is the one the table promises (m64n128k16 for the main forward, the
 forward that keeps its logits and the G kernel), shared memory fits a block and ``per_sm``
@@ -11,8 +12,11 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -196,23 +200,64 @@ def _have_nvidia_backend() -> bool:
     return all(os.path.exists(os.path.join(root, t)) for t in ("ptxas", "cuobjdump"))
 
 
-@pytest.fixture(scope="module")
-def aot_results():
-    """Compile every (config, variant, arch) once, in one subprocess."""
+# The triton release of the GPU machine (benchmarks/gpu_session.sh runs there): every shipped
+# config must compile without spills with it too. FGPO_AOT_TRITON_DIR: where it is installed
+# (default: a folder in the temp directory, reused by later runs).
+OTHER_TRITON = "3.6.0"
+
+
+def _triton_folder(version: str) -> Path:
+    """A folder holding triton ``version`` alone (``pip install --target``, no dependencies),
+    made once; skips the caller with pip's reason when it cannot be installed (offline)."""
+    base = os.environ.get("FGPO_AOT_TRITON_DIR") or os.path.join(tempfile.gettempdir(),
+                                                                  "fgpo-aot-triton")  # fmt: skip
+    folder = Path(base) / version
+    if (folder / "triton" / "__init__.py").exists():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.with_name(f"{version}.part{os.getpid()}")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(tmp),
+         f"triton=={version}"], capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    if proc.returncode:
+        shutil.rmtree(tmp, ignore_errors=True)
+        pytest.skip(f"pip could not install triton {version}: {proc.stderr.strip()[-400:]}")
+    try:
+        tmp.rename(folder)  # atomic: a half-installed folder is never used
+    except OSError:  # another run installed it meanwhile
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+@pytest.fixture(scope="module", params=["installed", OTHER_TRITON])
+def aot_results(request):
+    """(triton version, {(config, arch): results}): every (config, variant, arch) compiled once,
+    in one subprocess, with the installed triton or with ``OTHER_TRITON``."""
+    if not _have_nvidia_backend():
+        pytest.skip("triton's NVIDIA backend tools not found")
     code = inspect.getsource(_aot_worker) + f"\n_aot_worker({json.dumps(_jobs())!r})\n"
+    code += "import triton\nprint('TRITON ' + triton.__version__)\n"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if request.param != "installed":
+        paths = [str(_triton_folder(request.param)), root, env.get("PYTHONPATH", "")]
+        env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
     proc = subprocess.run(
         [sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True,
         timeout=900,
     )  # fmt: skip
     assert proc.returncode == 0, f"AOT compilation failed:\n{proc.stderr[-6000:]}"
-    out = {}
+    out, version = {}, None
     for line in proc.stdout.splitlines():
         if line.startswith("AOT "):
             r = json.loads(line[4:])
             out.setdefault((r["config"], r["arch"]), []).append(r)
-    return out
+        elif line.startswith("TRITON "):
+            version = line.split()[1]
+    if request.param != "installed":
+        assert version == request.param, f"compiled with triton {version}, not {request.param}"
+    return version, out
 
 
 @pytest.mark.skipif(not _have_nvidia_backend(), reason="triton's NVIDIA backend tools not found")
@@ -222,20 +267,18 @@ def test_aot_compile_shipped_configs(aot_results, config_name, arch):
     """Every variant of a shipped config: compiles, no spills, tensor cores; on sm_90 the wgmma
     instruction shape the table promises, shared memory within a block's limit, and exactly
     ``per_sm`` programs resident per SM (what the launch plan sizes waves with)."""
-    import triton
-
     from fgpo_kernels import triton_kl as tk
 
     assert set(_SHIPPED) == set(tk.GPU_CONFIGS), "every shipped config must be compiled here"
     cfg = tk.GPU_CONFIGS[config_name]
     if arch not in _archs(config_name):
         pytest.skip(f"{config_name} serves sm_{_archs(config_name)[0]} only")
-    results = aot_results.get((config_name, arch), [])
+    version, by_config = aot_results
+    results = by_config.get((config_name, arch), [])
     assert len(results) == len(_SHIPPED[config_name][2]), f"missing compiles: {results}"
     problems, resident = [], []
     for r in results:
-        label = f"{config_name} {cfg} {r['dtype']} {r['variant']} sm_{arch} (triton "
-        label += f"{triton.__version__})"
+        label = f"{config_name} {cfg} {r['dtype']} {r['variant']} sm_{arch} (triton {version})"
         if r["unknown_constexprs"] or not r["target_ok"] or not r["cubin_bytes"]:
             problems.append(f"{label}: bad compile {r}")
         use = r["usage"]
