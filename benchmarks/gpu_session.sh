@@ -10,13 +10,15 @@
 #   machine        15      nvidia-smi, nvcc, python/torch/triton versions, commit
 #   install       130      pip install --no-deps --no-build-isolation -e . (_C for this GPU only)
 #   status         40      backend_status(): imports _C and runs its first-use self-test
-#   gpu_tests      60      tests/test_cuda_gpu.py, tests/test_kl_numerics.py on the GPU
+#   gpu_tests      60      tests/test_cuda_gpu.py, tests/test_kl_numerics.py on the GPU, and
+#                          test_triton_kl's TMA tile test (sm_90's kept-logit / G stores)
 #   bench         150      benchmarks.run --preset session: token_kl and token_logprobs at
 #                          N = 8192, 256, 1024 (D = 3584, V = 152064, bf16), every impl + peer
 #   backward       50      benchmarks.gpu_backward: triton gblock/atomic/held, cuda, torch
 #   model          15      benchmarks.gpu_model (issue 15 item 4) against bench + backward
 #   cuda_check     40      benchmarks/gpu_cuda_check.py --quick (bf16 and fp16 vs float64)
-#   kernel_tests   30      tests/test_triton_kl.py, tests/test_token_kl.py (as far as they get)
+#   kernel_tests   30      tests/test_triton_kl.py, test_token_kl.py, test_forward_grads.py
+#                          (as far as they get)
 #   plot           10      benchmarks.plot
 # Sum 540. Override a limit with FGPO_T_<PHASE> (upper case), the total with FGPO_BUDGET_S.
 #
@@ -149,7 +151,9 @@ fi
 phase status $PY -c "import json, fgpo_kernels as fk; print(json.dumps(fk.backend_status(), indent=1))"
 
 # ---- GPU tests (on a CPU they skip or run in the interpreter: seconds)
+# (+ the TMA tile stores / loads of the Triton kernels on sm_90: run on a GPU first here)
 phase gpu_tests $PY -m pytest tests/test_cuda_gpu.py tests/test_kl_numerics.py -q -ra \
+    "tests/test_triton_kl.py::test_kept_logits_and_g_tiles_tma_and_pointer_paths" \
     -p no:cacheprovider
 
 # ---- every impl and peer at the design §4 shape and the few-rows case (rows as groups end)
@@ -183,7 +187,8 @@ phase cuda_check $PY benchmarks/gpu_cuda_check.py --quick --out "$RES/cuda_check
 # ---- the kernel test files on the GPU; collection only in the dry run (minutes on a CPU)
 KFLAG=()
 [ "$DRY" = 1 ] && KFLAG=(--collect-only)
-phase kernel_tests $PY -m pytest tests/test_triton_kl.py tests/test_token_kl.py -q -ra \
+phase kernel_tests $PY -m pytest tests/test_triton_kl.py tests/test_token_kl.py \
+    tests/test_forward_grads.py -q -ra \
     -p no:cacheprovider "${KFLAG[@]}"
 
 phase plot $PY -m benchmarks.plot "$RES"
