@@ -229,27 +229,32 @@ def gblock_backward(case: Case, dev: Device, tflops: float | None = None) -> Pre
     budget = configs.gblock_budget(int(dev.hbm_capacity * FREE_FRACTION), BF16)
     vc = configs.chunk_columns(rows, v, cfg.block_v, budget)
     chunks = math.ceil(v / vc)
-    h_row, w_win = configs.plan_inputs(cfg, d, d, True, case.shared, BF16)
+    h_row = configs.plan_inputs(cfg, d, d, True, case.shared, BF16)[0]
     w_models = 1 if case.shared else 2
-    eff = _smem_efficiency(cfg.block_n, cfg.block_v, 2, w_models)
     one = 2.0 * n * d * v
     compute = hbm = 0.0
-    for v0 in range(0, v, vc):  # each chunk: the G kernel, then the GEMMs
+    for v0 in range(0, v, vc):  # each chunk: the G kernel launches, then the GEMMs
         width = min(vc, v - v0)
-        plan = _launch.plan(n, width, cfg.block_n, cfg.block_v, h_row_bytes=h_row,
-                            w_window=w_win, per_wave=dev.sms * cfg.per_sm, l2=dev.l2_bytes,
-                            tiles_per_program=1)  # fmt: skip
-        g_compute, g_hbm = _tiled(plan, dev, 2 * 2.0 * n * d * width, EPILOGUE["g_kl"],
-                                  logits=2 * n * width, per_sm=cfg.per_sm, efficiency=eff,
-                                  h_bytes=n * h_row, w_bytes=w_models * width * d * BF16,
-                                  tile_h=cfg.block_n * h_row)  # fmt: skip
+        for _off, cols, part in configs.g_launches(name, width):  # the launcher's split
+            pcfg = configs.GPU_CONFIGS[part]
+            w_win = configs.plan_inputs(pcfg, d, d, True, case.shared, BF16)[1]
+            plan = _launch.plan(n, cols, pcfg.block_n, pcfg.block_v, h_row_bytes=h_row,
+                                w_window=w_win, per_wave=dev.sms * pcfg.per_sm,
+                                l2=dev.l2_bytes, tiles_per_program=1)  # fmt: skip
+            eff = _smem_efficiency(pcfg.block_n, pcfg.block_v, 2, w_models)
+            g_compute, g_hbm = _tiled(plan, dev, 2 * 2.0 * n * d * cols, EPILOGUE["g_kl"],
+                                      logits=2 * n * cols, per_sm=pcfg.per_sm, efficiency=eff,
+                                      h_bytes=n * h_row, w_bytes=w_models * cols * d * BF16,
+                                      tile_h=pcfg.block_n * h_row)  # fmt: skip
+            compute += g_compute
+            hbm += g_hbm
         # dh += G W_c (policy rows only: the reference is frozen); dW_c = G^T [h; hr] if trained.
         gemm = 2.0 * n * width * d + (2.0 * rows * width * d if case.grad_w else 0.0)
         gemm_hbm = rows * width * BF16 + width * d * BF16 + 2 * n * d * 4  # G, W_c, fp32 sum
         if case.grad_w:
             gemm_hbm += rows * width * BF16 + rows * d * BF16 + width * d * 4  # G, [h; hr], dW_c
-        compute += g_compute + gemm / (dev.bf16_flops * GEMM_EFFICIENCY)
-        hbm += g_hbm + rows * width * BF16 + gemm_hbm  # + the G buffer written
+        compute += gemm / (dev.bf16_flops * GEMM_EFFICIENCY)
+        hbm += rows * width * BF16 + gemm_hbm  # + the G buffer written
     useful = one + (one * (2 if do_gr else 1) if case.grad_w else 0.0)  # dH (+ dW)
     executed = 2 * one + useful  # both models' logits again
     compulsory = n * h_row + w_models * v * d * BF16 + n * d * 4 + (v * d * 4 if case.grad_w

@@ -117,3 +117,24 @@ def test_measured_rows_are_compared_with_predictions_on_their_own_matmul_rate(tm
     assert gm.main(["--measured", str(tmp_path), "--out", str(out), "--device", "H200-SXM"]) == 0
     text = (out / "gpu_model.md").read_text()
     assert "PREDICTED vs measured" in text and "| triton | N=8192 shared no dW |" in text
+
+
+def test_gblock_g_and_gr_use_the_launchers_split_and_wide_entry(monkeypatch):
+    """A trained shared head writes G and Gr: the model names the wide entry, runs the chunks
+    through ``configs.g_launches`` (a ragged V adds a narrow tail launch) and the old 128 x 64
+    tiles there would be slower (PREDICTED; m64n64 is shared-memory bound)."""
+    from fgpo_kernels.triton_kl import configs
+
+    dev = gm.DEVICES["H200-SXM"]
+    case = gm.Case(*gm.SPEC, shared=True, grad_w=True)
+    wide = gm.gblock_backward(case, dev)
+    assert "[g_both," in wide.kernel
+    seen = []
+    real = configs.g_launches
+    monkeypatch.setattr(
+        configs, "g_launches", lambda name, w: seen.append(real(name, w)) or real(name, w)
+    )
+    ragged = gm.gblock_backward(case._replace(v=case.v + 7), dev)
+    assert seen[-1][-1] == (seen[-1][-1][0], 7, "g_narrow") and ragged.seconds > wide.seconds
+    monkeypatch.setitem(configs.GPU_CONFIGS, "g_both", configs.GPU_CONFIGS["g_narrow"])
+    assert gm.gblock_backward(case, dev).seconds > 1.1 * wide.seconds

@@ -52,9 +52,12 @@ _G_MODES = {  # gblock G kernel: (mode, DO_G, DO_GR, FROM_LOGITS)
     "separate_full_held": ("separate", True, True, True),
 }
 # "g" (128 x 128) serves sm_90 launches that write one of G / Gr from recomputed logits (or a
-# log-prob G from kept ones); "g_both" everything else, and every gblock launch on sm_80.
+# log-prob G from kept ones); "g_both" (64 x 128, sm_90) those that write G and Gr from
+# recomputed logits; "g_narrow" everything (tails of "g_both" chunks, kept logits with a
+# reference, every gblock launch on sm_80).
 _G_ONE = tuple(k for k, (m, g, gr, held) in _G_MODES.items()
                if not (g and gr) and not (held and m != "logprob"))  # fmt: skip
+_G_BOTH = tuple(k for k, (m, g, gr, held) in _G_MODES.items() if g and gr and not held)
 _SHIPPED = {  # config name -> (dtype, kernel, variants, widest wgmma on sm_90 or None)
     "fwd": ("bf16", "fwd", tuple(_FWD_MODES), "m64n128k16"),
     "fwd_sm80": ("bf16", "fwd", tuple(_FWD_MODES), None),
@@ -65,7 +68,8 @@ _SHIPPED = {  # config name -> (dtype, kernel, variants, widest wgmma on sm_90 o
     "fwd_fp32_logprob": ("fp32", "fwd", ("logprob", "logprob_store"), None),
     "bwd_fp32": ("fp32", "bwd", tuple(_BWD_MODES), None),
     "g": ("bf16", "g", _G_ONE, "m64n128k16"),
-    "g_both": ("bf16", "g", tuple(_G_MODES), "m64n64k16"),
+    "g_both": ("bf16", "g", _G_BOTH, "m64n128k16"),
+    "g_narrow": ("bf16", "g", tuple(_G_MODES), "m64n64k16"),
     "g_fp32": ("fp32", "g", tuple(_G_MODES), None),
 }
 
@@ -144,7 +148,8 @@ def _aot_worker(jobs_json: str) -> None:
             # What the launcher specializes for 16-byte aligned tensors with D % 16 == 0 (the
             # SPEC shape; without it the loads cannot be vectorized and nothing is pipelined).
             pointer = name.endswith("_ptr") or (name in desc and not desc[name])
-            if pointer or name.startswith("stride") or name in ("D", "DR"):
+            aligned = name in job.get("aligned", ())  # ints the launcher keeps % 16 == 0
+            if pointer or aligned or name.startswith("stride") or name in ("D", "DR"):
                 attrs[(i,)] = [["tt.divisibility", 16]]
         unknown = sorted(set(consts) - set(kernel.arg_names))
         # A constexpr the job does not set would compile as a runtime int (another kernel).
@@ -166,7 +171,21 @@ def _aot_worker(jobs_json: str) -> None:
         result["wgmma"] = sorted(set(re.findall(r"wgmma\.mma_async\.sync\.aligned\.(\w+?)\.", ptx)))
         result["mma_sync"] = "mma.sync" in ptx
         result["shared"] = int(k.metadata.shared)
+        result["not_specialized"] = [str(x) for x in getattr(kernel, "do_not_specialize", [])]
         print("AOT " + json.dumps(result), flush=True)
+
+
+def _aligned(config: str, kernel: str) -> tuple[str, ...]:
+    """Int arguments compiled as multiples of 16, as the launcher guarantees them (triton
+    specializes such values): every G launch starts at a multiple of 16 columns (``v0``: chunks
+    start at multiples of their width, a multiple of BLOCK_V, tails at a multiple of 16), and
+    ``configs.g_launches`` hands an entry of ``G_ALIGNED`` only widths (``chunk_v``) that are
+    multiples of 16 (its tiles spill otherwise). Other widths stay unspecialized."""
+    from fgpo_kernels.triton_kl import configs
+
+    if kernel != "g":
+        return ()
+    return ("v0", "chunk_v") if config in configs.G_ALIGNED else ("v0",)
 
 
 def _jobs() -> list:
@@ -186,7 +205,8 @@ def _jobs() -> list:
                     flags = dict(_FWD_MODES[mode], DO_DH=dh, DO_DW=dw, DO_DHR=dhr, DO_DWR=dwr)
                 flags.update(PREC=prec, PREC_R=prec)
                 jobs.append(dict(arch=arch, config=config, dtype=dtype, kernel=kernel,
-                                 variant=variant, flags=flags))  # fmt: skip
+                                 variant=variant, flags=flags,
+                                 aligned=_aligned(config, kernel)))  # fmt: skip
     return jobs
 
 
@@ -281,6 +301,14 @@ def test_aot_compile_shipped_configs(aot_results, config_name, arch):
         label = f"{config_name} {cfg} {r['dtype']} {r['variant']} sm_{arch} (triton {version})"
         if r["unknown_constexprs"] or not r["target_ok"] or not r["cubin_bytes"]:
             problems.append(f"{label}: bad compile {r}")
+        # An argument compiled as aligned must be one the launcher specializes; N is not (the
+        # G kernel's do_not_specialize: N % 16 == 0 spilled 16 B in "g_both").
+        lied = set(r["aligned"]) & set(r["not_specialized"])
+        if lied or (r["kernel"] == "g" and "N" not in r["not_specialized"]):
+            problems.append(
+                f"{label}: compiled as aligned {r['aligned']}, not specialized "
+                f"{r['not_specialized']} (the G kernel must not specialize N)"
+            )
         use = r["usage"]
         if "REG" not in use or use.get("STACK", 0) or use.get("LOCAL", 0):
             problems.append(f"{label}: register spills or no usage info ({use})")

@@ -8,7 +8,9 @@ For each vocabulary chunk [v0, v0 + Vc): ``_g_kernel`` writes G / T (and Gr / T)
 into a (rows x Vc) buffer in the input dtype, then torch GEMMs (cuBLAS on a GPU) do
 dh += G W_c and dW_c = G^T h, written once per chunk (no atomics, deterministic). Shared weight:
 G rows sit on top of Gr rows, so dh and dhr are one GEMM and the shared dW_c one GEMM with K = 2N.
-Vc comes from ``configs.chunk_columns``: the buffer is rows x V_block, never rows x V.
+Vc comes from ``configs.chunk_columns``: the buffer is rows x V_block, never rows x V. A chunk's
+G launches come from ``configs.g_launches``: on sm_90, G and Gr from recomputed logits run on
+"g_both" tiles over a multiple of 16 columns and a ragged tail (< 16) on "g_narrow" tiles.
 """
 
 from __future__ import annotations
@@ -21,17 +23,23 @@ from .common import DOT_PRECISION, on_device, prepare, row_inputs, tile_arg, tl,
 from .configs import (
     KernelConfig,
     chunk_columns,
+    device_arch,
+    g_launches,
     gblock_elems,
+    gpu_config_name,
     grid_plan,
-    kernel_config,
     launch_opts,
+    named_config,
     tma_tiles,
 )
 
 if triton is not None:
     from .common import _grouped_pid, _load_tile, _store_tile, _tile_grads, _tile_logits
 
-    @triton.jit
+    # N, V and group are never specialized (the launcher would otherwise compile another kernel
+    # when N % 16 == 0, as at N = 8192, and that one spills 16 B in "g_both": AOT, triton 3.7.1);
+    # chunk_v and v0 are, and ``configs.g_launches`` keeps both multiples of 16 for "g_both".
+    @triton.jit(do_not_specialize=["N", "V", "group"])
     def _g_kernel(
         h_ptr, hr_ptr, w_ptr, wr_ptr,  # inputs (see _tile_logits)
         stats_ptr,  # (8, N) fp32: lse, lser, fkl, rkl, g_fkl, g_rkl, g_lp, g_lpr
@@ -40,8 +48,8 @@ if triton is not None:
         # (g_out, gr_out, z_in, zr_in: TMA descriptors or pointers, see _store_tile)
         N, V, D, DR, stride_h, stride_hr, stride_w, stride_wr, stride_g, stride_gr, stride_z,
         inv_t,  # 1 / temperature
-        v0,  # first vocabulary column of the chunk
-        chunk_v,  # columns in the chunk (v0 + chunk_v <= V)
+        v0,  # first vocabulary column of this launch
+        chunk_v,  # columns of this launch (v0 + chunk_v <= V)
         group,  # row blocks that sweep the chunk's tiles together (L2 reuse, _launch.py)
         BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
         HAS_REF: tl.constexpr, SHARED: tl.constexpr, PREC: tl.constexpr, PREC_R: tl.constexpr,
@@ -164,9 +172,12 @@ def backward_gblock(
     dw = torch.empty((v, d), dtype=torch.float32, device=dev) if need_w else None
     dwr = torch.empty((v, dr), dtype=torch.float32, device=dev) if need_wr else None
     per_row = row_inputs(n, dev, stats, grads)
-    cfg = config or kernel_config("g", n, max(d, dr), h.dtype, has_ref, shared=shared,
-                                  both=(do_g and do_gr) or logits is not None,
-                                  device=dev)  # fmt: skip
+    # The entry of the chunk (its tiles size the chunk); each chunk runs the launches
+    # ``g_launches`` gives it ("g_both": a 16-aligned main part and a narrow ragged tail).
+    # ``config`` replaces the tiles of every launch, not the split.
+    name = gpu_config_name("g", n, h.dtype, has_ref, shared=shared, both=do_g and do_gr,
+                           held=logits is not None, arch=device_arch(dev))  # fmt: skip
+    cfg = config or named_config(name, n, max(d, dr))
     hr_, wr_ = (hr if has_ref else h), (w if shared else wr)
     budget = gblock_elems(chunk_elems, dev, h.element_size())
 
@@ -196,32 +207,34 @@ def backward_gblock(
     else:
         w_rhs = h
 
-    opts = launch_opts(cfg)
     tma = tma_tiles(dev)
     z_buf, zr_buf = logits if logits is not None else (per_row, per_row)
     zr_buf = z_buf if zr_buf is None else zr_buf
-    z_in, zr_in = ((tile_arg(x, v, cfg.block_n, cfg.block_v, tma) for x in (z_buf, zr_buf))
-                   if logits is not None else (z_buf, zr_buf))  # fmt: skip
     with on_device(h):
         for v0 in range(0, v, vc):
             vl = min(vc, v - v0)
-            plan = grid_plan(cfg, n, vl, d, dr, has_ref, shared, h.dtype, dev,
-                             tiles_per_program=1)  # fmt: skip
-            grid = (plan.programs,)
-            g_out, gr_out = (
-                tile_arg(x, vl, cfg.block_n, cfg.block_v, tma) for x in (g_arg, gr_arg)
-            )
-            _g_kernel[grid](
-                h, hr_, w, wr_, per_row, g_out, gr_out, z_in, zr_in,
-                n, v, d, dr, h.stride(0), hr_.stride(0), w.stride(0), wr_.stride(0),
-                g_arg.stride(0), gr_arg.stride(0), z_buf.stride(0),
-                1.0 / temperature, v0, vl, plan.group,
-                BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
-                HAS_REF=has_ref, SHARED=shared,
-                PREC=DOT_PRECISION[h.dtype], PREC_R=DOT_PRECISION[hr_.dtype],
-                DO_G=do_g, DO_GR=do_gr, FROM_LOGITS=logits is not None, TMA=tma,
-                **opts,
-            )  # fmt: skip
+            for off, width, part in g_launches(name, vl):
+                pcfg = config or named_config(part, n, max(d, dr))
+                plan = grid_plan(pcfg, n, width, d, dr, has_ref, shared, h.dtype, dev,
+                                 tiles_per_program=1)  # fmt: skip
+                # Buffer columns [off, off + width): a tail's view keeps a 16-byte aligned
+                # base for TMA (off is a multiple of 16 elements).
+                g_out, gr_out = (tile_arg(x[:, off:], width, pcfg.block_n, pcfg.block_v, tma)
+                                 for x in (g_arg, gr_arg))  # fmt: skip
+                z_in, zr_in = ((tile_arg(x, v, pcfg.block_n, pcfg.block_v, tma)
+                                for x in (z_buf, zr_buf))
+                               if logits is not None else (z_buf, zr_buf))  # fmt: skip
+                _g_kernel[(plan.programs,)](
+                    h, hr_, w, wr_, per_row, g_out, gr_out, z_in, zr_in,
+                    n, v, d, dr, h.stride(0), hr_.stride(0), w.stride(0), wr_.stride(0),
+                    g_arg.stride(0), gr_arg.stride(0), z_buf.stride(0),
+                    1.0 / temperature, v0 + off, width, plan.group,
+                    BLOCK_N=pcfg.block_n, BLOCK_V=pcfg.block_v, BLOCK_D=pcfg.block_d,
+                    HAS_REF=has_ref, SHARED=shared,
+                    PREC=DOT_PRECISION[h.dtype], PREC_R=DOT_PRECISION[hr_.dtype],
+                    DO_G=do_g, DO_GR=do_gr, FROM_LOGITS=logits is not None, TMA=tma,
+                    **launch_opts(pcfg),
+                )  # fmt: skip
             cols = slice(v0, v0 + vl)
             g_c = gbuf[:, :vl] if do_g else None
             gr_c = grbuf[:, :vl] if do_gr else None

@@ -37,9 +37,11 @@ class KernelConfig(NamedTuple):
 # which needs about the whole shared-memory bandwidth of an SM); so do 64 x 128 tiles with 4
 # warps (one warpgroup). On sm_90 the kept-logit and G tiles are stored through TMA descriptors
 # (``common._store_tile``): no per-element addresses in registers. Where a kernel holds two
-# 128-wide fp32 tiles AND their gradients, ptxas still spills (bytes of stack measured with
-# triton 3.7.1 in the comments), so those launches keep narrower tiles; so does sm_80
-# (mma.sync, no wgmma: 104 B of spill at 128 x 128). fp32 inputs use IEEE dots (FMA, exact to
+# 128-wide fp32 tiles AND their gradients, ptxas spills unless the G kernel's chunk width is
+# specialized as a multiple of 16 ("g_both": its launches are split by ``g_launches``); the
+# kept-logit reads still spill at 128 wide (bytes of stack measured with triton 3.7.1 in the
+# comments) and keep narrower tiles; so does sm_80 (mma.sync, no wgmma: 104 B of spill at
+# 128 x 128). fp32 inputs use IEEE dots (FMA, exact to
 # fp32), which need smaller tiles and fewer stages.
 GPU_CONFIGS = {
     "fwd": KernelConfig(128, 128, 64, 8, 3),  # sm_90 bf16/fp16 forward: m64n128k16
@@ -56,15 +58,21 @@ GPU_CONFIGS = {
     "fwd_fp32_logprob": KernelConfig(32, 64, 32, 4, 1, per_sm=4),
     "bwd_fp32": KernelConfig(64, 32, 16, 8, 1),
     "g": KernelConfig(128, 128, 64, 8, 3),  # sm_90 gblock writing G or Gr (LoRA): m64n128k16
-    # gblock writing G and Gr (trained head or reference), or reading kept logits
-    # (FROM_LOGITS), and every gblock launch on sm_80. With TMA stores, G and Gr spill 64 B at
-    # 128 x 128 x 64 / 8 warps and 8 B at 64 x 128 x 32 / 4 warps (0 B only when the chunk
-    # width is a multiple of 16, which a launch cannot promise); TMA loads of kept logits
-    # spill 320 B at 128 x 128, pointer loads 4 KB at 64 x 128.
-    "g_both": KernelConfig(128, 64, 64, 8, 3),
+    # sm_90 gblock writing G AND Gr from recomputed logits (trained shared head, or a reference
+    # that needs gradients): m64n128k16, 255 registers, 0 B of spill, but only for chunk widths
+    # that are multiples of G_ALIGN (triton specializes such a `chunk_v`; any other width spills
+    # 8 B here and 64 B at 128 x 128 x 64 / 8 warps, triton 3.7.1, TMA stores) and with N not
+    # specialized (`_g_kernel` says do_not_specialize: N % 16 == 0 spilled 16 B). ``g_launches``
+    # hands it such widths only and sends a ragged tail (< 16 columns) to "g_narrow".
+    "g_both": KernelConfig(64, 128, 32, 4, 3, per_sm=2),
+    # Every other gblock launch: G from kept logits with a reference (FROM_LOGITS; TMA loads
+    # spill 320 B at 128 x 128, pointer loads 4 KB at 64 x 128; no dot there, so the width buys
+    # no tensor-core rate), the tails of "g_both" chunks, and everything on sm_80 (m64n64 on
+    # sm_90, mma.sync on sm_80).
+    "g_narrow": KernelConfig(128, 64, 64, 8, 3),
     "g_fp32": KernelConfig(64, 64, 16, 8, 2, per_sm=2),
 }
-SM90_ONLY = ("fwd", "fwd_store", "g")
+SM90_ONLY = ("fwd", "fwd_store", "g", "g_both")
 SM80_ONLY = ("fwd_sm80", "fwd_store_sm80")
 # Backward modes (env FGPO_TRITON_BWD): "gblock" writes the logit gradient of one vocabulary chunk
 # and runs library GEMMs; "atomic" accumulates every tile with fp32 atomics. Why gblock is the
@@ -97,16 +105,22 @@ def _interp_config(n: int, d: int) -> KernelConfig:
 
 
 KINDS = ("fwd", "fwd_store", "bwd", "g")
+# Entries compiled spill-free only for launches whose `chunk_v` is a multiple of G_ALIGN (the
+# value triton's launcher then specializes as divisible by 16): ``g_launches`` splits for them.
+G_ALIGNED = ("g_both",)
+G_ALIGN = 16
+G_TAIL = "g_narrow"  # the entry that takes the ragged tail of an aligned entry's chunk
 
 
 def gpu_config_name(
     kind: str, n: int, dtype: torch.dtype, has_ref: bool, *, shared: bool = True,
-    both: bool = False, arch: int = 90,
+    both: bool = False, held: bool = False, arch: int = 90,
 ) -> str:  # fmt: skip
     """The GPU_CONFIGS entry used for a launch (``kind``: one of ``KINDS``; "fwd_store" is the
     forward that keeps its logits). ``shared``: the reference uses the policy's weight;
-    ``both``: a "g" launch writes G and Gr or reads kept logits; ``arch``: the GPU's compute
-    capability as major * 10 + minor (below 90: no wgmma)."""
+    ``both``: a "g" launch writes G and Gr; ``held``: a "g" launch reads kept logits
+    (FROM_LOGITS); ``arch``: the GPU's compute capability as major * 10 + minor (below 90: no
+    wgmma). An entry in ``G_ALIGNED`` is launched through ``g_launches``."""
     if kind not in KINDS:
         raise ValueError(f"gpu_config_name: kind must be one of {KINDS}, got {kind!r}")
     if dtype == torch.float32:
@@ -117,8 +131,24 @@ def gpu_config_name(
     if kind in ("fwd", "fwd_store"):
         return kind if arch >= 90 else f"{kind}_sm80"
     if kind == "g":
-        return "g" if arch >= 90 and not (has_ref and both) else "g_both"
+        if arch < 90 or (has_ref and held):
+            return "g_narrow"
+        return "g_both" if has_ref and both else "g"
     return kind
+
+
+def g_launches(name: str, width: int) -> list[tuple[int, int, str]]:
+    """The G-kernel launches over one gblock chunk of ``width`` columns whose entry is
+    ``name``: [(first column within the chunk, columns, GPU_CONFIGS entry)]. An entry in
+    ``G_ALIGNED`` gets the widest multiple of G_ALIGN columns, the rest (< G_ALIGN columns: only
+    in a ragged last chunk) goes to ``G_TAIL``; any other entry gets the whole chunk."""
+    if width < 0:
+        raise ValueError(f"g_launches: width must be >= 0, got {width}")
+    if name not in G_ALIGNED:
+        return [(0, width, name)] if width else []
+    main = width // G_ALIGN * G_ALIGN
+    out = [(0, main, name)] if main else []
+    return out + ([(main, width - main, G_TAIL)] if width > main else [])
 
 
 def device_arch(device: torch.device | None) -> int:
@@ -134,15 +164,19 @@ def device_arch(device: torch.device | None) -> int:
 
 def kernel_config(
     kind: str, n: int, d: int, dtype: torch.dtype, has_ref: bool, *, shared: bool = True,
-    both: bool = False, device: torch.device | None = None,
+    both: bool = False, held: bool = False, device: torch.device | None = None,
 ) -> KernelConfig:  # fmt: skip
     """Tiles of one launch: the interpreter's under TRITON_INTERPRET=1, else the shipped entry
     for ``device``'s architecture."""
-    if triton_interpret():
-        return _interp_config(n, d)
-    name = gpu_config_name(kind, n, dtype, has_ref, shared=shared, both=both,
+    name = gpu_config_name(kind, n, dtype, has_ref, shared=shared, both=both, held=held,
                            arch=device_arch(device))  # fmt: skip
-    return GPU_CONFIGS[name]
+    return named_config(name, n, d)
+
+
+def named_config(name: str, n: int, d: int) -> KernelConfig:
+    """The tiles a launch of entry ``name`` runs with: the interpreter's own under
+    TRITON_INTERPRET=1 (it pays per operation, not per element), else ``GPU_CONFIGS[name]``."""
+    return _interp_config(n, d) if triton_interpret() else GPU_CONFIGS[name]
 
 
 def tma_tiles(device: torch.device | None) -> bool:
