@@ -12,12 +12,13 @@
 #   status         40      backend_status(): imports _C and runs its first-use self-test
 #   gpu_tests      60      tests/test_cuda_gpu.py, tests/test_kl_numerics.py on the GPU, and
 #                          test_triton_kl's TMA tile test (sm_90's kept-logit / G stores)
-#   bench         150      benchmarks.run --preset session: token_kl and token_logprobs at
+#   bench         130      benchmarks.run --preset session: token_kl and token_logprobs at
 #                          N = 8192, 256, 1024 (D = 3584, V = 152064, bf16), every impl + peer
 #   backward       50      benchmarks.gpu_backward: triton gblock/atomic/held, cuda, torch
+#   tiles          30      benchmarks.gpu_tiles: shipped fwd / G tiles vs 2 programs per SM
 #   model          15      benchmarks.gpu_model (issue 15 item 4) against bench + backward
 #   cuda_check     40      benchmarks/gpu_cuda_check.py --quick (bf16 and fp16 vs float64)
-#   kernel_tests   30      tests/test_triton_kl.py, test_token_kl.py, test_forward_grads.py
+#   kernel_tests   20      tests/test_triton_kl.py, test_token_kl.py, test_forward_grads.py
 #                          (as far as they get)
 #   plot           10      benchmarks.plot
 # Sum 540. Override a limit with FGPO_T_<PHASE> (upper case), the total with FGPO_BUDGET_S.
@@ -39,8 +40,8 @@ cd "$(dirname "$0")/.." || exit 1
 PY=${PY:-python3}  # the GPU image's python3 is the one with torch
 DRY=${FGPO_DRY_RUN:-0}
 BUDGET=${FGPO_BUDGET_S:-540}
-PHASES="machine:15 install:130 status:40 gpu_tests:60 bench:150 backward:50 model:15 \
-cuda_check:40 kernel_tests:30 plot:10"
+PHASES="machine:15 install:130 status:40 gpu_tests:60 bench:130 backward:50 tiles:30 \
+model:15 cuda_check:40 kernel_tests:20 plot:10"
 
 limit_of() {  # the budget of phase $1 (FGPO_T_<PHASE> overrides)
     local p var
@@ -169,6 +170,13 @@ fi
 DRYFLAG=""
 [ "$DRY" = 1 ] && DRYFLAG="--dry-run"
 phase backward $PY -m benchmarks.gpu_backward --out "$RES/backward" $DRYFLAG
+
+# ---- the shipped Triton tiles vs the epilogue-overlapping ones (2 programs per SM)
+if [ -f benchmarks/gpu_tiles.py ]; then
+    phase tiles $PY -m benchmarks.gpu_tiles --out "$RES/tiles" $DRYFLAG
+else
+    skip tiles "benchmarks/gpu_tiles.py is not in this tree yet"
+fi
 
 # ---- the traffic and time model (issue 15 item 4, benchmarks/gpu_model.py) vs the measurements
 if [ -f benchmarks/gpu_model.py ]; then

@@ -20,7 +20,7 @@ SCRIPT = ROOT / "benchmarks" / "gpu_session.sh"
 CALL_LIMIT_S = 600  # one call of the device tool
 LEASE_S = 15 * 60  # all GPU time of a session, the machine's start included
 START_S = 5 * 60  # a fresh machine's start ("a few minutes"), assumed at its worst
-PHASES = ["machine", "install", "status", "gpu_tests", "bench", "backward", "model",
+PHASES = ["machine", "install", "status", "gpu_tests", "bench", "backward", "tiles", "model",
           "cuda_check", "kernel_tests", "plot"]  # fmt: skip
 
 
@@ -70,7 +70,7 @@ def test_dry_run_rehearses_every_phase(tmp_path):
         assert steps["model"] == "ok"
     else:
         assert steps["model"].startswith("skipped: benchmarks/gpu_model.py")
-    for name in ("machine", "status", "gpu_tests", "bench", "backward", "cuda_check"):
+    for name in ("machine", "status", "gpu_tests", "bench", "backward", "tiles", "cuda_check"):
         assert steps[name] == "ok", f"{name}: {steps[name]}\n{(res / f'{name}.log').read_text()}"
     assert "fgpo_kernels._C" in (res / "status.log").read_text()
     rows = (res / "results.csv").read_text().splitlines()
@@ -79,6 +79,8 @@ def test_dry_run_rehearses_every_phase(tmp_path):
     for path in ("triton_gblock", "triton_atomic", "triton_held", "torch"):
         assert f"\n{path},33,48,515,float32,dh," in bwd, path
     assert ",skipped," in bwd  # cuda, with the reason, never a crash
+    tiles = (res / "tiles" / "tiles.csv").read_text().splitlines()
+    assert len(tiles) == 1 + 2 * 2 * 2 and all(",ok," in r for r in tiles[1:]), tiles
     # The device tool's folder got the steps and the whole results folder.
     assert (export / "steps.txt").read_text() == (res / "steps.txt").read_text()
     with tarfile.open(export / "session.tar.gz") as tar:

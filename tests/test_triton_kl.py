@@ -121,7 +121,7 @@ def test_forward_odd_sizes_and_forced_splits(mode, splits):
 def test_kept_logits_and_g_tiles_tma_and_pointer_paths(mode, tma, monkeypatch):
     """The forward that keeps its logits and the G kernel reading them back, through TMA
     descriptors (sm_90's path) and per-element pointers (sm_80's, FGPO_TRITON_TMA=0): ragged
-    row and column tails, V not a multiple of 4 (padded row stride), several G chunks."""
+    row and column tails, V not a multiple of 16 (padded row stride), several G chunks."""
     from fgpo_kernels.triton_kl.common import logit_buffer
 
     monkeypatch.setenv("FGPO_TRITON_TMA", "1" if tma else "0")
@@ -130,7 +130,7 @@ def test_kept_logits_and_g_tiles_tma_and_pointer_paths(mode, tma, monkeypatch):
     t = 0.85
     z = logit_buffer(n, v, DEV)
     zr = None if hr is None else logit_buffer(n, v, DEV)
-    assert z.stride(0) == 204 and z.shape == (n, v)
+    assert z.stride(0) == 208 and z.shape == (n, v)
     stats = triton_kl.fwd.forward(h, hr, w, wr, t, splits=3, config=TINY, logits=(z, zr))
     _check_forward(stats, torch_impl.forward(*_f64((h, hr, w, wr)), t), 2e-5, f"[{mode}] ")
     ref_z = h.double() @ w.double().T / t

@@ -21,7 +21,8 @@ from .configs import KernelConfig, grid_plan, kernel_config, launch_opts
 if triton is not None:
     from .common import _grouped_pid, _tile_grads, _tile_logits
 
-    @triton.jit
+    # Int arguments triton's launcher must not specialize (see fwd._fwd_kernel).
+    @triton.jit(do_not_specialize=["N", "V", "group"])
     def _bwd_kernel(
         h_ptr, hr_ptr, w_ptr, wr_ptr,  # inputs (see _tile_logits)
         stats_ptr,  # (8, N) fp32: lse, lser, fkl, rkl, g_fkl, g_rkl, g_lp, g_lpr

@@ -21,6 +21,8 @@ from torch import Tensor
 from .._backend import Grads, Needs, RowGrads, RowStats
 from .common import DOT_PRECISION, on_device, prepare, row_inputs, tile_arg, tl, triton
 from .configs import (
+    G_ALIGN,
+    G_ALIGNED,
     KernelConfig,
     chunk_columns,
     device_arch,
@@ -39,8 +41,7 @@ if triton is not None:
     # N, V and group are never specialized (the launcher would otherwise compile another kernel
     # when N % 16 == 0, as at N = 8192, and that one spills 16 B in "g_both": AOT, triton 3.7.1);
     # chunk_v and v0 are, and ``configs.g_launches`` keeps both multiples of 16 for "g_both".
-    @triton.jit(do_not_specialize=["N", "V", "group"])
-    def _g_kernel(
+    def _g_body(
         h_ptr, hr_ptr, w_ptr, wr_ptr,  # inputs (see _tile_logits)
         stats_ptr,  # (8, N) fp32: lse, lser, fkl, rkl, g_fkl, g_rkl, g_lp, g_lpr
         g_out, gr_out,  # (N, >= chunk_v) buffers in the input dtypes: G / T and Gr / T
@@ -81,6 +82,15 @@ if triton is not None:
             _store_tile(g_out, r0, c0, rows, local, ok, stride_g, g * inv_t, TMA)
         if DO_GR:
             _store_tile(gr_out, r0, c0, rows, local, ok, stride_gr, gr * inv_t, TMA)
+
+    # The int arguments triton would specialize at a launch (multiples of 16, the value 1) are
+    # fixed here, so that the kernel a GPU runs is the one tests/test_triton_aot.py compiles
+    # (it checks that every int argument is either compiled as aligned or listed below): N, V
+    # and group take any value; v0 is always a multiple of 16 (configs.g_launches); chunk_v
+    # is one for the entries in G_ALIGNED (their tiles spill otherwise) and any width for the
+    # rest (a ragged tail, kept logits).
+    _g_kernel = triton.jit(do_not_specialize=["N", "V", "group", "chunk_v"])(_g_body)
+    _g_kernel_aligned = triton.jit(do_not_specialize=["N", "V", "group"])(_g_body)
 
 
 # ---------------------------------------------------------------------------------- host side
@@ -224,10 +234,14 @@ def backward_gblock(
                 z_in, zr_in = ((tile_arg(x, v, pcfg.block_n, pcfg.block_v, tma)
                                 for x in (z_buf, zr_buf))
                                if logits is not None else (z_buf, zr_buf))  # fmt: skip
-                _g_kernel[(plan.programs,)](
+                aligned = part in G_ALIGNED
+                if aligned and (width % G_ALIGN or (v0 + off) % G_ALIGN):
+                    raise RuntimeError(f"g_launches gave {part} columns [{v0 + off}, +{width})")
+                (_g_kernel_aligned if aligned else _g_kernel)[(plan.programs,)](
                     h, hr_, w, wr_, per_row, g_out, gr_out, z_in, zr_in,
                     n, v, d, dr, h.stride(0), hr_.stride(0), w.stride(0), wr_.stride(0),
-                    g_arg.stride(0), gr_arg.stride(0), z_buf.stride(0),
+                    g_arg.stride(0), gr_arg.stride(0),
+                    z_buf.stride(0) if logits is not None else 0,  # unused without logits
                     1.0 / temperature, v0 + off, width, plan.group,
                     BLOCK_N=pcfg.block_n, BLOCK_V=pcfg.block_v, BLOCK_D=pcfg.block_d,
                     HAS_REF=has_ref, SHARED=shared,

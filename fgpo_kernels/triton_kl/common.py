@@ -209,7 +209,7 @@ def on_device(x: Tensor):
 def tile_arg(buf: Tensor, cols: int, block_n: int, block_v: int, tma: bool):
     """A row-major (rows, >= cols) buffer as a kernel argument: a TMA descriptor of its first
     ``cols`` columns with (``block_n``, ``block_v``) boxes, or the tensor itself (pointer path).
-    TMA needs a 16-byte aligned base and row stride (``logit_buffer`` pads fp32 rows to 4)."""
+    TMA needs a 16-byte aligned base and row stride (``logit_buffer`` pads fp32 rows to 16)."""
     if not tma:
         return buf
     if buf.stride(1) != 1 or (buf.stride(0) * buf.element_size()) % 16 or buf.data_ptr() % 16:
@@ -221,10 +221,16 @@ def tile_arg(buf: Tensor, cols: int, block_n: int, block_v: int, tma: bool):
     return TensorDescriptor(buf, [buf.shape[0], cols], [buf.stride(0), 1], [block_n, block_v])
 
 
+def logit_stride(v: int) -> int:
+    """Row stride of a kept-logit buffer: v rounded up to 16 elements, so rows start 16-byte
+    aligned, as TMA needs, and the stride is the multiple of 16 the kernels are compiled for
+    (tests/test_triton_aot.py)."""
+    return -(-v // 16) * 16
+
+
 def logit_buffer(n: int, v: int, device) -> Tensor:
-    """An fp32 (n, v) buffer for kept logits whose rows start 16-byte aligned (stride: v
-    rounded up to 4), as TMA stores need."""
-    return torch.empty((n, -(-v // 4) * 4), dtype=torch.float32, device=device)[:, :v]
+    """An fp32 (n, v) buffer for kept logits with row stride ``logit_stride(v)``."""
+    return torch.empty((n, logit_stride(v)), dtype=torch.float32, device=device)[:, :v]
 
 
 def row_inputs(n: int, dev, stats: RowStats, grads: RowGrads) -> Tensor:

@@ -30,10 +30,12 @@ class KernelConfig(NamedTuple):
 
 # The shipped GPU configurations, one line each (no autotuning). The tests compile every entry
 # ahead of time for the architectures it serves (``SM80_ONLY`` / ``SM90_ONLY``, else sm_80 and
-# sm_90), for each kernel variant, with D % 16 == 0 as the launcher specializes it, and check
-# that nothing spills, that 16-bit inputs use tensor cores, the widest wgmma instruction on
-# sm_90, the shared memory per program and ``per_sm``; all entries were checked with triton
-# 3.6.0 and 3.7.1. On sm_90, 128 x 128 tiles give wgmma m64n128k16 (64-wide tiles give m64n64,
+# sm_90), for each kernel variant, with D, Dr and the strides multiples of 16 as the launcher
+# specializes them at the SPEC shape (the kernels tell triton not to specialize their other int
+# arguments, so this is the kernel a GPU runs), and check that nothing spills, that 16-bit
+# inputs use tensor cores, the widest wgmma instruction on sm_90, the shared memory per program
+# and ``per_sm``, with the installed triton and with 3.6.0 (the GPU machine's). On sm_90,
+# 128 x 128 tiles give wgmma m64n128k16 (64-wide tiles give m64n64,
 # which needs about the whole shared-memory bandwidth of an SM); so do 64 x 128 tiles with 4
 # warps (one warpgroup). On sm_90 the kept-logit and G tiles are stored through TMA descriptors
 # (``common._store_tile``): no per-element addresses in registers. Where a kernel holds two
@@ -41,8 +43,8 @@ class KernelConfig(NamedTuple):
 # specialized as a multiple of 16 ("g_both": its launches are split by ``g_launches``); the
 # kept-logit reads still spill at 128 wide (bytes of stack measured with triton 3.7.1 in the
 # comments) and keep narrower tiles; so does sm_80 (mma.sync, no wgmma: 104 B of spill at
-# 128 x 128). fp32 inputs use IEEE dots (FMA, exact to
-# fp32), which need smaller tiles and fewer stages.
+# 128 x 128). fp32 inputs use IEEE dots (FMA, exact to fp32), which need smaller tiles and
+# fewer stages.
 GPU_CONFIGS = {
     "fwd": KernelConfig(128, 128, 64, 8, 3),  # sm_90 bf16/fp16 forward: m64n128k16
     "fwd_sm80": KernelConfig(128, 64, 32, 8, 3),  # sm_80 bf16/fp16 forward
@@ -62,7 +64,8 @@ GPU_CONFIGS = {
     # that needs gradients): m64n128k16, 255 registers, 0 B of spill, but only for chunk widths
     # that are multiples of G_ALIGN (triton specializes such a `chunk_v`; any other width spills
     # 8 B here and 64 B at 128 x 128 x 64 / 8 warps, triton 3.7.1, TMA stores) and with N not
-    # specialized (`_g_kernel` says do_not_specialize: N % 16 == 0 spilled 16 B). ``g_launches``
+    # specialized (N % 16 == 0 spilled 16 B): `_g_kernel_aligned` specializes chunk_v and v0
+    # only, `_g_kernel` (every other launch) v0 only. ``g_launches``
     # hands it such widths only and sends a ragged tail (< 16 columns) to "g_narrow".
     "g_both": KernelConfig(64, 128, 32, 4, 3, per_sm=2),
     # Every other gblock launch: G from kept logits with a reference (FROM_LOGITS; TMA loads

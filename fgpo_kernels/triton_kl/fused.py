@@ -18,14 +18,14 @@ from torch import Tensor
 
 from .._backend import Grads, Needs, RowGrads, RowJacobians, RowStats
 from .bwd_gblock import backward_gblock
-from .common import logit_buffer
+from .common import logit_buffer, logit_stride
 from .fwd import forward
 
 
 def _held_logits(h: Tensor, hr: Tensor | None, w: Tensor, budget: int):
     """(z, zr) fp32 (N, V) buffers when they fit ``budget`` bytes, else None."""
     n, v = h.shape[0], w.shape[0]
-    if n * (-(-v // 4) * 4) * 4 * (2 if hr is not None else 1) > budget:  # rows padded to 4
+    if n * logit_stride(v) * 4 * (2 if hr is not None else 1) > budget:  # padded rows
         return None
     z = logit_buffer(n, v, h.device)
     return z, (logit_buffer(n, v, h.device) if hr is not None else None)

@@ -25,7 +25,10 @@ from .configs import KernelConfig, grid_plan, kernel_config, launch_opts, tma_ti
 if triton is not None:
     from .common import _grouped_pid, _store_tile, _tile_logits
 
-    @triton.jit
+    # Int arguments triton's launcher must not specialize (multiples of 16, the value 1): the
+    # kernel a GPU runs is then the one tests/test_triton_aot.py compiles (D, DR and the
+    # strides are compiled as multiples of 16, the SPEC-shape case).
+    @triton.jit(do_not_specialize=["N", "V", "tiles_per_split", "n_splits", "group"])
     def _fwd_kernel(
         h_ptr, hr_ptr, w_ptr, wr_ptr,  # inputs (see _tile_logits)
         part_ptr,  # (6, N, n_splits) fp32 partials: m, s, mr, sr, A, B per (row, split)
@@ -139,7 +142,7 @@ def forward(
             _fwd_kernel[(plan.programs,)](
                 h, hr_, w, wr_, part, z_out, zr_out,
                 n, v, d, dr, h.stride(0), hr_.stride(0), w.stride(0), wr_.stride(0),
-                z_buf.stride(0),
+                z_buf.stride(0) if logits is not None else 0,  # unused without logits
                 1.0 / temperature, plan.tiles_per_split, s, plan.group,
                 BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
                 HAS_REF=has_ref, SHARED=shared,

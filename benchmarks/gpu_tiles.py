@@ -1,0 +1,137 @@
+"""The shipped sm_90 tiles of the Triton forward and G kernel against the tiles that overlap the
+epilogue with a second program per SM, timed side by side next to their PREDICTED times.
+
+    python -m benchmarks.gpu_tiles --out DIR          # a GPU: the design §4 shapes
+    python -m benchmarks.gpu_tiles --out DIR --dry-run   # CPU rehearsal, tiny shapes
+
+Why: one 128 x 128 program per SM (``GPU_CONFIGS["fwd"]`` / ``["g"]``, wgmma m64n128k16) leaves
+the exp/log epilogue of each vocabulary tile unoverlapped; 64 x 128 tiles with 4 warps fit two
+programs per SM, so one program's epilogue runs under the other's matmuls, at the price of
+half the hidden-state rows per weight tile (more shared-memory and L2 traffic per FLOP).
+``benchmarks.gpu_model`` PREDICTS a wash (-1.4% / +7.7% forward, shared / separate weight, at
+N=8192) and does not charge L2-to-SM bandwidth, so only a GPU can decide; the first GPU session
+runs this (``gpu_session.sh``, phase ``tiles``). ``ALTERNATIVES`` compiled without spills for
+sm_90 with triton 3.7.1 (253-255 registers, 49-74 KB of shared memory: 2 per SM).
+
+Rows are appended to DIR/tiles.csv as each one is measured: kernel, tiles, case, median / p20 /
+p80 ms (CUDA events; wall clock on CPU), the model's prediction for those tiles (H200
+datasheet; ``--tflops`` rescales nothing here: compare the ratios), and the status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from benchmarks import gpu_model
+from benchmarks.gpu_backward import _inputs, _timer
+from fgpo_kernels._backend import Needs
+from fgpo_kernels.triton_kl import configs
+
+# Candidate tiles per shipped entry: (block_n, block_v, block_d, warps, stages, programs per SM).
+ALTERNATIVES = {
+    "fwd": [configs.KernelConfig(64, 128, 32, 4, 3, per_sm=2)],
+    "g": [configs.KernelConfig(64, 128, 32, 4, 3, per_sm=2)],
+}
+CASES_GPU = [(8192, True), (8192, False), (1024, True)]  # (N, shared weight); D, V of design §4
+D_GPU, V_GPU = 3584, 152064
+CASES_DRY = [(33, True), (33, False)]
+D_DRY, V_DRY = 48, 515
+FIELDS = ["kernel", "tiles", "per_sm", "n", "d", "v", "weight", "p20_ms", "p50_ms", "p80_ms",
+          "predicted_ms", "status", "reason", "device_name"]  # fmt: skip
+
+
+def _predicted(kernel: str, cfg: configs.KernelConfig, n: int, d: int, v: int,
+               shared: bool) -> float:  # fmt: skip
+    """PREDICTED ms of ``kernel`` with tiles ``cfg`` at (n, d, v) in bf16 (H200 datasheet)."""
+    saved = configs.GPU_CONFIGS[kernel]
+    configs.GPU_CONFIGS[kernel] = cfg
+    try:
+        case = gpu_model.Case(n, d, v, shared, False)
+        dev = gpu_model.DEVICES["H200-SXM"]
+        fn = gpu_model.triton_forward if kernel == "fwd" else gpu_model.gblock_backward
+        return fn(case, dev).seconds * 1e3
+    finally:
+        configs.GPU_CONFIGS[kernel] = saved
+
+
+def _call(kernel: str, cfg, h, hr, w, wr, stats, grads):
+    from fgpo_kernels.triton_kl import bwd_gblock, fwd
+
+    if kernel == "fwd":
+        return fwd.forward(h, hr, w, wr, 1.0, config=cfg)
+    return bwd_gblock.backward_gblock(h, hr, w, wr, 1.0, stats, grads,
+                                      Needs(True, False, False, False), config=cfg)  # fmt: skip
+
+
+def _case_rows(n: int, shared: bool, d: int, v: int, dtype, device: str, reps: int,
+               base: dict):  # fmt: skip
+    """Yield the rows of one case: every kernel x tiles on the same two input sets."""
+    from fgpo_kernels.triton_kl import fwd
+
+    sets = []
+    for seed in range(2):
+        h, hr, w, grads = _inputs(n, d, v, dtype, device, seed)
+        wr = None if shared else (w.float() * 0.9).to(dtype)
+        sets.append((h, hr, w, wr, fwd.forward(h, hr, w, wr, 1.0), grads))
+    for kernel in ("fwd", "g"):
+        for cfg in [configs.GPU_CONFIGS[kernel], *ALTERNATIVES[kernel]]:
+            row = {**base, "kernel": kernel, "per_sm": cfg.per_sm, "n": n,
+                   "tiles": f"{cfg.block_n}x{cfg.block_v}x{cfg.block_d}/{cfg.num_warps}w",
+                   "weight": "shared" if shared else "separate",
+                   "predicted_ms": _predicted(kernel, cfg, n, d, v, shared)}  # fmt: skip
+            try:
+                run = lambda i, k=kernel, c=cfg: _call(k, c, *sets[i % 2])
+                p20, p50, p80 = _timer(run, reps, device)
+                row.update(p20_ms=p20, p50_ms=p50, p80_ms=p80, status="ok")
+            except Exception as exc:  # report it and go on
+                row.update(status="error", reason=f"{type(exc).__name__}: {exc}"[:300])
+            yield row
+
+
+def run(out_dir: Path, dry: bool, reps: int) -> list[dict]:
+    """Time every kernel x tiles x case, appending each row to out_dir/tiles.csv."""
+    device = "cpu" if dry else "cuda"
+    dtype = torch.float32 if dry else torch.bfloat16
+    d, v = (D_DRY, V_DRY) if dry else (D_GPU, V_GPU)
+    base = {"d": d, "v": v, "device_name": "cpu" if dry else torch.cuda.get_device_name()}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    with (out_dir / "tiles.csv").open("w", newline="") as f:
+        out = csv.DictWriter(f, FIELDS)
+        out.writeheader()
+        for n, shared in CASES_DRY if dry else CASES_GPU:
+            for row in _case_rows(n, shared, d, v, dtype, device, reps, base):
+                rows.append(row)
+                out.writerow(row)
+                f.flush()
+                ms = f"{row['p50_ms']:8.2f} ms" if row["status"] == "ok" else row["status"]
+                print(f"{row['kernel']:4s} {row['tiles']:16s} x{row['per_sm']} N={n:5d} "
+                      f"{row['weight']:8s} {ms} (PREDICTED {row['predicted_ms']:.2f} ms) "
+                      f"{row.get('reason', '')}", flush=True)  # fmt: skip
+            if device == "cuda":
+                torch.cuda.empty_cache()
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", required=True, help="directory for tiles.csv")
+    ap.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes (CI rehearsal)")
+    ap.add_argument("--repeats", type=int, default=3, help="timed calls per row (default 3)")
+    args = ap.parse_args(argv)
+    if not args.dry_run and not torch.cuda.is_available():
+        print("error: no CUDA device (use --dry-run on a CPU)", file=sys.stderr)
+        return 2
+    run(Path(args.out), args.dry_run, args.repeats)
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())
