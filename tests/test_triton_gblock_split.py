@@ -75,7 +75,8 @@ def test_g_entry_choice():
 def _force_split(monkeypatch, fp32: bool):
     """Run the launcher as on sm_90 with distinguishable tiles per entry; ``fp32``: fp32 inputs
     take the 16-bit entry choice (so the split is checked at fp32 accuracy). Returns the list the
-    spy fills with (BLOCK_V, v0, chunk_v) per launch."""
+    spies fill with (BLOCK_V, v0, chunk_v) per launch; they also check that wide launches, and
+    only those, use ``_g_kernel_aligned`` (chunk_v specialized as a multiple of 16)."""
     from fgpo_kernels.triton_kl import bwd_gblock, configs
 
     tiles = {
@@ -90,18 +91,24 @@ def _force_split(monkeypatch, fp32: bool):
             return real_name(kind, n, torch.bfloat16, *a, **kw)
 
         monkeypatch.setattr(bwd_gblock, "gpu_config_name", name16)
-    calls, real = [], bwd_gblock._g_kernel
+    calls = []
 
     class Spy:
+        def __init__(self, real, aligned: bool) -> None:
+            self.real, self.aligned = real, aligned
+
         def __getitem__(self, grid):
             def launch(*args, **kw):
                 v0, chunk_v = args[21], args[22]  # _g_kernel's v0, chunk_v
+                # a wide launch must go through the kernel compiled for aligned widths
+                assert self.aligned == (kw["BLOCK_V"] == _WIDE_V), (self.aligned, kw["BLOCK_V"])
                 calls.append((kw["BLOCK_V"], v0, chunk_v))
-                return real[grid](*args, **kw)
+                return self.real[grid](*args, **kw)
 
             return launch
 
-    monkeypatch.setattr(bwd_gblock, "_g_kernel", Spy())
+    monkeypatch.setattr(bwd_gblock, "_g_kernel", Spy(bwd_gblock._g_kernel, False))
+    monkeypatch.setattr(bwd_gblock, "_g_kernel_aligned", Spy(bwd_gblock._g_kernel_aligned, True))
     return calls
 
 
