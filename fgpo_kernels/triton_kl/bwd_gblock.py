@@ -38,9 +38,7 @@ from .configs import (
 if triton is not None:
     from .common import _grouped_pid, _load_tile, _store_tile, _tile_grads, _tile_logits
 
-    # N, V and group are never specialized (the launcher would otherwise compile another kernel
-    # when N % 16 == 0, as at N = 8192, and that one spills 16 B in "g_both": AOT, triton 3.7.1);
-    # chunk_v and v0 are, and ``configs.g_launches`` keeps both multiples of 16 for "g_both".
+    # The body of the two G kernels below (they differ in what triton may specialize).
     def _g_body(
         h_ptr, hr_ptr, w_ptr, wr_ptr,  # inputs (see _tile_logits)
         stats_ptr,  # (8, N) fp32: lse, lser, fkl, rkl, g_fkl, g_rkl, g_lp, g_lpr
@@ -85,10 +83,12 @@ if triton is not None:
 
     # The int arguments triton would specialize at a launch (multiples of 16, the value 1) are
     # fixed here, so that the kernel a GPU runs is the one tests/test_triton_aot.py compiles
-    # (it checks that every int argument is either compiled as aligned or listed below): N, V
-    # and group take any value; v0 is always a multiple of 16 (configs.g_launches); chunk_v
-    # is one for the entries in G_ALIGNED (their tiles spill otherwise) and any width for the
-    # rest (a ragged tail, kept logits).
+    # (it checks that every int argument is either compiled as aligned or listed below). N, V
+    # and group take any value and are never specialized (at N % 16 == 0, as at N = 8192, the
+    # specialized "g_both" kernel spilled 16 B: AOT, triton 3.7.1); v0 is always a multiple of
+    # 16 (configs.g_launches); chunk_v is one too for the entries in G_ALIGNED, which launch
+    # ``_g_kernel_aligned`` (their tiles spill otherwise), and any width for the rest (a ragged
+    # tail, kept logits), which launch ``_g_kernel``.
     _g_kernel = triton.jit(do_not_specialize=["N", "V", "group", "chunk_v"])(_g_body)
     _g_kernel_aligned = triton.jit(do_not_specialize=["N", "V", "group"])(_g_body)
 
