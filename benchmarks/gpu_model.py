@@ -158,11 +158,15 @@ def _finish(kernel, case, dev, useful, executed, compute, hbm, compulsory, plan,
                       useful / peak)  # fmt: skip
 
 
-def triton_forward(case: Case, dev: Device, tflops: float | None = None) -> Prediction:
-    """impl "triton" forward (token_kl: both models), the shipped sm_90 config and plan."""
+def triton_forward(
+    case: Case, dev: Device, tflops: float | None = None,
+    config: configs.KernelConfig | None = None,
+) -> Prediction:  # fmt: skip
+    """impl "triton" forward (token_kl: both models), the shipped sm_90 config (or ``config``'s
+    tiles, as ``fwd.forward(config=)`` takes them) and plan."""
     n, d, v = case.n, case.d, case.v
     name = configs.gpu_config_name("fwd", n, torch.bfloat16, True, shared=case.shared, arch=90)
-    cfg = configs.GPU_CONFIGS[name]
+    cfg = config or configs.GPU_CONFIGS[name]
     h_row, w_win = configs.plan_inputs(cfg, d, d, True, case.shared, BF16)
     plan = _launch.plan(n, v, cfg.block_n, cfg.block_v, h_row_bytes=h_row, w_window=w_win,
                         per_wave=dev.sms * cfg.per_sm, l2=dev.l2_bytes)  # fmt: skip
@@ -217,14 +221,18 @@ def _needs(case: Case) -> tuple[bool, bool]:
     return True, case.shared and case.grad_w
 
 
-def gblock_backward(case: Case, dev: Device, tflops: float | None = None) -> Prediction:
+def gblock_backward(
+    case: Case, dev: Device, tflops: float | None = None,
+    config: configs.KernelConfig | None = None,
+) -> Prediction:  # fmt: skip
     """impl "triton" gblock backward (the default on CUDA): per vocabulary chunk, the G kernel
-    (logits recomputed) and cuBLAS GEMMs dh += G W_c, dW_c = G^T h (in place, fp32 sums)."""
+    (logits recomputed) and cuBLAS GEMMs dh += G W_c, dW_c = G^T h (in place, fp32 sums).
+    ``config``: tiles for every G launch, as ``backward_gblock(config=)`` takes them."""
     n, d, v = case.n, case.d, case.v
     do_g, do_gr = _needs(case)
     name = configs.gpu_config_name("g", n, torch.bfloat16, True, shared=case.shared,
                                    both=do_g and do_gr, arch=90)  # fmt: skip
-    cfg = configs.GPU_CONFIGS[name]
+    cfg = config or configs.GPU_CONFIGS[name]
     rows = n * (int(do_g) + int(do_gr))
     budget = configs.gblock_budget(int(dev.hbm_capacity * FREE_FRACTION), BF16)
     vc = configs.chunk_columns(rows, v, cfg.block_v, budget)
@@ -236,7 +244,7 @@ def gblock_backward(case: Case, dev: Device, tflops: float | None = None) -> Pre
     for v0 in range(0, v, vc):  # each chunk: the G kernel launches, then the GEMMs
         width = min(vc, v - v0)
         for _off, cols, part in configs.g_launches(name, width):  # the launcher's split
-            pcfg = configs.GPU_CONFIGS[part]
+            pcfg = config or configs.GPU_CONFIGS[part]
             w_win = configs.plan_inputs(pcfg, d, d, True, case.shared, BF16)[1]
             plan = _launch.plan(n, cols, pcfg.block_n, pcfg.block_v, h_row_bytes=h_row,
                                 w_window=w_win, per_wave=dev.sms * pcfg.per_sm,

@@ -49,15 +49,9 @@ FIELDS = ["kernel", "tiles", "per_sm", "n", "d", "v", "weight", "p20_ms", "p50_m
 def _predicted(kernel: str, cfg: configs.KernelConfig, n: int, d: int, v: int,
                shared: bool) -> float:  # fmt: skip
     """PREDICTED ms of ``kernel`` with tiles ``cfg`` at (n, d, v) in bf16 (H200 datasheet)."""
-    saved = configs.GPU_CONFIGS[kernel]
-    configs.GPU_CONFIGS[kernel] = cfg
-    try:
-        case = gpu_model.Case(n, d, v, shared, False)
-        dev = gpu_model.DEVICES["H200-SXM"]
-        fn = gpu_model.triton_forward if kernel == "fwd" else gpu_model.gblock_backward
-        return fn(case, dev).seconds * 1e3
-    finally:
-        configs.GPU_CONFIGS[kernel] = saved
+    case = gpu_model.Case(n, d, v, shared, False)
+    fn = gpu_model.triton_forward if kernel == "fwd" else gpu_model.gblock_backward
+    return fn(case, gpu_model.DEVICES["H200-SXM"], config=cfg).seconds * 1e3
 
 
 def _call(kernel: str, cfg, h, hr, w, wr, stats, grads):

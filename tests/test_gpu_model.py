@@ -68,6 +68,8 @@ def test_model_reads_the_kernels_launch_configuration(monkeypatch):
     narrow = gm.triton_forward(case, dev)
     assert narrow.seconds > base.seconds  # m64n64: shared-memory bound
     monkeypatch.setitem(configs.GPU_CONFIGS, "fwd", cfg)
+    # config= (benchmarks/gpu_tiles.py) predicts those tiles without touching the table
+    assert gm.triton_forward(case, dev, config=cfg._replace(block_v=64)) == narrow
     monkeypatch.setattr(_launch, "L2_FRACTION", 0.25)
     assert gm.triton_forward(case, dev).budget == (50 << 20) // 4
 
