@@ -82,6 +82,7 @@ constexpr int kBlockRows = 128;
 constexpr int kBlockVocab = 128;
 constexpr int kBlockK = 32;  // the cp.async ring's slice over D
 constexpr int kStages = 3;   // slices in flight in the ring
+constexpr int kStagesWgmma = 4;  // sm_90a wgmma forward: ring of 4 slices, 2 loads ahead
 constexpr int kChunkD = 64;  // backward: D chunk of W (and H) multiplied out at a time
 // Dynamic shared memory of the largest kernel (the backward), checked in kernels.cuh; the GPU
 // must allow this much per block (sm_80: 163 KB, sm_90: 227 KB; sm_86/89: 99 KB is too little).

@@ -42,13 +42,15 @@ from ._util import simulated_gpu, sm_count
 L2_FRACTION = 0.5
 # L2 size assumed when the device cannot say (the meta device of a simulation, a CPU): H100/H200.
 DEFAULT_L2_BYTES = 50 * 1024 * 1024
-# CUDA kernel tiles (csrc/launch.h kBlockRows / kBlockVocab / kBlockK / kStages / kChunkD:
+# CUDA kernel tiles (csrc/launch.h kBlockRows / kBlockVocab / kBlockK / kStages / kStagesWgmma /
+# kChunkD:
 # tests/test_launch.py reads the header; the built extension's BLOCK_* must agree, cuda_kl
 # checks).
 CUDA_BLOCK_ROWS = 128
 CUDA_BLOCK_VOCAB = 128
 CUDA_BLOCK_K = 32
 CUDA_STAGES = 3
+CUDA_STAGES_WGMMA = 4  # the sm_90a wgmma forward's ring (csrc/fwd_wgmma.cuh)
 CUDA_CHUNK_D = 64
 
 
@@ -165,14 +167,16 @@ def device_plan(
 
 
 def cuda_plan_inputs(
-    d: int, dr: int, kl: bool, elem: int = 2, *, backward: bool = False
+    d: int, dr: int, kl: bool, elem: int = 2, *, backward: bool = False, wgmma: bool = False
 ) -> tuple[int, int]:
     """(hidden-state bytes of one row, W bytes one split holds in L2) of a CUDA launch. The
     weights are loaded evict_first, one at a time (a shared weight serves both dots; separate
     weights run one main loop each), so a split holds the cp.async ring's slices in flight;
-    the backward also streams W in two ``CUDA_CHUNK_D``-wide chunks (csrc/kernels.cuh)."""
+    the backward also streams W in two ``CUDA_CHUNK_D``-wide chunks (csrc/kernels.cuh); the
+    sm_90a wgmma forward (``wgmma``) has a ring of ``CUDA_STAGES_WGMMA`` slices."""
     h_row = (d + (dr if kl else 0)) * elem
-    w_window = CUDA_STAGES * CUDA_BLOCK_VOCAB * CUDA_BLOCK_K * elem
+    stages = CUDA_STAGES_WGMMA if wgmma and not backward else CUDA_STAGES
+    w_window = stages * CUDA_BLOCK_VOCAB * CUDA_BLOCK_K * elem
     if backward:
         w_window = max(w_window, 2 * CUDA_BLOCK_VOCAB * CUDA_CHUNK_D * elem)
     return h_row, w_window

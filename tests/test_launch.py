@@ -34,6 +34,7 @@ def test_cuda_tile_constants_match_the_header():
     assert consts["kBlockVocab"] == _launch.CUDA_BLOCK_VOCAB
     assert consts["kBlockK"] == _launch.CUDA_BLOCK_K
     assert consts["kStages"] == _launch.CUDA_STAGES
+    assert consts["kStagesWgmma"] == _launch.CUDA_STAGES_WGMMA
     assert consts["kChunkD"] == _launch.CUDA_CHUNK_D
 
 
