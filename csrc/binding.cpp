@@ -63,7 +63,7 @@ void check_sizes(long long n, long long d, long long dr, long long v, bool kl, b
 void fwd(std::uintptr_t h, std::uintptr_t hr, std::uintptr_t w, std::uintptr_t wr, long long n,
          long long d, long long dr, long long v, double inv_t, int dtype, int splits,
          std::uintptr_t partial, std::uintptr_t lse, std::uintptr_t lser, std::uintptr_t fkl,
-         std::uintptr_t rkl, std::uintptr_t stream, int group) {
+         std::uintptr_t rkl, std::uintptr_t stream, int group, bool wgmma) {
   const bool kl = hr != 0;
   check_sizes(n, d, dr, v, kl, wr == 0, static_cast<float>(inv_t), dtype);
   CHECK_PTR("h", h, 16);
@@ -91,6 +91,7 @@ void fwd(std::uintptr_t h, std::uintptr_t hr, std::uintptr_t w, std::uintptr_t w
   a.inv_t = static_cast<float>(inv_t);
   a.splits = splits;
   a.group = group;
+  a.wgmma = wgmma ? 1 : 0;
   a.partial = ptr<float>(partial);
   a.lse = ptr<float>(lse);
   a.lser = ptr<float>(lser);
@@ -178,12 +179,13 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "CUDA kernels of fgpo_kernels (token_kl / token_logprobs); see csrc/kernels.cuh";
   m.def("fwd", &fwd,
         "Forward statistics: fwd(h, hr, w, wr, n, d, dr, v, inv_t, dtype, splits, partial, lse, "
-        "lser, fkl, rkl, stream, group=0); pointers as integers, 0 = absent; group: row blocks "
-        "numbered together (launch order; 0 = all)",
+        "lser, fkl, rkl, stream, group=0, wgmma=False); pointers as integers, 0 = absent; "
+        "group: row blocks numbered together (launch order; 0 = all); wgmma: the sm_90a kernel "
+        "(needs WGMMA)",
         py::arg("h"), py::arg("hr"), py::arg("w"), py::arg("wr"), py::arg("n"), py::arg("d"),
         py::arg("dr"), py::arg("v"), py::arg("inv_t"), py::arg("dtype"), py::arg("splits"),
         py::arg("partial"), py::arg("lse"), py::arg("lser"), py::arg("fkl"), py::arg("rkl"),
-        py::arg("stream"), py::arg("group") = 0);
+        py::arg("stream"), py::arg("group") = 0, py::arg("wgmma") = false);
   m.def("bwd", &bwd,
         "Backward: bwd(h, hr, w, wr, n, d, dr, v, inv_t, dtype, lse, lser, fkl, rkl, g_fkl, "
         "g_rkl, g_lp, g_lpr, dh, dhr, dw, dwr, stream, group=0); outputs fp32, zero-filled by the "
@@ -199,5 +201,10 @@ PYBIND11_MODULE(_C, m) {
   m.attr("BLOCK_K") = fgpo::kBlockK;
   m.attr("SMEM_BYTES") = fgpo::kMaxSmemBytes;
   m.attr("ARCHS") = FGPO_ARCHS;
+#if defined(FGPO_WGMMA) || defined(FGPO_EMULATE)
+  m.attr("WGMMA") = true;  // the wgmma forward is built (an sm_90a target, or the CPU emulation)
+#else
+  m.attr("WGMMA") = false;
+#endif
   m.attr("CUDART_VERSION") = CUDART_VERSION;
 }

@@ -5,9 +5,11 @@ Environment:
 
 - ``FGPO_BUILD_CUDA``: ``auto`` (default: build iff nvcc is found; a failed build warns and the
   install goes on without ``_C``), ``1`` (build or fail loudly), ``0`` (skip).
-- ``FGPO_CUDA_ARCHS``: ``"80;90"`` by default -> SASS for sm_80 and sm_90, plus PTX for the
-  newest (JIT-compiled by the driver on later GPUs). Entries like ``90a`` or ``100`` work too;
-  below 80 is rejected (the kernels use mma.sync bf16, ldmatrix and cp.async).
+- ``FGPO_CUDA_ARCHS``: ``"80;90a"`` by default -> SASS for sm_80 and sm_90a (Hopper with its
+  arch-specific wgmma: the forward of ``fwd_wgmma.cuh``, built only when ``90a`` is listed), plus
+  portable PTX for the newest (``compute_90``, mma.sync only, JIT-compiled by the driver on later
+  GPUs). Entries like ``90`` or ``100`` work too; below 80 is rejected (the kernels use mma.sync
+  bf16, ldmatrix and cp.async).
 - ``MAX_JOBS``: parallel compile jobs (default: CPU count); ``NVCC_THREADS``: nvcc ``--threads``
   per job (default 1). ``CUDA_HOME``/``CUDA_PATH``: where nvcc lives (else ``PATH``).
 
@@ -32,8 +34,8 @@ HERE = Path(__file__).resolve().parent
 EXT_NAME = "fgpo_kernels._C"
 CUDA_SOURCES = ("fwd_bf16.cu", "fwd_f16.cu", "bwd_bf16.cu", "bwd_f16.cu")
 HOST_SOURCES = ("binding.cpp",)
-HEADERS = ("kernels.cuh", "tile_math.h", "launch.h")
-DEFAULT_ARCHS = "80;90"
+HEADERS = ("kernels.cuh", "fwd_wgmma.cuh", "tile_math.h", "launch.h")
+DEFAULT_ARCHS = "80;90a"
 
 
 class CudaBuildError(RuntimeError):
@@ -112,6 +114,8 @@ def _jobs() -> int:
 def compile_commands(nvcc: str, obj_dir: Path, archs: str | None = None, verbose_ptxas=False):
     """[(source, object, argv)] for every translation unit."""
     gencode, names = arch_flags(archs)
+    # The wgmma forward exists only in sm_90a code (wgmma is arch-specific to Hopper).
+    wgmma = ["-DFGPO_WGMMA=1"] if "90a" in names else []
     threads = os.environ.get("NVCC_THREADS", "1")
     common = [
         "-std=c++17",
@@ -125,11 +129,11 @@ def compile_commands(nvcc: str, obj_dir: Path, archs: str | None = None, verbose
     cmds = []
     for src in CUDA_SOURCES:
         obj = obj_dir / (src + ".o")
-        argv = [nvcc, *common, *gencode, "--threads", threads, "-lineinfo"]
+        argv = [nvcc, *common, *wgmma, *gencode, "--threads", threads, "-lineinfo"]
         if verbose_ptxas:
             argv += ["-Xptxas", "-v"]
         cmds.append((HERE / src, obj, [*argv, "-c", str(HERE / src), "-o", str(obj)]))
-    defs = [f'-DFGPO_ARCHS="{";".join(names)}"']
+    defs = [f'-DFGPO_ARCHS="{";".join(names)}"', *wgmma]
     incs = [f"-I{p}" for p in _python_includes()]
     for src in HOST_SOURCES:
         obj = obj_dir / (src + ".o")

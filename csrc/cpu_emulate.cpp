@@ -16,6 +16,7 @@ void launch_bwd_f16(const BwdArgs& a) { launch_bwd<__half>(a); }
 
 namespace {
 std::string g_error;  // what the last failed fgpo_emu_* call threw
+int g_wgmma = 0;      // the forward fgpo_emu_fwd runs: 1 = fwd_wgmma.cuh, 0 = mma.sync
 
 template <class F>
 int guarded(F&& f) {
@@ -55,9 +56,13 @@ int fgpo_emu_fwd(const void* h, const void* hr, const void* w, const void* wr, l
   a.lser = lser;
   a.fkl = fkl;
   a.rkl = rkl;
+  a.wgmma = g_wgmma;
   a.stream = nullptr;
   return guarded([&] { dtype == 0 ? fgpo::launch_fwd_bf16(a) : fgpo::launch_fwd_f16(a); });
 }
+
+// Which forward kernel the next fgpo_emu_fwd calls run (1 = wgmma, 0 = mma.sync).
+void fgpo_emu_fwd_path(int wgmma) { g_wgmma = wgmma; }
 
 // Same semantics as _C.bwd; outputs must be zero-filled by the caller. Returns as fgpo_emu_fwd.
 int fgpo_emu_bwd(const void* h, const void* hr, const void* w, const void* wr, long long n,

@@ -38,6 +38,8 @@
 #include <stdexcept>
 #include <string>
 #include <thread>
+#include <type_traits>
+#include <algorithm>
 #include <vector>
 
 #define __global__
@@ -108,6 +110,24 @@ struct AsyncState {
   std::deque<std::vector<AsyncCopy>> groups;
 };
 inline thread_local AsyncState async_state;
+
+// One thread's wgmma.mma_async state (fwd_wgmma.cuh): products issued since the last commit,
+// the committed groups no wgmma.wait_group retired, and for each accumulator with products in
+// flight the value the products build on (the registers themselves read NaN until the wait).
+struct WgmmaOp {
+  float* d;           // the thread's 64 accumulators
+  uint64_t da, db;    // shared-memory descriptors
+  bool f16;           // fp16 operands (else bf16)
+  bool acc;           // scale-d: add to the accumulators (else overwrite them)
+  uint16_t a[2][16];  // the operand bits read at issue: 2 rows of A, 32 columns of B, 16 of K
+  uint16_t b[32][16];
+};
+struct WgmmaState {
+  std::vector<WgmmaOp> open;
+  std::deque<std::vector<WgmmaOp>> groups;
+  std::vector<std::pair<float*, std::vector<float>>> shadow;  // accumulator -> value in flight
+};
+inline thread_local WgmmaState wgmma_state;
 
 // L2 hints (kernels.cuh L2Hint) have no effect on data; the emulation counts the bytes each hint
 // reads from up to kWatch watched source ranges (the test's h, hr, w, wr), so a test can check
@@ -240,6 +260,10 @@ void launch(dim3 grid, dim3 block, int smem_bytes, F&& body) {
               report("thread " + std::to_string(t) + " of block (" + std::to_string(bx) + ", " +
                      std::to_string(by) + ") exited with cp.async copies no wait_group retired");
             }
+            if (!wgmma_state.open.empty() || !wgmma_state.groups.empty()) {
+              report("thread " + std::to_string(t) + " of block (" + std::to_string(bx) + ", " +
+                     std::to_string(by) + ") exited with wgmma products no wait_group retired");
+            }
           });
         }
         for (auto& th : ts) th.join();
@@ -357,6 +381,127 @@ struct Mma {
            (static_cast<uint32_t>(emu::Bits<T>::from(y)) << 16);
   }
 };
+
+// ---- wgmma (fwd_wgmma.cuh) ----
+// Asynchrony as for cp.async: mma_async reads its operands from shared memory at issue and again
+// when wgmma.wait_group retires its group; if they changed in between (a stage refilled while
+// the tensor cores may still read it) the launch fails, and if they were not there yet (read
+// before the cp.async wait) they are NaN. The accumulators read NaN from issue to the wait.
+// Each thread computes its own 64 accumulators from the descriptors (the D fragment layout of
+// wgmma .m64nNk16: warp w of the warpgroup, lane l: rows 16 (w % 4) + l / 4 + 8 half, columns
+// 8 j + 2 (l % 4) + e, register [j][2 half + e]); only no-swizzle K-major operands are modelled.
+
+inline uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(static_cast<const unsigned char*>(p) - emu::g_block->smem);
+}
+inline void fence_proxy_async() {}
+inline void wgmma_fence() {}
+
+namespace wg {
+// Byte offset in shared memory of element (row, k) of a no-swizzle K-major operand.
+inline long long offset(uint64_t desc, int row, int k) {
+  const long long start = static_cast<long long>(desc & 0x3FFF) << 4;
+  const long long lbo = static_cast<long long>((desc >> 16) & 0x3FFF) << 4;
+  const long long sbo = static_cast<long long>((desc >> 32) & 0x3FFF) << 4;
+  return start + (row / 8) * sbo + (k / 8) * lbo + (row % 8) * 16 + (k % 8) * 2;
+}
+inline uint16_t read(uint64_t desc, int row, int k) {
+  const long long off = offset(desc, row, k);
+  if (off < 0 || off + 2 > emu::g_block->smem_bytes) {
+    emu::report("wgmma operand outside the dynamic shared memory (offset " +
+                std::to_string(off) + ")");
+    return 0xFFFF;
+  }
+  uint16_t v;
+  std::memcpy(&v, emu::g_block->smem + off, 2);
+  return v;
+}
+// The operand bits this thread's accumulators need (its 2 rows of A, its 32 columns of B).
+inline void snapshot(uint64_t da, uint64_t db, uint16_t (&a)[2][16], uint16_t (&b)[32][16]) {
+  const int w = static_cast<int>(emu::tid.x / 32) % 4, l = emu::lane();
+  for (int k = 0; k < 16; ++k) {
+    for (int half = 0; half < 2; ++half) a[half][k] = read(da, 16 * w + l / 4 + 8 * half, k);
+    for (int j = 0; j < 16; ++j)
+      for (int e = 0; e < 2; ++e) b[2 * j + e][k] = read(db, 8 * j + 2 * (l % 4) + e, k);
+  }
+}
+inline std::vector<float>* shadow_of(float* d) {
+  for (auto& [p, v] : emu::wgmma_state.shadow)
+    if (p == d) return &v;
+  return nullptr;
+}
+inline void retire(const emu::WgmmaOp& op) {
+  uint16_t a[2][16], b[32][16];
+  snapshot(op.da, op.db, a, b);
+  const bool same = std::memcmp(a, op.a, sizeof a) == 0 && std::memcmp(b, op.b, sizeof b) == 0;
+  if (!same) {
+    emu::report("thread " + std::to_string(emu::tid.x) + ": wgmma operands changed in shared "
+                "memory between mma_async and the wait_group that retired it");
+  }
+  auto to = [&](uint16_t x) { return op.f16 ? emu::half_to_float(x) : emu::bf16_to_float(x); };
+  std::vector<float>& acc = *shadow_of(op.d);
+  for (int j = 0; j < 16; ++j)
+    for (int half = 0; half < 2; ++half)
+      for (int e = 0; e < 2; ++e) {
+        float x = op.acc ? acc[4 * j + 2 * half + e] : 0.f;
+        for (int k = 0; k < 16; ++k) x += to(op.a[half][k]) * to(op.b[2 * j + e][k]);
+        acc[4 * j + 2 * half + e] = same ? x : NAN;
+      }
+}
+}  // namespace wg
+
+template <typename T>
+struct Wgmma {
+  static void run(float (&d)[16][4], uint64_t da, uint64_t db, int acc) {
+    auto& st = emu::wgmma_state;
+    if ((da >> 62) || (db >> 62) || ((da >> 49) & 7) || ((db >> 49) & 7)) {
+      emu::report("wgmma: only no-swizzle operands with base offset 0 are emulated");
+    }
+    emu::WgmmaOp op;
+    op.d = &d[0][0];
+    op.da = da;
+    op.db = db;
+    op.f16 = std::is_same_v<T, __half>;
+    op.acc = acc != 0;
+    wg::snapshot(da, db, op.a, op.b);
+    if (wg::shadow_of(op.d) == nullptr) {  // the value the products in flight build on
+      st.shadow.emplace_back(op.d, std::vector<float>(op.d, op.d + 64));
+      std::fill(op.d, op.d + 64, NAN);
+    }
+    st.open.push_back(op);
+  }
+};
+inline void wgmma_commit() {
+  auto& st = emu::wgmma_state;
+  st.groups.push_back(std::move(st.open));
+  st.open.clear();
+}
+template <int N>
+inline void wgmma_wait() {
+  auto& st = emu::wgmma_state;
+  while (st.groups.size() > static_cast<size_t>(N)) {
+    for (const auto& op : st.groups.front()) wg::retire(op);
+    st.groups.pop_front();
+  }
+  // Accumulators with no product left in flight get their value back.
+  auto in_flight = [&](float* d) {
+    for (const auto& op : st.open)
+      if (op.d == d) return true;
+    for (const auto& g : st.groups)
+      for (const auto& op : g)
+        if (op.d == d) return true;
+    return false;
+  };
+  for (size_t i = 0; i < st.shadow.size();) {
+    auto& [d, v] = st.shadow[i];
+    if (in_flight(d)) {
+      ++i;
+      continue;
+    }
+    std::copy(v.begin(), v.end(), d);
+    st.shadow.erase(st.shadow.begin() + static_cast<long>(i));
+  }
+}
 
 inline void red_add2(float* dst, float a, float b) {
   atomicAdd(dst, a);

@@ -288,6 +288,46 @@ __device__ __forceinline__ void logit_tiles(float (&z)[MT][NT][4], float (&zr)[M
 
 // ---- forward ------------------------------------------------------------------------------------
 
+// Merge the statistics of one row across the 4 threads of a quad (their column subsets).
+template <bool KL>
+__device__ __forceinline__ void quad_merge(KLState& s, LseState& l) {
+#pragma unroll
+  for (int off = 1; off < 4; off <<= 1) {
+    if (KL) {
+      KLState o;
+      o.m = __shfl_xor_sync(0xffffffffu, s.m, off);
+      o.s = __shfl_xor_sync(0xffffffffu, s.s, off);
+      o.a = __shfl_xor_sync(0xffffffffu, s.a, off);
+      o.mr = __shfl_xor_sync(0xffffffffu, s.mr, off);
+      o.sr = __shfl_xor_sync(0xffffffffu, s.sr, off);
+      o.b = __shfl_xor_sync(0xffffffffu, s.b, off);
+      kl_merge(s, o);
+    } else {
+      LseState o;
+      o.m = __shfl_xor_sync(0xffffffffu, l.m, off);
+      o.s = __shfl_xor_sync(0xffffffffu, l.s, off);
+      lse_merge(l, o);
+    }
+  }
+}
+
+// The statistics of one row at p[0], p[stride], ... (a split's partial, or the exchange buffer).
+template <bool KL>
+__device__ __forceinline__ void store_partial(float* p, long long stride, const KLState& s,
+                                              const LseState& l) {
+  if (KL) {
+    p[0 * stride] = s.m;
+    p[1 * stride] = s.s;
+    p[2 * stride] = s.a;
+    p[3 * stride] = s.mr;
+    p[4 * stride] = s.sr;
+    p[5 * stride] = s.b;
+  } else {
+    p[0 * stride] = l.m;
+    p[1 * stride] = l.s;
+  }
+}
+
 // 1-D grid of row blocks x vocabulary splits in grouped order (launch.h grouped_pos); each split
 // walks tiles [t0, t1).
 template <typename T, bool KL>
@@ -337,70 +377,27 @@ __global__ void __launch_bounds__(THREADS, 1)
   for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
-      KLState& s = st[mt][half];
-      LseState& l = ls[mt][half];
-#pragma unroll
-      for (int off = 1; off < 4; off <<= 1) {
-        if (KL) {
-          KLState o;
-          o.m = __shfl_xor_sync(0xffffffffu, s.m, off);
-          o.s = __shfl_xor_sync(0xffffffffu, s.s, off);
-          o.a = __shfl_xor_sync(0xffffffffu, s.a, off);
-          o.mr = __shfl_xor_sync(0xffffffffu, s.mr, off);
-          o.sr = __shfl_xor_sync(0xffffffffu, s.sr, off);
-          o.b = __shfl_xor_sync(0xffffffffu, s.b, off);
-          kl_merge(s, o);
-        } else {
-          LseState o;
-          o.m = __shfl_xor_sync(0xffffffffu, l.m, off);
-          o.s = __shfl_xor_sync(0xffffffffu, l.s, off);
-          lse_merge(l, o);
-        }
-      }
-      if (c == 0) {
-        const int r = wm * WTM + mt * 16 + g + 8 * half;
-        float* x = xs + (wn * NS) * BM + r;
-        if (KL) {
-          x[0 * BM] = s.m;
-          x[1 * BM] = s.s;
-          x[2 * BM] = s.a;
-          x[3 * BM] = s.mr;
-          x[4 * BM] = s.sr;
-          x[5 * BM] = s.b;
-        } else {
-          x[0 * BM] = l.m;
-          x[1 * BM] = l.s;
-        }
-      }
+      quad_merge<KL>(st[mt][half], ls[mt][half]);
+      if (c == 0) store_partial<KL>(xs + (wn * NS) * BM + wm * WTM + mt * 16 + g + 8 * half, BM,
+                                    st[mt][half], ls[mt][half]);
     }
   __syncthreads();
   for (int r = threadIdx.x; r < BM; r += THREADS) {
     const long long row = row0 + r;
     if (!row_valid(row, n)) continue;
-    float* p = partial + pos.col * NS * n + row;
-    if (KL) {
-      KLState acc = kl_init();
-      for (int q = 0; q < WARPS_N; ++q) {
-        const float* x = xs + (q * NS) * BM + r;
+    KLState acc = kl_init();
+    LseState lacc = lse_init();
+    for (int q = 0; q < WARPS_N; ++q) {
+      const float* x = xs + (q * NS) * BM + r;
+      if (KL) {
         KLState o = {x[0], x[BM], x[2 * BM], x[3 * BM], x[4 * BM], x[5 * BM]};
         kl_merge(acc, o);
-      }
-      p[0 * n] = acc.m;
-      p[1 * n] = acc.s;
-      p[2 * n] = acc.a;
-      p[3 * n] = acc.mr;
-      p[4 * n] = acc.sr;
-      p[5 * n] = acc.b;
-    } else {
-      LseState acc = lse_init();
-      for (int q = 0; q < WARPS_N; ++q) {
-        const float* x = xs + (q * NS) * BM + r;
+      } else {
         LseState o = {x[0], x[BM]};
-        lse_merge(acc, o);
+        lse_merge(lacc, o);
       }
-      p[0 * n] = acc.m;
-      p[1 * n] = acc.s;
     }
+    store_partial<KL>(partial + pos.col * NS * n + row, n, acc, lacc);
   }
 }
 
@@ -433,6 +430,12 @@ __global__ void fgpo_merge_kernel(const float* __restrict__ partial, int splits,
     lse[row] = lse_finish(st);
   }
 }
+
+}  // namespace fgpo
+
+#include "fwd_wgmma.cuh"  // the sm_90a forward (wgmma)
+
+namespace fgpo {
 
 // ---- backward -----------------------------------------------------------------------------------
 
@@ -695,10 +698,23 @@ void launch_fwd(const FwdArgs& a) {
   const T* w = static_cast<const T*>(a.w);
   const T* wr = static_cast<const T*>(a.wr);
   const bool kl = a.hr != nullptr;
-  auto fwd = kl ? fgpo_fwd_kernel<T, true> : fgpo_fwd_kernel<T, false>;
-  allow_smem(fwd, kFwdSmem, "forward");
-  FGPO_LAUNCH(fwd, grid, THREADS, kFwdSmem, a.stream, h, hr, w, wr, a.n, a.d, a.dr, a.v, a.inv_t,
-              tps, splits, a.group, a.partial);
+  if (a.wgmma) {
+#if defined(FGPO_EMULATE) || defined(FGPO_WGMMA)
+    auto fwd = kl ? fgpo_fwd_wgmma_kernel<T, true> : fgpo_fwd_wgmma_kernel<T, false>;
+    allow_smem(fwd, kWgSmem, "forward (wgmma)");
+    FGPO_LAUNCH(fwd, grid, THREADS, kWgSmem, a.stream, h, hr, w, wr, a.n, a.d, a.dr, a.v,
+                a.inv_t, tps, splits, a.group, a.partial);
+#else
+    throw std::invalid_argument(
+        "fgpo_kernels._C: the wgmma forward needs a build with an sm_90a target "
+        "(FGPO_CUDA_ARCHS, e.g. '80;90a')");
+#endif
+  } else {
+    auto fwd = kl ? fgpo_fwd_kernel<T, true> : fgpo_fwd_kernel<T, false>;
+    allow_smem(fwd, kFwdSmem, "forward");
+    FGPO_LAUNCH(fwd, grid, THREADS, kFwdSmem, a.stream, h, hr, w, wr, a.n, a.d, a.dr, a.v,
+                a.inv_t, tps, splits, a.group, a.partial);
+  }
   check_launch("forward");
   const int mt = 128;
   const unsigned mb = static_cast<unsigned>((a.n + mt - 1) / mt);

@@ -21,6 +21,7 @@ struct FwdArgs {
   float inv_t;      // 1 / temperature
   int splits;       // vocabulary splits (>= 1): CTAs along the vocabulary per row block
   int group = 0;    // row blocks numbered together (launch order below); 0 = all of them
+  int wgmma = 0;    // 1: the sm_90a kernel (fwd_wgmma.cuh; needs FGPO_WGMMA), 0: mma.sync
   float* partial;   // workspace: splits * (6 or 2) * n floats
   float* lse;
   float* lser;      // null in log-prob-only mode (also fkl, rkl)

@@ -8,8 +8,9 @@ Math (row i, T = temperature; p = softmax z, r = softmax zr, d = log p - log r):
     Gr = g_fkl r (-d - fkl) + g_rkl (r - p) - g_lpr r
     dh = G W / T, dW = G^T h / T (and the reference side), fp32 atomics into fp32 buffers.
 
-The kernels (csrc/kernels.cuh) take bf16/fp16 rows and weights: mma.sync tensor-core tiles with
-fp32 accumulation, online log-sum-exp, no rows x V tensor. Other dtypes (fp32, and fp64 used by
+The kernels (csrc/kernels.cuh) take bf16/fp16 rows and weights: tensor-core tiles with fp32
+accumulation (mma.sync; the forward on H100/H200 uses wgmma, csrc/fwd_wgmma.cuh, see
+``forward_path``), online log-sum-exp, no rows x V tensor. Other dtypes (fp32, and fp64 used by
 exact checks) are handed to impl "triton" (GPU) or "torch": the CUDA kernels have no fp32 path.
 D that is not a multiple of 8 (or a misaligned view) is zero-padded on the fly (a copy of W).
 
@@ -84,6 +85,53 @@ def _bwd_note() -> str:
     return "backward: impl 'triton' gblock (FGPO_CUDA_BWD=cuda for the CUDA kernel)"
 
 
+# The forward kernel (env FGPO_CUDA_FWD): "auto" = "wgmma" (csrc/fwd_wgmma.cuh, Hopper's
+# warpgroup MMA) where the extension has an sm_90a build and the GPU is compute capability 9.0,
+# else "mma" (mma.sync, every sm_80+ GPU); "mma" / "wgmma" force one ("wgmma" where it cannot
+# run is an error). A wgmma path that fails the first-use self-test is dropped for "mma".
+FWD_CHOICES = ("auto", "mma", "wgmma")
+_WGMMA_FAILED: str | None = None
+
+
+def forward_path(device: torch.device | None = None) -> str:
+    """The forward kernel a launch on ``device`` runs: "wgmma" or "mma" (FWD_CHOICES above).
+    ``device`` None: the current GPU. Off a GPU (the CPU emulation in tests) "auto" is "mma"."""
+    choice = os.environ.get("FGPO_CUDA_FWD") or "auto"
+    if choice not in FWD_CHOICES:
+        raise ValueError(f"impl 'cuda': FGPO_CUDA_FWD must be one of {FWD_CHOICES}, got {choice!r}")
+    if choice == "mma":
+        return "mma"
+    ext = _ext()
+    built = bool(getattr(ext, "WGMMA", False))
+    on_gpu = device is None or device.type == "cuda"
+    hopper = on_gpu and torch.cuda.is_available()
+    hopper = hopper and torch.cuda.get_device_capability(device) == (9, 0)
+    if choice == "auto":
+        return "wgmma" if built and hopper and _WGMMA_FAILED is None else "mma"
+    if not built:
+        archs = getattr(ext, "ARCHS", "?")
+        raise RuntimeError(
+            f"impl 'cuda': FGPO_CUDA_FWD=wgmma, but fgpo_kernels._C was built for sm_{archs} "
+            "without an sm_90a target (rebuild with FGPO_CUDA_ARCHS='80;90a')"
+        )
+    if on_gpu and not hopper:
+        raise RuntimeError("impl 'cuda': FGPO_CUDA_FWD=wgmma needs a compute capability 9.0 GPU "
+                           "(H100/H200); wgmma is specific to sm_90a")  # fmt: skip
+    return "wgmma"
+
+
+def _fwd_note(device: torch.device | None = None) -> str:
+    """Which forward kernel impl "cuda" runs now, for ``probe()``'s reason."""
+    try:
+        path = forward_path(device)
+    except (ValueError, RuntimeError) as exc:
+        return f"forward: {exc}"
+    if path == "wgmma":
+        return "forward: wgmma m64n128k16 (sm_90a)"
+    why = f"; the wgmma forward failed its self-test: {_WGMMA_FAILED}" if _WGMMA_FAILED else ""
+    return f"forward: mma.sync{why}"
+
+
 def _ext():
     """The compiled module, imported on first use (None when it is not built/importable)."""
     global _C, _IMPORT_ERROR
@@ -102,7 +150,7 @@ def supports(dtype: torch.dtype) -> bool:
 
 def probe() -> dict:
     """{"available", "built", "reason"}; cached after the first full answer."""
-    global _PROBE
+    global _PROBE, _WGMMA_FAILED
     if _PROBE is not None:
         return _PROBE
     ext = _ext()
@@ -146,6 +194,9 @@ def probe() -> dict:
     if _SELFTEST_RUNNING:  # called from inside the self-test: answer without recursing
         return {"available": True, "built": True, "reason": "self-test in progress"}
     fail = _self_test() if os.environ.get("FGPO_CUDA_SELFTEST", "1") != "0" else None
+    if fail and forward_path() == "wgmma" and (os.environ.get("FGPO_CUDA_FWD") or "auto") == "auto":
+        _WGMMA_FAILED = fail  # keep the impl, on the mma.sync forward, if that one passes
+        fail = _self_test()
     if fail:
         _PROBE = {"available": False, "built": True, "reason": f"{built}; self-test FAILED: {fail}"}
     else:
@@ -153,7 +204,8 @@ def probe() -> dict:
             "available": True,
             "built": True,
             "reason": f"{built}, running on {name} (sm_{cap[0]}{cap[1]}); bf16/fp16 kernels, "
-            f"fp32/fp64 inputs delegated to impl 'triton' (else 'torch'); {_bwd_note()}",
+            f"fp32/fp64 inputs delegated to impl 'triton' (else 'torch'); {_fwd_note()}; "
+            f"{_bwd_note()}",
         }
     return _PROBE
 
@@ -181,7 +233,7 @@ def _ptr(x: Tensor | None) -> int:
 
 def _plan(
     n: int, v: int, d: int, dr: int, kl: bool, device: torch.device, splits: int = 0, *,
-    backward: bool = False,
+    backward: bool = False, wgmma: bool = False,
 ) -> _launch.GridPlan:  # fmt: skip
     """Grid of one launch (``_launch.plan``: vocabulary splits in whole waves, the launch-order
     group), from the CUDA tiles (one CTA per SM: ``__launch_bounds__(THREADS, 1)``)."""
@@ -190,7 +242,7 @@ def _plan(
         _launch.CUDA_BLOCK_ROWS, _launch.CUDA_BLOCK_VOCAB,
     ):  # fmt: skip
         raise RuntimeError("fgpo_kernels._C was built with other tiles than _launch.CUDA_BLOCK_*")
-    h_row, w_window = _launch.cuda_plan_inputs(d, dr, kl, backward=backward)
+    h_row, w_window = _launch.cuda_plan_inputs(d, dr, kl, backward=backward, wgmma=wgmma)
     return _launch.device_plan(
         n, v, _launch.CUDA_BLOCK_ROWS, _launch.CUDA_BLOCK_VOCAB, device, per_sm=1,
         h_row_bytes=h_row, w_window=w_window, splits=splits or None,
@@ -230,7 +282,8 @@ def _fwd_impl(h, hr, w, wr, temperature: float, splits: int) -> tuple[Tensor, ..
     if n == 0:
         return lse, lser, fkl, rkl
     h, hr, w, wr = _pad8(h), _pad8(hr), _pad8(w), _pad8(wr)
-    plan = _plan(n, v, h.shape[1], hr.shape[1] if kl else 0, kl, h.device, splits)
+    wgmma = forward_path(h.device) == "wgmma"
+    plan = _plan(n, v, h.shape[1], hr.shape[1] if kl else 0, kl, h.device, splits, wgmma=wgmma)
     s = plan.splits
     partial = torch.empty(s * (6 if kl else 2) * n, **f32)
     guard, stream = _launch_context(h.device)
@@ -239,7 +292,7 @@ def _fwd_impl(h, hr, w, wr, temperature: float, splits: int) -> tuple[Tensor, ..
             _ptr(h), _ptr(hr), _ptr(w), _ptr(wr), n, h.shape[1], hr.shape[1] if kl else 0, v,
             1.0 / temperature, _DTYPE_CODE[h.dtype], s, _ptr(partial), _ptr(lse),
             _ptr(lser) if kl else 0, _ptr(fkl) if kl else 0, _ptr(rkl) if kl else 0, stream,
-            group=plan.group,
+            group=plan.group, wgmma=wgmma,
         )  # fmt: skip
     return lse, lser, fkl, rkl
 

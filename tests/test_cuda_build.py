@@ -1,7 +1,8 @@
-"""The CUDA extension without a GPU: it builds for sm_80 and sm_90, ptxas spills nothing, the
-SASS holds tensor-core instructions, and ``fgpo_kernels._C`` imports on a CPU-only machine.
+"""The CUDA extension without a GPU: it builds for sm_80 and sm_90a, ptxas spills nothing, the
+SASS holds tensor-core instructions (HMMA; HGMMA m64n128k16 in the sm_90a forward, with no
+serialization ptxas had to add), and ``fgpo_kernels._C`` imports on a CPU-only machine.
 
-One fresh build (``csrc.build.build_module`` with ptxas reports, archs "80;90") is made per test
+One fresh build (``csrc.build.build_module`` with ptxas reports, archs "80;90a") is made per test
 session into a temporary folder; the installed module is checked separately. Everything skips
 with a reason when nvcc (or cuobjdump) is not present.
 """
@@ -50,12 +51,12 @@ def _tool(name: str) -> str | None:
 
 @pytest.fixture(scope="session")
 def fresh_build(tmp_path_factory):
-    """(path of a freshly built _C for archs 80;90, combined compiler output with ptxas -v)."""
+    """(path of a freshly built _C for archs 80;90a, combined compiler output with ptxas -v)."""
     if cbuild.find_nvcc() is None:
         pytest.skip("nvcc not found: the CUDA extension cannot be built here")
     out_dir = tmp_path_factory.mktemp("cuda_build")
     so = out_dir / ("_C" + sysconfig.get_config_var("EXT_SUFFIX"))
-    log = cbuild.build_module(so, out_dir / "obj", archs="80;90", verbose_ptxas=True)
+    log = cbuild.build_module(so, out_dir / "obj", archs="80;90a", verbose_ptxas=True)
     assert so.is_file()
     return so, log
 
@@ -129,7 +130,7 @@ def _ptxas_reports(log: str) -> dict:
 def test_ptxas_no_spills_for_shipped_kernels(fresh_build):
     _, log = fresh_build
     reps = _ptxas_reports(log)
-    for arch in ("sm_80", "sm_90"):
+    for arch in ("sm_80", "sm_90a"):
         for k in KERNELS:
             found = [f for (f, a) in reps if a == arch and k in f]
             assert len(found) >= 2, f"no ptxas report for {k} on {arch}:\n{log[-3000:]}"
@@ -173,7 +174,7 @@ def test_resource_usage_no_local_memory(fresh_build, cuobjdump):
     assert seen >= 2 * 6, usage[-2000:]
 
 
-@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90a"])
 def test_sass_has_tensor_core_mma(fresh_build, cuobjdump, arch):
     so, _ = fresh_build
     sass = _run([cuobjdump, "-sass", "-arch", arch, str(so)])
@@ -198,6 +199,34 @@ def test_sass_has_tensor_core_mma(fresh_build, cuobjdump, arch):
     assert bf16 and f16, f"{arch}: both the bf16 and the fp16 mma must be present"
 
 
+def _functions(sass: str) -> dict[str, str]:
+    """{function name: its SASS} of a cuobjdump -sass listing."""
+    parts = re.split(r"\n\s*Function : ", sass)
+    return {p.split("\n", 1)[0].strip(): p for p in parts[1:]}
+
+
+def test_wgmma_forward_sass(fresh_build, cuobjdump):
+    """The sm_90a forward (csrc/fwd_wgmma.cuh): every instantiation (bf16 / fp16, KL / log-prob)
+    multiplies with HGMMA 64x128x16 straight from shared memory (no ldmatrix), fills it with
+    cp.async, touches no local memory, and ptxas neither serialized its wgmmas nor injected a
+    wait of its own (which would drain the pipeline the kernel keeps one slice deep)."""
+    so, log = fresh_build
+    funcs = _functions(_run([cuobjdump, "-sass", "-arch", "sm_90a", str(so)]))
+    wg = {n: f for n, f in funcs.items() if "fgpo_fwd_wgmma_kernel" in n}
+    assert len(wg) == 4, list(funcs)
+    for name, sass in wg.items():
+        kind = r"\.BF16\b" if "bfloat16" in name else r"\s"  # fp16 operands: no suffix
+        assert re.search(rf"HGMMA\.64x128x16\.F32{kind}", sass), f"{name}: no m64n128k16"
+        assert "LDSM" not in sass and "LDGSTS" in sass, name
+        assert "STL" not in sass and "LDL" not in sass, f"{name}: local memory traffic"
+    for line in log.splitlines():
+        if "fgpo_fwd_wgmma_kernel" in line:
+            assert not re.search(r"C7510|C7517|serializ", line), line
+    # The sm_80 copies are empty (wgmma is sm_90a only) and never launched there.
+    sm80 = _functions(_run([cuobjdump, "-sass", "-arch", "sm_80", str(so)]))
+    assert all("HGMMA" not in f for f in sm80.values())
+
+
 def test_installed_module_imports_without_gpu():
     spec = importlib.util.find_spec("fgpo_kernels._C")
     if spec is None:
@@ -205,7 +234,8 @@ def test_installed_module_imports_without_gpu():
             pytest.fail("nvcc is present but fgpo_kernels._C was not installed (pip install -e .)")
         pytest.skip("fgpo_kernels._C not built (no nvcc)")
     mod = importlib.import_module("fgpo_kernels._C")
-    assert set(mod.ARCHS.split(";")) >= {"80", "90"} or os.environ.get("FGPO_CUDA_ARCHS")
+    if not os.environ.get("FGPO_CUDA_ARCHS"):
+        assert set(mod.ARCHS.split(";")) >= {"80", "90a"} and mod.WGMMA, mod.ARCHS
     assert mod.BLOCK_ROWS == 128 and mod.BLOCK_VOCAB == 128
     assert 48 * 1024 < mod.SMEM_BYTES <= 163 * 1024  # opt-in fits sm_80 (A100) and sm_90
     count, why = mod.device_count()

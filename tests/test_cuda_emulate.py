@@ -14,40 +14,11 @@ from __future__ import annotations
 import ctypes
 import math
 import shutil
-import subprocess
-from pathlib import Path
 
 import pytest
 import torch
+from emulation import CSRC, build, emu_call, emu_case, load, plain_lib, rel
 from helpers import kl_offset_case, kl_offset_errors
-
-ROOT = Path(__file__).resolve().parents[1]
-CSRC = ROOT / "csrc"
-
-
-class _Build:
-    """A g++ run started in the background (several builds overlap on the two cores)."""
-
-    def __init__(self, cmd: list[str], out: Path) -> None:
-        self.out = out
-        self.proc = subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-        )
-
-    def wait_ok(self) -> Path:
-        log, _ = self.proc.communicate()
-        assert self.proc.returncode == 0, f"emulation build failed:\n{log[-4000:]}"
-        return self.out
-
-
-def _build(src_dir: Path, out: Path, sources: list[Path], flags: list[str] = ()) -> _Build:
-    cxx = shutil.which("g++") or shutil.which("c++")
-    if cxx is None:
-        pytest.skip("no C++ compiler (g++) on PATH")
-    cmd = [cxx, "-O1", "-std=c++20", "-shared", "-fPIC", "-pthread", "-Wall", "-Werror",
-           "-Wno-unknown-pragmas", "-DFGPO_EMULATE=1", *flags, f"-I{src_dir}",
-           *map(str, sources), "-o", str(out)]  # fmt: skip
-    return _Build(cmd, out)
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +30,7 @@ def emu_ext(tmp_path_factory):
     out = tmp_path_factory.mktemp("emu") / ("_C" + sysconfig.get_config_var("EXT_SUFFIX"))
     flags = ['-DFGPO_ARCHS="cpu-emulation"', f"-I{pybind11.get_include()}",
              f"-I{sysconfig.get_paths()['include']}"]  # fmt: skip
-    _build(CSRC, out, [CSRC / "binding.cpp", CSRC / "cpu_emulate.cpp"], flags).wait_ok()
+    build(CSRC, out, [CSRC / "binding.cpp", CSRC / "cpu_emulate.cpp"], flags).wait_ok()
     spec = importlib.util.spec_from_file_location("_C", out)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -89,25 +60,6 @@ def emulated_cuda(emu_ext, monkeypatch):
     return cuda_kl, torch
 
 
-def _emu_case(torch, mode, n, d, dr, v, seed, dtype=torch.bfloat16):
-    g = torch.Generator().manual_seed(seed)
-    rnd = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)
-    kl = mode != "logprob"
-    h = rnd(n, d).to(dtype)
-    hr = None
-    if kl:
-        hr = (h.double() + 0.3 * rnd(n, d) if mode == "shared" else rnd(n, dr)).to(dtype)
-    w = (rnd(v, d) * 2 / d**0.5).to(dtype)
-    wr = (rnd(v, dr) * 2 / dr**0.5).to(dtype) if mode == "separate" else None
-    grads = [rnd(n).float() if (kl or k == 2) else None for k in range(4)]
-    return h, hr, w, wr, grads
-
-
-def _rel(torch, a, b):
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
-
-
 @pytest.mark.parametrize(
     "mode,n,d,dr,v,splits,temp,dtype",
     [
@@ -126,7 +78,7 @@ def test_emulated_kernels_match_float64(emulated_cuda, mode, n, d, dr, v, splits
     from fgpo_kernels._backend import Needs, RowGrads, RowStats
 
     dt = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
-    h, hr, w, wr, gs = _emu_case(torch, mode, n, d, dr, v, seed=n * v + d, dtype=dt)
+    h, hr, w, wr, gs = emu_case(torch, mode, n, d, dr, v, seed=n * v + d, dtype=dt)
     kl, sep = mode != "logprob", mode == "separate"
     got = cuda_kl.forward(h, hr, w, wr, temp, splits=splits)
     dbl = lambda x: None if x is None else x.double()
@@ -137,7 +89,7 @@ def test_emulated_kernels_match_float64(emulated_cuda, mode, n, d, dr, v, splits
             continue
         assert a.dtype == torch.float32 and a.shape == (n,)
         tol = 1e-6 if name.startswith("lse") else 1e-4
-        assert _rel(torch, a, b) <= tol, (name, _rel(torch, a, b))
+        assert rel(torch, a, b) <= tol, (name, rel(torch, a, b))
     need = Needs(True, kl, True, sep)
     ref32 = RowStats(*(None if x is None else x.float() for x in ref))
     got_b = cuda_kl.backward(h, hr, w, wr, temp, ref32, RowGrads(*gs), need)
@@ -150,7 +102,7 @@ def test_emulated_kernels_match_float64(emulated_cuda, mode, n, d, dr, v, splits
         assert a.shape == b.shape and a.dtype == torch.float32, name
         # G is rounded to the input dtype before the two backward products (as the
         # materialized path does).
-        assert _rel(torch, a, b) <= 6e-3, (name, _rel(torch, a, b))
+        assert rel(torch, a, b) <= 6e-3, (name, rel(torch, a, b))
 
 
 @pytest.mark.parametrize("group", [1, 2])
@@ -165,19 +117,19 @@ def test_emulated_grouped_launch_order(emulated_cuda, monkeypatch, group):
     real = _launch.group_rows
     monkeypatch.setattr(_launch, "group_rows", lambda *a: (group, real(*a)[1]))
     n, d, v = 300, 24, 400
-    h, hr, w, wr, gs = _emu_case(torch, "shared", n, d, d, v, seed=group)
+    h, hr, w, wr, gs = emu_case(torch, "shared", n, d, d, v, seed=group)
     assert cuda_kl._plan(n, v, d, d, True, h.device, 2).group == group
     got = cuda_kl.forward(h, hr, w, wr, 1.0, splits=2)
     dbl = lambda x: None if x is None else x.double()
     ref = torch_impl.forward(dbl(h), dbl(hr), dbl(w), None, 1.0)
     for name, a, b in zip(("lse", "lser", "fkl", "rkl"), got, ref):
-        assert _rel(torch, a, b) <= 1e-4, (name, _rel(torch, a, b))
+        assert rel(torch, a, b) <= 1e-4, (name, rel(torch, a, b))
     need = Needs(True, True, True, False)
     got_b = cuda_kl.backward(h, hr, w, wr, 1.0, got, RowGrads(*gs), need)
     ref_b = torch_impl.backward(dbl(h), dbl(hr), dbl(w), None, 1.0, ref,
                                 RowGrads(*(dbl(x) for x in gs)), need)  # fmt: skip
     for name, a, b in zip(("dh", "dhr", "dw"), got_b, ref_b):
-        assert _rel(torch, a, b) <= 6e-3, (name, _rel(torch, a, b))
+        assert rel(torch, a, b) <= 6e-3, (name, rel(torch, a, b))
 
 
 @pytest.mark.parametrize("mode", ["shared", "separate"])
@@ -188,7 +140,7 @@ def test_emulated_gradient_subsets(emulated_cuda, mode):
     from fgpo_kernels._backend import Needs, RowGrads, RowStats
 
     sep = mode == "separate"
-    h, hr, w, wr, gs = _emu_case(torch, mode, 20, 200, 136, 150, seed=5)
+    h, hr, w, wr, gs = emu_case(torch, mode, 20, 200, 136, 150, seed=5)
     gs = RowGrads(*gs)
     stats = cuda_kl.forward(h, hr, w, wr, 1.0)
     full = cuda_kl.backward(h, hr, w, wr, 1.0, stats, gs, Needs(True, True, True, sep))
@@ -204,7 +156,7 @@ def test_emulated_gradient_subsets(emulated_cuda, mode):
     ref = torch_impl.backward(dbl(h), dbl(hr), dbl(w), dbl(wr), 1.0,
                               RowStats(*(dbl(x) for x in stats)), RowGrads(*(dbl(x) for x in gs)),
                               Needs(True, True, False, False))  # fmt: skip
-    assert _rel(torch, lora[0], ref[0]) <= 6e-3 and _rel(torch, lora[1], ref[1]) <= 6e-3
+    assert rel(torch, lora[0], ref[0]) <= 6e-3 and rel(torch, lora[1], ref[1]) <= 6e-3
 
 
 def test_emulated_public_api_within_2x_of_pytorch(emulated_cuda):
@@ -238,7 +190,7 @@ def test_emulated_public_api_within_2x_of_pytorch(emulated_cuda):
     low = run("reference", torch.bfloat16)
     got = run("cuda", torch.bfloat16)
     for k, r in ref.items():
-        e, e0 = _rel(torch, got[k], r), _rel(torch, low[k], r)
+        e, e0 = rel(torch, got[k], r), rel(torch, low[k], r)
         assert math.isfinite(e), k
         assert e <= 2 * e0 + 1e-3, f"{k}: {e:.3e} vs materialized bf16 {e0:.3e}"
 
@@ -246,27 +198,9 @@ def test_emulated_public_api_within_2x_of_pytorch(emulated_cuda):
 # ---- the emulator itself: fp16 rounding, and asynchrony that catches mis-ordered copies
 
 
-def _plain_lib(out: Path, src_dir: Path = CSRC) -> _Build:
-    """cpu_emulate.cpp alone (its extern "C" entry points, no pybind11: a fast build)."""
-    return _build(src_dir, out, [src_dir / "cpu_emulate.cpp"])
-
-
-def _load(path: Path):
-    so = ctypes.CDLL(str(path))
-    ptr, ll, f32, i32 = ctypes.c_void_p, ctypes.c_longlong, ctypes.c_float, ctypes.c_int
-    so.fgpo_emu_error.restype = ctypes.c_char_p
-    so.fgpo_emu_fwd.argtypes = [ptr] * 4 + [ll] * 4 + [f32, i32, i32] + [ptr] * 5
-    so.fgpo_emu_bwd.argtypes = [ptr] * 4 + [ll] * 4 + [f32, i32] + [ptr] * 12
-    for fn in (so.fgpo_emu_to_half, so.fgpo_emu_from_half):
-        fn.argtypes, fn.restype = [ptr, ptr, ll], None
-    so.fgpo_emu_watch.argtypes = [i32, ptr, ll]
-    so.fgpo_emu_watched.argtypes, so.fgpo_emu_watched.restype = [i32, i32], ll
-    return so
-
-
 @pytest.fixture(scope="module")
 def emu_lib(tmp_path_factory):
-    return _load(_plain_lib(tmp_path_factory.mktemp("emu_plain") / "emu.so").wait_ok())
+    return load(plain_lib(tmp_path_factory.mktemp("emu_plain") / "emu.so").wait_ok())
 
 
 def test_fp16_rounding_matches_torch(emu_lib):
@@ -296,12 +230,6 @@ def test_fp16_rounding_matches_torch(emu_lib):
     assert not bad.any(), f"{int(bad.sum())} differ, first {x[bad][:4].tolist()}"
 
 
-def _emu_call(so, fn: str, *args) -> None:
-    """so.fn(*args) with tensors passed as pointers; a nonzero return raises with the reason."""
-    if getattr(so, fn)(*(a.data_ptr() if isinstance(a, torch.Tensor) else a for a in args)):
-        raise RuntimeError(so.fgpo_emu_error().decode())
-
-
 def _stats_and_grads(so, case, dtype_code: int, dw: bool):
     """Run the forward (KL, shared weight) and the backward through the plain library: dh, dhr
     and, with ``dw``, the weight gradient (else the LoRA path: W chunks ping-pong). Returns
@@ -313,10 +241,10 @@ def _stats_and_grads(so, case, dtype_code: int, dw: bool):
     splits = 2
     partial = f32(splits * 6 * n)
     stats = [f32(n) for _ in range(4)]
-    _emu_call(so, "fgpo_emu_fwd", h, hr, w, None, n, d, d, v, 1.0, dtype_code, splits, partial,
+    emu_call(so, "fgpo_emu_fwd", h, hr, w, None, n, d, d, v, 1.0, dtype_code, splits, partial,
               *stats)  # fmt: skip
     grads = [f32(n, d), f32(n, d)] + ([f32(v, d)] if dw else [])
-    _emu_call(so, "fgpo_emu_bwd", h, hr, w, None, n, d, d, v, 1.0, dtype_code, *stats, *gs,
+    emu_call(so, "fgpo_emu_bwd", h, hr, w, None, n, d, d, v, 1.0, dtype_code, *stats, *gs,
               *grads, *([] if dw else [None]), None)  # fmt: skip
     return stats, grads
 
@@ -326,7 +254,7 @@ def test_l2_hints_keep_hidden_states_and_stream_weights(emu_lib, dw):
     """Every byte the kernels read from h and hr carries the evict_last hint and every byte of
     w the evict_first one (forward, then the backward's recompute and its LoRA ping-pong or dW
     chunks): the launch plan's L2 working set (fgpo_kernels/_launch.py) assumes both."""
-    case = _emu_case(torch, "shared", 20, 136, 136, 129, seed=5)
+    case = emu_case(torch, "shared", 20, 136, 136, 129, seed=5)
     h, hr, w, _, _ = case
     names = ("h", "hr", "w")
     for slot, x in enumerate((h, hr, w)):
@@ -382,8 +310,8 @@ def misordered_libs(tmp_path_factory):
         src = d / "csrc"
         shutil.copytree(CSRC, src)
         (src / "kernels.cuh").write_text(source.replace(text, wrong))
-        builds[name] = _plain_lib(d / "emu.so", src)
-    return {name: _load(b.wait_ok()) for name, b in builds.items()}
+        builds[name] = plain_lib(d / "emu.so", src)
+    return {name: load(b.wait_ok()) for name, b in builds.items()}
 
 
 @pytest.mark.parametrize("dtype_code", [0, 1], ids=["bf16", "fp16"])
@@ -394,7 +322,7 @@ def test_shipped_copies_are_ordered(emu_lib, dtype_code):
     from fgpo_kernels._backend import Needs, RowGrads
 
     dt = (torch.bfloat16, torch.float16)[dtype_code]
-    case = _emu_case(torch, "shared", 20, 136, 136, 129, seed=3, dtype=dt)
+    case = emu_case(torch, "shared", 20, 136, 136, 129, seed=3, dtype=dt)
     h, hr, w, _, gs = case
     dbl = lambda x: None if x is None else x.double()
     ref = torch_impl.forward(dbl(h), dbl(hr), dbl(w), None, 1.0)
@@ -402,11 +330,11 @@ def test_shipped_copies_are_ordered(emu_lib, dtype_code):
     for dw in (False, True):
         stats, grads = _stats_and_grads(emu_lib, case, dtype_code, dw)
         for a, b in zip(stats, ref):
-            assert torch.isfinite(a).all() and _rel(torch, a, b) <= 1e-4
+            assert torch.isfinite(a).all() and rel(torch, a, b) <= 1e-4
         need = Needs(True, True, dw, False)
         ref_b = torch_impl.backward(dbl(h), dbl(hr), dbl(w), None, 1.0, ref, g64, need)
         for a, b in zip(grads, ref_b):
-            assert torch.isfinite(a).all() and _rel(torch, a, b) <= 6e-3, (dw, _rel(torch, a, b))
+            assert torch.isfinite(a).all() and rel(torch, a, b) <= 6e-3, (dw, rel(torch, a, b))
 
 
 @pytest.mark.parametrize("name", [m[0] for m in _MISORDERED])
@@ -414,7 +342,7 @@ def test_misordered_copies_fail(misordered_libs, name):
     """Each mis-ordered variant must fail under the emulator: NaN where a copy was read early,
     or the launch's error for a group never retired. (With copies landing at issue, as the
     emulator had it before, none of them changes a result: checked for the first two.)"""
-    case = _emu_case(torch, "shared", 20, 136, 136, 129, seed=3)
+    case = emu_case(torch, "shared", 20, 136, 136, 129, seed=3)
     dw = next(m[3] for m in _MISORDERED if m[0] == name)
     try:
         stats, grads = _stats_and_grads(misordered_libs[name], case, 0, dw)
@@ -483,3 +411,44 @@ def test_self_test_covers(emulated_cuda, emu_ext, monkeypatch, path, named):
     monkeypatch.setattr(cuda_kl, "_C", _Broken(emu_ext, path))
     fail = cuda_kl._self_test(torch.device("cpu"))
     assert fail is not None and named in fail, fail
+
+
+def test_emulated_wgmma_forward_through_the_public_api(emulated_cuda, emu_ext, monkeypatch):
+    """FGPO_CUDA_FWD=wgmma: impl 'cuda' launches the sm_90a forward (csrc/fwd_wgmma.cuh, emulated)
+    with a plan for its 4-slice ring; token_kl's values and gradients match float64, and the
+    first-use self-test's fp16 / D = 520 / LoRA cases pass on it."""
+    cuda_kl, _ = emulated_cuda
+    monkeypatch.setenv("FGPO_CUDA_FWD", "wgmma")
+    launched = []
+
+    class Spy:
+        def __getattr__(self, name):
+            return getattr(emu_ext, name)
+
+        def fwd(self, *a, **kw):
+            launched.append(kw.get("wgmma"))
+            return emu_ext.fwd(*a, **kw)
+
+    monkeypatch.setattr(cuda_kl, "_C", Spy())
+    h, hr, w, _, _ = emu_case(torch, "shared", 70, 136, 136, 301, seed=11)
+    tgt = torch.randint(0, 301, (70,))
+    import fgpo_kernels as fk
+
+    def run(impl, cast):
+        x = cast(h).requires_grad_()
+        out = fk.token_kl(x, cast(hr), cast(w), targets=tgt, temperature=0.9,
+                          reduction="none", impl=impl)  # fmt: skip
+        (out.loss.sum() + out.policy_logps.sum()).backward()
+        return [*(t.double() for t in out[:4]), x.grad.double()]
+
+    ref = run("reference", lambda t: t.detach().double())
+    got = run("cuda", lambda t: t.detach())
+    assert launched and all(launched), launched
+    for name, a, b in zip(("loss", "fkl", "rkl", "logp", "dh"), got, ref):
+        assert rel(torch, a, b) <= (6e-3 if name == "dh" else 1e-4), (name, rel(torch, a, b))
+    new = [c for c in cuda_kl.SELF_TEST_CASES if c[6] == torch.float16 and (c[7] or c[2] >= 520)]
+    assert new
+    monkeypatch.setattr(cuda_kl, "SELF_TEST_CASES", tuple(new))
+    launched.clear()
+    assert cuda_kl._self_test(torch.device("cpu")) is None
+    assert launched and all(launched), launched
