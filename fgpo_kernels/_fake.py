@@ -207,7 +207,10 @@ class CudaFake:
         if n:
             padded = [cuda_kl._pad8(x) for x in (h, hr, w, wr)]
             dr = hr.shape[1] if kl else 0
-            s = cuda_kl._plan(n, v, h.shape[1], dr, kl, SIM_DEVICE).splits
+            name = (_util.simulated_gpu() or {}).get("name", "")
+            hopper = any(g in name.upper() for g in ("H100", "H200", "H800", "H20"))
+            wgmma = cuda_kl.forward_path(SIM_DEVICE, cap=(9, 0) if hopper else (8, 0)) == "wgmma"
+            s = cuda_kl._plan(n, v, h.shape[1], dr, kl, SIM_DEVICE, wgmma=wgmma).splits
             torch.empty(s * (6 if kl else 2) * n, dtype=_F32, device=h.device)
             del padded
         return RowStats(lse, lser, fkl, rkl) if kl else RowStats(lse, None, None, None)

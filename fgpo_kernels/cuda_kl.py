@@ -93,9 +93,12 @@ FWD_CHOICES = ("auto", "mma", "wgmma")
 _WGMMA_FAILED: str | None = None
 
 
-def forward_path(device: torch.device | None = None) -> str:
+def forward_path(
+    device: torch.device | None = None, cap: tuple[int, int] | None = None
+) -> str:  # fmt: skip
     """The forward kernel a launch on ``device`` runs: "wgmma" or "mma" (FWD_CHOICES above).
-    ``device`` None: the current GPU. Off a GPU (the CPU emulation in tests) "auto" is "mma"."""
+    ``device`` None: the current GPU. Off a GPU (the CPU emulation in tests) "auto" is "mma".
+    ``cap``: the compute capability of a simulated GPU (``_fake``) instead of asking CUDA."""
     choice = os.environ.get("FGPO_CUDA_FWD") or "auto"
     if choice not in FWD_CHOICES:
         raise ValueError(f"impl 'cuda': FGPO_CUDA_FWD must be one of {FWD_CHOICES}, got {choice!r}")
@@ -104,8 +107,9 @@ def forward_path(device: torch.device | None = None) -> str:
     ext = _ext()
     built = bool(getattr(ext, "WGMMA", False))
     on_gpu = device is None or device.type == "cuda"
-    hopper = on_gpu and torch.cuda.is_available()
-    hopper = hopper and torch.cuda.get_device_capability(device) == (9, 0)
+    if cap is None and on_gpu and torch.cuda.is_available():
+        cap = torch.cuda.get_device_capability(device)
+    hopper = on_gpu and cap == (9, 0)
     if choice == "auto":
         return "wgmma" if built and hopper and _WGMMA_FAILED is None else "mma"
     if not built:
