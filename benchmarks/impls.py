@@ -42,6 +42,7 @@ import importlib.util
 import logging
 import os
 import re
+from contextlib import contextmanager
 
 OURS = ("torch", "triton", "cuda")
 # Ours under a switch: impl -> (impl it runs, environment it sets in its worker process).
@@ -57,6 +58,71 @@ IMPLS = {
 }  # fmt: skip
 ALL_IMPLS = tuple(dict.fromkeys(i for v in IMPLS.values() for i in v))
 PEERS = {"liger": "liger_kernel", "cce": "cut_cross_entropy"}
+
+
+# impl "cuda"'s two forward kernels (env FGPO_CUDA_FWD; ``cuda_kl.forward_path`` says which one
+# runs): "wgmma" (sm_90a, csrc/fwd_wgmma.cuh) and "mma" (mma.sync, csrc/kernels.cuh).
+CUDA_FWD_PATHS = ("wgmma", "mma")
+
+
+@contextmanager
+def env_switch(env: dict):
+    """``env`` set around a block (a variant's switch, a forced kernel path), the previous
+    values back afterwards."""
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def cuda_fwd_paths() -> tuple[str | None, dict[str, str | None]]:
+    """(the path impl "cuda"'s forward takes by default here, {path: None where
+    ``FGPO_CUDA_FWD=path`` runs it, else why not}). "wgmma" needs a ``fgpo_kernels._C`` built
+    with an sm_90a target (``_C.WGMMA``), a compute capability 9.0 device, and
+    ``cuda_kl.forward_path`` to say so under ``FGPO_CUDA_FWD=wgmma``; a ``cuda_kl`` without
+    ``forward_path`` has only the mma.sync forward. Asks nothing of a GPU it has not got."""
+    import torch
+
+    from fgpo_kernels import _registry
+
+    st = _registry.status("cuda")
+    if not st["available"]:
+        return None, dict.fromkeys(CUDA_FWD_PATHS, f"impl 'cuda' unavailable: {st['reason']}")
+    from fgpo_kernels import cuda_kl
+
+    which = getattr(cuda_kl, "forward_path", None)
+    if which is None:
+        return "mma", {"wgmma": "this fgpo_kernels has no wgmma forward (no "
+                       "cuda_kl.forward_path)", "mma": None}  # fmt: skip
+    dev = torch.device("cuda", torch.cuda.current_device())
+    cap = torch.cuda.get_device_capability(dev)
+    why_not = {"mma": None, "wgmma": None}
+    if not getattr(cuda_kl._ext(), "WGMMA", False):
+        why_not["wgmma"] = "fgpo_kernels._C was built without an sm_90a target (_C.WGMMA)"
+    elif cap != (9, 0):
+        why_not["wgmma"] = f"the device is sm_{cap[0]}{cap[1]}: the wgmma forward needs sm_90"
+    out = {}
+    for path in CUDA_FWD_PATHS:
+        with env_switch({"FGPO_CUDA_FWD": path}):
+            try:
+                got = which(dev)
+            except Exception as exc:  # the forced path cannot run: say why
+                got = f"an error ({type(exc).__name__}: {exc})"
+        out[path] = why_not[path] or (
+            None if got == path else f"cuda_kl.forward_path gives {got!r} for FGPO_CUDA_FWD={path}"
+        )
+    with env_switch({"FGPO_CUDA_FWD": "auto"}):
+        try:
+            auto = which(dev)
+        except Exception:  # the default cannot be told: the rows say "unknown", never guess
+            auto = None
+    return (auto if auto in CUDA_FWD_PATHS else None), out
 
 
 def _has(module: str) -> bool:

@@ -23,7 +23,6 @@ import csv
 import os
 import statistics
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 from . import impls as impls_mod
@@ -37,33 +36,18 @@ COLUMNS = [
 ]  # fmt: skip
 
 
-@contextmanager
-def _env(env: dict):
-    """A variant's environment switch around one call, the previous values back afterwards."""
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 def _build(impl: str, case: Case, grad_w: bool):
     """(fn, leaves, note, env): a variant's environment is applied around each of its calls,
     not left set for the impls that run after it."""
     base, env = impls_mod.VARIANTS.get(impl, (impl, {}))
-    with _env(env):
+    with impls_mod.env_switch(env):
         fn, leaves, note = impls_mod.build(base, case, "cpu", grad_w=grad_w)
     return fn, leaves, note, env
 
 
 def _step(fn, leaves, env) -> tuple[float, float]:
     """One forward + backward: (wall seconds, process CPU seconds)."""
-    with _env(env):
+    with impls_mod.env_switch(env):
         c0, t0 = time.process_time(), time.perf_counter()
         fn().backward()
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
