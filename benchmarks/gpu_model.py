@@ -16,8 +16,10 @@ The model, per tiled kernel (``_launch.py`` for the L2 working set):
   one wave fits the cache; then H is read once and W once per launch-order group, else every
   program re-reads its H block for every vocabulary tile and W is read once per row block;
 - MMA time: executed FLOPs / (peak x efficiency), efficiency = the shared-memory bandwidth of an
-  SM (128 B/clock) over what the tile's wgmma operands and cp.async fills need, or
-  ``MMA_SYNC_EFFICIENCY`` for the CUDA kernels' mma.sync;
+  SM (128 B/clock) over what the tile's wgmma operands and cp.async fills need (the Triton
+  kernels, and the CUDA forward's sm_90a path: ``cuda_wgmma_efficiency``), or
+  ``MMA_SYNC_EFFICIENCY`` for the CUDA kernels' mma.sync (``cuda_forward(path="mma")``: every
+  GPU but sm_90a builds on H100/H200);
 - epilogue: exponentials on the SFU (16/clock/SM) and FP32 ALU work (128 lanes/clock/SM) per
   logit (``EPILOGUE``, counted from the kernels' source), added to the MMA time when one program
   runs per SM (nothing overlaps it), else hidden behind the other program's MMAs;
@@ -37,6 +39,7 @@ from typing import NamedTuple
 
 import torch
 
+from benchmarks.impls import CUDA_FWD_PATHS
 from fgpo_kernels import _launch
 from fgpo_kernels.triton_kl import configs
 
@@ -182,23 +185,48 @@ def triton_forward(
                    plan, tflops)  # fmt: skip
 
 
-def cuda_forward(case: Case, dev: Device, tflops: float | None = None) -> Prediction:
-    """impl "cuda" forward: 128 x 128 mma.sync tiles, one CTA per SM, cp.async with L2 hints
-    (weights evict_first, hidden states evict_last)."""
+def cuda_wgmma_efficiency(shared: bool) -> float:
+    """Tensor-core efficiency of the sm_90a CUDA forward's main loop (``_smem_efficiency``).
+
+    Its CTA is 2 warpgroups, each issuing wgmma m64n128k16 with both operands from shared memory
+    over 64 of the tile's 128 rows: per k16 step and model, 2 reads of a 64 x 16 A slice and 2
+    of the same 128 x 16 B slice, which is ``_smem_efficiency``'s ``bn // 64`` m64 instructions
+    (shared memory serves each warpgroup's read of B separately). The cp.async ring fills, per
+    slice of 32, A0 (H), A1 (Hr) and one B: a shared weight feeds both models' wgmmas (2 models
+    of A, 1 of W); separate weights run one loop per model (H and W, then Hr and Wr: 1 and 1),
+    so their fills are counted per loop, not as the Triton forward's single loop of 2 and 2
+    (the ratio, and so the rate, happens to be the same at D = Dr)."""
+    bn, bv = _launch.CUDA_BLOCK_ROWS, _launch.CUDA_BLOCK_VOCAB
+    return _smem_efficiency(bn, bv, 2, 1) if shared else _smem_efficiency(bn, bv, 1, 1)
+
+
+def cuda_forward(
+    case: Case, dev: Device, tflops: float | None = None, path: str = "wgmma"
+) -> Prediction:
+    """impl "cuda" forward: 128 x 128 tiles, one CTA per SM, cp.async with L2 hints (weights
+    evict_first, hidden states evict_last), the epilogue not overlapped (the registers hold one
+    pair of accumulators). ``path``: "wgmma" (sm_90a: 2 warpgroups of m64n128k16 from shared
+    memory, a ring of ``CUDA_STAGES_WGMMA`` slices) or "mma" (mma.sync m16n8k16 at
+    ``MMA_SYNC_EFFICIENCY``, a ring of ``CUDA_STAGES``)."""
+    if path not in CUDA_FWD_PATHS:
+        raise ValueError(f"cuda_forward: path must be one of {CUDA_FWD_PATHS}, got {path!r}")
+    wgmma = path == "wgmma"
     n, d, v = case.n, case.d, case.v
     bn, bv = _launch.CUDA_BLOCK_ROWS, _launch.CUDA_BLOCK_VOCAB
-    h_row, w_win = _launch.cuda_plan_inputs(d, d, True, BF16)
+    h_row, w_win = _launch.cuda_plan_inputs(d, d, True, BF16, wgmma=wgmma)
     plan = _launch.plan(n, v, bn, bv, h_row_bytes=h_row, w_window=w_win, per_wave=dev.sms,
                         l2=dev.l2_bytes)  # fmt: skip
     w_models = 1 if case.shared else 2
     flops = 2 * 2.0 * n * d * v
+    eff = cuda_wgmma_efficiency(case.shared) if wgmma else MMA_SYNC_EFFICIENCY
     compute, hbm = _tiled(plan, dev, flops, EPILOGUE["fwd_kl"], logits=2 * n * v, per_sm=1,
-                          efficiency=MMA_SYNC_EFFICIENCY, h_bytes=n * h_row,
-                          w_bytes=w_models * v * d * BF16, tile_h=bn * h_row)  # fmt: skip
+                          efficiency=eff, h_bytes=n * h_row, w_bytes=w_models * v * d * BF16,
+                          tile_h=bn * h_row)  # fmt: skip
     hbm += 2 * 6 * n * plan.splits * 4
     compulsory = n * h_row + w_models * v * d * BF16 + 4 * n * 4
-    return _finish("cuda fwd [128x128 mma.sync]", case, dev, flops, flops, compute, hbm,
-                   compulsory, plan, tflops)  # fmt: skip
+    label = f"{bn}x{bv} wgmma m64n{bv}" if wgmma else f"{bn}x{bv} mma.sync"
+    return _finish(f"cuda fwd [{label}]", case, dev, flops, flops, compute, hbm, compulsory,
+                   plan, tflops)  # fmt: skip
 
 
 def least_forward_hbm(case: Case, dev: Device) -> tuple[int, int]:
@@ -274,7 +302,8 @@ def gblock_backward(
 def predict(dev: Device, tflops: float | None = None) -> list[Prediction]:
     out = []
     for case in cases():
-        out += [triton_forward(case, dev, tflops), cuda_forward(case, dev, tflops),
+        out += [triton_forward(case, dev, tflops),
+                *(cuda_forward(case, dev, tflops, path) for path in CUDA_FWD_PATHS),
                 gblock_backward(case, dev, tflops)]  # fmt: skip
     return out
 
@@ -293,10 +322,12 @@ def table(preds: list[Prediction]) -> str:
     return "\n".join([head, *rows])
 
 
-def compare(results_csv, dev: Device) -> list[dict]:
+def compare(results_csv, dev: Device, cuda_path: str | None = None) -> list[dict]:
     """Predicted vs measured forward time for every GPU ``token_kl`` forward row of a
     ``benchmarks.run`` CSV (impls triton and cuda; the bench's head is shared: the reference
-    uses ``w.detach()``), each predicted on the matmul rate that run measured."""
+    uses ``w.detach()``), each predicted on the matmul rate that run measured. A cuda row is
+    predicted for ``cuda_path`` (the forward kernel that ran); the CSV does not record it, so
+    with None every cuda row is predicted for both paths, each marked "path not recorded"."""
     out = []
     with open(results_csv, newline="") as f:
         for row in csv.DictReader(f):
@@ -309,20 +340,31 @@ def compare(results_csv, dev: Device) -> list[dict]:
                 continue
             rate = float(row["matmul_tflops"]) if row.get("matmul_tflops") else None
             case = Case(int(row["N"]), int(row["D"]), int(row["V"]), True, False)
-            fn = triton_forward if row["impl"] == "triton" else cuda_forward
-            pred = fn(case, dev, rate)
             measured = float(row["p50_ms"]) / 1e3
-            out.append({"impl": row["impl"], "case": case.label, "dtype": row.get("dtype", ""),
-                        "rate_tflops": rate, "predicted_ms": pred.seconds * 1e3,
-                        "measured_ms": measured * 1e3, "measured_over_predicted":
-                        measured / pred.seconds})  # fmt: skip
+            if row["impl"] == "triton":
+                preds = [("", triton_forward(case, dev, rate))]
+            else:
+                paths = [cuda_path] if cuda_path else CUDA_FWD_PATHS
+                preds = [(p, cuda_forward(case, dev, rate, p)) for p in paths]
+            for path, pred in preds:
+                out.append({"impl": row["impl"], "path": path, "path_known": bool(
+                            cuda_path or not path), "case": case.label,
+                            "dtype": row.get("dtype", ""), "rate_tflops": rate,
+                            "predicted_ms": pred.seconds * 1e3, "measured_ms": measured * 1e3,
+                            "measured_over_predicted": measured / pred.seconds})  # fmt: skip
     return out
+
+
+def _impl_label(r: dict) -> str:
+    if not r["path"]:
+        return r["impl"]
+    return f"{r['impl']} {r['path']}" + ("" if r["path_known"] else " (path not recorded)")
 
 
 def compare_table(rows: list[dict]) -> str:
     head = ("| impl | case | dtype | matmul rate used (TFLOP/s) | PREDICTED ms | measured ms | "
             "measured / predicted |\n|---|---|---|---|---|---|---|")  # fmt: skip
-    lines = [f"| {r['impl']} | {r['case']} | {r['dtype']} | "
+    lines = [f"| {_impl_label(r)} | {r['case']} | {r['dtype']} | "
              f"{'datasheet' if r['rate_tflops'] is None else r['rate_tflops']} | "
              f"{r['predicted_ms']:.2f} | {r['measured_ms']:.2f} | "
              f"{r['measured_over_predicted']:.2f} |" for r in rows]  # fmt: skip
@@ -345,6 +387,9 @@ def main(argv: list[str] | None = None) -> int:
         metavar="DIR",
         help="a GPU run's folder (its results.csv): predicted vs measured forward",
     )
+    ap.add_argument("--cuda-path", choices=CUDA_FWD_PATHS, default=None,
+                    help="the CUDA forward the --measured run took (gpu_cuda_check.py writes "
+                    "it to cuda_fwd_path.txt); unknown: both are listed")  # fmt: skip
     ap.add_argument("--out", default=None, metavar="DIR", help="also write the tables here")
     args = ap.parse_args(argv)
     texts = []
@@ -354,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"--measured: no results.csv in {args.measured}; predictions only")
         else:
             dev = DEVICES[(args.device or ["H200-SXM"])[0]]
-            rows = compare(csv_path, dev)
+            rows = compare(csv_path, dev, args.cuda_path)
             body = compare_table(rows) if rows else "(no GPU token_kl forward rows)"
             text = f"\n## PREDICTED vs measured: {dev.name} model, {csv_path}\n\n{body}"
             print(text)

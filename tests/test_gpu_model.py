@@ -20,12 +20,14 @@ def _ids(cases):
 @pytest.mark.parametrize("device", sorted(gm.DEVICES))
 @pytest.mark.parametrize("case", CASES, ids=_ids(CASES))
 def test_kernels_fit_half_of_l2_and_stay_near_compulsory_traffic(device, case):
-    """One wave of the Triton and CUDA forwards and of the gblock G kernel touches at most
-    L2/2; forward HBM bytes stay within 2x the compulsory bytes when the hidden states fit L2/2
-    (the few-rows case), and within 2% of the least any L2-resident order can read otherwise
-    (which is itself above 2x the compulsory bytes there: no order meets 2x at N=8192)."""
+    """One wave of the Triton forward, of both CUDA forwards (wgmma and mma.sync: their rings
+    differ) and of the gblock G kernel touches at most L2/2; forward HBM bytes stay within 2x
+    the compulsory bytes when the hidden states fit L2/2 (the few-rows case), and within 2% of
+    the least any L2-resident order can read otherwise (which is itself above 2x the compulsory
+    bytes there: no order meets 2x at N=8192)."""
     dev = gm.DEVICES[device]
-    fwds = (gm.triton_forward(case, dev), gm.cuda_forward(case, dev))
+    cudas = tuple(gm.cuda_forward(case, dev, path=path) for path in gm.CUDA_FWD_PATHS)
+    fwds = (gm.triton_forward(case, dev), *cudas)
     for pred in (*fwds, gm.gblock_backward(case, dev)):
         assert pred.working_set <= pred.budget <= dev.l2_bytes // 2 + 1, pred
     least, compulsory = gm.least_forward_hbm(case, dev)
@@ -41,10 +43,36 @@ def test_kernels_fit_half_of_l2_and_stay_near_compulsory_traffic(device, case):
 
 @pytest.mark.parametrize("device", sorted(gm.DEVICES))
 @pytest.mark.parametrize("case", CASES, ids=_ids(CASES))
-def test_predicted_triton_forward_is_at_least_70_percent_of_the_matmul_roofline(device, case):
-    pred = gm.triton_forward(case, gm.DEVICES[device])
-    assert pred.roofline_fraction >= 0.70, pred
-    assert pred.executed_flops == pred.useful_flops == 4.0 * case.n * case.d * case.v
+def test_predicted_forwards_are_at_least_70_percent_of_the_matmul_roofline(device, case):
+    """The Triton forward and the CUDA forward's sm_90a wgmma path (the default on H100/H200)."""
+    dev = gm.DEVICES[device]
+    for pred in (gm.triton_forward(case, dev), gm.cuda_forward(case, dev, path="wgmma")):
+        assert pred.roofline_fraction >= 0.70, pred
+        assert pred.executed_flops == pred.useful_flops == 4.0 * case.n * case.d * case.v
+
+
+@pytest.mark.parametrize("device", sorted(gm.DEVICES))
+@pytest.mark.parametrize("case", CASES, ids=_ids(CASES))
+def test_cuda_mma_path_is_predicted_below_the_wgmma_path(device, case):
+    """The two CUDA forwards are two kernels: mma.sync at ``MMA_SYNC_EFFICIENCY`` stays below
+    wgmma's shared-memory-bound rate, and each prediction names its kernel."""
+    dev = gm.DEVICES[device]
+    wgmma = gm.cuda_forward(case, dev)  # the default path
+    mma = gm.cuda_forward(case, dev, path="mma")
+    assert "wgmma m64n128" in wgmma.kernel and "mma.sync" in mma.kernel
+    assert mma.compute_s > 1.1 * wgmma.compute_s, (mma, wgmma)
+    assert mma.roofline_fraction < wgmma.roofline_fraction - 0.1, (mma, wgmma)
+    with pytest.raises(ValueError, match="path must be one of"):
+        gm.cuda_forward(case, dev, path="wmma")
+
+
+def test_cuda_wgmma_efficiency_counts_what_its_ring_fills():
+    """2 warpgroups of m64n128k16 read A and B from shared memory per k16 step; the ring fills
+    H, Hr and one W per slice with a shared weight, and runs one loop per model (H + W, then
+    Hr + Wr) with separate weights: 144 and 160 bytes per clock against 128 (PREDICTED)."""
+    shared, separate = gm.cuda_wgmma_efficiency(True), gm.cuda_wgmma_efficiency(False)
+    assert shared == pytest.approx(128 / 144) and separate == pytest.approx(128 / 160)
+    assert separate == gm._smem_efficiency(128, 128, 1, 1) == gm._smem_efficiency(128, 128, 2, 2)
 
 
 def test_backward_counts_recompute_as_executed_not_useful():
@@ -72,6 +100,11 @@ def test_model_reads_the_kernels_launch_configuration(monkeypatch):
     assert gm.triton_forward(case, dev, config=cfg._replace(block_v=64)) == narrow
     monkeypatch.setattr(_launch, "L2_FRACTION", 0.25)
     assert gm.triton_forward(case, dev).budget == (50 << 20) // 4
+    # the CUDA forward's paths plan with their own rings (csrc/launch.h kStages / kStagesWgmma)
+    wgmma, mma = (gm.cuda_forward(case, dev, path=p).working_set for p in ("wgmma", "mma"))
+    monkeypatch.setattr(_launch, "CUDA_STAGES_WGMMA", 8)
+    assert gm.cuda_forward(case, dev, path="wgmma").working_set > wgmma
+    assert gm.cuda_forward(case, dev, path="mma").working_set == mma
 
 
 def test_measured_rate_rescales_and_output_is_labelled_predicted(capsys):
@@ -82,7 +115,8 @@ def test_measured_rate_rescales_and_output_is_labelled_predicted(capsys):
     assert slow.roofline_fraction == pytest.approx(peak.roofline_fraction)
     assert gm.main(["--device", "H100-SXM"]) == 0
     out = capsys.readouterr().out
-    assert "PREDICTED" in out and "triton fwd" in out and "cuda fwd" in out
+    assert "PREDICTED" in out and "triton fwd" in out
+    assert "cuda fwd [128x128 wgmma m64n128]" in out and "cuda fwd [128x128 mma.sync]" in out
 
 
 def test_measured_rows_are_compared_with_predictions_on_their_own_matmul_rate(tmp_path):
@@ -106,19 +140,33 @@ def test_measured_rows_are_compared_with_predictions_on_their_own_matmul_rate(tm
         w.writerow(cols)
         w.writerows(rows)
     dev = gm.DEVICES["H200-SXM"]
-    got = gm.compare(tmp_path / "results.csv", dev)
-    assert [(r["impl"], r["case"]) for r in got] == [
-        ("triton", "N=8192 shared no dW"),
-        ("cuda", "N=256 shared no dW"),
+    got = gm.compare(tmp_path / "results.csv", dev, cuda_path="mma")
+    assert [(r["impl"], r["path"], r["case"]) for r in got] == [
+        ("triton", "", "N=8192 shared no dW"),
+        ("cuda", "mma", "N=256 shared no dW"),
     ]
+    case256 = gm.Case(256, 3584, 152064, True, False)
+    assert got[1]["predicted_ms"] == pytest.approx(
+        gm.cuda_forward(case256, dev, 600.0, path="mma").seconds * 1e3
+    )
+    # The CSV does not say which CUDA forward ran: unknown, the row is predicted for both paths
+    # and marked so (never silently the default's).
+    both = gm.compare(tmp_path / "results.csv", dev)
+    assert [(r["path"], r["path_known"]) for r in both if r["impl"] == "cuda"] == [
+        ("wgmma", False),
+        ("mma", False),
+    ]
+    assert "| cuda wgmma (path not recorded) | N=256" in gm.compare_table(both)
     pred = gm.triton_forward(gm.Case(8192, 3584, 152064, True, False), dev, 600.0).seconds
     assert got[0]["predicted_ms"] == pytest.approx(pred * 1e3)
     assert got[0]["measured_over_predicted"] == pytest.approx(0.040 / pred)
     assert pred != gm.triton_forward(gm.Case(8192, 3584, 152064, True, False), dev).seconds
     out = tmp_path / "model"
-    assert gm.main(["--measured", str(tmp_path), "--out", str(out), "--device", "H200-SXM"]) == 0
+    assert gm.main(["--measured", str(tmp_path), "--out", str(out), "--device", "H200-SXM",
+                    "--cuda-path", "wgmma"]) == 0  # fmt: skip
     text = (out / "gpu_model.md").read_text()
     assert "PREDICTED vs measured" in text and "| triton | N=8192 shared no dW |" in text
+    assert "| cuda wgmma | N=256 shared no dW |" in text
 
 
 def test_gblock_g_and_gr_use_the_launchers_split_and_wide_entry(monkeypatch):

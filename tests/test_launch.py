@@ -39,13 +39,20 @@ def test_cuda_tile_constants_match_the_header():
 
 
 @pytest.mark.parametrize("n", [256, 1024, 8192])
-@pytest.mark.parametrize("backward", [False, True])
-def test_cuda_plans_fit_half_of_l2(n, backward):
+@pytest.mark.parametrize("kernel", ["fwd mma.sync", "fwd wgmma", "bwd"])
+def test_cuda_plans_fit_half_of_l2(n, kernel):
     """With the weights loaded evict_first (csrc/kernels.cuh L2Hint), a CUDA split holds only
-    its in-flight W slices, so forward and backward waves fit L2/2 at the GPU shape (bf16,
-    D=3584, V=152064, 132 SMs) and in the few-rows case; holding whole W tiles (no hint) they
-    did not."""
-    h_row, w_window = _launch.cuda_plan_inputs(3584, 3584, True, backward=backward)
+    its in-flight W slices (the mma.sync forward's ring of ``CUDA_STAGES``, the sm_90a wgmma
+    forward's of ``CUDA_STAGES_WGMMA``, the backward's W chunks), so forward and backward waves
+    fit L2/2 at the GPU shape (bf16, D=3584, V=152064, 132 SMs) and in the few-rows case;
+    holding whole W tiles (no hint) they did not."""
+    backward = kernel == "bwd"
+    h_row, w_window = _launch.cuda_plan_inputs(
+        3584, 3584, True, backward=backward, wgmma=kernel == "fwd wgmma"
+    )
+    if not backward:  # the ring of the forward that runs: its slices of kBlockK
+        stages = _launch.CUDA_STAGES_WGMMA if kernel == "fwd wgmma" else _launch.CUDA_STAGES
+        assert w_window == stages * 128 * _launch.CUDA_BLOCK_K * 2
     assert w_window <= 2 * 128 * 64 * 2
     p = _launch.plan(n, 152064, 128, 128, h_row_bytes=h_row, w_window=w_window, per_wave=132,
                      l2=50 << 20, tiles_per_program=1 if backward else None)  # fmt: skip
