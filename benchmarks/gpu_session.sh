@@ -16,9 +16,12 @@
 #                          N = 8192, 256, 1024 (D = 3584, V = 152064, bf16), every impl + peer
 #   backward       50      benchmarks.gpu_backward: triton gblock/atomic/held, cuda, torch
 #   tiles          30      benchmarks.gpu_tiles: shipped fwd / G tiles vs 2 programs per SM
-#   model          15      benchmarks.gpu_model (issue 15 item 4) against bench + backward
-#   cuda_check     40      benchmarks/gpu_cuda_check.py --quick (bf16 and fp16 vs float64)
-#   kernel_tests   20      tests/test_triton_kl.py, test_token_kl.py, test_forward_grads.py
+#   cuda_check     45      benchmarks/gpu_cuda_check.py --quick (bf16 and fp16 vs float64; both
+#                          CUDA forwards, FGPO_CUDA_FWD=mma and =wgmma where it can run, each
+#                          timed next to its PREDICTED time)
+#   model          15      benchmarks.gpu_model (issue 15 item 4) against bench + backward, the
+#                          CUDA rows for the forward path cuda_check found to be the default
+#   kernel_tests   15      tests/test_triton_kl.py, test_token_kl.py, test_forward_grads.py
 #                          (as far as they get)
 #   plot           10      benchmarks.plot
 # Sum 540. Override a limit with FGPO_T_<PHASE> (upper case), the total with FGPO_BUDGET_S.
@@ -41,7 +44,7 @@ PY=${PY:-python3}  # the GPU image's python3 is the one with torch
 DRY=${FGPO_DRY_RUN:-0}
 BUDGET=${FGPO_BUDGET_S:-540}
 PHASES="machine:15 install:130 status:40 gpu_tests:60 bench:130 backward:50 tiles:30 \
-model:15 cuda_check:40 kernel_tests:20 plot:10"
+cuda_check:45 model:15 kernel_tests:15 plot:10"
 
 limit_of() {  # the budget of phase $1 (FGPO_T_<PHASE> overrides)
     local p var
@@ -178,19 +181,23 @@ else
     skip tiles "benchmarks/gpu_tiles.py is not in this tree yet"
 fi
 
+# ---- the CUDA impl against float64 at larger shapes, bf16 and fp16, both forward paths timed
+# next to their PREDICTED times (without a GPU: only the paths' rows, skipped with the reason)
+phase cuda_check $PY benchmarks/gpu_cuda_check.py --quick --out "$RES/cuda_check"
+
 # ---- the traffic and time model (issue 15 item 4, benchmarks/gpu_model.py) vs the measurements
 if [ -f benchmarks/gpu_model.py ]; then
     MODEL_ARGS=()
     HELP=$(timeout 10 $PY -m benchmarks.gpu_model --help 2>&1)
     if printf '%s' "$HELP" | grep -q -- "--measured"; then MODEL_ARGS+=(--measured "$RES"); fi
     if printf '%s' "$HELP" | grep -q -- "--out"; then MODEL_ARGS+=(--out "$RES/model"); fi
+    # the CUDA forward the bench ran (its default here, found by cuda_check); else both paths
+    CUDA_FWD=$(cat "$RES/cuda_check/cuda_fwd_path.txt" 2>/dev/null)
+    case "$CUDA_FWD" in mma | wgmma) MODEL_ARGS+=(--cuda-path "$CUDA_FWD") ;; esac
     phase model $PY -m benchmarks.gpu_model "${MODEL_ARGS[@]}"
 else
     skip model "benchmarks/gpu_model.py is not in this tree yet"
 fi
-
-# ---- the CUDA impl against float64 at larger shapes, bf16 and fp16 (no-op without a GPU)
-phase cuda_check $PY benchmarks/gpu_cuda_check.py --quick --out "$RES/cuda_check"
 
 # ---- the kernel test files on the GPU; collection only in the dry run (minutes on a CPU)
 KFLAG=()

@@ -100,7 +100,7 @@ def cuda_fwd_paths() -> tuple[str | None, dict[str, str | None]]:
     if which is None:
         return "mma", {"wgmma": "this fgpo_kernels has no wgmma forward (no "
                        "cuda_kl.forward_path)", "mma": None}  # fmt: skip
-    dev = torch.device("cuda", torch.cuda.current_device())
+    dev = torch.device("cuda")  # the current device, as the ops run on it
     cap = torch.cuda.get_device_capability(dev)
     why_not = {"mma": None, "wgmma": None}
     if not getattr(cuda_kl._ext(), "WGMMA", False):

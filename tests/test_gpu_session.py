@@ -7,6 +7,7 @@ let the later phases run, and the results must reach the device tool's $OUT as t
 
 from __future__ import annotations
 
+import csv
 import os
 import subprocess
 import sys
@@ -20,8 +21,8 @@ SCRIPT = ROOT / "benchmarks" / "gpu_session.sh"
 CALL_LIMIT_S = 600  # one call of the device tool
 LEASE_S = 15 * 60  # all GPU time of a session, the machine's start included
 START_S = 5 * 60  # a fresh machine's start ("a few minutes"), assumed at its worst
-PHASES = ["machine", "install", "status", "gpu_tests", "bench", "backward", "tiles", "model",
-          "cuda_check", "kernel_tests", "plot"]  # fmt: skip
+PHASES = ["machine", "install", "status", "gpu_tests", "bench", "backward", "tiles",
+          "cuda_check", "model", "kernel_tests", "plot"]  # fmt: skip
 
 
 def _run(tmp_path: Path, **env) -> tuple[subprocess.CompletedProcess, Path, Path]:
@@ -81,6 +82,16 @@ def test_dry_run_rehearses_every_phase(tmp_path):
     assert ",skipped," in bwd  # cuda, with the reason, never a crash
     tiles = (res / "tiles" / "tiles.csv").read_text().splitlines()
     assert len(tiles) == 1 + 2 * 2 * 2 and all(",ok," in r for r in tiles[1:]), tiles
+    # Both CUDA forwards get a row per timing shape: skipped here with the reason, next to
+    # their PREDICTED times, the mma.sync one the slower (the model tells them apart).
+    with (res / "cuda_check" / "gpu_cuda_check.csv").open() as f:
+        paths = {(r["path"], r["n"]): r for r in csv.DictReader(f)}
+    assert sorted(paths) == [(p, n) for p in ("mma", "wgmma") for n in ("2048", "256")], paths
+    for (_path, n), r in paths.items():
+        assert r["status"] == "skipped" and "impl 'cuda' unavailable" in r["reason"], r
+        assert r["model"].startswith("PREDICTED") and r["p50_ms"] == "", r
+        mma, wgmma = (float(paths[p, n]["predicted_ms"]) for p in ("mma", "wgmma"))
+        assert mma > 1.2 * wgmma, (mma, wgmma)
     # The device tool's folder got the steps and the whole results folder.
     assert (export / "steps.txt").read_text() == (res / "steps.txt").read_text()
     with tarfile.open(export / "session.tar.gz") as tar:
@@ -106,3 +117,156 @@ def test_budget_clips_the_phases(tmp_path):
     assert sum(seconds) <= 6 + 5, steps  # + timeout's --kill-after grace
     skipped = {n for n, st in steps.items() if st == "SKIPPED (no time left)"}
     assert skipped == set(PHASES) - {"machine", "install"}, steps
+
+
+class _FakeCudaKl:
+    """cuda_kl as ``impls.cuda_fwd_paths`` sees it: ``forward_path`` answers ``auto`` by default
+    and reads FGPO_CUDA_FWD per call (``honours``), or answers ``auto`` whatever is asked (an
+    implementation that ignores the switch); a forced wgmma without the kernel raises."""
+
+    def __init__(self, wgmma_built: bool, auto: str, honours: bool = True):
+        self._c = type("C", (), {"WGMMA": wgmma_built})()
+        self.auto, self.honours = auto, honours
+
+    def _ext(self):
+        return self._c
+
+    def forward_path(self, device):
+        asked = os.environ.get("FGPO_CUDA_FWD", "auto")
+        if asked == "auto" or not self.honours:
+            return self.auto
+        if asked == "wgmma" and not self._c.WGMMA:
+            raise RuntimeError("FGPO_CUDA_FWD=wgmma: _C has no sm_90a kernel")
+        return asked
+
+
+@pytest.mark.parametrize(
+    "kl,cap,default,why_wgmma,why_mma",
+    [
+        (None, (9, 0), "mma", "no cuda_kl.forward_path", None),  # before the wgmma forward
+        (_FakeCudaKl(False, "mma"), (9, 0), "mma", "without an sm_90a target (_C.WGMMA)", None),
+        (_FakeCudaKl(True, "mma"), (8, 0), "mma", "sm_80: the wgmma forward needs sm_90", None),
+        (_FakeCudaKl(True, "wgmma"), (9, 0), "wgmma", None, None),
+        (_FakeCudaKl(True, "wgmma", honours=False), (9, 0), "wgmma", None, "gives 'wgmma' for "),
+    ],
+    ids=["no-forward_path", "no-sm_90a-build", "sm_80", "both-run", "switch-ignored"],
+)
+def test_cuda_fwd_paths_say_which_forward_runs_and_why_not(
+    monkeypatch, kl, cap, default, why_wgmma, why_mma
+):
+    """gpu_cuda_check times a CUDA forward path only where it runs: the extension's _C.WGMMA, the
+    device and cuda_kl.forward_path under FGPO_CUDA_FWD=<path> all agree; else the reason."""
+    import torch
+
+    from benchmarks import impls
+    from fgpo_kernels import _registry, cuda_kl
+
+    monkeypatch.setattr(_registry, "status", lambda impl: {"available": True, "reason": ""})
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: cap)
+    if kl is None:
+        monkeypatch.delattr(cuda_kl, "forward_path", raising=False)
+    else:
+        monkeypatch.setattr(cuda_kl, "forward_path", kl.forward_path, raising=False)
+        monkeypatch.setattr(cuda_kl, "_ext", kl._ext)
+    monkeypatch.setenv("FGPO_CUDA_FWD", "mma")
+    got_default, why = impls.cuda_fwd_paths()
+    assert os.environ["FGPO_CUDA_FWD"] == "mma"  # the switch is put back
+    assert got_default == default
+    for path, expect in (("wgmma", why_wgmma), ("mma", why_mma)):
+        if expect is None:
+            assert why[path] is None, why
+        else:
+            assert expect in why[path], why
+    monkeypatch.setattr(_registry, "status", lambda impl: {"available": False, "reason": "x"})
+    assert impls.cuda_fwd_paths() == (
+        None,
+        dict.fromkeys(impls.CUDA_FWD_PATHS, "impl 'cuda' unavailable: x"),
+    )
+
+
+def test_cuda_check_checks_and_times_each_forward_path(monkeypatch):
+    """gpu_cuda_check's GPU branch on the CPU at tiny shapes, impl "cuda" stood in by impl
+    "torch": each CUDA forward that can run is checked and timed under FGPO_CUDA_FWD=<path>,
+    next to the model's prediction for that path; forward+backward runs once per impl on the
+    default path; a path that cannot run gets a "skipped" row with the reason and never runs."""
+    import types
+
+    import torch
+
+    from benchmarks import gpu_cuda_check as cc
+    from benchmarks import gpu_model as gm
+    from fgpo_kernels import torch_impl
+
+    calls = set()  # (impl, FGPO_CUDA_FWD, grad enabled) of every stand-in call
+    broken = None  # the forward path whose stand-in is off by 1%
+    real_token_kl = cc.fk.token_kl
+
+    def token_kl(h, hr, w, targets, impl):
+        calls.add((impl, os.environ.get("FGPO_CUDA_FWD"), torch.is_grad_enabled()))
+        return real_token_kl(h, hr, w, targets=targets, impl="torch")
+
+    class Backend:
+        def __init__(self, name):
+            self.name = name
+
+        def forward(self, *args):
+            path = os.environ.get("FGPO_CUDA_FWD")
+            calls.add((self.name, path, "forward"))
+            out = torch_impl.forward(*args)
+            return type(out)(*(x * 1.01 for x in out)) if broken and path == broken else out
+
+        def backward(self, *args):
+            calls.add((self.name, os.environ.get("FGPO_CUDA_FWD"), "backward"))
+            return torch_impl.backward(*args)
+
+    monkeypatch.delenv("FGPO_CUDA_FWD", raising=False)
+    monkeypatch.setattr(cc, "DEVICE", "cpu")
+    monkeypatch.setattr(cc, "CORRECTNESS_SHAPES", [("shared", 9, 16, 37), ("separate", 7, 8, 29)])
+    monkeypatch.setattr(cc, "TIMING_SHAPES", [(9, 16, 37)])
+    monkeypatch.setattr(cc, "fk", types.SimpleNamespace(token_kl=token_kl))
+    monkeypatch.setattr(cc._registry, "status", lambda impl: {"available": True, "reason": ""})
+    real_module = cc._registry.module
+    monkeypatch.setattr(cc._registry, "module", lambda name: Backend(name) if name in (
+        "cuda", "triton") else real_module(name))  # fmt: skip
+    monkeypatch.setattr(cc, "bench", lambda fn, reps, sets: [fn(i % sets) for i in range(2)]
+                        and (1.0, 2.0, 3.0))  # fmt: skip
+    monkeypatch.setattr(cc, "model_device", lambda: ("H200-SXM", "PREDICTED on the H200"))
+    for name in ("reset_peak_memory_stats", "empty_cache"):
+        monkeypatch.setattr(torch.cuda, name, lambda: None)
+    for name in ("memory_allocated", "max_memory_allocated"):
+        monkeypatch.setattr(torch.cuda, name, lambda: 0)
+
+    both = {"wgmma": None, "mma": None}
+    rows = cc.correctness(True, both)
+    # (bf16 gradients at these 9-row shapes exceed the check's 2e-2 bound: fp16 rows only)
+    assert [r["cuda_ok"] for r in rows if r["dtype"] == "float16"] == [True, True], rows
+    assert {"cuda_wgmma_lse", "cuda_mma_rkl", "cuda_dh", "triton_lse"} <= set(rows[0])
+    assert not any(k.startswith(("cuda_wgmma_d", "cuda_mma_d")) for k in rows[0])
+    assert {c for c in calls if c[0] == "cuda"} == {
+        ("cuda", "wgmma", "forward"), ("cuda", "mma", "forward"), ("cuda", None, "backward")
+    }  # fmt: skip
+    broken = "mma"  # one path off by 1% fails the check of every row, the other path passing
+    assert not any(r["cuda_ok"] for r in cc.correctness(True, both))
+    broken = None
+    calls.clear()
+    rows = cc.timing(True, both, "wgmma", 700.0)
+    assert [(r["impl"], r["path"], r["kind"]) for r in rows] == [
+        ("cuda", "wgmma", "fwd"), ("cuda", "mma", "fwd"), ("triton", "", "fwd"),
+        ("cuda", "wgmma", "fwd+bwd(h)"), ("cuda", "wgmma", "fwd+bwd(h,w)"),
+        ("triton", "", "fwd+bwd(h)"), ("triton", "", "fwd+bwd(h,w)"),
+    ]  # fmt: skip
+    assert calls == {("cuda", "wgmma", False), ("cuda", "mma", False), ("triton", None, False),
+                     ("cuda", None, True), ("triton", None, True)}  # fmt: skip
+    case = gm.Case(9, 16, 37, True, False)
+    for r in rows[:2]:
+        pred = gm.cuda_forward(case, gm.DEVICES["H200-SXM"], 700.0, r["path"]).seconds * 1e3
+        assert r["predicted_ms"] == pytest.approx(pred) and r["status"] == "ok", r
+        assert r["measured_over_predicted"] == pytest.approx(2.0 / pred)
+    assert rows[0]["predicted_ms"] < rows[1]["predicted_ms"]
+    calls.clear()
+    rows = cc.timing(True, {"wgmma": "sm_80 here", "mma": None}, "mma", 700.0)
+    assert not any(c[1] == "wgmma" for c in calls), calls
+    skipped = [r for r in rows if r["status"] == "skipped"]
+    assert [(r["path"], r["reason"]) for r in skipped] == [("wgmma", "sm_80 here")]
+    assert "PREDICTED" in cc._line(skipped[0]) and "sm_80 here" in cc._line(skipped[0])
+    assert "measured / predicted" in cc._line(rows[0])
