@@ -19,9 +19,11 @@ from ._util import simulated_gpu, triton_interpret
 
 IMPLS = ("reference", "torch", "triton", "cuda")
 # Preference order for impl=None on each device type. On CUDA: "triton" (its forward is
-# predicted faster than "cuda"'s, wgmma m64n128 against mma.sync: python -m benchmarks.gpu_model;
-# its backward is gblock, the safe default until a GPU run has timed every backward path), then
-# "cuda" (whose backward is triton's gblock too unless FGPO_CUDA_BWD=cuda), then "torch".
+# PREDICTED as fast as "cuda"'s sm_90a wgmma forward, the default of an sm_90a build on an
+# H100/H200: the same m64n128 tiles, which python -m benchmarks.gpu_model cannot tell apart,
+# and faster than "cuda"'s mma.sync forward everywhere else; its backward is gblock, the safe
+# default until a GPU run has timed every backward path), then "cuda" (whose backward is
+# triton's gblock too unless FGPO_CUDA_BWD=cuda), then "torch".
 _AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("torch",)}
 
 
