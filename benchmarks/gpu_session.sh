@@ -8,7 +8,8 @@
 #
 #   phase       limit (s)  what
 #   machine        15      nvidia-smi, nvcc, python/torch/triton versions, commit
-#   install       130      pip install --no-deps --no-build-isolation -e . (_C for this GPU only)
+#   install       130      pip install --no-deps --no-build-isolation -e . (_C for this GPU only:
+#                          sm_90a on an H100/H200, for the wgmma forward; FGPO_PLAN=1 shows it)
 #   status         40      backend_status(): imports _C and runs its first-use self-test
 #   gpu_tests      60      tests/test_cuda_gpu.py, tests/test_kl_numerics.py on the GPU, and
 #                          test_triton_kl's TMA tile test (sm_90's kept-logit / G stores)
@@ -58,6 +59,15 @@ limit_of() {  # the budget of phase $1 (FGPO_T_<PHASE> overrides)
     echo 0
 }
 
+cuda_archs() {  # what to build _C for: this GPU only; Hopper as sm_90a, whose code holds the
+    # wgmma forward (csrc/fwd_wgmma.cuh; a plain "90" build has only the mma.sync one)
+    local cap
+    cap=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -n 1 | tr -d '. ')
+    cap=${cap:-90}
+    [ "$cap" = 90 ] && cap=90a
+    echo "${FGPO_CUDA_ARCHS:-$cap}"
+}
+
 if [ "${FGPO_PLAN:-0}" = 1 ]; then
     total=0
     for p in $PHASES; do
@@ -66,6 +76,7 @@ if [ "${FGPO_PLAN:-0}" = 1 ]; then
         printf '%-13s %4s\n' "${p%%:*}" "$l"
     done
     printf '%-13s %4s\n%-13s %4s\n' total "$total" budget "$BUDGET"
+    printf '%-13s %4s\n' cuda_archs "$(cuda_archs)"
     exit 0
 fi
 
@@ -141,11 +152,10 @@ machine_info() {
 export -f machine_info
 export DRY BUDGET PY FGPO_COMMIT=${FGPO_COMMIT:-}
 phase machine bash -c machine_info
-CAP=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -n 1 | tr -d '. ')
 if [ "$DRY" = 1 ]; then
     skip install "dry run (the installed package is used)"
 else
-    FGPO_BUILD_CUDA=1 FGPO_CUDA_ARCHS=${FGPO_CUDA_ARCHS:-${CAP:-90}} MAX_JOBS=${MAX_JOBS:-$(nproc)} \
+    FGPO_BUILD_CUDA=1 FGPO_CUDA_ARCHS=$(cuda_archs) MAX_JOBS=${MAX_JOBS:-$(nproc)} \
         phase install $PY -m pip install --no-deps --no-build-isolation --no-index -e .
 fi
 if ls benchmarks/wheels/*.whl > /dev/null 2>&1 && [ "$DRY" != 1 ]; then

@@ -48,11 +48,30 @@ def test_plan_fits_the_lease():
     proc = subprocess.run(["bash", str(SCRIPT)], env={**os.environ, "FGPO_PLAN": "1"},
                           capture_output=True, text=True, check=True)  # fmt: skip
     limits = dict(line.split() for line in proc.stdout.splitlines())
-    assert [k for k in limits if k not in ("total", "budget")] == PHASES
+    assert [k for k in limits if k not in ("total", "budget", "cuda_archs")] == PHASES
     total, budget = int(limits["total"]), int(limits["budget"])
     assert total == sum(int(limits[p]) for p in PHASES)
     assert total <= budget <= CALL_LIMIT_S - 60, "leave a minute of the call for the transfers"
     assert budget + START_S <= LEASE_S, "the session and a slow machine start exceed the lease"
+
+
+@pytest.mark.parametrize(
+    "cap,env,archs", [("9.0", None, "90a"), ("8.0", None, "80"), ("9.0", "80;90", "80;90")]
+)
+def test_install_builds_for_this_gpu_with_the_wgmma_forward_on_hopper(tmp_path, cap, env, archs):
+    """The install phase builds _C for the GPU nvidia-smi reports, an H100/H200 (9.0) as sm_90a:
+    a plain sm_90 build has no wgmma forward, so the session could not time it;
+    FGPO_CUDA_ARCHS overrides."""
+    smi = tmp_path / "nvidia-smi"
+    smi.write_text(f"#!/bin/sh\necho {cap}\n")
+    smi.chmod(0o755)
+    full = {**os.environ, "FGPO_PLAN": "1", "PATH": f"{tmp_path}:{os.environ['PATH']}"}
+    full.pop("FGPO_CUDA_ARCHS", None)
+    if env:
+        full["FGPO_CUDA_ARCHS"] = env
+    proc = subprocess.run(["bash", str(SCRIPT)], env=full, capture_output=True, text=True,
+                          check=True)  # fmt: skip
+    assert dict(line.split() for line in proc.stdout.splitlines())["cuda_archs"] == archs
 
 
 @pytest.mark.slow
