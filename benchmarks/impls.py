@@ -112,11 +112,10 @@ def cuda_fwd_paths() -> tuple[str | None, dict[str, str | None]]:
         with env_switch({"FGPO_CUDA_FWD": path}):
             try:
                 got = which(dev)
+                why = None if got == path else f"gives {got!r} for FGPO_CUDA_FWD={path}"
             except Exception as exc:  # the forced path cannot run: say why
-                got = f"an error ({type(exc).__name__}: {exc})"
-        out[path] = why_not[path] or (
-            None if got == path else f"cuda_kl.forward_path gives {got!r} for FGPO_CUDA_FWD={path}"
-        )
+                why = f"refuses FGPO_CUDA_FWD={path}: {type(exc).__name__}: {exc}"
+        out[path] = why_not[path] or (why and f"cuda_kl.forward_path {why}")
     with env_switch({"FGPO_CUDA_FWD": "auto"}):
         try:
             auto = which(dev)
