@@ -25,6 +25,7 @@
 // wait and another thread's read is caught only when the OS happens to schedule it badly.
 #pragma once
 
+#include <algorithm>
 #include <atomic>
 #include <barrier>
 #include <cmath>
@@ -39,7 +40,6 @@
 #include <string>
 #include <thread>
 #include <type_traits>
-#include <algorithm>
 #include <vector>
 
 #define __global__
