@@ -8,8 +8,8 @@ Environment:
 - ``FGPO_CUDA_ARCHS``: ``"80;90a"`` by default -> SASS for sm_80 and sm_90a (Hopper with its
   arch-specific wgmma: the forward of ``fwd_wgmma.cuh``, built only when ``90a`` is listed), plus
   portable PTX for the newest (``compute_90``, mma.sync only, JIT-compiled by the driver on later
-  GPUs). Entries like ``90`` or ``100`` work too; below 80 is rejected (the kernels use mma.sync
-  bf16, ldmatrix and cp.async).
+  GPUs); "80;90" with an nvcc older than 12.0 (it has no sm_90a). Entries like ``90`` or ``100``
+  work too; below 80 is rejected (the kernels use mma.sync bf16, ldmatrix and cp.async).
 - ``MAX_JOBS``: parallel compile jobs (default: CPU count); ``NVCC_THREADS``: nvcc ``--threads``
   per job (default 1). ``CUDA_HOME``/``CUDA_PATH``: where nvcc lives (else ``PATH``).
 
@@ -22,6 +22,7 @@ into DIR (used by tests).
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -111,8 +112,30 @@ def _jobs() -> int:
     return max(1, os.cpu_count() or 1)
 
 
+def nvcc_version(nvcc: str) -> tuple[int, int] | None:
+    """(major, minor) of ``nvcc --version`` ("release 12.4"), None when it does not say."""
+    try:
+        out = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
+    except OSError:
+        return None
+    m = re.search(r"release (\d+)\.(\d+)", out)
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def default_archs(nvcc: str) -> str:
+    """``DEFAULT_ARCHS``, or "80;90" for an nvcc older than 12.0 (no sm_90a target there: the
+    build goes on without the wgmma forward instead of failing)."""
+    version = nvcc_version(nvcc)
+    if version is not None and version < (12, 0):
+        _log(f"nvcc {version[0]}.{version[1]} has no sm_90a: building 80;90 (mma.sync only)")
+        return "80;90"
+    return DEFAULT_ARCHS
+
+
 def compile_commands(nvcc: str, obj_dir: Path, archs: str | None = None, verbose_ptxas=False):
     """[(source, object, argv)] for every translation unit."""
+    if archs is None and not os.environ.get("FGPO_CUDA_ARCHS"):
+        archs = default_archs(nvcc)
     gencode, names = arch_flags(archs)
     # The wgmma forward exists only in sm_90a code (wgmma is arch-specific to Hopper).
     wgmma = ["-DFGPO_WGMMA=1"] if "90a" in names else []
@@ -217,7 +240,8 @@ def cuda_extension_setup():
                 return super().build_extension(ext)
             out = Path(self.get_ext_fullpath(ext.name)).resolve()
             tmp = Path(self.build_temp).resolve() / "fgpo_cuda"
-            _log(f"building with {nvcc} for archs {arch_flags()[1]} ({_jobs()} jobs) -> {out}")
+            archs = None if os.environ.get("FGPO_CUDA_ARCHS") else default_archs(nvcc)
+            _log(f"building with {nvcc} for archs {arch_flags(archs)[1]} ({_jobs()} jobs) -> {out}")
             try:
                 build_module(out, tmp)
             except Exception as exc:

@@ -89,6 +89,24 @@ def test_arch_flags_default_and_validation():
             cbuild.arch_flags(bad)
 
 
+def test_default_archs_follow_the_nvcc_version(monkeypatch, tmp_path):
+    """sm_90a (the wgmma forward, -DFGPO_WGMMA) by default; an nvcc older than 12.0 has no sm_90a,
+    so its default build is 80;90 without the wgmma forward rather than a failed build."""
+    fake = tmp_path / "nvcc"
+    fake.write_text("#!/bin/sh\necho 'Cuda compilation tools, release 11.8, V11.8.89'\n")
+    fake.chmod(0o755)
+    assert cbuild.nvcc_version(str(fake)) == (11, 8)
+    monkeypatch.delenv("FGPO_CUDA_ARCHS", raising=False)
+    for version, arch, wgmma in (((13, 0), "sm_90a", True), ((11, 8), "sm_90", False)):
+        monkeypatch.setattr(cbuild, "nvcc_version", lambda nvcc, v=version: v)
+        argv = [a for c in cbuild.compile_commands("nvcc", tmp_path) for a in c[2]]
+        assert f"arch=compute_{arch[3:]},code={arch}" in argv, argv
+        assert ("-DFGPO_WGMMA=1" in argv) == wgmma, argv
+    monkeypatch.setenv("FGPO_CUDA_ARCHS", "90a")  # an explicit choice is kept, whatever nvcc
+    argv = [a for c in cbuild.compile_commands("nvcc", tmp_path) for a in c[2]]
+    assert "arch=compute_90a,code=sm_90a" in argv and "arch=compute_80,code=sm_80" not in argv
+
+
 def test_build_mode_env(monkeypatch):
     for raw, want in (("auto", "auto"), ("1", "1"), ("0", "0"), ("", "auto"), ("off", "0")):
         monkeypatch.setenv("FGPO_BUILD_CUDA", raw)
