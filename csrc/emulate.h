@@ -85,7 +85,10 @@ struct Warp {
 
 struct Block {
   Block(int threads, int smem_bytes)
-      : bar(threads), warps((threads + 31) / 32), smem_bytes(smem_bytes) {
+      : bar(threads),
+        warps((threads + 31) / 32),
+        smem_bytes(smem_bytes),
+        unfenced(static_cast<size_t>(smem_bytes + 15) / 16) {
     for (auto& w : warps) w = std::make_unique<Warp>();
     if (smem_bytes > 0) {
       smem = static_cast<unsigned char*>(std::aligned_alloc(16, (smem_bytes + 15) / 16 * 16));
@@ -97,7 +100,12 @@ struct Block {
   std::vector<std::unique_ptr<Warp>> warps;
   int smem_bytes;
   unsigned char* smem = nullptr;
+  // Per 16 bytes of shared memory: written by a cp.async (generic proxy) that the writing
+  // thread has not yet followed with fence.proxy.async, so wgmma (async proxy) may not see it.
+  std::vector<std::atomic<unsigned char>> unfenced;
 };
+// The chunks this thread's cp.async waits delivered since its last fence.proxy.async.
+inline thread_local std::vector<size_t> my_unfenced;
 
 // One thread's cp.async state: copies issued since the last commit, and the committed groups
 // (oldest first) that no wait_group has retired yet.
@@ -320,7 +328,16 @@ template <int N>
 inline void cp_async_wait() {
   auto& st = emu::async_state;
   while (st.groups.size() > static_cast<size_t>(N)) {
-    for (const auto& c : st.groups.front()) std::memcpy(c.dst, c.data, 16);
+    for (const auto& c : st.groups.front()) {
+      std::memcpy(c.dst, c.data, 16);
+      const auto* d = static_cast<const unsigned char*>(c.dst);
+      auto* blk = emu::g_block;
+      if (d >= blk->smem && d < blk->smem + blk->smem_bytes) {
+        const size_t i = static_cast<size_t>(d - blk->smem) / 16;
+        blk->unfenced[i] = 1;
+        emu::my_unfenced.push_back(i);
+      }
+    }
     st.groups.pop_front();
   }
 }
@@ -386,7 +403,10 @@ struct Mma {
 // Asynchrony as for cp.async: mma_async reads its operands from shared memory at issue and again
 // when wgmma.wait_group retires its group; if they changed in between (a stage refilled while
 // the tensor cores may still read it) the launch fails, and if they were not there yet (read
-// before the cp.async wait) they are NaN. The accumulators read NaN from issue to the wait.
+// before the cp.async wait) they are NaN. The accumulators read NaN from issue to the wait. At
+// issue, bytes a cp.async delivered must have been followed by the writing thread's
+// fence.proxy.async (wgmma reads through the async proxy, cp.async writes through the generic
+// one), else the launch fails.
 // Each thread computes its own 64 accumulators from the descriptors (the D fragment layout of
 // wgmma .m64nNk16: warp w of the warpgroup, lane l: rows 16 (w % 4) + l / 4 + 8 half, columns
 // 8 j + 2 (l % 4) + e, register [j][2 half + e]); only no-swizzle K-major operands are modelled.
@@ -394,7 +414,10 @@ struct Mma {
 inline uint32_t smem_u32(const void* p) {
   return static_cast<uint32_t>(static_cast<const unsigned char*>(p) - emu::g_block->smem);
 }
-inline void fence_proxy_async() {}
+inline void fence_proxy_async() {
+  for (size_t i : emu::my_unfenced) emu::g_block->unfenced[i] = 0;
+  emu::my_unfenced.clear();
+}
 inline void wgmma_fence() {}
 
 namespace wg {
@@ -405,24 +428,31 @@ inline long long offset(uint64_t desc, int row, int k) {
   const long long sbo = static_cast<long long>((desc >> 32) & 0x3FFF) << 4;
   return start + (row / 8) * sbo + (k / 8) * lbo + (row % 8) * 16 + (k % 8) * 2;
 }
-inline uint16_t read(uint64_t desc, int row, int k) {
+inline uint16_t read(uint64_t desc, int row, int k, bool at_issue) {
   const long long off = offset(desc, row, k);
   if (off < 0 || off + 2 > emu::g_block->smem_bytes) {
     emu::report("wgmma operand outside the dynamic shared memory (offset " +
                 std::to_string(off) + ")");
     return 0xFFFF;
   }
+  if (at_issue && emu::g_block->unfenced[static_cast<size_t>(off) / 16]) {
+    emu::report("wgmma reads shared memory a cp.async wrote with no fence.proxy.async after "
+                "its wait (generic-proxy writes are not visible to the async proxy)");
+  }
   uint16_t v;
   std::memcpy(&v, emu::g_block->smem + off, 2);
   return v;
 }
 // The operand bits this thread's accumulators need (its 2 rows of A, its 32 columns of B).
-inline void snapshot(uint64_t da, uint64_t db, uint16_t (&a)[2][16], uint16_t (&b)[32][16]) {
+inline void snapshot(uint64_t da, uint64_t db, uint16_t (&a)[2][16], uint16_t (&b)[32][16],
+                     bool at_issue) {
   const int w = static_cast<int>(emu::tid.x / 32) % 4, l = emu::lane();
   for (int k = 0; k < 16; ++k) {
-    for (int half = 0; half < 2; ++half) a[half][k] = read(da, 16 * w + l / 4 + 8 * half, k);
+    for (int half = 0; half < 2; ++half)
+      a[half][k] = read(da, 16 * w + l / 4 + 8 * half, k, at_issue);
     for (int j = 0; j < 16; ++j)
-      for (int e = 0; e < 2; ++e) b[2 * j + e][k] = read(db, 8 * j + 2 * (l % 4) + e, k);
+      for (int e = 0; e < 2; ++e)
+        b[2 * j + e][k] = read(db, 8 * j + 2 * (l % 4) + e, k, at_issue);
   }
 }
 inline std::vector<float>* shadow_of(float* d) {
@@ -432,7 +462,7 @@ inline std::vector<float>* shadow_of(float* d) {
 }
 inline void retire(const emu::WgmmaOp& op) {
   uint16_t a[2][16], b[32][16];
-  snapshot(op.da, op.db, a, b);
+  snapshot(op.da, op.db, a, b, false);
   const bool same = std::memcmp(a, op.a, sizeof a) == 0 && std::memcmp(b, op.b, sizeof b) == 0;
   if (!same) {
     emu::report("thread " + std::to_string(emu::tid.x) + ": wgmma operands changed in shared "
@@ -463,7 +493,7 @@ struct Wgmma {
     op.db = db;
     op.f16 = std::is_same_v<T, __half>;
     op.acc = acc != 0;
-    wg::snapshot(da, db, op.a, op.b);
+    wg::snapshot(da, db, op.a, op.b, true);
     if (wg::shadow_of(op.d) == nullptr) {  // the value the products in flight build on
       st.shadow.emplace_back(op.d, std::vector<float>(op.d, op.d + 64));
       std::fill(op.d, op.d + 64, NAN);

@@ -82,6 +82,8 @@ _MISORDERED = [
     ("no_copy_wait", "cp_async_wait<WG_AHEAD - 1>();", "cp_async_wait<WG_AHEAD>();"),
     # reads the accumulators while the tile's last products are in flight
     ("no_final_wait", "wgmma_wait<0>();  // the tile's", "wgmma_wait<1>();  // the tile's"),
+    # wgmma (async proxy) reads what cp.async (generic proxy) wrote with no proxy fence between
+    ("no_proxy_fence", "      fence_proxy_async();\n", ""),
 ]
 
 
@@ -101,7 +103,8 @@ def misordered(tmp_path_factory):
 @pytest.mark.parametrize("name", [m[0] for m in _MISORDERED])
 def test_misordered_wgmma_fails(misordered, name):
     """A refill of a stage the tensor cores may still read, a product issued before its copies
-    landed, an epilogue that reads accumulators still in flight: NaN or the launch's error."""
+    landed, an epilogue that reads accumulators still in flight, operands written by cp.async
+    without the proxy fence: NaN or the launch's error."""
     case = emu_case(torch, "shared", 70, 136, 136, 301, seed=7)
     try:
         stats = _forward(misordered[name], case, "shared", 1, 1.0, 0, wgmma=True)
