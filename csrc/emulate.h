@@ -409,7 +409,7 @@ struct Mma {
 // one), else the launch fails.
 // Each thread computes its own 64 accumulators from the descriptors (the D fragment layout of
 // wgmma .m64nNk16: warp w of the warpgroup, lane l: rows 16 (w % 4) + l / 4 + 8 half, columns
-// 8 j + 2 (l % 4) + e, register [j][2 half + e]); only no-swizzle K-major operands are modelled.
+// 8 j + 2 (l % 4) + e, register [j][2 half + e]); K-major operands (no transpose) only.
 
 inline uint32_t smem_u32(const void* p) {
   return static_cast<uint32_t>(static_cast<const unsigned char*>(p) - emu::g_block->smem);
@@ -421,12 +421,21 @@ inline void fence_proxy_async() {
 inline void wgmma_fence() {}
 
 namespace wg {
-// Byte offset in shared memory of element (row, k) of a no-swizzle K-major operand.
+// Byte offset in shared memory of element (row, k) of a K-major operand (the PTX ISA's canonical
+// layouts): no swizzle, 8 x 16-byte core matrices, K-adjacent ones the leading byte offset apart,
+// 8-row groups the stride byte offset apart; a swizzle of W = 128 / 64 / 32 bytes (layout type
+// 1 / 2 / 3): rows of W bytes, 8-row atoms the stride byte offset apart, and the 16-byte chunk
+// bits [4, 4 + b) of the address XOR-ed with bits [7, 7 + b), b = log2(W / 16) (offsets from a
+// base the kernels align to 1024 bytes).
 inline long long offset(uint64_t desc, int row, int k) {
   const long long start = static_cast<long long>(desc & 0x3FFF) << 4;
   const long long lbo = static_cast<long long>((desc >> 16) & 0x3FFF) << 4;
   const long long sbo = static_cast<long long>((desc >> 32) & 0x3FFF) << 4;
-  return start + (row / 8) * sbo + (k / 8) * lbo + (row % 8) * 16 + (k % 8) * 2;
+  const int mode = static_cast<int>(desc >> 62);
+  if (mode == 0) return start + (row / 8) * sbo + (k / 8) * lbo + (row % 8) * 16 + (k % 8) * 2;
+  const int width = 256 >> mode, bits = 3 - (mode - 1);  // 128, 64, 32 bytes: 3, 2, 1 bits
+  const long long addr = start + (row / 8) * sbo + (row % 8) * width + k * 2;
+  return addr ^ (((addr >> 7) & ((1 << bits) - 1)) << 4);
 }
 inline uint16_t read(uint64_t desc, int row, int k, bool at_issue) {
   const long long off = offset(desc, row, k);
@@ -484,8 +493,8 @@ template <typename T>
 struct Wgmma {
   static void run(float (&d)[16][4], uint64_t da, uint64_t db, int acc) {
     auto& st = emu::wgmma_state;
-    if ((da >> 62) || (db >> 62) || ((da >> 49) & 7) || ((db >> 49) & 7)) {
-      emu::report("wgmma: only no-swizzle operands with base offset 0 are emulated");
+    if (((da >> 49) & 7) || ((db >> 49) & 7)) {
+      emu::report("wgmma: only descriptors with base offset 0 are emulated");
     }
     emu::WgmmaOp op;
     op.d = &d[0][0];

@@ -10,20 +10,26 @@
 // 16 (warp % 4) + lane / 4 + {0, 8} and columns 8 j + 2 (lane % 4) + {0, 1}, so tile_math.h's
 // tile_update<16> folds them, and each warp's quad holds whole rows (no cross-warp merge).
 //
-// Shared memory: a ring of kStagesWgmma slices of 32 of D, [A0 | A1 | B] each, in the canonical
-// no-swizzle K-major layout of wgmma: 8 x 8 "core matrices" of 8 rows x 16 bytes stored as 128
-// contiguous bytes, the two cores of a row group along K 128 bytes apart (the descriptor's
-// leading byte offset), row groups 512 bytes apart (stride byte offset). cp.async writes one
-// 16-byte core row per copy, with the L2 hints of the mma.sync forward.
+// Shared memory: a ring of kStagesWgmma slices of 32 of D, [A0 | A1 | B] each, K-major with the
+// 64-byte swizzle of wgmma: a row of a slice is 64 bytes, 8 rows form a 512-byte atom (the
+// descriptor's stride byte offset), and inside an atom the 16-byte chunk c of row r sits at
+// chunk c ^ ((r / 2) % 4) (shared-memory address bits [4, 5] ^= bits [7, 8]); the leading byte
+// offset is unused (a k16 step never leaves the 64-byte row). Chosen over the no-swizzle layout,
+// whose two byte offsets the PTX ISA and Triton's hardware-tested encoder assign the opposite
+// way round for K-major operands; for swizzled K-major operands the sources agree. cp.async
+// writes one 16-byte chunk per copy (a warp: 8 whole rows, all 32 banks), with the L2 hints of
+// the mma.sync forward. Stages sit at multiples of 512 bytes from a 1024-byte aligned base.
 //
 // Pipeline, across vocabulary tiles (the ring never drains between tiles): slice q is multiplied
 // while slices q+1, q+2 load; wgmma.wait_group 1 leaves slice q's products in flight while the
 // next slice is waited for, so the tensor cores queue one slice ahead. A stage is refilled two
 // slices after the products that read it were issued, by which time every thread has retired
 // them (wait_group 1 at the end of the next slice, then the barrier before the refill). With a
-// shared weight each B slice feeds both models; separate weights run all of D for the policy,
-// then all of Dr for the reference, per tile. The epilogue (exponentials) waits for all products
-// of the tile (wait_group 0): one pair of accumulators fits the registers, not two.
+// shared weight (SHARED) each B slice feeds both models; separate weights run all of D for the
+// policy, then all of Dr for the reference, per tile, in two loops: no branch between the
+// products of a slice (ptxas closes a wgmma group at each branch). The epilogue (exponentials)
+// waits for all products of the tile (wait_group 0): one pair of accumulators fits the
+// registers, not two.
 #pragma once
 
 namespace fgpo {
@@ -31,20 +37,21 @@ namespace fgpo {
 constexpr int WG_STAGES = kStagesWgmma;
 constexpr int WG_AHEAD = WG_STAGES - 2;        // slices loaded ahead of the one multiplied
 constexpr int WG_ROWS = BM / 2;                // rows per warpgroup
-constexpr int kCoreLbo = 128;                  // bytes between the K-adjacent cores of a row group
-constexpr int kCoreSbo = (BK / 8) * kCoreLbo;  // bytes between row groups
+constexpr int kRowBytes = BK * 2;             // one row of a slice: one 64-byte swizzle span
+constexpr int kAtomBytes = 8 * kRowBytes;      // 8 rows: the descriptor's stride byte offset
+constexpr uint64_t kSwizzle64 = 2;             // descriptor layout type: 64-byte swizzle
 constexpr int kWgStageElems = (2 * BM + BN) * BK;
 constexpr int kWgSmem = WG_STAGES * kWgStageElems * 2;
 static_assert(BM == 2 * 64 && BN == 128 && THREADS == 256, "2 warpgroups of m64n128");
-static_assert(BK % 16 == 0 && WG_AHEAD >= 1, "k16 steps; at least one slice ahead");
+static_assert(kRowBytes == 64 && WG_AHEAD >= 1, "64-byte rows (bf16/fp16, BK 32); one slice ahead");
 static_assert(kWgSmem <= kMaxSmemBytes, "fits the shared memory the launcher opts in to");
 
-// Shared-memory matrix descriptor (PTX ISA "matrix descriptor"): start address, leading and
-// stride byte offsets (all >> 4), swizzle mode 0 (none), base offset 0.
+// Shared-memory matrix descriptor (PTX ISA "matrix descriptor"): start address >> 4, leading
+// byte offset (unused with a swizzle along K: 1, as CUTLASS sets it), stride byte offset >> 4,
+// base offset 0 (stages are 512-byte aligned), layout type 64-byte swizzle.
 __device__ __forceinline__ uint64_t wg_desc(const void* p) {
-  return static_cast<uint64_t>((smem_u32(p) & 0x3FFFF) >> 4) |
-         (static_cast<uint64_t>(kCoreLbo >> 4) << 16) |
-         (static_cast<uint64_t>(kCoreSbo >> 4) << 32);
+  return static_cast<uint64_t>((smem_u32(p) & 0x3FFFF) >> 4) | (uint64_t{1} << 16) |
+         (static_cast<uint64_t>(kAtomBytes >> 4) << 32) | (kSwizzle64 << 62);
 }
 
 #ifndef FGPO_EMULATE
@@ -99,25 +106,26 @@ struct Wgmma<__half> {
 #endif  // !FGPO_EMULATE
 
 // rows [row0, row0 + ROWS) x columns [k0, k0 + BK) of a row-major (nrows, K) matrix into the
-// core-matrix layout above; consecutive threads fill consecutive 16-byte core rows (a warp: 8
-// rows x 64 contiguous bytes each from global memory). Out-of-range chunks are zero-filled.
+// swizzled layout above; 4 consecutive threads fill one row (64 contiguous bytes read from global
+// memory). Out-of-range chunks are zero-filled.
 template <int ROWS, L2Hint HINT, typename T>
 __device__ __forceinline__ void load_cores(T* s, const T* g, long long nrows, long long K,
                                            long long row0, long long k0) {
-  constexpr int CPR = BK / 8;  // 16-byte chunks (cores along K) per row
-  static_assert(ROWS * CPR % THREADS == 0, "whole copies per thread");
+  constexpr int CPR = BK / 8;  // 16-byte chunks per row
+  static_assert(ROWS * CPR % THREADS == 0 && CPR == 4, "whole copies per thread; 64-byte rows");
 #pragma unroll
   for (int i = 0; i < ROWS * CPR / THREADS; ++i) {
     const int q = threadIdx.x + i * THREADS;
-    const int r = (q / (8 * CPR)) * 8 + q % 8, kc = (q / 8) % CPR;
+    const int r = q / CPR, kc = q % CPR;
     long long gr = row0 + r, gk = k0 + kc * 8;
     bool ok = gr < nrows && gk < K;
     const T* src = ok ? g + gr * K + gk : g;
-    cp_async16(s + q * 8, src, ok ? 16 : 0, HINT);  // = (r/8) SBO + kc LBO + (r%8) 16 bytes
+    cp_async16(s + r * BK + ((kc ^ ((r >> 1) & 3)) * 8), src, ok ? 16 : 0, HINT);
   }
 }
 
-template <typename T, bool KL>
+// KL: both models (else log-probabilities only); SHARED: the reference uses the policy's W.
+template <typename T, bool KL, bool SHARED>
 __global__ void __launch_bounds__(THREADS, 1)
     fgpo_fwd_wgmma_kernel(const T* __restrict__ h, const T* __restrict__ hr,
                           const T* __restrict__ w, const T* __restrict__ wr, long long n,
@@ -125,6 +133,7 @@ __global__ void __launch_bounds__(THREADS, 1)
                           int tiles_per_split, int splits, int group,
                           float* __restrict__ partial) {
 #if defined(FGPO_EMULATE) || defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  static_assert(KL || !SHARED, "log-prob mode has no reference");
   FGPO_DYNAMIC_SMEM(smem_raw, kWgSmem);
   T* smem = reinterpret_cast<T*>(smem_raw);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -134,9 +143,8 @@ __global__ void __launch_bounds__(THREADS, 1)
   const long long n_tiles = (v + BN - 1) / BN;
   const long long t0 = pos.col * tiles_per_split;
   const long long t1 = t0 + tiles_per_split < n_tiles ? t0 + tiles_per_split : n_tiles;
-  const bool two = KL && wr == nullptr;  // shared weight: one B slice, both models
   const int kd = static_cast<int>((d + BK - 1) / BK);
-  const int kdr = KL && !two ? static_cast<int>((dr + BK - 1) / BK) : 0;
+  const int kdr = KL && !SHARED ? static_cast<int>((dr + BK - 1) / BK) : 0;
   const int per_tile = kd + kdr;  // slices per vocabulary tile
   const long long total = (t1 - t0) * per_tile;
 
@@ -150,7 +158,7 @@ __global__ void __launch_bounds__(THREADS, 1)
     const long long k0 = static_cast<long long>(ref ? s - kd : s) * BK;
     const long long K = ref ? dr : d;
     load_cores<BM, L2Hint::keep>(st, ref ? hr : h, n, K, row0, k0);
-    if (two) load_cores<BM, L2Hint::keep>(st + BM * BK, hr, n, d, row0, k0);
+    if (SHARED) load_cores<BM, L2Hint::keep>(st + BM * BK, hr, n, d, row0, k0);
     load_cores<BN, L2Hint::stream>(st + 2 * BM * BK, ref ? wr : w, v, K, v0, k0);
   };
 
@@ -170,34 +178,36 @@ __global__ void __launch_bounds__(THREADS, 1)
     cp_async_commit();
   }
   long long q = 0;  // slices multiplied so far (the ring runs on across tiles)
-  for (long long t = t0; t < t1; ++t) {
-    for (int s = 0; s < per_tile; ++s, ++q) {
-      cp_async_wait<WG_AHEAD - 1>();  // this thread's copies of slice q landed
-      fence_proxy_async();
-      __syncthreads();  // everyone's landed; everyone retired the products of slice q - 2
-      if (q + WG_AHEAD < total) load(q + WG_AHEAD);  // into the stage slice q - 2 used
-      cp_async_commit();
-
-      const T* sl = smem + (q % WG_STAGES) * kWgStageElems;
-      const T* a0 = sl + wg * WG_ROWS * BK;
-      const T* b = sl + 2 * BM * BK;
-      wgmma_fence();
+  // Multiply slice q (its s-th of the model's loop) with `products(a0, b, acc)`.
+  auto slice = [&](int s, auto products) {
+    cp_async_wait<WG_AHEAD - 1>();  // this thread's copies of slice q landed
+    fence_proxy_async();
+    __syncthreads();  // everyone's landed; everyone retired the products of slice q - 2
+    if (q + WG_AHEAD < total) load(q + WG_AHEAD);  // into the stage slice q - 2 used
+    cp_async_commit();
+    const T* sl = smem + (q % WG_STAGES) * kWgStageElems;
+    wgmma_fence();
 #pragma unroll
-      for (int kk = 0; kk < BK / 16; ++kk) {
-        const int k = kk * 2 * (kCoreLbo / 2);  // two cores along K per k16 step (elements)
-        const uint64_t db = wg_desc(b + k);
-        const int acc = kk > 0 || (s != 0 && s != kd);  // a model's first product overwrites
-        if (two) {
-          Wgmma<T>::run(z, wg_desc(a0 + k), db, acc);
-          Wgmma<T>::run(zr, wg_desc(a0 + BM * BK + k), db, acc);
-        } else if (s >= kd) {
-          Wgmma<T>::run(zr, wg_desc(a0 + k), db, acc);
-        } else {
-          Wgmma<T>::run(z, wg_desc(a0 + k), db, acc);
-        }
-      }
-      wgmma_commit();
-      wgmma_wait<1>();  // slice q's products stay in flight; slice q - 1's retire
+    for (int kk = 0; kk < BK / 16; ++kk) {  // a k16 step: 32 bytes further along each row
+      products(sl + wg * WG_ROWS * BK + kk * 16, wg_desc(sl + 2 * BM * BK + kk * 16),
+               kk > 0 || s > 0);  // a model's first product of a tile overwrites
+    }
+    wgmma_commit();
+    wgmma_wait<1>();  // slice q's products stay in flight; slice q - 1's retire
+    ++q;
+  };
+  for (long long t = t0; t < t1; ++t) {
+    if (SHARED) {
+      for (int s = 0; s < kd; ++s)
+        slice(s, [&](const T* a, uint64_t db, int acc) {
+          Wgmma<T>::run(z, wg_desc(a), db, acc);
+          Wgmma<T>::run(zr, wg_desc(a + BM * BK), db, acc);
+        });
+    } else {
+      for (int s = 0; s < kd; ++s)
+        slice(s, [&](const T* a, uint64_t db, int acc) { Wgmma<T>::run(z, wg_desc(a), db, acc); });
+      for (int s = 0; s < kdr; ++s)
+        slice(s, [&](const T* a, uint64_t db, int acc) { Wgmma<T>::run(zr, wg_desc(a), db, acc); });
     }
     wgmma_wait<0>();  // the tile's logits are complete
     const long long v0 = t * BN;

@@ -171,7 +171,9 @@ __device__ __forceinline__ void red_add2(float* dst, float a, float b) {
 #endif
 }
 
-#define FGPO_DYNAMIC_SMEM(name, bytes) extern __shared__ __align__(16) unsigned char name[]
+// 1024-byte aligned: wgmma's swizzled operands (fwd_wgmma.cuh) take the pattern from absolute
+// shared-memory address bits.
+#define FGPO_DYNAMIC_SMEM(name, bytes) extern __shared__ __align__(1024) unsigned char name[]
 #define FGPO_LAUNCH(kern, grid, block, smem, stream, ...) \
   kern<<<grid, block, smem, stream>>>(__VA_ARGS__)
 #endif  // !FGPO_EMULATE
@@ -700,7 +702,9 @@ void launch_fwd(const FwdArgs& a) {
   const bool kl = a.hr != nullptr;
   if (a.wgmma) {
 #if defined(FGPO_EMULATE) || defined(FGPO_WGMMA)
-    auto fwd = kl ? fgpo_fwd_wgmma_kernel<T, true> : fgpo_fwd_wgmma_kernel<T, false>;
+    auto fwd = !kl          ? fgpo_fwd_wgmma_kernel<T, false, false>
+               : a.wr == nullptr ? fgpo_fwd_wgmma_kernel<T, true, true>
+                                 : fgpo_fwd_wgmma_kernel<T, true, false>;
     allow_smem(fwd, kWgSmem, "forward (wgmma)");
     FGPO_LAUNCH(fwd, grid, THREADS, kWgSmem, a.stream, h, hr, w, wr, a.n, a.d, a.dr, a.v,
                 a.inv_t, tps, splits, a.group, a.partial);

@@ -1,12 +1,14 @@
 """The sm_90a forward (csrc/fwd_wgmma.cuh: wgmma.mma_async m64n128k16), run unmodified on the CPU.
 
 The emulator (csrc/emulate.h) computes each thread's wgmma accumulators from the shared-memory
-descriptors (no-swizzle K-major core matrices, the D fragment layout of the PTX ISA) and makes
-the instruction asynchronous: the accumulators read NaN from mma_async to the wait_group that
-retires it, and the operands are read at issue and again at that wait (a stage refilled in
-between fails the launch). Against float64 on odd shapes (ragged rows and vocabulary, D not a
-multiple of 32, rings that wrap many times, several tiles per split so the pipeline runs across
-tiles, separate D and Dr), bf16 and fp16; and mis-ordered variants that must fail.
+descriptors (K-major operands, no swizzle or a 128 / 64 / 32-byte one: the kernel uses 64; the
+D fragment layout of the PTX ISA) and makes the instruction asynchronous: the accumulators read
+NaN from mma_async to the wait_group that retires it, and the operands are read at issue and
+again at that wait (a stage refilled in between fails the launch; so does a read of cp.async
+data with no fence.proxy.async after its wait). Against float64 on odd shapes (ragged rows and
+vocabulary, D not a multiple of 32, rings that wrap many times, several tiles per split so the
+pipeline runs across tiles, separate D and Dr), bf16 and fp16; and mis-ordered variants that
+must fail.
 """
 
 from __future__ import annotations
@@ -83,7 +85,7 @@ _MISORDERED = [
     # reads the accumulators while the tile's last products are in flight
     ("no_final_wait", "wgmma_wait<0>();  // the tile's", "wgmma_wait<1>();  // the tile's"),
     # wgmma (async proxy) reads what cp.async (generic proxy) wrote with no proxy fence between
-    ("no_proxy_fence", "      fence_proxy_async();\n", ""),
+    ("no_proxy_fence", "    fence_proxy_async();\n", ""),
 ]
 
 
