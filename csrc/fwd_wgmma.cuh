@@ -37,13 +37,13 @@ namespace fgpo {
 constexpr int WG_STAGES = kStagesWgmma;
 constexpr int WG_AHEAD = WG_STAGES - 2;        // slices loaded ahead of the one multiplied
 constexpr int WG_ROWS = BM / 2;                // rows per warpgroup
-constexpr int kRowBytes = BK * 2;             // one row of a slice: one 64-byte swizzle span
+constexpr int kRowBytes = BK * 2;              // one row of a slice: one 64-byte swizzle span
 constexpr int kAtomBytes = 8 * kRowBytes;      // 8 rows: the descriptor's stride byte offset
 constexpr uint64_t kSwizzle64 = 2;             // descriptor layout type: 64-byte swizzle
 constexpr int kWgStageElems = (2 * BM + BN) * BK;
 constexpr int kWgSmem = WG_STAGES * kWgStageElems * 2;
 static_assert(BM == 2 * 64 && BN == 128 && THREADS == 256, "2 warpgroups of m64n128");
-static_assert(kRowBytes == 64 && WG_AHEAD >= 1, "64-byte rows (bf16/fp16, BK 32); one slice ahead");
+static_assert(kRowBytes == 64 && WG_AHEAD >= 1, "64-byte rows (16-bit, BK 32); a slice ahead");
 static_assert(kWgSmem <= kMaxSmemBytes, "fits the shared memory the launcher opts in to");
 
 // Shared-memory matrix descriptor (PTX ISA "matrix descriptor"): start address >> 4, leading
@@ -109,8 +109,8 @@ struct Wgmma<__half> {
 // swizzled layout above; 4 consecutive threads fill one row (64 contiguous bytes read from global
 // memory). Out-of-range chunks are zero-filled.
 template <int ROWS, L2Hint HINT, typename T>
-__device__ __forceinline__ void load_cores(T* s, const T* g, long long nrows, long long K,
-                                           long long row0, long long k0) {
+__device__ __forceinline__ void load_swizzled(T* s, const T* g, long long nrows, long long K,
+                                              long long row0, long long k0) {
   constexpr int CPR = BK / 8;  // 16-byte chunks per row
   static_assert(ROWS * CPR % THREADS == 0 && CPR == 4, "whole copies per thread; 64-byte rows");
 #pragma unroll
@@ -157,9 +157,9 @@ __global__ void __launch_bounds__(THREADS, 1)
     const bool ref = s >= kd;
     const long long k0 = static_cast<long long>(ref ? s - kd : s) * BK;
     const long long K = ref ? dr : d;
-    load_cores<BM, L2Hint::keep>(st, ref ? hr : h, n, K, row0, k0);
-    if (SHARED) load_cores<BM, L2Hint::keep>(st + BM * BK, hr, n, d, row0, k0);
-    load_cores<BN, L2Hint::stream>(st + 2 * BM * BK, ref ? wr : w, v, K, v0, k0);
+    load_swizzled<BM, L2Hint::keep>(st, ref ? hr : h, n, K, row0, k0);
+    if (SHARED) load_swizzled<BM, L2Hint::keep>(st + BM * BK, hr, n, d, row0, k0);
+    load_swizzled<BN, L2Hint::stream>(st + 2 * BM * BK, ref ? wr : w, v, K, v0, k0);
   };
 
   KLState st[2];  // rows wg*64 + (warp%4)*16 + g + 8*half of the tile
