@@ -700,25 +700,26 @@ void launch_fwd(const FwdArgs& a) {
   const T* w = static_cast<const T*>(a.w);
   const T* wr = static_cast<const T*>(a.wr);
   const bool kl = a.hr != nullptr;
+  decltype(&fgpo_fwd_kernel<T, true>) fwd;  // both forwards take the same arguments
+  int smem;
   if (a.wgmma) {
 #if defined(FGPO_EMULATE) || defined(FGPO_WGMMA)
-    auto fwd = !kl          ? fgpo_fwd_wgmma_kernel<T, false, false>
-               : a.wr == nullptr ? fgpo_fwd_wgmma_kernel<T, true, true>
-                                 : fgpo_fwd_wgmma_kernel<T, true, false>;
-    allow_smem(fwd, kWgSmem, "forward (wgmma)");
-    FGPO_LAUNCH(fwd, grid, THREADS, kWgSmem, a.stream, h, hr, w, wr, a.n, a.d, a.dr, a.v,
-                a.inv_t, tps, splits, a.group, a.partial);
+    fwd = !kl               ? fgpo_fwd_wgmma_kernel<T, false, false>
+          : a.wr == nullptr ? fgpo_fwd_wgmma_kernel<T, true, true>
+                            : fgpo_fwd_wgmma_kernel<T, true, false>;
+    smem = kWgSmem;
 #else
     throw std::invalid_argument(
         "fgpo_kernels._C: the wgmma forward needs a build with an sm_90a target "
         "(FGPO_CUDA_ARCHS, e.g. '80;90a')");
 #endif
   } else {
-    auto fwd = kl ? fgpo_fwd_kernel<T, true> : fgpo_fwd_kernel<T, false>;
-    allow_smem(fwd, kFwdSmem, "forward");
-    FGPO_LAUNCH(fwd, grid, THREADS, kFwdSmem, a.stream, h, hr, w, wr, a.n, a.d, a.dr, a.v,
-                a.inv_t, tps, splits, a.group, a.partial);
+    fwd = kl ? fgpo_fwd_kernel<T, true> : fgpo_fwd_kernel<T, false>;
+    smem = kFwdSmem;
   }
+  allow_smem(fwd, smem, a.wgmma ? "forward (wgmma)" : "forward");
+  FGPO_LAUNCH(fwd, grid, THREADS, smem, a.stream, h, hr, w, wr, a.n, a.d, a.dr, a.v, a.inv_t, tps,
+              splits, a.group, a.partial);
   check_launch("forward");
   const int mt = 128;
   const unsigned mb = static_cast<unsigned>((a.n + mt - 1) / mt);

@@ -93,15 +93,21 @@ FWD_CHOICES = ("auto", "mma", "wgmma")
 _WGMMA_FAILED: str | None = None
 
 
+def fwd_choice() -> str:
+    """Env FGPO_CUDA_FWD, else "auto" (an unknown name is an error naming the variable)."""
+    choice = os.environ.get("FGPO_CUDA_FWD") or "auto"
+    if choice not in FWD_CHOICES:
+        raise ValueError(f"impl 'cuda': FGPO_CUDA_FWD must be one of {FWD_CHOICES}, got {choice!r}")
+    return choice
+
+
 def forward_path(
     device: torch.device | None = None, cap: tuple[int, int] | None = None
 ) -> str:  # fmt: skip
     """The forward kernel a launch on ``device`` runs: "wgmma" or "mma" (FWD_CHOICES above).
     ``device`` None: the current GPU. Off a GPU (the CPU emulation in tests) "auto" is "mma".
     ``cap``: the compute capability of a simulated GPU (``_fake``) instead of asking CUDA."""
-    choice = os.environ.get("FGPO_CUDA_FWD") or "auto"
-    if choice not in FWD_CHOICES:
-        raise ValueError(f"impl 'cuda': FGPO_CUDA_FWD must be one of {FWD_CHOICES}, got {choice!r}")
+    choice = fwd_choice()
     if choice == "mma":
         return "mma"
     ext = _ext()
@@ -198,7 +204,7 @@ def probe() -> dict:
     if _SELFTEST_RUNNING:  # called from inside the self-test: answer without recursing
         return {"available": True, "built": True, "reason": "self-test in progress"}
     fail = _self_test() if os.environ.get("FGPO_CUDA_SELFTEST", "1") != "0" else None
-    if fail and forward_path() == "wgmma" and (os.environ.get("FGPO_CUDA_FWD") or "auto") == "auto":
+    if fail and fwd_choice() == "auto" and forward_path() == "wgmma":
         _WGMMA_FAILED = fail  # keep the impl, on the mma.sync forward, if that one passes
         fail = _self_test()
     if fail:
