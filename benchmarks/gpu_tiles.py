@@ -1,5 +1,6 @@
 """The shipped sm_90 tiles of the Triton forward and G kernel against the tiles that overlap the
-epilogue with a second program per SM, timed side by side next to their PREDICTED times.
+epilogue with a second program per SM (and the forward against its loop nest unflattened),
+timed side by side next to their PREDICTED times.
 
     python -m benchmarks.gpu_tiles --out DIR          # a GPU: the design §4 shapes
     python -m benchmarks.gpu_tiles --out DIR --dry-run   # CPU rehearsal, tiny shapes
@@ -11,7 +12,10 @@ half the hidden-state rows per weight tile (more shared-memory and L2 traffic pe
 ``benchmarks.gpu_model`` PREDICTS a wash (-1.4% / +7.7% forward, shared / separate weight, at
 N=8192) and does not charge L2-to-SM bandwidth, so only a GPU can decide; the first GPU session
 runs this (``gpu_session.sh``, phase ``tiles``). ``ALTERNATIVES`` compiled without spills for
-sm_90 with triton 3.7.1 (253-255 registers, 49-74 KB of shared memory: 2 per SM).
+sm_90 with triton 3.7.1 (253-255 registers, 49-74 KB of shared memory: 2 per SM). The shipped
+forward runs one flattened (vocabulary tile, D slice) loop (``KernelConfig.flatten``: the next
+tile's copies in flight during an epilogue); its unflattened twin is timed too, since the model
+charges neither the pipeline's refill per tile nor its removal (tiles "...-nested").
 
 Rows are appended to DIR/tiles.csv as each one is measured: kernel, tiles, case, median / p20 /
 p80 ms (CUDA events; wall clock on CPU), the model's prediction for those tiles (H200
@@ -35,7 +39,10 @@ from fgpo_kernels.triton_kl import configs
 
 # Candidate tiles per shipped entry: (block_n, block_v, block_d, warps, stages, programs per SM).
 ALTERNATIVES = {
-    "fwd": [configs.KernelConfig(64, 128, 32, 4, 3, per_sm=2)],
+    "fwd": [
+        configs.KernelConfig(64, 128, 32, 4, 3, per_sm=2),
+        configs.GPU_CONFIGS["fwd"]._replace(flatten=False),
+    ],
     "g": [configs.KernelConfig(64, 128, 32, 4, 3, per_sm=2)],
 }
 CASES_GPU = [(8192, True), (8192, False), (1024, True)]  # (N, shared weight); D, V of design §4
@@ -76,7 +83,8 @@ def _case_rows(n: int, shared: bool, d: int, v: int, dtype, device: str, reps: i
     for kernel in ("fwd", "g"):
         for cfg in [configs.GPU_CONFIGS[kernel], *ALTERNATIVES[kernel]]:
             row = {**base, "kernel": kernel, "per_sm": cfg.per_sm, "n": n,
-                   "tiles": f"{cfg.block_n}x{cfg.block_v}x{cfg.block_d}/{cfg.num_warps}w",
+                   "tiles": f"{cfg.block_n}x{cfg.block_v}x{cfg.block_d}/{cfg.num_warps}w"
+                            + ("-flat" if cfg.flatten else "-nested" if kernel == "fwd" else ""),
                    "weight": "shared" if shared else "separate",
                    "predicted_ms": _predicted(kernel, cfg, n, d, v, shared)}  # fmt: skip
             try:
@@ -105,7 +113,7 @@ def run(out_dir: Path, dry: bool, reps: int) -> list[dict]:
                 out.writerow(row)
                 f.flush()
                 ms = f"{row['p50_ms']:8.2f} ms" if row["status"] == "ok" else row["status"]
-                print(f"{row['kernel']:4s} {row['tiles']:16s} x{row['per_sm']} N={n:5d} "
+                print(f"{row['kernel']:4s} {row['tiles']:23s} x{row['per_sm']} N={n:5d} "
                       f"{row['weight']:8s} {ms} (PREDICTED {row['predicted_ms']:.2f} ms) "
                       f"{row.get('reason', '')}", flush=True)  # fmt: skip
             if device == "cuda":

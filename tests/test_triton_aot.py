@@ -174,6 +174,23 @@ def _aot_worker(jobs_json: str) -> None:
         result["target_ok"] = f".target sm_{job['arch']}" in ptx
         result["wgmma"] = sorted(set(re.findall(r"wgmma\.mma_async\.sync\.aligned\.(\w+?)\.", ptx)))
         result["mma_sync"] = "mma.sync" in ptx
+        # Flattened loop nest (KernelConfig.flatten): a compiled scf.for with no loop inside it
+        # that both issues async copies and runs the epilogue's exponentials. Unflattened, the
+        # D loop copies (no exp) and the tile loop around it holds the exp and that loop.
+        lines, flat = k.asm["ttgir"].splitlines(), False
+        for i, line in enumerate(lines):
+            if " scf.for " not in line:
+                continue
+            depth, body = 0, []
+            for inner in lines[i:]:
+                depth += inner.count("{") - inner.count("}")
+                body.append(inner)
+                if depth <= 0:
+                    break
+            text = "\n".join(body[1:])
+            copies = "async_copy_global_to_local" in text or "async_tma_copy" in text
+            flat |= " scf.for " not in text and copies and "math.exp" in text
+        result["flat"] = flat
         result["shared"] = int(k.metadata.shared)
         dns = getattr(kernel, "do_not_specialize", [])
         result["not_specialized"] = [kernel.arg_names[x] if isinstance(x, int) else str(x)
@@ -196,6 +213,8 @@ def _aligned(config: str, kernel: str) -> tuple[str, ...]:
 
 
 def _jobs() -> list:
+    from fgpo_kernels.triton_kl import configs
+
     jobs = []
     for config, (dtype, kernel, variants, _shape) in _SHIPPED.items():
         for arch in _archs(config):
@@ -204,6 +223,7 @@ def _jobs() -> list:
                 if kernel == "fwd":
                     mode = _STORE_MODES.get(variant, variant)
                     flags = dict(_FWD_MODES[mode], STORE_LOGITS=variant in _STORE_MODES)
+                    flags["FLATTEN"] = configs.GPU_CONFIGS[config].flatten
                 elif kernel == "g":
                     mode, do_g, do_gr, held = _G_MODES[variant]
                     flags = dict(_FWD_MODES[mode], DO_G=do_g, DO_GR=do_gr, FROM_LOGITS=held)
@@ -302,6 +322,10 @@ def test_aot_compile_shipped_configs(aot_results, config_name, arch):
         pytest.skip(f"{config_name} serves sm_{_archs(config_name)[0]} only")
     version, by_config = aot_results
     results = by_config.get((config_name, arch), [])
+    job_kernel = _SHIPPED[config_name][1]
+    assert not cfg.flatten or (job_kernel == "fwd" and cfg.num_stages > 1), (
+        f"{config_name}: flatten is for pipelined forward configs only"
+    )
     assert len(results) == len(_SHIPPED[config_name][2]), f"missing compiles: {results}"
     problems, resident = [], []
     for r in results:
@@ -323,6 +347,9 @@ def test_aot_compile_shipped_configs(aot_results, config_name, arch):
         use = r["usage"]
         if "REG" not in use or use.get("STACK", 0) or use.get("LOCAL", 0):
             problems.append(f"{label}: register spills or no usage info ({use})")
+        if job_kernel == "fwd" and r["flat"] != cfg.flatten:
+            problems.append(f"{label}: flatten={cfg.flatten} but the compiled loop nest is "
+                            f"{'one' if r['flat'] else 'a tile loop around a D loop'}")  # fmt: skip
         # G from kept logits does no dot at all (nothing for tensor cores to do).
         dots = not r["flags"].get("FROM_LOGITS")
         if r["dtype"] != "fp32" and dots and not r["wgmma" if arch == 90 else "mma_sync"]:

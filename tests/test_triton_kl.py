@@ -110,6 +110,10 @@ def test_forward_odd_sizes_and_forced_splits(mode, splits):
     got = triton_kl.forward(h, hr, w, wr, t, splits=splits, config=TINY)
     ref = torch_impl.forward(*_f64((h, hr, w, wr)), t)
     _check_forward(got, ref, 2e-5, f"[{mode}/splits={splits}] ")
+    # The flattened (tile, D slice) loop of the shipped forward configs: same numbers (the
+    # interpreter runs the loop nest as written; the compiled nest: test_triton_aot.py).
+    flat = triton_kl.forward(h, hr, w, wr, t, splits=splits, config=TINY._replace(flatten=True))
+    _check_forward(flat, ref, 2e-5, f"[{mode}/splits={splits}/flatten] ")
     # The default (interpreter) configuration and split choice give the same numbers.
     again = triton_kl.forward(h, hr, w, wr, t)
     _check_forward(again, ref, 2e-5, f"[{mode}/default] ")

@@ -44,6 +44,7 @@ if triton is not None:
         HAS_REF: tl.constexpr, SHARED: tl.constexpr, PREC: tl.constexpr, PREC_R: tl.constexpr,
         STORE_LOGITS: tl.constexpr,  # also write every logit tile (gradients in the forward)
         TMA: tl.constexpr,  # z_out / zr_out are TMA descriptors
+        FLATTEN: tl.constexpr,  # one pipelined (tile, D slice) loop (KernelConfig.flatten)
     ):  # fmt: skip
         pid_n, pid_s = _grouped_pid(tl.cdiv(N, BLOCK_N), n_splits, group)
         rows = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
@@ -57,7 +58,9 @@ if triton is not None:
         b = tl.zeros((BLOCK_N,), dtype=tl.float32)
         # The last split may own fewer real tiles; its extra tiles are fully masked (they change
         # nothing) and cost no wall time, since the other programs run as many iterations.
-        for i in range(0, tiles_per_split):
+        # FLATTEN: triton fuses this loop with _tile_logits' D loop into one pipelined loop
+        # (the epilogue below runs on a tile's last slice, the next tile's copies in flight).
+        for i in tl.range(0, tiles_per_split, flatten=FLATTEN):
             t = pid_s * tiles_per_split + i
             cols = (t * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
             col_ok = cols < V
@@ -147,7 +150,7 @@ def forward(
                 BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
                 HAS_REF=has_ref, SHARED=shared,
                 PREC=DOT_PRECISION[h.dtype], PREC_R=DOT_PRECISION[hr_.dtype],
-                STORE_LOGITS=logits is not None, TMA=tma,
+                STORE_LOGITS=logits is not None, TMA=tma, FLATTEN=cfg.flatten,
                 **launch_opts(cfg),
             )  # fmt: skip
     if not has_ref:
