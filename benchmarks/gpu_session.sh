@@ -10,13 +10,15 @@
 #   machine        15      nvidia-smi, nvcc, python/torch/triton versions, commit
 #   install       130      pip install --no-deps --no-build-isolation -e . (_C for this GPU only:
 #                          sm_90a on an H100/H200, for the wgmma forward; FGPO_PLAN=1 shows it)
-#   status         40      backend_status(): imports _C and runs its first-use self-test
-#   gpu_tests      60      tests/test_cuda_gpu.py, tests/test_kl_numerics.py on the GPU, and
+#   status         55      backend_status(): the first-use self-tests of _C and of the Triton
+#                          kernels (compiled here for this GPU, kept in triton's disk cache)
+#   gpu_tests      55      tests/test_cuda_gpu.py, tests/test_kl_numerics.py on the GPU, and
 #                          test_triton_kl's TMA tile test (sm_90's kept-logit / G stores)
-#   bench         130      benchmarks.run --preset session: token_kl and token_logprobs at
+#   bench         120      benchmarks.run --preset session: token_kl and token_logprobs at
 #                          N = 8192, 256, 1024 (D = 3584, V = 152064, bf16), every impl + peer
 #   backward       50      benchmarks.gpu_backward: triton gblock/atomic/held, cuda, torch
-#   tiles          30      benchmarks.gpu_tiles: shipped fwd / G tiles vs 2 programs per SM
+#   tiles          30      benchmarks.gpu_tiles: shipped fwd / G tiles vs 2 programs per SM, and
+#                          the flattened forward loop vs the nested one
 #   cuda_check     45      benchmarks/gpu_cuda_check.py --quick (bf16 and fp16 vs float64; both
 #                          CUDA forwards, FGPO_CUDA_FWD=mma and =wgmma where it can run, each
 #                          timed next to its PREDICTED time)
@@ -44,7 +46,7 @@ cd "$(dirname "$0")/.." || exit 1
 PY=${PY:-python3}  # the GPU image's python3 is the one with torch
 DRY=${FGPO_DRY_RUN:-0}
 BUDGET=${FGPO_BUDGET_S:-540}
-PHASES="machine:15 install:130 status:40 gpu_tests:60 bench:130 backward:50 tiles:30 \
+PHASES="machine:15 install:130 status:55 gpu_tests:55 bench:120 backward:50 tiles:30 \
 cuda_check:45 model:15 kernel_tests:15 plot:10"
 
 limit_of() {  # the budget of phase $1 (FGPO_T_<PHASE> overrides)

@@ -31,13 +31,12 @@ self-test against impl "torch" runs once; a failure makes the impl unavailable w
 from __future__ import annotations
 
 import importlib
-import math
 import os
 
 import torch
 from torch import Tensor
 
-from . import _launch
+from . import _launch, _selftest
 from ._backend import Grads, Needs, RowGrads, RowStats
 from ._util import no_cuda_reason
 
@@ -446,12 +445,6 @@ def backward(
 # ---- self-test (first use on a GPU) -------------------------------------------------------------
 
 
-def _rel(a: Tensor, b: Tensor) -> float:
-    a, b = a.double(), b.double()
-    den = b.norm().item()
-    return (a - b).norm().item() / den if den > 0 else (a - b).norm().item()
-
-
 # (mode, n, d, dr, v, splits, dtype, LoRA): odd shapes through every path the kernels have. D = 520
 # refills the forward's 3-stage ring many times (17 slices of 32, the last one ragged) and gives
 # the backward 9 chunks of 64; LoRA (hidden-state gradients only) takes the ping-pong W buffers;
@@ -466,49 +459,14 @@ SELF_TEST_CASES = (
 
 
 def _self_test(device: torch.device | None = None) -> str | None:
-    """Compare the kernels with impl 'torch' on ``SELF_TEST_CASES``; return a failure or None.
-    ``device`` defaults to the current GPU (tests pass the CPU with the emulated kernels)."""
+    """Compare the kernels with impl 'torch' on ``SELF_TEST_CASES`` (``_selftest.run``); return
+    a failure or None. ``device`` defaults to the current GPU (tests pass the CPU with the
+    emulated kernels)."""
     global _SELFTEST_RUNNING
-    from . import torch_impl
-
     _SELFTEST_RUNNING = True
     try:
-        gen = torch.Generator(device="cpu").manual_seed(1234)
         dev = device or torch.device("cuda", torch.cuda.current_device())
-        for mode, n, d, dr, v, splits, dtype, lora in SELF_TEST_CASES:
-            kl = mode != "logprob"
-            rnd = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float32)
-            h = rnd(n, d)
-            hr = (h + 0.3 * rnd(n, d) if mode == "shared" else rnd(n, dr)) if kl else None
-            w = rnd(v, d) * (2.0 / math.sqrt(d))
-            wr = rnd(v, dr) * (2.0 / math.sqrt(dr)) if mode == "separate" else None
-            g = [rnd(n) if (kl or k == 2) else None for k in range(4)]
-            to = lambda x, dt: None if x is None else x.to(dev, dt)
-            args16 = [to(x, dtype) for x in (h, hr, w, wr)]
-            args32 = [to(x, torch.float32) for x in args16]  # same rounded values
-            what = f"{mode} {str(dtype)[6:]}{' LoRA' if lora else ''} (n={n}, d={d}, v={v})"
-            got = forward(*args16, 0.9, splits=splits)
-            ref = torch_impl.forward(*args32, 0.9)
-            for name, a, b in zip(("lse", "lser", "fkl", "rkl"), got, ref):
-                if a is None and b is None:
-                    continue
-                if a is None or b is None or not torch.isfinite(a).all() or _rel(a, b) > 2e-2:
-                    err = None if a is None or b is None else _rel(a, b)
-                    return f"{what} forward {name}: rel err {err}"
-            gd = [to(x, torch.float32) for x in g]
-            need = Needs(True, kl, not lora, mode == "separate" and not lora)
-            got_b = backward(*args16, 0.9, ref, RowGrads(*gd), need, bwd="cuda")  # the kernel
-            ref_b = torch_impl.backward(*args32, 0.9, ref, RowGrads(*gd), need)
-            for name, a, b in zip(("dh", "dhr", "dw", "dwr"), got_b, ref_b):
-                if a is None and b is None:
-                    continue
-                if a is None or b is None or not torch.isfinite(a).all() or _rel(a, b) > 3e-2:
-                    err = None if a is None or b is None else _rel(a, b)
-                    return f"{what} backward {name}: rel err {err}"
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-    except Exception as exc:
-        return f"{type(exc).__name__}: {exc}"
+        kernel_bwd = lambda *a: backward(*a, bwd="cuda")  # the kernel, not triton's gblock
+        return _selftest.run(SELF_TEST_CASES, forward, kernel_bwd, dev)
     finally:
         _SELFTEST_RUNNING = False
-    return None

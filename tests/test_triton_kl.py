@@ -483,3 +483,75 @@ def test_split_choice_fills_the_gpu(monkeypatch):
     assert p.row_blocks * p.splits / (p.waves * 132) > 0.95, p
     # Never more splits than tiles.
     assert tk.grid_plan(cfg, 1, 300, 64, 64, True, True, torch.bfloat16, cuda).splits == 3
+
+
+# --------------------------------------------------------------------------- first-use self-test
+
+
+@needs_triton
+def test_self_test_passes():
+    """The first-use self-test (``triton_kl._self_test``: forward, backward, kept logits; bf16
+    and fp16; LoRA, trained shared head, separate, log-prob) passes: in the patched interpreter
+    here, on the GPU in a GPU session."""
+    assert triton_kl._self_test(torch.device(DEV)) is None
+
+
+@needs_triton
+@pytest.mark.parametrize("path,named", [
+    ("fp16 forward", "float16 (n=33, d=96, v=515) forward lse"),
+    ("LoRA backward", "LoRA (n=40, d=528, v=1003) backward dh"),
+    ("kept logits", "separate bfloat16 (n=70, d=64, v=301) kept-logit backward dw"),
+])  # fmt: skip
+def test_self_test_names_what_failed(monkeypatch, path, named):
+    """A kernel wrong only for fp16 forwards, only for LoRA backwards, or only for the
+    gradients from kept logits with a separate reference makes the self-test fail, naming the
+    case and the statistic."""
+    tk = triton_kl
+    fwd0, bwd0, held0 = tk.forward, tk.backward, tk.forward_with_grads
+
+    def forward(h, *a, **kw):
+        out = fwd0(h, *a, **kw)
+        return out._replace(lse=out.lse + 1.0) if h.dtype == torch.float16 else out
+
+    def backward(*a, **kw):
+        out = bwd0(*a, **kw)
+        lora = a[3] is None and not a[7].w  # shared weight, head not trained
+        return out._replace(dh=out.dh * 1.5) if lora else out
+
+    def held(h, hr, w, wr, *a, **kw):
+        stats, grads = held0(h, hr, w, wr, *a, **kw)
+        return stats, (grads._replace(dw=-grads.dw) if wr is not None else grads)
+
+    monkeypatch.setattr(tk, {"fp16 forward": "forward", "LoRA backward": "backward",
+                             "kept logits": "forward_with_grads"}[path],
+                        {"fp16 forward": forward, "LoRA backward": backward,
+                         "kept logits": held}[path])  # fmt: skip
+    fail = tk._self_test(torch.device(DEV))
+    assert fail is not None and named in fail, fail
+
+
+def test_probe_runs_the_self_test_once_on_a_gpu(monkeypatch):
+    """On a GPU, ``probe`` runs the self-test once and keeps the answer: a failure makes impl
+    'triton' unavailable with the failure in the reason (auto-selection then skips it);
+    FGPO_TRITON_SELFTEST=0 skips the test."""
+    pytest.importorskip("triton")
+    from fgpo_kernels import triton_kl as tk
+
+    calls = []
+    monkeypatch.setattr(tk, "_PROBE", None)
+    monkeypatch.setattr(tk, "_old_interpreter", lambda: False)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H200")
+    monkeypatch.setattr(tk, "_self_test", lambda: calls.append(1) or "shared bf16 forward lse")
+    monkeypatch.delenv("FGPO_TRITON_SELFTEST", raising=False)
+    st = tk.probe()
+    assert not st["available"] and "self-test FAILED: shared bf16 forward lse" in st["reason"]
+    assert "NVIDIA H200" in st["reason"]
+    assert tk.probe() is st and calls == [1]  # kept
+    ok, why = _registry._usable_on("triton", torch.device("cuda"))
+    assert not ok and "self-test FAILED" in why
+    monkeypatch.setattr(tk, "_PROBE", None)
+    monkeypatch.setenv("FGPO_TRITON_SELFTEST", "0")
+    st = tk.probe()
+    assert st["available"] and calls == [1], st

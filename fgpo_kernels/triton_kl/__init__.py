@@ -20,9 +20,12 @@ env FGPO_TRITON_BWD ("gblock" or "atomic"). Design, and why gblock is the defaul
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import Tensor
 
+from .. import _selftest
 from .._backend import Grads, Needs, RowGrads, RowStats
 from .._util import no_cuda_reason, triton_interpret
 from .bwd_atomic import backward_atomic
@@ -69,7 +72,49 @@ def _old_interpreter() -> bool:
     return major_minor(triton.__version__) < (3, 7) and major_minor(np.__version__) >= (2,)
 
 
+# (mode, n, d, dr, v, splits, dtype, LoRA) for ``_selftest``: D = 528 wraps the forward's 3-stage
+# ring of 64-wide slices (9 of them) and, with 8 vocabulary tiles over 3 splits, runs its
+# flattened loop across tiles; a trained shared head writes G and Gr (entry "g_both", and a
+# 3-column tail on "g_narrow": 515 = 32 x 16 + 3); D != Dr; fp16 is the second instantiation of
+# every kernel. Each case also runs the forward that keeps its logits and the G kernel reading
+# them back (``forward_with_grads``: TMA tiles on sm_90).
+SELF_TEST_CASES = (
+    ("shared", 40, 528, 528, 1003, 3, torch.bfloat16, True),
+    ("shared", 33, 96, 96, 515, 2, torch.float16, False),
+    ("separate", 70, 64, 48, 301, 0, torch.bfloat16, False),
+    ("logprob", 9, 32, 0, 77, 1, torch.float16, False),
+)
+_PROBE: dict | None = None  # the answer on a GPU, once its self-test has run
+
+
+def _self_test(device: torch.device | None = None) -> str | None:
+    """The kernels triton compiled for this GPU against impl 'torch' on ``SELF_TEST_CASES``
+    (``_selftest.run``): forward, backward (the configured mode) and the gradients from kept
+    logits; the first failure, or None. ``device``: the current GPU unless given (tests pass
+    the CPU under the interpreter)."""
+    dev = device or torch.device("cuda", torch.cuda.current_device())
+
+    def held(case, ref: RowStats, ref_b: Grads) -> str | None:
+        out = forward_with_grads(*case.args, 0.9, case.grads, case.need, budget=1 << 30)
+        if out is None:
+            return f"{case.what}: the kept logits did not fit a 1 GiB budget"
+        stats, grads = out
+        names = ("lse", "lser", "fkl", "rkl")
+        fail = _selftest.compare(f"{case.what} kept-logit forward", names, stats, ref,
+                                 _selftest.FWD_TOL)  # fmt: skip
+        return fail or _selftest.compare(f"{case.what} kept-logit backward",
+                                         ("dh", "dhr", "dw", "dwr"), grads, ref_b,
+                                         _selftest.BWD_TOL)  # fmt: skip
+
+    return _selftest.run(SELF_TEST_CASES, forward, backward, dev, extra=held)
+
+
 def probe() -> dict:
+    """{"available", "built", "reason"}. On a GPU the first call runs ``_self_test`` (env
+    FGPO_TRITON_SELFTEST=0 skips it) and the answer is kept."""
+    global _PROBE
+    if _PROBE is not None:
+        return _PROBE
     if triton is None:
         return {
             "available": False,
@@ -89,8 +134,18 @@ def probe() -> dict:
             "reason": f"triton {triton.__version__}'s interpreter cannot run loops with runtime "
             "bounds under numpy 2 (needs triton >= 3.7 to run on CPU)",
         }
-    mode = "interpreter (TRITON_INTERPRET=1)" if triton_interpret() else "CUDA"
-    return {"available": True, "built": True, "reason": f"triton {triton.__version__}, {mode}"}
+    if triton_interpret():
+        mode = f"triton {triton.__version__}, interpreter (TRITON_INTERPRET=1)"
+        return {"available": True, "built": True, "reason": mode}
+    name = torch.cuda.get_device_name()
+    fail = _self_test() if os.environ.get("FGPO_TRITON_SELFTEST", "1") != "0" else None
+    if fail:
+        why = f"triton {triton.__version__} on {name}; self-test FAILED: {fail}"
+        _PROBE = {"available": False, "built": True, "reason": why}
+    else:
+        _PROBE = {"available": True, "built": True,
+                  "reason": f"triton {triton.__version__}, CUDA ({name})"}  # fmt: skip
+    return _PROBE
 
 
 def backward(
