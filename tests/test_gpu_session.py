@@ -102,7 +102,7 @@ def test_dry_run_rehearses_every_phase(tmp_path):
     tiles = (res / "tiles" / "tiles.csv").read_text().splitlines()
     # 2 dry cases x (fwd: shipped, 2 per SM, nested loop; g: shipped, 2 per SM)
     assert len(tiles) == 1 + 2 * (3 + 2) and all(",ok," in r for r in tiles[1:]), tiles
-    assert sum("-nested," in r for r in tiles) == 2 * 2, tiles  # the forward's unflattened twin
+    assert sum("-nested," in r for r in tiles) == 2, tiles  # the shipped forward, unflattened
     # Both CUDA forwards get a row per timing shape: skipped here with the reason, next to
     # their PREDICTED times, the mma.sync one the slower (the model tells them apart).
     with (res / "cuda_check" / "gpu_cuda_check.csv").open() as f:
