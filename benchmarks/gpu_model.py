@@ -57,10 +57,13 @@ class Device(NamedTuple):
 # Datasheet numbers (sources: NVIDIA H100 Tensor Core GPU datasheet, SXM5 column: 3.35 TB/s,
 # 989 TFLOPS bf16 dense (1979 with sparsity), 80 GB; NVIDIA H200 Tensor Core GPU datasheet, SXM:
 # 4.8 TB/s, 989 TFLOPS bf16 dense, 141 GB; NVIDIA H100 (Hopper) architecture whitepaper: 132
-# SMs on the SXM5 part, 50 MB L2, 228 KB shared memory per SM; the H200 is the same GH100 die).
+# SMs on the SXM5 part, 50 MB L2, 228 KB shared memory per SM; the H200 is the same GH100 die,
+# whose full L2 is 60 MB: torch's L2_cache_size reads 60 MB on the H200 machines this project's
+# GPU sessions are lent (a reading of 2026-10-28), and the launch plan sizes its waves with what
+# the device reports (``_launch.l2_bytes``), so the model does too).
 DEVICES = {
     "H100-SXM": Device("H100 SXM5", 132, 50 << 20, 3.35e12, 989.4e12, 80 * 10**9, 228 << 10),
-    "H200-SXM": Device("H200 SXM", 132, 50 << 20, 4.8e12, 989.4e12, 141 * 10**9, 228 << 10),
+    "H200-SXM": Device("H200 SXM", 132, 60 << 20, 4.8e12, 989.4e12, 141 * 10**9, 228 << 10),
 }
 # Per SM and clock on sm_90: dense bf16 tensor FLOPs (989.4 TFLOPS / 132 SMs / 1.83 GHz), shared
 # memory bytes (32 banks x 4 B), SFU exponentials and FP32 lanes (CUDA C++ Programming Guide,
@@ -322,6 +325,36 @@ def table(preds: list[Prediction]) -> str:
     return "\n".join([head, *rows])
 
 
+# The README's table: these cases, each kernel's time on both GPUs, the rest on the H200 (the
+# GPU the project's sessions are lent). ``tests/test_gpu_model.py`` keeps the README in step.
+README_CASES = [Case(8192, *SPEC[1:], True, False), Case(8192, *SPEC[1:], False, True),
+                Case(1024, *SPEC[1:], True, False), Case(256, *SPEC[1:], True, False)]  # fmt: skip
+
+
+def readme_table() -> str:
+    """The PREDICTED table of the README (``--readme`` prints it)."""
+    h100, h200 = DEVICES["H100-SXM"], DEVICES["H200-SXM"]
+    kernels = [("triton fwd", triton_forward),
+               *((f"cuda fwd, {'mma.sync' if p == 'mma' else p}",
+                  lambda c, d, p=p: cuda_forward(c, d, path=p)) for p in CUDA_FWD_PATHS),
+               ("triton gblock bwd", gblock_backward)]  # fmt: skip
+    budget = int(h200.l2_bytes * _launch.L2_FRACTION) / 1e6
+    head = ("| case (bf16, D=3584, V=152064) | kernel | H100 SXM ms | H200 ms | of matmul roofline "
+            "| executed / useful TFLOP | HBM GB on H200 (compulsory) | wave working set MB on H200 "
+            f"(L2/2 = {budget:.1f}) |\n|---|---|---|---|---|---|---|---|")  # fmt: skip
+    rows = []
+    for case in README_CASES:
+        for name, fn in kernels:
+            a, b = fn(case, h100), fn(case, h200)
+            cells = [case.label, name, f"{a.seconds * 1e3:.1f}", f"{b.seconds * 1e3:.1f}",
+                     f"{100 * b.roofline_fraction:.0f}%",
+                     f"{b.executed_flops / 1e12:.1f} / {b.useful_flops / 1e12:.1f}",
+                     f"{b.hbm_bytes / 1e9:.1f} ({b.compulsory_bytes / 1e9:.2f})",
+                     f"{b.working_set / 1e6:.1f}"]  # fmt: skip
+            rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join([head, *rows])
+
+
 def compare(results_csv, dev: Device, cuda_path: str | None = None) -> list[dict]:
     """Predicted vs measured forward time for every GPU ``token_kl`` forward row of a
     ``benchmarks.run`` CSV (impls triton and cuda; the bench's head is shared: the reference
@@ -391,7 +424,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="the CUDA forward the --measured run took (gpu_cuda_check.py writes "
                     "it to cuda_fwd_path.txt); unknown: both are listed")  # fmt: skip
     ap.add_argument("--out", default=None, metavar="DIR", help="also write the tables here")
+    ap.add_argument("--readme", action="store_true", help="print the README's table and exit")
     args = ap.parse_args(argv)
+    if args.readme:
+        print(readme_table())
+        return 0
     texts = []
     if args.measured:
         csv_path = Path(args.measured) / "results.csv"

@@ -38,9 +38,11 @@ import torch
 
 from ._util import simulated_gpu, sm_count
 
-# The share of L2 one wave's working set may use (H100/H200: two 25 MB partitions of 50 MB).
+# The share of L2 one wave's working set may use (Hopper splits its L2 in two partitions: 25 MB
+# each of the H100 SXM's 50 MB; the H200s we are lent report 60 MB).
 L2_FRACTION = 0.5
-# L2 size assumed when the device cannot say (the meta device of a simulation, a CPU): H100/H200.
+# L2 size assumed when the device cannot say (the meta device of a simulation, a CPU): the H100's,
+# the smaller of the two (a plan that fits it fits the H200).
 DEFAULT_L2_BYTES = 50 * 1024 * 1024
 # CUDA kernel tiles (csrc/launch.h kBlockRows / kBlockVocab / kBlockK / kStages / kStagesWgmma /
 # kChunkD:

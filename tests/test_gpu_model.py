@@ -4,6 +4,8 @@ without dW, and that it reads the kernels' own launch configuration (no copied n
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 pytest.importorskip("triton")
@@ -188,3 +190,13 @@ def test_gblock_g_and_gr_use_the_launchers_split_and_wide_entry(monkeypatch):
     assert seen[-1][-1] == (seen[-1][-1][0], 7, "g_narrow") and ragged.seconds > wide.seconds
     monkeypatch.setitem(configs.GPU_CONFIGS, "g_both", configs.GPU_CONFIGS["g_narrow"])
     assert gm.gblock_backward(case, dev).seconds > 1.1 * wide.seconds
+
+
+def test_readme_table_is_the_models():
+    """The README's PREDICTED table is what ``--readme`` prints now: a change to the kernels'
+    plans, tiles or the model shows up as a failing test until the README is regenerated
+    (``python -m benchmarks.gpu_model --readme``)."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = gm.readme_table()
+    assert table in readme, "README.md's PREDICTED table differs from the model:\n" + table
+    assert "H200 ms" in table and table.count("\n") == 1 + 4 * (2 + len(gm.CUDA_FWD_PATHS))
