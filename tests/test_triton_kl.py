@@ -501,13 +501,15 @@ def test_self_test_passes():
     ("fp16 forward", "float16 (n=33, d=96, v=515) forward lse"),
     ("LoRA backward", "LoRA (n=40, d=528, v=1003) backward dh"),
     ("kept logits", "separate bfloat16 (n=70, d=64, v=301) kept-logit backward dw"),
+    ("jacobians", "logprob float16 (n=9, d=32, v=77) jacobian lp"),
 ])  # fmt: skip
 def test_self_test_names_what_failed(monkeypatch, path, named):
-    """A kernel wrong only for fp16 forwards, only for LoRA backwards, or only for the
-    gradients from kept logits with a separate reference makes the self-test fail, naming the
-    case and the statistic."""
+    """A kernel wrong only for fp16 forwards, only for LoRA backwards, only for the gradients
+    from kept logits with a separate reference, or only for log-prob jacobians makes the
+    self-test fail, naming the case and the statistic."""
     tk = triton_kl
-    fwd0, bwd0, held0 = tk.forward, tk.backward, tk.forward_with_grads
+    fwd0, bwd0 = tk.forward, tk.backward
+    held0, jac0 = tk.forward_with_grads, tk.forward_with_jacobians
 
     def forward(h, *a, **kw):
         out = fwd0(h, *a, **kw)
@@ -522,10 +524,15 @@ def test_self_test_names_what_failed(monkeypatch, path, named):
         stats, grads = held0(h, hr, w, wr, *a, **kw)
         return stats, (grads._replace(dw=-grads.dw) if wr is not None else grads)
 
+    def jacobians(h, hr, *a, **kw):
+        stats, jac = jac0(h, hr, *a, **kw)
+        return stats, (jac._replace(lp=jac.lp * 0.5) if hr is None else jac)
+
     monkeypatch.setattr(tk, {"fp16 forward": "forward", "LoRA backward": "backward",
-                             "kept logits": "forward_with_grads"}[path],
+                             "kept logits": "forward_with_grads",
+                             "jacobians": "forward_with_jacobians"}[path],
                         {"fp16 forward": forward, "LoRA backward": backward,
-                         "kept logits": held}[path])  # fmt: skip
+                         "kept logits": held, "jacobians": jacobians}[path])  # fmt: skip
     fail = tk._self_test(torch.device(DEV))
     assert fail is not None and named in fail, fail
 

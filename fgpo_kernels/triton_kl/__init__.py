@@ -77,7 +77,8 @@ def _old_interpreter() -> bool:
 # flattened loop across tiles; a trained shared head writes G and Gr (entry "g_both", and a
 # 3-column tail on "g_narrow": 515 = 32 x 16 + 3); D != Dr; fp16 is the second instantiation of
 # every kernel. Each case also runs the forward that keeps its logits and the G kernel reading
-# them back (``forward_with_grads``: TMA tiles on sm_90).
+# them back (``forward_with_grads``, and ``forward_with_jacobians``: the frozen-head plan of
+# LoRA training; TMA tiles on sm_90).
 SELF_TEST_CASES = (
     ("shared", 40, 528, 528, 1003, 3, torch.bfloat16, True),
     ("shared", 33, 96, 96, 515, 2, torch.float16, False),
@@ -89,24 +90,30 @@ _PROBE: dict | None = None  # the answer on a GPU, once its self-test has run
 
 def _self_test(device: torch.device | None = None) -> str | None:
     """The kernels triton compiled for this GPU against impl 'torch' on ``SELF_TEST_CASES``
-    (``_selftest.run``): forward, backward (the configured mode) and the gradients from kept
-    logits; the first failure, or None. ``device``: the current GPU unless given (tests pass
-    the CPU under the interpreter)."""
+    (``_selftest.run``): forward, backward (the configured mode), the gradients from kept
+    logits and the per-row jacobians; the first failure, or None. ``device``: the current GPU
+    unless given (tests pass the CPU under the interpreter)."""
+    from .. import torch_impl
+
     dev = device or torch.device("cuda", torch.cuda.current_device())
+    budget, fwd_tol, bwd_tol = 1 << 30, _selftest.FWD_TOL, _selftest.BWD_TOL
 
-    def held(case, ref: RowStats, ref_b: Grads) -> str | None:
-        out = forward_with_grads(*case.args, 0.9, case.grads, case.need, budget=1 << 30)
-        if out is None:
+    def kept(case, ref: RowStats, ref_b: Grads) -> str | None:
+        out = forward_with_grads(*case.args, 0.9, case.grads, case.need, budget)
+        n_kl = max(case.args[0].shape[0] - 2, 0)  # the rows after n_kl: log-prob only
+        jac = forward_with_jacobians(*case.args, 0.9, n_kl, budget)
+        if out is None or jac is None:
             return f"{case.what}: the kept logits did not fit a 1 GiB budget"
-        stats, grads = out
-        names = ("lse", "lser", "fkl", "rkl")
-        fail = _selftest.compare(f"{case.what} kept-logit forward", names, stats, ref,
-                                 _selftest.FWD_TOL)  # fmt: skip
-        return fail or _selftest.compare(f"{case.what} kept-logit backward",
-                                         ("dh", "dhr", "dw", "dwr"), grads, ref_b,
-                                         _selftest.BWD_TOL)  # fmt: skip
+        ref_j = torch_impl.forward_with_jacobians(*case.args32, 0.9, n_kl, budget)[1]
+        stat_names, grad_names = ("lse", "lser", "fkl", "rkl"), ("dh", "dhr", "dw", "dwr")
+        return (_selftest.compare(f"{case.what} kept-logit forward", stat_names, out[0], ref,
+                                  fwd_tol)
+                or _selftest.compare(f"{case.what} kept-logit backward", grad_names, out[1],
+                                     ref_b, bwd_tol)
+                or _selftest.compare(f"{case.what} jacobian", ("fkl", "rkl", "lp"), jac[1],
+                                     ref_j, bwd_tol))  # fmt: skip
 
-    return _selftest.run(SELF_TEST_CASES, forward, backward, dev, extra=held)
+    return _selftest.run(SELF_TEST_CASES, forward, backward, dev, extra=kept)
 
 
 def probe() -> dict:
