@@ -165,6 +165,10 @@ if ls benchmarks/wheels/*.whl > /dev/null 2>&1 && [ "$DRY" != 1 ]; then
         liger-kernel cut-cross-entropy
 fi
 phase status $PY -c "import json, fgpo_kernels as fk; print(json.dumps(fk.backend_status(), indent=1))"
+# The Triton self-test ran (and is in status.log); later phases time and test the Triton kernels
+# even where it failed (a session is rare: what a failing kernel measures is worth having, next
+# to the failure), and each process skips recompiling and rerunning it.
+export FGPO_TRITON_SELFTEST=0
 
 # ---- GPU tests (on a CPU they skip or run in the interpreter: seconds)
 # (+ the TMA tile stores / loads of the Triton kernels on sm_90: run on a GPU first here)
