@@ -279,7 +279,8 @@ def gblock_backward(
             w_win = configs.plan_inputs(pcfg, d, d, True, case.shared, BF16)[1]
             plan = _launch.plan(n, cols, pcfg.block_n, pcfg.block_v, h_row_bytes=h_row,
                                 w_window=w_win, per_wave=dev.sms * pcfg.per_sm,
-                                l2=dev.l2_bytes, tiles_per_program=1)  # fmt: skip
+                                l2=dev.l2_bytes,
+                                tiles_per_program=configs.g_tiles_per_program(pcfg))  # fmt: skip
             eff = _smem_efficiency(pcfg.block_n, pcfg.block_v, 2, w_models)
             g_compute, g_hbm = _tiled(plan, dev, 2 * 2.0 * n * d * cols, EPILOGUE["g_kl"],
                                       logits=2 * n * cols, per_sm=pcfg.per_sm, efficiency=eff,

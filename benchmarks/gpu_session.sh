@@ -17,14 +17,14 @@
 #   bench         120      benchmarks.run --preset session: token_kl and token_logprobs at
 #                          N = 8192, 256, 1024 (D = 3584, V = 152064, bf16), every impl + peer
 #   backward       50      benchmarks.gpu_backward: triton gblock/atomic/held, cuda, torch
-#   tiles          30      benchmarks.gpu_tiles: shipped fwd / G tiles vs 2 programs per SM, and
-#                          the flattened forward loop vs the nested one
+#   tiles          40      benchmarks.gpu_tiles: shipped fwd / G tiles vs 2 programs per SM, and
+#                          the flattened loops vs the forward's nested one / one G tile a program
 #   cuda_check     45      benchmarks/gpu_cuda_check.py --quick (bf16 and fp16 vs float64; both
 #                          CUDA forwards, FGPO_CUDA_FWD=mma and =wgmma where it can run, each
 #                          timed next to its PREDICTED time)
-#   model          15      benchmarks.gpu_model (issue 15 item 4) against bench + backward, the
+#   model          10      benchmarks.gpu_model (issue 15 item 4) against bench + backward, the
 #                          CUDA rows for the forward path cuda_check found to be the default
-#   kernel_tests   15      tests/test_triton_kl.py, test_token_kl.py, test_forward_grads.py
+#   kernel_tests   10      tests/test_triton_kl.py, test_token_kl.py, test_forward_grads.py
 #                          (as far as they get)
 #   plot           10      benchmarks.plot
 # Sum 540. Override a limit with FGPO_T_<PHASE> (upper case), the total with FGPO_BUDGET_S.
@@ -46,8 +46,8 @@ cd "$(dirname "$0")/.." || exit 1
 PY=${PY:-python3}  # the GPU image's python3 is the one with torch
 DRY=${FGPO_DRY_RUN:-0}
 BUDGET=${FGPO_BUDGET_S:-540}
-PHASES="machine:15 install:130 status:55 gpu_tests:55 bench:120 backward:50 tiles:30 \
-cuda_check:45 model:15 kernel_tests:15 plot:10"
+PHASES="machine:15 install:130 status:55 gpu_tests:55 bench:120 backward:50 tiles:40 \
+cuda_check:45 model:10 kernel_tests:10 plot:10"
 
 limit_of() {  # the budget of phase $1 (FGPO_T_<PHASE> overrides)
     local p var

@@ -16,7 +16,9 @@ entry of ``ALTERNATIVES`` for sm_90 with triton 3.7.1 and 3.6.0 and holds it to 
 entries' checks (no spills, m64n128k16, the loop nest, 2 programs per SM). The forwards run one
 flattened (vocabulary tile, D slice) loop (``KernelConfig.flatten``: the next tile's copies in
 flight during an epilogue); the shipped one's unflattened twin is timed too, since the model
-charges neither the pipeline's refill per tile nor its removal (tiles "...-nested").
+charges neither the pipeline's refill per tile nor its removal (tiles "...-nested"). So is the
+shipped G kernel (several tiles per program, flattened) against one tile per program, as it
+ran before ("...-1tile").
 
 Rows are appended to DIR/tiles.csv as each one is measured: kernel, tiles, case, median / p20 /
 p80 ms (CUDA events; wall clock on CPU), the model's prediction for those tiles (H200
@@ -44,7 +46,10 @@ ALTERNATIVES = {
         configs.KernelConfig(64, 128, 32, 4, 3, per_sm=2, flatten=True),
         configs.GPU_CONFIGS["fwd"]._replace(flatten=False),
     ],
-    "g": [configs.KernelConfig(64, 128, 32, 4, 3, per_sm=2)],
+    "g": [
+        configs.KernelConfig(64, 128, 32, 4, 3, per_sm=2),
+        configs.GPU_CONFIGS["g"]._replace(flatten=False),
+    ],
 }
 CASES_GPU = [(8192, True), (8192, False), (1024, True)]  # (N, shared weight); D, V of design §4
 D_GPU, V_GPU = 3584, 152064
@@ -85,7 +90,8 @@ def _case_rows(n: int, shared: bool, d: int, v: int, dtype, device: str, reps: i
         for cfg in [configs.GPU_CONFIGS[kernel], *ALTERNATIVES[kernel]]:
             row = {**base, "kernel": kernel, "per_sm": cfg.per_sm, "n": n,
                    "tiles": f"{cfg.block_n}x{cfg.block_v}x{cfg.block_d}/{cfg.num_warps}w"
-                            + ("-flat" if cfg.flatten else "-nested" if kernel == "fwd" else ""),
+                            + ("-flat" if cfg.flatten else "-nested" if kernel == "fwd" else
+                               "-1tile"),
                    "weight": "shared" if shared else "separate",
                    "predicted_ms": _predicted(kernel, cfg, n, d, v, shared)}  # fmt: skip
             try:

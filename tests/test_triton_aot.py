@@ -242,7 +242,8 @@ def _jobs() -> list:
                     flags["FLATTEN"] = cfg.flatten
                 elif kernel == "g":
                     mode, do_g, do_gr, held = _G_MODES[variant]
-                    flags = dict(_FWD_MODES[mode], DO_G=do_g, DO_GR=do_gr, FROM_LOGITS=held)
+                    flags = dict(_FWD_MODES[mode], DO_G=do_g, DO_GR=do_gr, FROM_LOGITS=held,
+                                 FLATTEN=cfg.flatten)  # fmt: skip
                 else:
                     mode, dh, dw, dhr, dwr = _BWD_MODES[variant]
                     flags = dict(_FWD_MODES[mode], DO_DH=dh, DO_DW=dw, DO_DHR=dhr, DO_DWR=dwr)
@@ -339,8 +340,8 @@ def test_aot_compile_shipped_configs(aot_results, config_name, arch):
     version, by_config = aot_results
     results = by_config.get((config_name, arch), [])
     job_kernel, variants, shape = _SHIPPED[config_name][1:]
-    assert not cfg.flatten or (job_kernel == "fwd" and cfg.num_stages > 1), (
-        f"{config_name}: flatten is for pipelined forward configs only"
+    assert not cfg.flatten or (job_kernel in ("fwd", "g") and cfg.num_stages > 1), (
+        f"{config_name}: flatten is for pipelined forward and G configs only"
     )
     assert len(results) == len(variants), f"missing compiles: {results}"
     problems = _problems(config_name, cfg, job_kernel, shape, arch, version, results)
@@ -389,9 +390,9 @@ def _problems(name, cfg, job_kernel, shape, arch, version, results,
         use = r["usage"]
         if "REG" not in use or use.get("STACK", 0) or use.get("LOCAL", 0):
             problems.append(f"{label}: register spills or no usage info ({use})")
-        if job_kernel == "fwd" and r["flat"] != cfg.flatten:
+        if job_kernel in ("fwd", "g") and r["flat"] != cfg.flatten:
             problems.append(f"{label}: flatten={cfg.flatten} but the compiled loop nest is "
-                            f"{'one' if r['flat'] else 'a tile loop around a D loop'}")  # fmt: skip
+                            f"{'one' if r['flat'] else 'not one tile-and-D loop'}")  # fmt: skip
         # G from kept logits does no dot at all (nothing for tensor cores to do).
         dots = not r["flags"].get("FROM_LOGITS")
         if r["dtype"] != "fp32" and dots and not r["wgmma" if arch == 90 else "mma_sync"]:

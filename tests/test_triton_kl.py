@@ -206,6 +206,44 @@ def test_backward_every_gradient_flag(mode, need, bwd):
 
 
 @needs_triton
+@pytest.mark.parametrize("kept", [False, True])
+@pytest.mark.parametrize("mode,need", [
+    ("shared", (True, False, False, False)),  # LoRA: the "g" entry's G-only launches
+    ("separate", (True, True, True, True)),
+    ("logprob", (True, False, True, False)),
+])  # fmt: skip
+def test_gblock_flattened_tile_loop(mode, need, kept, monkeypatch):
+    """The G kernel with several tiles per program (KernelConfig.flatten, the shipped "g"
+    entry): chunks of 3 tiles over 2 splits, so a program's second tile lies past the chunk
+    (masked, writes nothing), from recomputed and from kept logits, against float64."""
+    from fgpo_kernels.triton_kl.common import logit_buffer
+
+    n, d, v, dr = 37, 45, 517, 29
+    h, hr, w, wr = _inputs(n, d, v, dr, shared=mode == "shared", logprob_only=mode == "logprob")
+    t = 0.85
+    flat = TINY._replace(flatten=True)
+    logits = None
+    if kept:
+        logits = (logit_buffer(n, v, DEV), None if hr is None else logit_buffer(n, v, DEV))
+    stats = triton_kl.fwd.forward(h, hr, w, wr, t, splits=2, config=TINY, logits=logits)
+    gs = _grads_in(n, hr is not None)
+    need = Needs(*need)
+    plans, real = [], bwd_gblock.grid_plan
+    monkeypatch.setattr(bwd_gblock, "grid_plan", lambda *a, **k: plans.append(real(*a, **k))
+                        or plans[-1])  # fmt: skip
+    rows = n * (1 + int(hr is not None and (need.hr or need.wr or (wr is None and need.w))))
+    got = bwd_gblock.backward_gblock(h, hr, w, wr, t, stats, gs, need, config=flat,
+                                     chunk_elems=rows * 3 * 64, logits=logits)  # fmt: skip
+    assert any(p.tiles_per_split == 2 and p.splits * 2 > p.n_tiles for p in plans), plans
+    ref = torch_impl.backward(*_f64((h, hr, w, wr)), t, _f64_stats(stats), _f64_grads(gs), need)
+    for name, a, r in zip(("dh", "dhr", "dw", "dwr"), got, ref):
+        assert (a is None) == (r is None), name
+        if r is not None:
+            e = rel_err(a.cpu(), r.cpu())
+            assert e <= 2e-5, f"[{mode}/{kept}] {name}: rel err {e:.3e}; {worst(a, r)}"
+
+
+@needs_triton
 @pytest.mark.parametrize("bwd", BWD)
 def test_backward_many_row_blocks_grouped_order(bwd, monkeypatch):
     """More row blocks than one launch-order group, with a partial last group (the group is

@@ -27,6 +27,7 @@ from .configs import (
     chunk_columns,
     device_arch,
     g_launches,
+    g_tiles_per_program,
     gblock_elems,
     gpu_config_name,
     grid_plan,
@@ -38,34 +39,22 @@ from .configs import (
 if triton is not None:
     from .common import _grouped_pid, _load_tile, _store_tile, _tile_grads, _tile_logits
 
-    # The body of the two G kernels below (they differ in what triton may specialize).
-    def _g_body(
-        h_ptr, hr_ptr, w_ptr, wr_ptr,  # inputs (see _tile_logits)
-        stats_ptr,  # (8, N) fp32: lse, lser, fkl, rkl, g_fkl, g_rkl, g_lp, g_lpr
-        g_out, gr_out,  # (N, >= chunk_v) buffers in the input dtypes: G / T and Gr / T
-        z_in, zr_in,  # (N, V) fp32 logits kept by the forward (FROM_LOGITS only)
-        # (g_out, gr_out, z_in, zr_in: TMA descriptors or pointers, see _store_tile)
-        N, V, D, DR, stride_h, stride_hr, stride_w, stride_wr, stride_g, stride_gr, stride_z,
-        inv_t,  # 1 / temperature
-        v0,  # first vocabulary column of this launch
-        chunk_v,  # columns of this launch (v0 + chunk_v <= V)
-        group,  # row blocks that sweep the chunk's tiles together (L2 reuse, _launch.py)
+    @triton.jit
+    def _g_tile(
+        h_ptr, hr_ptr, w_ptr, wr_ptr, stats_ptr, g_out, gr_out, z_in, zr_in,
+        rows, row_ok, r0, t,  # this program's rows (int64), their mask, first row; tile index
+        N, D, DR, stride_h, stride_hr, stride_w, stride_wr, stride_g, stride_gr, stride_z,
+        inv_t, v0, chunk_v,
         BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
         HAS_REF: tl.constexpr, SHARED: tl.constexpr, PREC: tl.constexpr, PREC_R: tl.constexpr,
-        DO_G: tl.constexpr, DO_GR: tl.constexpr,  # which gradient tiles to write
-        FROM_LOGITS: tl.constexpr,  # read the kept logits instead of recomputing them
-        TMA: tl.constexpr,  # the four tile buffers are TMA descriptors
+        DO_G: tl.constexpr, DO_GR: tl.constexpr, FROM_LOGITS: tl.constexpr, TMA: tl.constexpr,
     ):  # fmt: skip
-        """gblock backward, step 1: the logit-gradient tiles of one vocabulary chunk, written to
-        a (rows x chunk) buffer for the library GEMMs (already divided by T)."""
-        pid_n, pid_v = _grouped_pid(tl.cdiv(N, BLOCK_N), tl.cdiv(chunk_v, BLOCK_V), group)
-        rows = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-        local = (pid_v * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
+        """G / T (and Gr / T) of vocabulary tile ``t`` of the launch, stored (see _g_body)."""
+        local = (t * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
         cols = v0 + local
-        row_ok = rows < N
         col_ok = local < chunk_v
         ok = row_ok[:, None] & col_ok[None, :]
-        r0, c0 = pid_n * BLOCK_N, pid_v * BLOCK_V
+        c0 = t * BLOCK_V
         if FROM_LOGITS:
             z = _load_tile(z_in, r0, v0 + c0, rows, cols, ok, stride_z, TMA)
             zr = _load_tile(zr_in, r0, v0 + c0, rows, cols, ok, stride_z, TMA) if HAS_REF else z
@@ -81,16 +70,67 @@ if triton is not None:
         if DO_GR:
             _store_tile(gr_out, r0, c0, rows, local, ok, stride_gr, gr * inv_t, TMA)
 
+    # The body of the two G kernels below (they differ in what triton may specialize).
+    def _g_body(
+        h_ptr, hr_ptr, w_ptr, wr_ptr,  # inputs (see _tile_logits)
+        stats_ptr,  # (8, N) fp32: lse, lser, fkl, rkl, g_fkl, g_rkl, g_lp, g_lpr
+        g_out, gr_out,  # (N, >= chunk_v) buffers in the input dtypes: G / T and Gr / T
+        z_in, zr_in,  # (N, V) fp32 logits kept by the forward (FROM_LOGITS only)
+        # (g_out, gr_out, z_in, zr_in: TMA descriptors or pointers, see _store_tile)
+        N, V, D, DR, stride_h, stride_hr, stride_w, stride_wr, stride_g, stride_gr, stride_z,
+        inv_t,  # 1 / temperature
+        v0,  # first vocabulary column of this launch
+        chunk_v,  # columns of this launch (v0 + chunk_v <= V)
+        group,  # row blocks that sweep the chunk's tiles together (L2 reuse, _launch.py)
+        tiles_per_split,  # FLATTEN: tiles one program loops over (else 1)
+        n_splits,  # column blocks of the grouped order: splits (FLATTEN) or tiles
+        BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+        HAS_REF: tl.constexpr, SHARED: tl.constexpr, PREC: tl.constexpr, PREC_R: tl.constexpr,
+        DO_G: tl.constexpr, DO_GR: tl.constexpr,  # which gradient tiles to write
+        FROM_LOGITS: tl.constexpr,  # read the kept logits instead of recomputing them
+        TMA: tl.constexpr,  # the four tile buffers are TMA descriptors
+        FLATTEN: tl.constexpr,  # a loop over tiles_per_split tiles, pipelined as one with D's
+    ):  # fmt: skip
+        """gblock backward, step 1: the logit-gradient tiles of one vocabulary chunk, written to
+        a (rows x chunk) buffer for the library GEMMs (already divided by T). One tile per
+        program, or with FLATTEN ``tiles_per_split`` consecutive tiles in one software-pipelined
+        loop with the D loop (KernelConfig.flatten: the next tile's copies fly during a tile's
+        epilogue and store; a split's tiles past the chunk are masked and write nothing)."""
+        pid_n, pid_s = _grouped_pid(tl.cdiv(N, BLOCK_N), n_splits, group)
+        rows = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+        row_ok = rows < N
+        r0 = pid_n * BLOCK_N
+        if FLATTEN:
+            for i in tl.range(0, tiles_per_split, flatten=True):
+                _g_tile(
+                    h_ptr, hr_ptr, w_ptr, wr_ptr, stats_ptr, g_out, gr_out, z_in, zr_in,
+                    rows, row_ok, r0, pid_s * tiles_per_split + i,
+                    N, D, DR, stride_h, stride_hr, stride_w, stride_wr, stride_g, stride_gr,
+                    stride_z, inv_t, v0, chunk_v,
+                    BLOCK_N, BLOCK_V, BLOCK_D, HAS_REF, SHARED, PREC, PREC_R,
+                    DO_G, DO_GR, FROM_LOGITS, TMA,
+                )  # fmt: skip
+        else:
+            _g_tile(
+                h_ptr, hr_ptr, w_ptr, wr_ptr, stats_ptr, g_out, gr_out, z_in, zr_in,
+                rows, row_ok, r0, pid_s,
+                N, D, DR, stride_h, stride_hr, stride_w, stride_wr, stride_g, stride_gr,
+                stride_z, inv_t, v0, chunk_v,
+                BLOCK_N, BLOCK_V, BLOCK_D, HAS_REF, SHARED, PREC, PREC_R,
+                DO_G, DO_GR, FROM_LOGITS, TMA,
+            )  # fmt: skip
+
     # The int arguments triton would specialize at a launch (multiples of 16, the value 1) are
     # fixed here, so that the kernel a GPU runs is the one tests/test_triton_aot.py compiles
     # (it checks that every int argument is either compiled as aligned or listed below). N, V
     # and group take any value and are never specialized (at N % 16 == 0, as at N = 8192, the
-    # specialized "g_both" kernel spilled 16 B: AOT, triton 3.7.1); v0 is always a multiple of
-    # 16 (configs.g_launches); chunk_v is one too for the entries in G_ALIGNED, which launch
-    # ``_g_kernel_aligned`` (their tiles spill otherwise), and any width for the rest (a ragged
-    # tail, kept logits), which launch ``_g_kernel``.
-    _g_kernel = triton.jit(do_not_specialize=["N", "V", "group", "chunk_v"])(_g_body)
-    _g_kernel_aligned = triton.jit(do_not_specialize=["N", "V", "group"])(_g_body)
+    # specialized "g_both" kernel spilled 16 B: AOT, triton 3.7.1), nor are the split counts;
+    # v0 is always a multiple of 16 (configs.g_launches); chunk_v is one too for the entries in
+    # G_ALIGNED, which launch ``_g_kernel_aligned`` (their tiles spill otherwise), and any width
+    # for the rest (a ragged tail, kept logits), which launch ``_g_kernel``.
+    _PLAIN = ["N", "V", "group", "tiles_per_split", "n_splits"]
+    _g_kernel = triton.jit(do_not_specialize=[*_PLAIN, "chunk_v"])(_g_body)
+    _g_kernel_aligned = triton.jit(do_not_specialize=_PLAIN)(_g_body)
 
 
 # ---------------------------------------------------------------------------------- host side
@@ -226,7 +266,7 @@ def backward_gblock(
             for off, width, part in g_launches(name, vl):
                 pcfg = config or named_config(part, n, max(d, dr))
                 plan = grid_plan(pcfg, n, width, d, dr, has_ref, shared, h.dtype, dev,
-                                 tiles_per_program=1)  # fmt: skip
+                                 tiles_per_program=g_tiles_per_program(pcfg))  # fmt: skip
                 # Buffer columns [off, off + width): a tail's view keeps a 16-byte aligned
                 # base for TMA (off is a multiple of 16 elements).
                 g_out, gr_out = (tile_arg(x[:, off:], width, pcfg.block_n, pcfg.block_v, tma)
@@ -243,10 +283,12 @@ def backward_gblock(
                     g_arg.stride(0), gr_arg.stride(0),
                     z_buf.stride(0) if logits is not None else 0,  # unused without logits
                     1.0 / temperature, v0 + off, width, plan.group,
+                    plan.tiles_per_split, plan.splits,
                     BLOCK_N=pcfg.block_n, BLOCK_V=pcfg.block_v, BLOCK_D=pcfg.block_d,
                     HAS_REF=has_ref, SHARED=shared,
                     PREC=DOT_PRECISION[h.dtype], PREC_R=DOT_PRECISION[hr_.dtype],
                     DO_G=do_g, DO_GR=do_gr, FROM_LOGITS=logits is not None, TMA=tma,
+                    FLATTEN=pcfg.flatten,
                     **launch_opts(pcfg),
                 )  # fmt: skip
             cols = slice(v0, v0 + vl)

@@ -26,10 +26,11 @@ class KernelConfig(NamedTuple):
     # Programs resident per SM on sm_90 (registers and shared memory of the compiled kernel allow
     # it; tests/test_triton_aot.py checks): sizes the waves of the launch plan (_launch.py).
     per_sm: int = 1
-    # Forward only: one software-pipelined loop over (vocabulary tile, D slice) instead of a
-    # tile loop around a D loop (``tl.range(flatten=True)``), so the copies of a tile's first
-    # slices are in flight during the previous tile's epilogue instead of starting after it
-    # (the tests check the compiled loop nest on sm_80 / sm_90). Needs num_stages > 1.
+    # Forward and G kernel: one software-pipelined loop over (vocabulary tile, D slice) instead
+    # of a tile loop around a D loop (the G kernel: instead of one tile per program), through
+    # ``tl.range(flatten=True)``, so the copies of a tile's first slices are in flight during
+    # the previous tile's epilogue (and G stores) instead of starting after it (the tests check
+    # the compiled loop nest on sm_80 / sm_90). Needs num_stages > 1.
     flatten: bool = False
 
 
@@ -65,7 +66,9 @@ GPU_CONFIGS = {
     "fwd_fp32": KernelConfig(64, 64, 16, 8, 1),
     "fwd_fp32_logprob": KernelConfig(32, 64, 32, 4, 1, per_sm=4),
     "bwd_fp32": KernelConfig(64, 32, 16, 8, 1),
-    "g": KernelConfig(128, 128, 64, 8, 3),  # sm_90 gblock writing G or Gr (LoRA): m64n128k16
+    # sm_90 gblock writing G or Gr (LoRA): m64n128k16, several tiles per program in one
+    # flattened loop (one tile per program spilled 80 B as a loop, 0 B unlooped; flattened 0 B)
+    "g": KernelConfig(128, 128, 64, 8, 3, flatten=True),
     # sm_90 gblock writing G AND Gr from recomputed logits (trained shared head, or a reference
     # that needs gradients): m64n128k16, 255 registers, 0 B of spill, but only for chunk widths
     # that are multiples of G_ALIGN (triton specializes such a `chunk_v`; any other width spills
@@ -102,14 +105,16 @@ def _next_pow2(x: int) -> int:
     return 1 << max(0, int(x) - 1).bit_length()
 
 
-def _interp_config(n: int, d: int) -> KernelConfig:
-    """Large blocks under the interpreter: it pays per operation, not per element."""
+def _interp_config(n: int, d: int, flatten: bool = False) -> KernelConfig:
+    """Large blocks under the interpreter: it pays per operation, not per element; the GPU
+    entry's loop structure (``flatten``: a G kernel's tile loop runs only then)."""
     return KernelConfig(
         block_n=min(64, max(16, _next_pow2(n))),
         block_v=512,
         block_d=min(128, max(16, _next_pow2(d))),
         num_warps=4,
         num_stages=1,
+        flatten=flatten,
     )
 
 
@@ -185,7 +190,15 @@ def kernel_config(
 def named_config(name: str, n: int, d: int) -> KernelConfig:
     """The tiles a launch of entry ``name`` runs with: the interpreter's own under
     TRITON_INTERPRET=1 (it pays per operation, not per element), else ``GPU_CONFIGS[name]``."""
-    return _interp_config(n, d) if triton_interpret() else GPU_CONFIGS[name]
+    if triton_interpret():
+        return _interp_config(n, d, GPU_CONFIGS[name].flatten)
+    return GPU_CONFIGS[name]
+
+
+def g_tiles_per_program(cfg: KernelConfig) -> int | None:
+    """Vocabulary tiles per G-kernel program: 1, or with ``cfg.flatten`` the launch plan's
+    choice (splits that fill whole waves, as the forward's; ``_launch.plan``)."""
+    return None if cfg.flatten else 1
 
 
 def tma_tiles(device: torch.device | None) -> bool:
