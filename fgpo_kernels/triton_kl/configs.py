@@ -67,7 +67,7 @@ GPU_CONFIGS = {
     "fwd_fp32_logprob": KernelConfig(32, 64, 32, 4, 1, per_sm=4),
     "bwd_fp32": KernelConfig(64, 32, 16, 8, 1),
     # sm_90 gblock writing G or Gr (LoRA): m64n128k16, several tiles per program in one
-    # flattened loop (one tile per program spilled 80 B as a loop, 0 B unlooped; flattened 0 B)
+    # flattened loop (0 B of spill; a plain tile loop around the D loop spilled 80 B)
     "g": KernelConfig(128, 128, 64, 8, 3, flatten=True),
     # sm_90 gblock writing G AND Gr from recomputed logits (trained shared head, or a reference
     # that needs gradients): m64n128k16, 255 registers, 0 B of spill, but only for chunk widths
