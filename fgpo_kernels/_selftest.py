@@ -5,9 +5,11 @@ before auto-selection trusts them with a training run. CPU tests cannot execute 
 a GPU actually runs; a failure makes the impl unavailable, with the case and statistic named.
 
 A case is ``(mode, n, d, dr, v, splits, dtype, lora)``: mode "shared" (the reference uses the
-policy's head: LoRA when ``lora``, hidden-state gradients only), "separate" or "logprob"; the
-impl's forward runs with ``splits`` vocabulary splits (0 = its own choice), inputs are rounded
-to ``dtype`` and impl "torch" sees the same rounded values in fp32.
+policy's head), "separate" or "logprob"; ``lora`` False: every gradient, True: hidden-state
+gradients only (h and hr, no head), "frozen-ref": the policy's hidden states only (LoRA
+training against a frozen reference: the common backward); the impl's forward runs with
+``splits`` vocabulary splits (0 = its own choice), inputs are rounded to ``dtype`` and impl
+"torch" sees the same rounded values in fp32.
 """
 
 from __future__ import annotations
@@ -66,8 +68,12 @@ class Case:
         self.args = [to(x, dtype) for x in (h, hr, w, wr)]
         self.args32 = [to(x, torch.float32) for x in self.args]  # the same rounded values
         self.grads = RowGrads(*(to(x, torch.float32) for x in g))
-        self.need = Needs(True, kl, not lora, mode == "separate" and not lora)
-        self.what = f"{mode} {str(dtype)[6:]}{' LoRA' if lora else ''} (n={n}, d={d}, v={v})"
+        if lora == "frozen-ref":
+            self.need = Needs(True, False, False, False)
+        else:
+            self.need = Needs(True, kl, not lora, mode == "separate" and not lora)
+        tag = {False: "", True: " LoRA", "frozen-ref": " LoRA frozen-ref"}[lora]
+        self.what = f"{mode} {str(dtype)[6:]}{tag} (n={n}, d={d}, v={v})"
 
 
 Forward = Callable[..., RowStats]  # (h, hr, w, wr, temperature, splits=) -> RowStats

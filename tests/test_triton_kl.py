@@ -537,7 +537,7 @@ def test_self_test_passes():
 @needs_triton
 @pytest.mark.parametrize("path,named", [
     ("fp16 forward", "float16 (n=33, d=96, v=515) forward lse"),
-    ("LoRA backward", "LoRA (n=40, d=528, v=1003) backward dh"),
+    ("LoRA backward", "LoRA frozen-ref (n=40, d=528, v=1003) backward dh"),
     ("kept logits", "separate bfloat16 (n=70, d=64, v=301) kept-logit backward dw"),
     ("jacobians", "logprob float16 (n=9, d=32, v=77) jacobian lp"),
 ])  # fmt: skip

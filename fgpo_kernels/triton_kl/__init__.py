@@ -74,13 +74,14 @@ def _old_interpreter() -> bool:
 
 # (mode, n, d, dr, v, splits, dtype, LoRA) for ``_selftest``: D = 528 wraps the forward's 3-stage
 # ring of 64-wide slices (9 of them) and, with 8 vocabulary tiles over 3 splits, runs its
-# flattened loop across tiles; a trained shared head writes G and Gr (entry "g_both", and a
-# 3-column tail on "g_narrow": 515 = 32 x 16 + 3); D != Dr; fp16 is the second instantiation of
-# every kernel. Each case also runs the forward that keeps its logits and the G kernel reading
-# them back (``forward_with_grads``, and ``forward_with_jacobians``: the frozen-head plan of
-# LoRA training; TMA tiles on sm_90).
+# flattened loop across tiles; LoRA against a frozen reference takes entry "g" (G alone, a
+# split of tiles per program in one flattened loop); a trained shared head writes G and Gr
+# (entry "g_both", and a 3-column tail on "g_narrow": 515 = 32 x 16 + 3); D != Dr; fp16 is the
+# second instantiation of every kernel. Each case also runs the forward that keeps its logits
+# and the G kernel reading them back (``forward_with_grads``, and ``forward_with_jacobians``:
+# the frozen-head plan of LoRA training; TMA tiles on sm_90).
 SELF_TEST_CASES = (
-    ("shared", 40, 528, 528, 1003, 3, torch.bfloat16, True),
+    ("shared", 40, 528, 528, 1003, 3, torch.bfloat16, "frozen-ref"),
     ("shared", 33, 96, 96, 515, 2, torch.float16, False),
     ("separate", 70, 64, 48, 301, 0, torch.bfloat16, False),
     ("logprob", 9, 32, 0, 77, 1, torch.float16, False),
