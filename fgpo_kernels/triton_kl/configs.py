@@ -75,8 +75,11 @@ GPU_CONFIGS = {
     # 8 B here and 64 B at 128 x 128 x 64 / 8 warps, triton 3.7.1, TMA stores) and with N not
     # specialized (N % 16 == 0 spilled 16 B): `_g_kernel_aligned` specializes chunk_v and v0
     # only, `_g_kernel` (every other launch) v0 only. ``g_launches``
-    # hands it such widths only and sends a ragged tail (< 16 columns) to "g_narrow".
-    "g_both": KernelConfig(64, 128, 32, 4, 3, per_sm=2),
+    # hands it such widths only and sends a ragged tail (< 16 columns) to "g_narrow". A split of
+    # tiles per program in one flattened loop, as "g" (0 B of spill on triton 3.7.1 and 3.6.0;
+    # so does 128 x 128 x 64 / 8 warps flattened, at 1 per SM, whose unhidden epilogue, the
+    # heaviest of all, makes the whole backward 1.5 % slower in the model; not yet timed).
+    "g_both": KernelConfig(64, 128, 32, 4, 3, per_sm=2, flatten=True),
     # Every other gblock launch: G from kept logits with a reference (FROM_LOGITS; TMA loads
     # spill 320 B at 128 x 128, pointer loads 4 KB at 64 x 128; no dot there, so the width buys
     # no tensor-core rate), the tails of "g_both" chunks, and everything on sm_80 (m64n64 on
