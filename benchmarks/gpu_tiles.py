@@ -1,6 +1,6 @@
 """The shipped sm_90 tiles of the Triton forward and G kernel against the tiles that overlap the
-epilogue with a second program per SM (and the forward against its loop nest unflattened),
-timed side by side next to their PREDICTED times.
+epilogue with a second program per SM (and the flattened loops against their unflattened
+twins), timed side by side next to their PREDICTED times.
 
     python -m benchmarks.gpu_tiles --out DIR          # a GPU: the design §4 shapes
     python -m benchmarks.gpu_tiles --out DIR --dry-run   # CPU rehearsal, tiny shapes
@@ -9,8 +9,9 @@ Why: one 128 x 128 program per SM (``GPU_CONFIGS["fwd"]`` / ``["g"]``, wgmma m64
 the exp/log epilogue of each vocabulary tile unoverlapped; 64 x 128 tiles with 4 warps fit two
 programs per SM, so one program's epilogue runs under the other's matmuls, at the price of
 half the hidden-state rows per weight tile (more shared-memory and L2 traffic per FLOP).
-``benchmarks.gpu_model`` PREDICTS a wash (-1.4% / +7.7% forward, shared / separate weight, at
-N=8192) and does not charge L2-to-SM bandwidth, so only a GPU can decide; the first GPU session
+``benchmarks.gpu_model`` PREDICTS a wash (-1.4% / +7.7% forward, -1.8% / +4.5% G kernel's
+backward, shared / separate weight, at N=8192) and does not charge L2-to-SM bandwidth, so only
+a GPU can decide; the first GPU session
 runs this (``gpu_session.sh``, phase ``tiles``). ``tests/test_triton_aot.py`` compiles every
 entry of ``ALTERNATIVES`` for sm_90 with triton 3.7.1 and 3.6.0 and holds it to the shipped
 entries' checks (no spills, m64n128k16, the loop nest, 2 programs per SM). The forwards run one
