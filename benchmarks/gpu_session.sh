@@ -164,7 +164,16 @@ if ls benchmarks/wheels/*.whl > /dev/null 2>&1 && [ "$DRY" != 1 ]; then
     phase peers $PY -m pip install --no-deps --no-index --find-links benchmarks/wheels \
         liger-kernel cut-cross-entropy
 fi
-phase status $PY -c "import json, fgpo_kernels as fk; print(json.dumps(fk.backend_status(), indent=1))"
+# One impl per line as each answers (a phase cut off by its limit keeps what finished): cuda's
+# self-test first (built ahead), then triton's, which compiles its kernels for this GPU.
+phase status $PY -c "
+import json, time
+from fgpo_kernels import _registry
+for name in ('torch', 'cuda', 'triton'):
+    t0 = time.time()
+    st = _registry.status(name)
+    print(name, f'{time.time() - t0:.1f}s', json.dumps(st), flush=True)
+"
 # The Triton self-test ran (and is in status.log); later phases time and test the Triton kernels
 # even where it failed (a session is rare: what a failing kernel measures is worth having, next
 # to the failure), and each process skips recompiling and rerunning it.

@@ -92,7 +92,10 @@ def test_dry_run_rehearses_every_phase(tmp_path):
         assert steps["model"].startswith("skipped: benchmarks/gpu_model.py")
     for name in ("machine", "status", "gpu_tests", "bench", "backward", "tiles", "cuda_check"):
         assert steps[name] == "ok", f"{name}: {steps[name]}\n{(res / f'{name}.log').read_text()}"
-    assert "fgpo_kernels._C" in (res / "status.log").read_text()
+    status = (res / "status.log").read_text()
+    assert "fgpo_kernels._C" in status
+    # one line per impl as it answers, with its seconds (the GPU's self-tests are timed there)
+    assert [line.split()[0] for line in status.splitlines()] == ["torch", "cuda", "triton"]
     rows = (res / "results.csv").read_text().splitlines()
     assert len(rows) >= 2 and ",ok," in rows[1], rows[:2]
     bwd = (res / "backward" / "backward.csv").read_text()
