@@ -102,3 +102,37 @@ def test_no_logits_tensor_the_head_never_runs(tmp_path, prefs, name):
     row = tr.train_step(0)
     hook.remove()
     assert calls == [] and row["grad_norm"] > 0
+
+
+class _AutoNeedsTorchvision:
+    """transformers 5.17 without torchvision: ``AutoImageProcessor`` itself refuses to load."""
+
+    @staticmethod
+    def from_pretrained(*a, **kw):
+        raise ImportError("AutoImageProcessor requires the Torchvision library")
+
+
+@pytest.mark.parametrize("name", ["tiny-llava", "tiny-medgemma", "tiny-qwen2.5-vl"])
+def test_processor_loads_where_auto_needs_torchvision(tmp_path, monkeypatch, name):
+    """A saved processor loads back through the class its config names (its PIL twin) when
+    ``AutoImageProcessor`` needs torchvision, and preprocesses an image exactly as before; a
+    config that names no class is refused with the directory named."""
+    import transformers
+    from PIL import Image
+
+    from fgpo.models.processor import VLProcessor
+
+    _, proc = tiny.build_tiny(name)
+    proc.save_pretrained(str(tmp_path))
+    monkeypatch.setattr(transformers, "AutoImageProcessor", _AutoNeedsTorchvision)
+    back = VLProcessor.from_pretrained(str(tmp_path))
+    assert type(back.image_processor) is type(proc.image_processor)
+    img = Image.fromarray((torch.arange(24 * 20 * 3) % 251).reshape(24, 20, 3).byte().numpy())
+    want, got = (p.image_processor(images=[img], return_tensors="pt") for p in (proc, back))
+    assert want.keys() == got.keys()
+    for k in want:
+        assert torch.equal(want[k], got[k]), k
+    cfg = tmp_path / "preprocessor_config.json"
+    cfg.write_text(cfg.read_text().replace('"image_processor_type"', '"was_type"'))
+    with pytest.raises(ImportError, match=f"{tmp_path}: cannot load its image processor"):
+        VLProcessor.from_pretrained(str(tmp_path))

@@ -250,12 +250,29 @@ class VLProcessor:
 
 
 def _load_image_processor(path: str) -> Any:
-    from transformers import AutoImageProcessor
+    """The image processor saved at ``path``, on the PIL backend where this transformers has one
+    (it needs no torchvision). Releases before ``backend=`` (5.17, the GPU machine's) gate
+    ``AutoImageProcessor`` itself on torchvision but ship each model's PIL class: the class the
+    config names is loaded then."""
+    import transformers
 
-    try:  # the PIL backend needs no torchvision
-        return AutoImageProcessor.from_pretrained(path, backend="pil")
-    except Exception:
-        return AutoImageProcessor.from_pretrained(path)
+    errors: list[Exception] = []
+    for kwargs in ({"backend": "pil"}, {}):
+        try:
+            return transformers.AutoImageProcessor.from_pretrained(path, **kwargs)
+        except Exception as e:
+            errors.append(e)
+    from transformers.image_processing_base import ImageProcessingMixin
+
+    config, _ = ImageProcessingMixin.get_image_processor_dict(path)
+    name = str(config.get("image_processor_type") or "").removesuffix("Fast")
+    cls = getattr(transformers, name + "Pil", None) or getattr(transformers, name, None)
+    if not name or cls is None:
+        raise ImportError(
+            f"{path}: cannot load its image processor ({name or 'no image_processor_type'}) with "
+            f"transformers {transformers.__version__}: {errors[-1]}"
+        ) from errors[-1]
+    return cls.from_pretrained(path)
 
 
 def model_family(config: Any) -> str:
