@@ -158,7 +158,13 @@ def test_train_step_benchmark_writes_both_modes(tmp_path):
     plain, shared = rows["plain"], rows["shared"]
     assert float(shared["first_loss"]) == pytest.approx(float(plain["first_loss"]), rel=1e-5)
     assert int(shared["tokens_per_pass"]) < int(plain["tokens_per_pass"])
-    assert (int(plain["vision_runs_per_step"]), int(shared["vision_runs_per_step"])) == (16, 4)
+    from transformers import Qwen2_5_VLModel
+
+    from fgpo.models.prefix import takes_vision_features
+
+    once = takes_vision_features(Qwen2_5_VLModel)  # else the tower runs in each model's pass
+    runs = (int(plain["vision_runs_per_step"]), int(shared["vision_runs_per_step"]))
+    assert runs == (16, 4 if once else 8)
     assert shared["plan"].startswith("shared prefix on (qwen-vl, sdpa)")
     assert plain["image_tokens"] == "16" and float(plain["peak_mib"]) > 0
 

@@ -159,7 +159,8 @@ def test_shared_prefix_step_equals_plain(built, pairs4, tmp_path, name, preset):
     plain = _trainer(built, name, pairs4, tmp_path / "p", False, preset=preset)
     shared = _trainer(built, name, pairs4, tmp_path / "s", True, preset=preset)
     assert not plain.prefix.enabled
-    assert shared.prefix.enabled and shared.prefix.share_vision, shared.prefix.describe()
+    once = prefix.takes_vision_features(M.backbone(shared.model))  # else per pass, and says so
+    assert shared.prefix.enabled and shared.prefix.share_vision == once, shared.prefix.describe()
     (b,) = shared.encode(0)
     if preset == "fire_mpo":
         assert b["n_seq"] == 4 and sorted(b["has_corrupt"].tolist()) == [0.0, 0.0, 1.0, 1.0]
@@ -170,7 +171,8 @@ def test_shared_prefix_step_equals_plain(built, pairs4, tmp_path, name, preset):
     _assert_same_step(_step(plain), _step(shared))
     n_seq = b["n_seq"]
     assert calls_p == [4 * n_seq, 4 * n_seq]  # every sequence, in both passes
-    assert calls_s == [6 if n_seq == 4 else 4]  # each distinct image once, for both models
+    rows = 6 if n_seq == 4 else 4
+    assert calls_s == ([rows] if once else [rows, rows])  # each distinct image once (per pass)
 
 
 @pytest.mark.parametrize("name", ["tiny-llava", "tiny-qwen2.5-vl"])
@@ -281,9 +283,12 @@ def test_plan_names_every_fallback(built):
     # Packed, but per-pass vision, and why: a vision tower that trains, or one with dropout.
     ft = copy.deepcopy(model)
 
+    older = () if prefix.takes_vision_features(inner) else ("takes no mm_encoder_outputs",)
+
     def vision(*notes: str) -> None:
         args = (M.backbone(ft), M.language_model(ft))
         p = plan(*args, requested=True, reference="adapters")
+        notes += older
         assert p.enabled and p.share_vision == (not notes), p.describe()
         assert all(n in p.describe() for n in notes), p.describe()
 

@@ -482,6 +482,12 @@ def plan_shared_prefix(
         notes.append(why)
     if not family.shares_vision:
         notes.append(f"{family.name} takes no precomputed vision features")
-    elif "mm_encoder_outputs" not in inspect.signature(inner.forward).parameters:
+    elif not takes_vision_features(inner):
         notes.append(f"this transformers' {type(inner).__name__} takes no mm_encoder_outputs")
     return PrefixPlan(family, not notes, impl, tuple(notes))
+
+
+def takes_vision_features(inner: nn.Module | type) -> bool:
+    """Whether this transformers' backbone takes precomputed vision output back
+    (``mm_encoder_outputs``; releases before it, e.g. 5.17, run the tower in every pass)."""
+    return "mm_encoder_outputs" in inspect.signature(inner.forward).parameters
