@@ -36,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+import fgpo_kernels as fk
 from benchmarks import gpu_model
 from benchmarks.gpu_backward import _inputs, _timer
 from fgpo_kernels._backend import Needs
@@ -138,6 +139,10 @@ def main(argv=None) -> int:
     if not args.dry_run and not torch.cuda.is_available():
         print("error: no CUDA device (use --dry-run on a CPU)", file=sys.stderr)
         return 2
+    triton = fk.backend_status()["triton"]
+    if not triton["available"]:  # e.g. triton 3.6's CPU interpreter under numpy 2
+        print(f"skipped: impl triton is unavailable: {triton['reason']}")
+        return 0
     run(Path(args.out), args.dry_run, args.repeats)
     return 0
 

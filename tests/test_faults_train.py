@@ -55,6 +55,15 @@ def _sigint() -> None:
     os.kill(os.getpid(), signal.SIGINT)  # a real Ctrl-C: raised where Python next checks
 
 
+@pytest.fixture
+def ctrl_c_raises():
+    """Python's own Ctrl-C handler for the test: a pytest started in the background by a
+    non-interactive shell inherits SIGINT ignored, and no Ctrl-C would ever arrive."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 def _arm(tr: Trainer, phase: str, monkeypatch, at: int = 1) -> None:
     """Send one SIGINT during ``phase`` of step ``at`` (0-based; the second step: no
     checkpoint exists yet, so the failure handler must write the right one)."""
@@ -128,7 +137,7 @@ PHASES = [
 
 @pytest.mark.parametrize("phase", PHASES)
 def test_ctrl_c_at_any_phase_resumes_bit_exactly(tmp_path, prefs, llava, reference, phase,
-                                                 monkeypatch):  # fmt: skip
+                                                 monkeypatch, ctrl_c_raises):  # fmt: skip
     """Before: Ctrl-C after a completed step (eval, log, save) checkpointed the RNG of the
     step's start, and Ctrl-C after ``optimizer.step()`` saved the updated weights as the
     previous step; both resumed into a different run without a word."""
