@@ -17,6 +17,8 @@ STAMP := $(ENV)/.fgpo-installed
 # triton: the tested release (the Triton tests run in its CPU interpreter).
 TORCH_VERSION ?= 2.13.0
 TRITON_VERSION ?= 3.7.1
+# More pins for `pip install -e .[dev]` (test-oldest sets them).
+PINS ?=
 HAVE_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
 ifeq ($(HAVE_GPU),yes)
 TORCH_INDEX ?=
@@ -25,7 +27,7 @@ TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 endif
 BUILD_INPUTS := pyproject.toml setup.py $(wildcard csrc/*.py csrc/*.cu csrc/*.cuh csrc/*.h csrc/*.cpp)
 
-.PHONY: install test demo example lint format bench-quick clean
+.PHONY: install test test-oldest demo example lint format bench-quick clean
 
 install: $(STAMP)
 
@@ -38,11 +40,19 @@ $(STAMP): $(PY) $(BUILD_INPUTS)
 			$(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) || \
 		$(PY) -m pip install -q torch==$(TORCH_VERSION)
 	@$(PY) -c "import triton" 2>/dev/null || $(PY) -m pip install -q triton==$(TRITON_VERSION)
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev]" $(PINS)
 	@touch $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest tests -q -ra
+
+# The whole suite on the oldest releases the package accepts, the GPU machine's (torch 2.11,
+# triton 3.6, transformers 5.17), without torchvision, in an environment of its own. On a CPU
+# the Triton interpreter tests skip there (triton 3.6's interpreter cannot run them under
+# numpy 2).
+test-oldest:
+	$(MAKE) test VIRTUAL_ENV=$(CURDIR)/.venv-oldest TORCH_VERSION=2.11.0 TRITON_VERSION=3.6.0 \
+		PINS="torch==2.11.0 triton==3.6.0 transformers==5.17.0"
 
 demo: $(STAMP)
 	$(ENV)/bin/fgpo demo --out demo_out --publish docs/demo --readme README.md
