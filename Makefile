@@ -47,9 +47,8 @@ test: $(STAMP)
 	$(PY) -m pytest tests -q -ra
 
 # The whole suite on the oldest releases the package accepts, the GPU machine's (torch 2.11,
-# triton 3.6, transformers 5.17), without torchvision, in an environment of its own. On a CPU
-# the Triton interpreter tests skip there (triton 3.6's interpreter cannot run them under
-# numpy 2).
+# triton 3.6, transformers 5.17), without torchvision, in an environment of its own (the Triton
+# tests run in triton 3.6's interpreter, patched by the tests: tests/triton_interp_patch.py).
 test-oldest:
 	$(MAKE) test VIRTUAL_ENV=$(CURDIR)/.venv-oldest TORCH_VERSION=2.11.0 TRITON_VERSION=3.6.0 \
 		PINS="torch==2.11.0 triton==3.6.0 transformers==5.17.0"

@@ -487,14 +487,38 @@ def test_probe_says_why_when_unusable(monkeypatch):
     st = tk.probe()
     assert not st["available"] and "CUDA" in st["reason"] and "TRITON_INTERPRET" in st["reason"]
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setattr(tk, "_old_interpreter", lambda: True)
+    monkeypatch.setattr(tk, "_old_interpreter", lambda: "TypeError: int() of an array")
     st = tk.probe()
     assert not st["available"] and ">= 3.7" in st["reason"]
-    monkeypatch.setattr(tk, "_old_interpreter", lambda: False)
+    assert "(TypeError: int() of an array;" in st["reason"]
+    monkeypatch.setattr(tk, "_old_interpreter", lambda: None)
     assert tk.probe()["available"]
     monkeypatch.setattr(tk, "triton", None)
     st = tk.probe()
     assert not st["available"] and "triton" in st["reason"]
+
+
+def test_interpreter_loop_check_runs_a_kernel(monkeypatch):
+    """``common.interpreter_loop_error`` runs a loop with a runtime bound in the interpreter:
+    None here (triton 3.7, or 3.6 with the tests' interpreter patch); triton 3.6's own
+    conversion of a scalar to an index, ``int()`` of a 1-element array, fails it under numpy 2."""
+    pytest.importorskip("triton")
+    import numpy as np
+    from triton.runtime import interpreter
+
+    from fgpo_kernels.triton_kl import common
+
+    assert common.interpreter_loop_error() is None
+    if int(np.__version__.split(".")[0]) < 2:
+        pytest.skip("numpy 1 converts 1-element arrays to int")
+    original = interpreter._patch_lang_tensor
+
+    def like_triton_36(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data))
+
+    monkeypatch.setattr(interpreter, "_patch_lang_tensor", like_triton_36)
+    assert "0-dimensional arrays" in common.interpreter_loop_error()
 
 
 def test_split_choice_fills_the_gpu(monkeypatch):
@@ -582,7 +606,7 @@ def test_probe_runs_the_self_test_once_on_a_gpu(monkeypatch):
 
     calls = []
     monkeypatch.setattr(tk, "_PROBE", None)
-    monkeypatch.setattr(tk, "_old_interpreter", lambda: False)
+    monkeypatch.setattr(tk, "_old_interpreter", lambda: None)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H200")

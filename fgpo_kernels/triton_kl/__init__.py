@@ -20,6 +20,7 @@ env FGPO_TRITON_BWD ("gblock" or "atomic"). Design, and why gblock is the defaul
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -30,7 +31,7 @@ from .._backend import Grads, Needs, RowGrads, RowStats
 from .._util import no_cuda_reason, triton_interpret
 from .bwd_atomic import backward_atomic
 from .bwd_gblock import backward_gblock
-from .common import IMPORT_ERROR, triton
+from .common import IMPORT_ERROR, interpreter_loop_error, triton
 from .configs import (
     BWD_MODES,
     GPU_CONFIGS,
@@ -63,13 +64,11 @@ __all__ = [
 ]
 
 
-def _old_interpreter() -> bool:
-    import numpy as np
-
-    def major_minor(v: str) -> tuple:
-        return tuple(int(p) for p in v.split(".")[:2] if p.isdigit())
-
-    return major_minor(triton.__version__) < (3, 7) and major_minor(np.__version__) >= (2,)
+@functools.cache
+def _old_interpreter() -> str | None:
+    """Why the CPU interpreter cannot run these kernels (``common.interpreter_loop_error``, tried
+    once per process), or None."""
+    return interpreter_loop_error()
 
 
 # (mode, n, d, dr, v, splits, dtype, LoRA) for ``_selftest``: D = 528 wraps the forward's 3-stage
@@ -135,12 +134,12 @@ def probe() -> dict:
             "built": True,
             "reason": f"{no_cuda_reason()} (set TRITON_INTERPRET=1 to run on CPU tensors)",
         }
-    if triton_interpret() and _old_interpreter():
+    if triton_interpret() and (why := _old_interpreter()):
         return {
             "available": False,
             "built": True,
             "reason": f"triton {triton.__version__}'s interpreter cannot run loops with runtime "
-            "bounds under numpy 2 (needs triton >= 3.7 to run on CPU)",
+            f"bounds here ({why}; triton 3.6's under numpy 2: needs triton >= 3.7 to run on CPU)",
         }
     if triton_interpret():
         mode = f"triton {triton.__version__}, interpreter (TRITON_INTERPRET=1)"

@@ -178,6 +178,27 @@ if triton is not None:
         else:
             return tl.load(src + rows[:, None] * stride + cols[None, :], mask=ok, other=0.0)
 
+    @triton.jit
+    def _count_to(out_ptr, n):
+        """Store n, counted by a loop with a runtime bound (``interpreter_loop_error``)."""
+        count = tl.zeros((1,), tl.int32)
+        for _ in tl.range(0, n):
+            count += 1
+        tl.store(out_ptr + tl.arange(0, 1), count)
+
+
+def interpreter_loop_error() -> str | None:
+    """Why this triton's CPU interpreter cannot run a loop with a runtime bound (every kernel
+    here has one), or None when it can: triton 3.6's turns a scalar into an index with
+    ``int(array)``, which numpy 2 refuses for 1-element arrays. Runs one tiny kernel; call it
+    under TRITON_INTERPRET=1 only (on a GPU it would compile)."""
+    out = torch.zeros(1, dtype=torch.int32)
+    try:
+        _count_to[(1,)](out, 3)
+    except Exception as exc:  # the interpreter's own error, reported, never raised
+        return f"{type(exc).__name__}: {exc}"
+    return None if int(out) == 3 else f"a loop of 3 iterations counted {int(out)}"
+
 
 def _check(h: Tensor, name: str) -> None:
     if h.dtype not in DOT_PRECISION:
