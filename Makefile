@@ -27,7 +27,7 @@ TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 endif
 BUILD_INPUTS := pyproject.toml setup.py $(wildcard csrc/*.py csrc/*.cu csrc/*.cuh csrc/*.h csrc/*.cpp)
 
-.PHONY: install test test-oldest demo example lint format bench-quick clean
+.PHONY: install test test-oldest demo example lint format bench-quick gpu-wheels clean
 
 install: $(STAMP)
 
@@ -67,6 +67,12 @@ format: $(STAMP)
 
 bench-quick: $(STAMP)
 	$(PY) -m benchmarks.run --quick --device cpu --out benchmarks/results/cpu
+
+# The peers benchmarks/gpu_session.sh times, as wheels for the GPU machine's Python 3.12 (it has
+# no network): run where pip has one, then name benchmarks/wheels in the device tool's `carry`.
+gpu-wheels:
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+		-d benchmarks/wheels liger-kernel==0.8.5 cut-cross-entropy==25.1.1
 
 clean:
 	rm -rf build *.egg-info .pytest_cache

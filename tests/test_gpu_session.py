@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -54,6 +55,18 @@ def test_plan_fits_the_lease():
     assert total == sum(int(limits[p]) for p in PHASES)
     assert total <= budget <= CALL_LIMIT_S - 60, "leave a minute of the call for the transfers"
     assert budget + START_S <= LEASE_S, "the session and a slow machine start exceed the lease"
+
+
+def test_documented_limits_are_the_plans():
+    """The limits in the script's header and in benchmarks/README.md's table are the ones it
+    runs under (they drifted once: the README kept an earlier split of the 540 s)."""
+    proc = subprocess.run(["bash", str(SCRIPT)], env={**os.environ, "FGPO_PLAN": "1"},
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    plan = {k: v for k, v in (line.split() for line in proc.stdout.splitlines()) if k in PHASES}
+    header = re.findall(r"^#   (\w+) +(\d+) ", SCRIPT.read_text(), re.M)
+    table = re.findall(r"^\| (\w+) \| (\d+) \|", (ROOT / "benchmarks/README.md").read_text(), re.M)
+    assert dict(header) == plan and [p for p, _ in header] == PHASES, header
+    assert dict(table) == plan and [p for p, _ in table] == PHASES, table
 
 
 @pytest.mark.parametrize(
