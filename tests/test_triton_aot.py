@@ -106,6 +106,7 @@ def _aot_worker(jobs_json: str) -> None:
     import re
     import subprocess
     import tempfile
+    import time
 
     import triton
     from triton.backends.compiler import GPUTarget
@@ -160,7 +161,9 @@ def _aot_worker(jobs_json: str) -> None:
         unknown += sorted(p.name for p in kernel.params if p.is_constexpr and p.name not in consts)
         src = ASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=attrs)
         opts = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+        started = time.perf_counter()
         k = triton.compile(src, target=GPUTarget("cuda", job["arch"], 32), options=opts)
+        seconds = time.perf_counter() - started  # what a first launch on a GPU pays, about
         ptx, cubin = k.asm["ptx"], k.asm["cubin"]
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "k.cubin")
@@ -171,6 +174,7 @@ def _aot_worker(jobs_json: str) -> None:
             ).stdout
         usage = {key: int(v) for key, v in re.findall(r"\b(REG|STACK|LOCAL):(\d+)", out)}
         result = dict(job, usage=usage, unknown_constexprs=unknown, cubin_bytes=len(cubin))
+        result["compile_s"] = round(seconds, 2)
         result["target_ok"] = f".target sm_{job['arch']}" in ptx
         result["wgmma"] = sorted(set(re.findall(r"wgmma\.mma_async\.sync\.aligned\.(\w+?)\.", ptx)))
         result["mma_sync"] = "mma.sync" in ptx
