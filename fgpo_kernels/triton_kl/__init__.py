@@ -138,8 +138,9 @@ def probe() -> dict:
         return {
             "available": False,
             "built": True,
-            "reason": f"triton {triton.__version__}'s interpreter cannot run loops with runtime "
-            f"bounds here ({why}; triton 3.6's under numpy 2: needs triton >= 3.7 to run on CPU)",
+            "reason": f"triton {triton.__version__}'s interpreter failed a kernel with a loop of "
+            f"runtime bound here ({why}; triton 3.6's always does under numpy 2: needs triton "
+            ">= 3.7 to run on CPU)",
         }
     if triton_interpret():
         mode = f"triton {triton.__version__}, interpreter (TRITON_INTERPRET=1)"
