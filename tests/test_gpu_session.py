@@ -46,10 +46,15 @@ def _steps(res: Path) -> dict[str, str]:
     return out
 
 
-def test_plan_fits_the_lease():
+def _plan() -> dict[str, str]:
+    """What ``FGPO_PLAN=1`` prints: each phase's limit, total, budget, cuda_archs."""
     proc = subprocess.run(["bash", str(SCRIPT)], env={**os.environ, "FGPO_PLAN": "1"},
                           capture_output=True, text=True, check=True)  # fmt: skip
-    limits = dict(line.split() for line in proc.stdout.splitlines())
+    return dict(line.split() for line in proc.stdout.splitlines())
+
+
+def test_plan_fits_the_lease():
+    limits = _plan()
     assert [k for k in limits if k not in ("total", "budget", "cuda_archs")] == PHASES
     total, budget = int(limits["total"]), int(limits["budget"])
     assert total == sum(int(limits[p]) for p in PHASES)
@@ -60,9 +65,7 @@ def test_plan_fits_the_lease():
 def test_documented_limits_are_the_plans():
     """The limits in the script's header and in benchmarks/README.md's table are the ones it
     runs under (they drifted once: the README kept an earlier split of the 540 s)."""
-    proc = subprocess.run(["bash", str(SCRIPT)], env={**os.environ, "FGPO_PLAN": "1"},
-                          capture_output=True, text=True, check=True)  # fmt: skip
-    plan = {k: v for k, v in (line.split() for line in proc.stdout.splitlines()) if k in PHASES}
+    plan = {k: v for k, v in _plan().items() if k in PHASES}
     header = re.findall(r"^#   (\w+) +(\d+) ", SCRIPT.read_text(), re.M)
     table = re.findall(r"^\| (\w+) \| (\d+) \|", (ROOT / "benchmarks/README.md").read_text(), re.M)
     assert dict(header) == plan and [p for p, _ in header] == PHASES, header
