@@ -23,7 +23,9 @@ ran before ("...-1tile").
 
 Rows are appended to DIR/tiles.csv as each one is measured: kernel, tiles, case, median / p20 /
 p80 ms (CUDA events; wall clock on CPU), the model's prediction for those tiles (H200
-datasheet; ``--tflops`` rescales nothing here: compare the ratios), and the status.
+datasheet; ``--tflops`` rescales nothing here: compare the ratios), and the status. On a GPU,
+each case ends with the choice FGPO_TRITON_TUNE=1 makes on the same inputs (tiles "tuned: ...",
+``triton_kl/tune.py``), which should agree with the side-by-side rows above it.
 """
 
 from __future__ import annotations
@@ -43,13 +45,14 @@ from fgpo_kernels._backend import Needs
 from fgpo_kernels.triton_kl import configs
 
 # Candidate tiles per shipped entry: (block_n, block_v, block_d, warps, stages, programs per SM).
+# The 2-per-SM tiles are the ones FGPO_TRITON_TUNE=1 may pick (``configs.TUNE_CANDIDATES``).
 ALTERNATIVES = {
     "fwd": [
-        configs.KernelConfig(64, 128, 32, 4, 3, per_sm=2, flatten=True),
+        *configs.TUNE_CANDIDATES["fwd"],
         configs.GPU_CONFIGS["fwd"]._replace(flatten=False),
     ],
     "g": [
-        configs.KernelConfig(64, 128, 32, 4, 3, per_sm=2),
+        *configs.TUNE_CANDIDATES["g"],
         configs.GPU_CONFIGS["g"]._replace(flatten=False),
     ],
 }
@@ -103,6 +106,41 @@ def _case_rows(n: int, shared: bool, d: int, v: int, dtype, device: str, reps: i
             except Exception as exc:  # report it and go on
                 row.update(status="error", reason=f"{type(exc).__name__}: {exc}"[:300])
             yield row
+    if device == "cuda":
+        yield from _tuned_rows(sets[0], n, shared, base)
+
+
+def _tuned_rows(inputs, n: int, shared: bool, base: dict):
+    """What FGPO_TRITON_TUNE=1 picks on these inputs (``triton_kl/tune.py``): one row per
+    kernel, its tiles "tuned: ...", p50 the chosen tiles' median, reason every tiles' median
+    and any dropped candidate."""
+    from fgpo_kernels.triton_kl import tune
+
+    before = os.environ.get(tune.ENV)
+    os.environ[tune.ENV] = "1"
+    try:
+        tune.clear()
+        for kernel in ("fwd", "g"):
+            row = {**base, "kernel": kernel, "per_sm": "", "n": n, "tiles": "tuned",
+                   "weight": "shared" if shared else "separate",
+                   "predicted_ms": float("nan")}  # fmt: skip
+            try:
+                _call(kernel, None, *inputs)
+                (c,) = [c for c in tune.choices() if c["entry"] == kernel]
+                times = "; ".join(f"{k} {v:.3f} ms" for k, v in c["ms"].items())
+                dropped = "; ".join(f"{k} dropped: {v}" for k, v in c["dropped"].items())
+                reason = "; ".join(x for x in (times, dropped) if x)
+                row.update(tiles=f"tuned: {c['chosen']}", p50_ms=c["ms"][c["chosen"]],
+                           status="ok", reason=reason)  # fmt: skip
+            except Exception as exc:  # report it and go on
+                row.update(status="error", reason=f"{type(exc).__name__}: {exc}"[:300])
+            yield row
+    finally:
+        tune.clear()
+        if before is None:
+            os.environ.pop(tune.ENV, None)
+        else:
+            os.environ[tune.ENV] = before
 
 
 def run(out_dir: Path, dry: bool, reps: int) -> list[dict]:

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from .._backend import Grads, Needs, RowGrads, RowStats
+from . import tune
 from .common import DOT_PRECISION, on_device, prepare, row_inputs, tile_arg, tl, triton
 from .configs import (
     G_ALIGN,
@@ -227,7 +228,16 @@ def backward_gblock(
     # ``config`` replaces the tiles of every launch, not the split.
     name = gpu_config_name("g", n, h.dtype, has_ref, shared=shared, both=do_g and do_gr,
                            held=logits is not None, arch=device_arch(dev))  # fmt: skip
-    cfg = config or named_config(name, n, max(d, dr))
+    if config is None:  # the shipped tiles, or with FGPO_TRITON_TUNE=1 the fastest (tune.py)
+        key = (str(dev), h.dtype, has_ref, shared, need_h, need_hr, need_w, need_wr,
+               logits is not None, tune.rows_bucket(n), d, dr, v)  # fmt: skip
+        cfg = tune.config_for(
+            name, named_config(name, n, max(d, dr)), dev, key,
+            lambda c: backward_gblock(h, hr, w, wr, temperature, stats, grads, need, config=c,
+                                      chunk_elems=chunk_elems, logits=logits),
+        )  # fmt: skip
+    else:
+        cfg = config
     hr_, wr_ = (hr if has_ref else h), (w if shared else wr)
     budget = gblock_elems(chunk_elems, dev, h.element_size())
 
@@ -264,7 +274,7 @@ def backward_gblock(
         for v0 in range(0, v, vc):
             vl = min(vc, v - v0)
             for off, width, part in g_launches(name, vl):
-                pcfg = config or named_config(part, n, max(d, dr))
+                pcfg = cfg if part == name else config or named_config(part, n, max(d, dr))
                 plan = grid_plan(pcfg, n, width, d, dr, has_ref, shared, h.dtype, dev,
                                  tiles_per_program=g_tiles_per_program(pcfg))  # fmt: skip
                 # Buffer columns [off, off + width): a tail's view keeps a 16-byte aligned

@@ -1,4 +1,5 @@
-"""Kernel configurations and launch-shape choices of the Triton impl (no autotuning).
+"""Kernel configurations and launch-shape choices of the Triton impl (no autotuning unless
+asked: ``tune.py``, env FGPO_TRITON_TUNE=1).
 
 One explicit table of GPU tile sizes (``GPU_CONFIGS``), the interpreter's tiles, the number of
 vocabulary splits of the forward, the backward mode and the gblock chunk width. Everything here
@@ -34,7 +35,7 @@ class KernelConfig(NamedTuple):
     flatten: bool = False
 
 
-# The shipped GPU configurations, one line each (no autotuning). The tests compile every entry
+# The shipped GPU configurations, one line each (tune.py: opt-in). The tests compile every entry
 # ahead of time for the architectures it serves (``SM80_ONLY`` / ``SM90_ONLY``, else sm_80 and
 # sm_90), for each kernel variant, with D, Dr and the strides multiples of 16 as the launcher
 # specializes them at the SPEC shape (the kernels tell triton not to specialize their other int
@@ -86,6 +87,18 @@ GPU_CONFIGS = {
     # sm_90, mma.sync on sm_80).
     "g_narrow": KernelConfig(128, 64, 64, 8, 3),
     "g_fp32": KernelConfig(64, 64, 16, 8, 2, per_sm=2),
+}
+# Tiles a run with FGPO_TRITON_TUNE=1 may take instead of the shipped "fwd" / "g" (``tune.py``
+# times them at first use): 64 x 128 with one warpgroup (m64n128k16), two programs per SM, so
+# one program's exp/log epilogue runs under the other's matmuls (the shipped 128 x 128 tiles,
+# one per SM, overlap it with the next tile's copies only) at the price of twice the W traffic
+# from L2 per FLOP. The model PREDICTS a wash; only a GPU can choose. tests/test_triton_aot.py
+# compiles them like the shipped entries (through benchmarks/gpu_tiles.py, which times them).
+TUNE_CANDIDATES = {
+    "fwd": (KernelConfig(64, 128, 32, 4, 3, per_sm=2, flatten=True),),
+    # one tile per program: flattened, these tiles spill 64 B (shared) / 72 B (separate) of
+    # registers (triton 3.7.1, sm_90)
+    "g": (KernelConfig(64, 128, 32, 4, 3, per_sm=2),),
 }
 SM90_ONLY = ("fwd", "fwd_store", "g", "g_both")
 SM80_ONLY = ("fwd_sm80", "fwd_store_sm80")

@@ -19,8 +19,17 @@ import torch
 from torch import Tensor
 
 from .._backend import RowStats, finish_kl
+from . import tune
 from .common import DOT_PRECISION, on_device, prepare, tile_arg, tl, triton
-from .configs import KernelConfig, grid_plan, kernel_config, launch_opts, tma_tiles
+from .configs import (
+    KernelConfig,
+    device_arch,
+    gpu_config_name,
+    grid_plan,
+    launch_opts,
+    named_config,
+    tma_tiles,
+)
 
 if triton is not None:
     from .common import _grouped_pid, _store_tile, _tile_logits
@@ -129,9 +138,15 @@ def forward(
     has_ref, shared = hr is not None, wr is None
     dr = hr.shape[1] if has_ref else d
     kind = "fwd" if logits is None else "fwd_store"
-    cfg = config or kernel_config(
-        kind, n, max(d, dr), h.dtype, has_ref, shared=shared, device=h.device
-    )
+    if config is None:  # the shipped tiles, or with FGPO_TRITON_TUNE=1 the fastest (tune.py)
+        name = gpu_config_name(kind, n, h.dtype, has_ref, shared=shared,
+                               arch=device_arch(h.device))  # fmt: skip
+        key = (str(h.device), h.dtype, has_ref, shared, tune.rows_bucket(n), d, dr, v)
+        config = tune.config_for(
+            name, named_config(name, n, max(d, dr)), h.device, key,
+            lambda c: forward(h, hr, w, wr, temperature, splits=splits, config=c),
+        )  # fmt: skip
+    cfg = config
     plan = grid_plan(cfg, n, v, d, dr, has_ref, shared, h.dtype, h.device, splits=splits)
     s = plan.splits
     part = torch.empty((6 if has_ref else 2, n, s), dtype=torch.float32, device=h.device)
