@@ -4,7 +4,8 @@
     python -m benchmarks.gpu_backward --out DIR --dry-run   # CPU rehearsal, tiny shapes
 
 Paths: ``triton_gblock`` and ``triton_atomic`` (``triton_kl.backward(mode=...)``), ``cuda``
-(``cuda_kl.backward``: the CUDA backward, whatever auto-dispatch picks), ``torch`` (chunked
+(``cuda_kl.backward(bwd="cuda")``: the CUDA backward kernel, which ``FGPO_CUDA_BWD=cuda`` selects;
+impl cuda's default backward is ``triton_gblock``'s), ``torch`` (chunked
 PyTorch, few-rows shapes only: it is not a GPU path), and ``triton_held`` (``forward_with_grads``:
 the forward that keeps the logits and turns them into gradients; its time includes that
 forward, so compare it with forward + backward, the ``fwd`` row of the same shape). Each is
@@ -92,6 +93,10 @@ def _paths(n: int, few_rows: bool) -> dict:
                 mode = name.split("_")[1]
                 out[name] = lambda h, hr, w, s, g, need, m=mod, mode=mode: m.backward(
                     h, hr, w, None, 1.0, s, g, need, mode=mode
+                )
+            elif name == "cuda":  # its own kernel: its default backward is triton_gblock's
+                out[name] = lambda h, hr, w, s, g, need, m=mod: m.backward(
+                    h, hr, w, None, 1.0, s, g, need, bwd="cuda"
                 )
             else:
                 out[name] = lambda h, hr, w, s, g, need, m=mod: m.backward(

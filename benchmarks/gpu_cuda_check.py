@@ -135,17 +135,23 @@ def correctness(quick: bool, paths: dict[str, str | None]) -> list[dict]:
                     continue
                 backward_done.add(impl)
                 st = RowStats(*(x.float() for x in ref))
-                outb = mod.backward(*low, t, st, RowGrads(*gs), need)
-                for nm, a, b in zip(("dh", "dhr", "dw", "dwr"), outb, ref_b):
-                    if b is not None:
-                        row[f"{impl}_{nm}"] = rel(a, b)
+                # impl cuda: its default backward (triton's gblock) and its own kernel, which
+                # only FGPO_CUDA_BWD=cuda runs ("cuda_kernel_...")
+                kinds = [(impl, {})]
+                if impl == "cuda":
+                    kinds.append(("cuda_kernel", {"bwd": "cuda"}))
+                for label, kw in kinds:
+                    outb = mod.backward(*low, t, st, RowGrads(*gs), need, **kw)
+                    for nm, a, b in zip(("dh", "dhr", "dw", "dwr"), outb, ref_b):
+                        if b is not None:
+                            row[f"{label}_{nm}"] = rel(a, b)
             cuda_paths = [p for i, p in runs if i == "cuda"]
             if cuda_paths:
                 row["cuda_ok"] = all(
                     row.get(f"cuda_{p}_{nm}", math.inf) <= 2 * row[f"materialized_{nm}"] + 1e-4
                     for p in cuda_paths
                     for nm in ("lse", "lser", "fkl", "rkl")
-                ) and all(row[k] <= 2e-2 for k in row if k.startswith("cuda_d"))
+                ) and all(row[k] <= 2e-2 for k in row if k.startswith(("cuda_d", "cuda_kernel_d")))
             rows.append(row)
             print(json.dumps(row), flush=True)
             del low, exact, ref, ref_b
@@ -245,7 +251,7 @@ def timing(quick: bool, paths: dict[str, str | None], default: str | None,
         tgt = torch.randint(0, v, (n,), device=DEVICE)
         # Useful matmul FLOPs (design §4.4): forward 2 logit dots; backward dh (hr takes no
         # gradient here) and, with the shared head trained, dW from both sides (G^T h + Gr^T hr).
-        # Executed FLOPs add what the plan the op took recomputes (impls.executed_by_plan).
+        # Executed FLOPs add what the plan the op took recomputes (impls.split_by_plan).
         one = 2 * n * v * d
         f_fwd = 2 * one
         for impl, path, kind in timed(runs, default):

@@ -8,8 +8,11 @@
 #
 #   phase       limit (s)  what
 #   machine        15      nvidia-smi, nvcc, python/torch/triton versions, commit
-#   install       130      pip install --no-deps --no-build-isolation -e . (_C for this GPU only:
-#                          sm_90a on an H100/H200, for the wgmma forward; FGPO_PLAN=1 shows it)
+#   install       120      pip install --no-deps --no-build-isolation -e . (_C for this GPU only:
+#                          sm_90a on an H100/H200, for the wgmma forward; FGPO_PLAN=1 shows it;
+#                          53 s with nvcc on the 2-core Xeon)
+#   peers          10      Liger-Kernel and Cut Cross-Entropy from benchmarks/wheels (make
+#                          gpu-wheels; skipped without them)
 #   status         55      backend_status(): the first-use self-tests of _C and of the Triton
 #                          kernels (compiled here for this GPU, kept in triton's disk cache;
 #                          20 variants, each 0.55 s median / 1.3 s max to compile for sm_90
@@ -49,7 +52,7 @@ cd "$(dirname "$0")/.." || exit 1
 PY=${PY:-python3}  # the GPU image's python3 is the one with torch
 DRY=${FGPO_DRY_RUN:-0}
 BUDGET=${FGPO_BUDGET_S:-540}
-PHASES="machine:15 install:130 status:55 gpu_tests:55 bench:120 backward:50 tiles:40 \
+PHASES="machine:15 install:120 peers:10 status:55 gpu_tests:55 bench:120 backward:50 tiles:40 \
 cuda_check:45 model:10 kernel_tests:10 plot:10"
 
 limit_of() {  # the budget of phase $1 (FGPO_T_<PHASE> overrides)
@@ -115,6 +118,10 @@ phase() {
     local name=$1 limit t0 rc took what left
     shift
     limit=$(limit_of "$name")
+    if [ "$limit" -le 0 ]; then  # not in PHASES (or FGPO_T_<PHASE>=0): `timeout 0` is no limit
+        skip "$name" "no budget in PHASES"
+        return 0
+    fi
     left=$((DEADLINE - $(date +%s)))
     [ "$left" -lt "$limit" ] && limit=$left
     if [ "$left" -lt 5 ]; then
@@ -163,9 +170,13 @@ else
     FGPO_BUILD_CUDA=1 FGPO_CUDA_ARCHS=$(cuda_archs) MAX_JOBS=${MAX_JOBS:-$(nproc)} \
         phase install $PY -m pip install --no-deps --no-build-isolation --no-index -e .
 fi
-if ls benchmarks/wheels/*.whl > /dev/null 2>&1 && [ "$DRY" != 1 ]; then
+if [ "$DRY" = 1 ]; then
+    skip peers "dry run (the installed peers are used)"
+elif ls benchmarks/wheels/*.whl > /dev/null 2>&1; then
     phase peers $PY -m pip install --no-deps --no-index --find-links benchmarks/wheels \
         liger-kernel cut-cross-entropy
+else
+    skip peers "no wheels in benchmarks/wheels (make gpu-wheels)"
 fi
 # One impl per line as each answers (a phase cut off by its limit keeps what finished): cuda's
 # self-test first (built ahead), then triton's, which compiles its kernels for this GPU.

@@ -17,8 +17,9 @@ D that is not a multiple of 8 (or a misaligned view) is zero-padded on the fly (
 Backward: by default impl "cuda" hands its backward to impl "triton"'s gblock backward (G chunks
 + cuBLAS GEMMs; docs/design.md §3.4): the CUDA backward kernel sweeps the vocabulary fastest
 and reduces into the whole fp32 dW once per row block, which a GPU run has yet to time against
-gblock. ``FGPO_CUDA_BWD=cuda`` (or ``backward(..., bwd="cuda")``) runs the CUDA kernel; without a
-usable Triton the CUDA kernel runs too, and ``probe()`` says which backward is in use.
+gblock. ``FGPO_CUDA_BWD=cuda`` (or ``backward(..., bwd="cuda")``) runs the CUDA kernel, and only
+then: without a usable Triton the default backward is impl "torch"'s chunked one (library GEMMs,
+as gblock), and ``probe()`` says which backward is in use.
 
 The two entry points are ``torch.library`` custom ops (``fgpo::cuda_token_stats_fwd`` /
 ``_bwd``, flat tensor arguments: the typed contract is unpacked at that boundary only) with fake
@@ -47,7 +48,8 @@ _IMPORT_ERROR: str | None = None
 _PROBE: dict | None = None
 _SELFTEST_RUNNING = False
 # The backward that impl "cuda" runs (env FGPO_CUDA_BWD): "triton" = impl "triton"'s gblock
-# backward (the default until a GPU run has timed every backward path), "cuda" = the CUDA kernel.
+# backward, or impl "torch"'s where Triton is unusable (the default until a GPU run has timed
+# every backward path), "cuda" = the CUDA kernel.
 BWD_CHOICES = ("triton", "cuda")
 
 
@@ -80,7 +82,8 @@ def _bwd_note() -> str:
     if choice == "cuda":
         return "backward: the CUDA kernel (FGPO_CUDA_BWD=cuda)"
     if _triton_backward() is None:
-        return "backward: the CUDA kernel (impl 'triton' unavailable for the default gblock)"
+        return ("backward: impl 'torch' chunked (impl 'triton' is unavailable for the default "
+                "gblock; FGPO_CUDA_BWD=cuda for the CUDA kernel)")  # fmt: skip
     return "backward: impl 'triton' gblock (FGPO_CUDA_BWD=cuda for the CUDA kernel)"
 
 
@@ -436,6 +439,10 @@ def backward(
         tri = _triton_backward()
         if tri is not None:
             return tri.backward(h, hr, w, wr, temperature, stats, grads, need, mode="gblock")
+        # No usable Triton: the chunked PyTorch backward, not the CUDA kernel nobody has timed.
+        from . import _registry
+
+        return _registry.module("torch").backward(h, hr, w, wr, temperature, stats, grads, need)
     need = Needs(*need).possible(hr, wr)
     # The custom op takes flat tensors and flags (its schema has no tuples).
     out = _bwd_op(h, hr, w, wr, float(temperature), *stats, *grads, *need)

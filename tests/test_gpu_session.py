@@ -23,7 +23,7 @@ SCRIPT = ROOT / "benchmarks" / "gpu_session.sh"
 CALL_LIMIT_S = 600  # one call of the device tool
 LEASE_S = 15 * 60  # all GPU time of a session, the machine's start included
 START_S = 5 * 60  # a fresh machine's start ("a few minutes"), assumed at its worst
-PHASES = ["machine", "install", "status", "gpu_tests", "bench", "backward", "tiles",
+PHASES = ["machine", "install", "peers", "status", "gpu_tests", "bench", "backward", "tiles",
           "cuda_check", "model", "kernel_tests", "plot"]  # fmt: skip
 
 
@@ -101,6 +101,7 @@ def test_dry_run_rehearses_every_phase(tmp_path):
     steps = _steps(res)
     assert list(steps) == PHASES, steps
     assert steps["install"].startswith("skipped: dry run")
+    assert steps["peers"].startswith("skipped: dry run")
     assert steps["kernel_tests"] == "TIMED OUT after 1s", steps
     assert steps["plot"] == "ok", (res / "plot.log").read_text()
     if (ROOT / "benchmarks" / "gpu_model.py").exists():
@@ -151,20 +152,22 @@ def test_dry_run_rehearses_every_phase(tmp_path):
 def test_budget_clips_the_phases(tmp_path):
     """With 6 seconds of budget and a Python that hangs, the first phase's limit is clipped to
     the 6 seconds left, and every phase past the deadline is skipped and recorded as such: the
-    call never runs past its budget."""
+    call never runs past its budget. A phase with no budget (here FGPO_T_MACHINE=0; a phase
+    missing from PHASES alike) is skipped: `timeout 0` would have meant no limit at all."""
     hang = tmp_path / "hang.sh"
     hang.write_text("#!/bin/sh\nsleep 60\n")
     hang.chmod(0o755)
-    proc, res, _ = _run(tmp_path, FGPO_BUDGET_S="6", PY=str(hang))
+    proc, res, _ = _run(tmp_path, FGPO_BUDGET_S="6", PY=str(hang), FGPO_T_MACHINE="0")
     assert proc.returncode == 0, proc.stderr[-2000:]
     steps = _steps(res)
     assert list(steps) == PHASES, steps
-    assert steps["machine"] == "TIMED OUT after 6s", steps
+    assert steps["machine"] == "skipped: no budget in PHASES", steps
+    assert steps["status"] == "TIMED OUT after 6s", steps
     seconds = [int(line.rsplit(None, 1)[1].rstrip("s")) for line in
                (res / "steps.txt").read_text().splitlines()]  # fmt: skip
     assert sum(seconds) <= 6 + 5, steps  # + timeout's --kill-after grace
     skipped = {n for n, st in steps.items() if st == "SKIPPED (no time left)"}
-    assert skipped == set(PHASES) - {"machine", "install"}, steps
+    assert skipped == set(PHASES) - {"machine", "install", "peers", "status"}, steps
 
 
 class _FakeCudaKl:
@@ -263,8 +266,9 @@ def test_cuda_check_checks_and_times_each_forward_path(monkeypatch):
             out = torch_impl.forward(*args)
             return type(out)(*(x * 1.01 for x in out)) if broken and path == broken else out
 
-        def backward(self, *args):
-            calls.add((self.name, os.environ.get("FGPO_CUDA_FWD"), "backward"))
+        def backward(self, *args, bwd=None):
+            kind = "backward" if bwd is None else f"backward bwd={bwd}"
+            calls.add((self.name, os.environ.get("FGPO_CUDA_FWD"), kind))
             return torch_impl.backward(*args)
 
     monkeypatch.delenv("FGPO_CUDA_FWD", raising=False)
@@ -288,10 +292,14 @@ def test_cuda_check_checks_and_times_each_forward_path(monkeypatch):
     rows = cc.correctness(True, both)
     # (bf16 gradients at these 9-row shapes exceed the check's 2e-2 bound: fp16 rows only)
     assert [r["cuda_ok"] for r in rows if r["dtype"] == "float16"] == [True, True], rows
-    assert {"cuda_wgmma_lse", "cuda_mma_rkl", "cuda_dh", "triton_lse"} <= set(rows[0])
+    assert {"cuda_wgmma_lse", "cuda_mma_rkl", "cuda_dh", "cuda_kernel_dw", "triton_lse"} <= set(
+        rows[0]
+    )
     assert not any(k.startswith(("cuda_wgmma_d", "cuda_mma_d")) for k in rows[0])
+    # impl cuda's backward twice: its default (triton's gblock) and its own kernel
     assert {c for c in calls if c[0] == "cuda"} == {
-        ("cuda", "wgmma", "forward"), ("cuda", "mma", "forward"), ("cuda", None, "backward")
+        ("cuda", "wgmma", "forward"), ("cuda", "mma", "forward"), ("cuda", None, "backward"),
+        ("cuda", None, "backward bwd=cuda"),
     }  # fmt: skip
     broken = "mma"  # one path off by 1% fails the check of every row, the other path passing
     assert not any(r["cuda_ok"] for r in cc.correctness(True, both))
@@ -318,3 +326,22 @@ def test_cuda_check_checks_and_times_each_forward_path(monkeypatch):
     assert [(r["path"], r["reason"]) for r in skipped] == [("wgmma", "sm_80 here")]
     assert "PREDICTED" in cc._line(skipped[0]) and "sm_80 here" in cc._line(skipped[0])
     assert "measured / predicted" in cc._line(rows[0])
+
+
+def test_backward_phase_times_the_cuda_kernel_not_the_default(monkeypatch):
+    """The backward phase's ``cuda`` row is impl cuda's own kernel (``bwd="cuda"``, what
+    FGPO_CUDA_BWD=cuda runs): its default backward is triton's gblock, timed as triton_gblock."""
+    from benchmarks import gpu_backward as gb
+
+    seen = []
+
+    class Cuda:
+        def backward(self, *args, **kw):
+            seen.append(kw)
+
+    monkeypatch.setattr(gb._registry, "status", lambda impl: {"available": True, "reason": ""})
+    real = gb._registry.module
+    monkeypatch.setattr(gb._registry, "module",
+                        lambda name: Cuda() if name == "cuda" else real(name))  # fmt: skip
+    gb._paths(33, few_rows=True)["cuda"](None, None, None, None, None, None)
+    assert seen == [{"bwd": "cuda"}], seen

@@ -35,8 +35,9 @@ def test_fgpo_example_names_the_impl_it_runs(capsys):
 
 
 def test_cuda_impl_backward_defaults_to_triton_gblock(monkeypatch):
-    """impl "cuda" hands its backward to triton's gblock unless FGPO_CUDA_BWD=cuda asks for the
-    CUDA kernel (design §3.4); the choice is checked and named in the probe's reason. Runs on
+    """impl "cuda" hands its backward to triton's gblock (impl "torch"'s without a usable Triton)
+    unless FGPO_CUDA_BWD=cuda asks for the CUDA kernel (design §3.4); the choice is checked and
+    named in the probe's reason. Runs on
     CPU: the Triton interpreter takes the default path, the CUDA op is replaced by a recorder."""
     from fgpo_kernels import cuda_kl
     from fgpo_kernels._backend import Needs, RowGrads
@@ -76,3 +77,18 @@ def test_cuda_impl_backward_defaults_to_triton_gblock(monkeypatch):
     monkeypatch.setenv("FGPO_CUDA_BWD", "atomics")
     with pytest.raises(ValueError, match="FGPO_CUDA_BWD must be one of"):
         cuda_kl.backward(h, hr, w, None, 1.0, stats, grads, need)
+
+    # Without a usable Triton the default is impl "torch"'s chunked backward, never the CUDA
+    # kernel (it runs only when asked for).
+    calls.clear()
+    monkeypatch.delenv("FGPO_CUDA_BWD")
+    monkeypatch.setattr(cuda_kl, "_triton_backward", lambda: None)
+    torch_mod = _registry.module("torch")
+    real_torch = torch_mod.backward
+    monkeypatch.setattr(torch_mod, "backward",
+                        lambda *a, **k: calls.append("torch") or real_torch(*a, **k))  # fmt: skip
+    got = cuda_kl.backward(h, hr, w, None, 1.0, stats, grads, need)
+    assert calls == ["torch"], calls
+    want = real_torch(h, hr, w, None, 1.0, stats, grads, need)
+    assert all(torch.equal(a, b) for a, b in zip(got[:3], want[:3]))
+    assert "impl 'torch' chunked" in cuda_kl._bwd_note()
