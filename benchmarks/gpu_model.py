@@ -358,8 +358,9 @@ def readme_table() -> str:
 
 def compare(results_csv, dev: Device, cuda_path: str | None = None) -> list[dict]:
     """Predicted vs measured forward time for every GPU ``token_kl`` forward row of a
-    ``benchmarks.run`` CSV (impls triton and cuda; the bench's head is shared: the reference
-    uses ``w.detach()``), each predicted on the matmul rate that run measured. A cuda row is
+    ``benchmarks.run`` CSV (impls triton and cuda; the bench's reference weight is
+    ``w.detach()``, a distinct tensor, which the kernels read as a separate weight: predicted
+    as such), each predicted on the matmul rate that run measured. A cuda row is
     predicted for ``cuda_path`` (the forward kernel that ran); the CSV does not record it, so
     with None every cuda row is predicted for both paths, each marked "path not recorded"."""
     out = []
@@ -373,7 +374,7 @@ def compare(results_csv, dev: Device, cuda_path: str | None = None) -> list[dict
             ) or row.get("impl") not in ("triton", "cuda"):
                 continue
             rate = float(row["matmul_tflops"]) if row.get("matmul_tflops") else None
-            case = Case(int(row["N"]), int(row["D"]), int(row["V"]), True, False)
+            case = Case(int(row["N"]), int(row["D"]), int(row["V"]), False, False)
             measured = float(row["p50_ms"]) / 1e3
             if row["impl"] == "triton":
                 preds = [("", triton_forward(case, dev, rate))]

@@ -254,7 +254,10 @@ def build(impl: str, case, device: str, grad_w: bool = True, liger_eager: bool =
     w.requires_grad_(grad_w)
     y = torch.randint(0, v, (n,), generator=g).to(device)
     leaves = [h, w] if grad_w else [h]
-    wr = w.detach()  # the frozen reference shares the head (LoRA); no gradient on its side
+    # The reference head has the policy's values but takes no gradient: a distinct tensor, so
+    # our kernels take it as a separate weight (W read for each side; gpu_model.compare predicts
+    # that case). wr=None (the shared head) would also send the reference side's gradient to W.
+    wr = w.detach()
     note = ""
 
     if case.op == "token_kl":

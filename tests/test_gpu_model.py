@@ -144,10 +144,11 @@ def test_measured_rows_are_compared_with_predictions_on_their_own_matmul_rate(tm
     dev = gm.DEVICES["H200-SXM"]
     got = gm.compare(tmp_path / "results.csv", dev, cuda_path="mma")
     assert [(r["impl"], r["path"], r["case"]) for r in got] == [
-        ("triton", "", "N=8192 shared no dW"),
-        ("cuda", "mma", "N=256 shared no dW"),
+        ("triton", "", "N=8192 separate no dW"),
+        ("cuda", "mma", "N=256 separate no dW"),
     ]
-    case256 = gm.Case(256, 3584, 152064, True, False)
+    # the bench's reference weight is w.detach(): a separate weight to the kernels
+    case256 = gm.Case(256, 3584, 152064, False, False)
     assert got[1]["predicted_ms"] == pytest.approx(
         gm.cuda_forward(case256, dev, 600.0, path="mma").seconds * 1e3
     )
@@ -159,16 +160,16 @@ def test_measured_rows_are_compared_with_predictions_on_their_own_matmul_rate(tm
         ("mma", False),
     ]
     assert "| cuda wgmma (path not recorded) | N=256" in gm.compare_table(both)
-    pred = gm.triton_forward(gm.Case(8192, 3584, 152064, True, False), dev, 600.0).seconds
+    pred = gm.triton_forward(gm.Case(8192, 3584, 152064, False, False), dev, 600.0).seconds
     assert got[0]["predicted_ms"] == pytest.approx(pred * 1e3)
     assert got[0]["measured_over_predicted"] == pytest.approx(0.040 / pred)
-    assert pred != gm.triton_forward(gm.Case(8192, 3584, 152064, True, False), dev).seconds
+    assert pred != gm.triton_forward(gm.Case(8192, 3584, 152064, False, False), dev).seconds
     out = tmp_path / "model"
     assert gm.main(["--measured", str(tmp_path), "--out", str(out), "--device", "H200-SXM",
                     "--cuda-path", "wgmma"]) == 0  # fmt: skip
     text = (out / "gpu_model.md").read_text()
-    assert "PREDICTED vs measured" in text and "| triton | N=8192 shared no dW |" in text
-    assert "| cuda wgmma | N=256 shared no dW |" in text
+    assert "PREDICTED vs measured" in text and "| triton | N=8192 separate no dW |" in text
+    assert "| cuda wgmma | N=256 separate no dW |" in text
 
 
 def test_gblock_g_and_gr_use_the_launchers_split_and_wide_entry(monkeypatch):
