@@ -51,19 +51,19 @@ class Device(NamedTuple):
     hbm_bytes_per_s: float
     bf16_flops: float  # dense tensor-core FLOP/s
     hbm_capacity: int
-    smem_per_sm: int
 
 
 # Datasheet numbers (sources: NVIDIA H100 Tensor Core GPU datasheet, SXM5 column: 3.35 TB/s,
 # 989 TFLOPS bf16 dense (1979 with sparsity), 80 GB; NVIDIA H200 Tensor Core GPU datasheet, SXM:
 # 4.8 TB/s, 989 TFLOPS bf16 dense, 141 GB; NVIDIA H100 (Hopper) architecture whitepaper: 132
-# SMs on the SXM5 part, 50 MB L2, 228 KB shared memory per SM; the H200 is the same GH100 die,
-# whose full L2 is 60 MB: torch's L2_cache_size reads 60 MB on the H200 machines this project's
-# GPU sessions are lent (a reading of 2026-10-28), and the launch plan sizes its waves with what
-# the device reports (``_launch.l2_bytes``), so the model does too).
+# SMs on the SXM5 part, 50 MB L2; the H200 is the same GH100 die, whose full L2 is 60 MB: the
+# device library's record of the H200 machines this project's GPU sessions are lent
+# (/work/.library/device/KINDS.md, 2026-10-28, read by the workplace, not by this project: PyTorch
+# reported 'NVIDIA H200', 132 multiprocessors, 60 MB of L2), and the launch plan sizes its waves
+# with what the device reports (``_launch.l2_bytes``), so the model does too).
 DEVICES = {
-    "H100-SXM": Device("H100 SXM5", 132, 50 << 20, 3.35e12, 989.4e12, 80 * 10**9, 228 << 10),
-    "H200-SXM": Device("H200 SXM", 132, 60 << 20, 4.8e12, 989.4e12, 141 * 10**9, 228 << 10),
+    "H100-SXM": Device("H100 SXM5", 132, 50 << 20, 3.35e12, 989.4e12, 80 * 10**9),
+    "H200-SXM": Device("H200 SXM", 132, 60 << 20, 4.8e12, 989.4e12, 141 * 10**9),
 }
 # Per SM and clock on sm_90: dense bf16 tensor FLOPs (989.4 TFLOPS / 132 SMs / 1.83 GHz), shared
 # memory bytes (32 banks x 4 B), SFU exponentials and FP32 lanes (CUDA C++ Programming Guide,
@@ -272,6 +272,7 @@ def gblock_backward(
     w_models = 1 if case.shared else 2
     one = 2.0 * n * d * v
     compute = hbm = 0.0
+    waves, widest = 0, None  # over every G launch: waves summed, the largest wave working set
     for v0 in range(0, v, vc):  # each chunk: the G kernel launches, then the GEMMs
         width = min(vc, v - v0)
         for _off, cols, part in configs.g_launches(name, width):  # the launcher's split
@@ -288,6 +289,9 @@ def gblock_backward(
                                       tile_h=pcfg.block_n * h_row)  # fmt: skip
             compute += g_compute
             hbm += g_hbm
+            waves += plan.waves
+            if widest is None or plan.working_set > widest.working_set:
+                widest = plan
         # dh += G W_c (policy rows only: the reference is frozen); dW_c = G^T [h; hr] if trained.
         gemm = 2.0 * n * width * d + (2.0 * rows * width * d if case.grad_w else 0.0)
         gemm_hbm = rows * width * BF16 + width * d * BF16 + 2 * n * d * 4  # G, W_c, fp32 sum
@@ -300,7 +304,8 @@ def gblock_backward(
     compulsory = n * h_row + w_models * v * d * BF16 + n * d * 4 + (v * d * 4 if case.grad_w
                                                                     else 0)  # fmt: skip
     return _finish(f"triton gblock bwd [{name}, {chunks} chunks of {vc}]", case, dev, useful,
-                   executed, compute, hbm, compulsory, plan, tflops)  # fmt: skip
+                   executed, compute, hbm, compulsory, widest._replace(waves=waves),
+                   tflops)  # fmt: skip
 
 
 def predict(dev: Device, tflops: float | None = None) -> list[Prediction]:

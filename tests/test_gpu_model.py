@@ -201,3 +201,28 @@ def test_readme_table_is_the_models():
     table = gm.readme_table()
     assert table in readme, "README.md's PREDICTED table differs from the model:\n" + table
     assert "H200 ms" in table and table.count("\n") == 1 + 4 * (2 + len(gm.CUDA_FWD_PATHS))
+
+
+@pytest.mark.parametrize("device", sorted(gm.DEVICES))
+@pytest.mark.parametrize("n", gm.FEW_ROWS)
+@pytest.mark.parametrize("shared", [True, False], ids=["shared", "separate"])
+def test_gblock_traffic_beyond_2x_is_its_g_round_trip_and_gemm_reads(device, n, shared):
+    """With few rows (hidden states within L2/2) and no dW, the gblock backward's HBM bytes
+    exceed 2x the compulsory bytes only by what gblock pays to run its products in cuBLAS: G
+    written and read back by the dh GEMM, that GEMM's second read of W, and the fp32 dh sum read
+    and written once per chunk. Set those aside and the rest (the G kernel's reads of H and W,
+    as the forward's) is within 2x; with them a shared head's is above it (README's claim)."""
+    dev = gm.DEVICES[device]
+    case = gm.Case(n, *gm.SPEC[1:], shared, False)
+    assert n * 2 * case.d * gm.BF16 <= dev.l2_bytes // 2
+    pred = gm.gblock_backward(case, dev)
+    chunks = int(pred.kernel.split(", ")[1].split()[0])  # "[g, 10 chunks of 16384]"
+    rows = n  # LoRA: G only (the reference is frozen)
+    extra = (
+        2 * rows * case.v * gm.BF16  # G written, read by the dh GEMM
+        + case.v * case.d * gm.BF16  # the dh GEMM's read of W
+        + chunks * 2 * n * case.d * 4
+    )  # fp32 dh sum read and written per chunk
+    if shared:  # LoRA: W read once is most of the compulsory bytes, and the GEMM reads it again
+        assert pred.hbm_bytes > 2 * pred.compulsory_bytes, pred
+    assert pred.compulsory_bytes <= pred.hbm_bytes - extra <= 2 * pred.compulsory_bytes, pred
