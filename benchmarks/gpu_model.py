@@ -395,6 +395,33 @@ def compare(results_csv, dev: Device, cuda_path: str | None = None) -> list[dict
     return out
 
 
+def compare_backward(backward_csv, dev: Device, rate: float | None = None) -> list[dict]:
+    """Predicted vs measured time of every ``triton_gblock`` row of a ``benchmarks.gpu_backward``
+    CSV (the default backward on CUDA; shared head, ``dh`` = LoRA, ``dh+dW`` = trained head,
+    both sides' dW), predicted on ``rate`` (the bench's measured matmul rate) or the datasheet."""
+    out = []
+    with open(backward_csv, newline="") as f:
+        for row in csv.DictReader(f):
+            if row.get("path") != "triton_gblock" or row.get("status") != "ok":
+                continue
+            case = Case(int(row["n"]), int(row["d"]), int(row["v"]), True, row["need"] == "dh+dW")
+            pred = gblock_backward(case, dev, rate)
+            measured = float(row["p50_ms"]) / 1e3
+            out.append({"impl": "triton gblock bwd", "path": "", "path_known": True,
+                        "case": case.label, "dtype": row.get("dtype", ""), "rate_tflops": rate,
+                        "predicted_ms": pred.seconds * 1e3, "measured_ms": measured * 1e3,
+                        "measured_over_predicted": measured / pred.seconds})  # fmt: skip
+    return out
+
+
+def _bench_rate(results_csv) -> float | None:
+    """The median matmul rate (TFLOP/s) a ``benchmarks.run`` CSV measured on a GPU, or None."""
+    with open(results_csv, newline="") as f:
+        rates = sorted(float(r["matmul_tflops"]) for r in csv.DictReader(f)
+                       if r.get("device") == "cuda" and r.get("matmul_tflops"))  # fmt: skip
+    return rates[len(rates) // 2] if rates else None
+
+
 def _impl_label(r: dict) -> str:
     if not r["path"]:
         return r["impl"]
@@ -425,7 +452,8 @@ def main(argv: list[str] | None = None) -> int:
         "--measured",
         default=None,
         metavar="DIR",
-        help="a GPU run's folder (its results.csv): predicted vs measured forward",
+        help="a GPU run's folder (its results.csv and backward/backward.csv): predicted vs "
+        "measured forward and gblock backward",
     )
     ap.add_argument("--cuda-path", choices=CUDA_FWD_PATHS, default=None,
                     help="the CUDA forward the --measured run took (gpu_cuda_check.py writes "
@@ -446,6 +474,15 @@ def main(argv: list[str] | None = None) -> int:
             rows = compare(csv_path, dev, args.cuda_path)
             body = compare_table(rows) if rows else "(no GPU token_kl forward rows)"
             text = f"\n## PREDICTED vs measured: {dev.name} model, {csv_path}\n\n{body}"
+            print(text)
+            texts.append(text)
+        bwd_csv = Path(args.measured) / "backward" / "backward.csv"
+        if bwd_csv.is_file():
+            dev = DEVICES[(args.device or ["H200-SXM"])[0]]
+            rate = _bench_rate(csv_path) if csv_path.is_file() else None
+            rows = compare_backward(bwd_csv, dev, rate)
+            body = compare_table(rows) if rows else "(no measured triton_gblock rows)"
+            text = f"\n## PREDICTED vs measured backward: {dev.name} model, {bwd_csv}\n\n{body}"
             print(text)
             texts.append(text)
     for key in args.device or sorted(DEVICES):

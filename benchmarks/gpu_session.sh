@@ -22,7 +22,8 @@
 #                          test_triton_kl's TMA tile test (sm_90's kept-logit / G stores)
 #   bench         120      benchmarks.run --preset session: token_kl and token_logprobs at
 #                          N = 8192, 256, 1024 (D = 3584, V = 152064, bf16), every impl + peer
-#   backward       50      benchmarks.gpu_backward: triton gblock/atomic/held, cuda, torch
+#   backward       50      benchmarks.gpu_backward: triton gblock/atomic/held, cuda's own
+#                          kernel (FGPO_CUDA_BWD=cuda), torch
 #   tiles          40      benchmarks.gpu_tiles: shipped fwd / G tiles vs 2 programs per SM, and
 #                          the flattened loops vs the forward's nested one / one G tile a program
 #   cuda_check     45      benchmarks/gpu_cuda_check.py --quick (bf16 and fp16 vs float64; both

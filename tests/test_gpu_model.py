@@ -170,6 +170,28 @@ def test_measured_rows_are_compared_with_predictions_on_their_own_matmul_rate(tm
     text = (out / "gpu_model.md").read_text()
     assert "PREDICTED vs measured" in text and "| triton | N=8192 separate no dW |" in text
     assert "| cuda wgmma | N=256 separate no dW |" in text
+    assert "backward" not in text  # no backward/backward.csv in that folder
+
+    # The backward phase's CSV: its triton_gblock rows against gblock_backward (shared head,
+    # "dh+dW" = trained head), on the bench's median matmul rate; other paths left out.
+    (tmp_path / "backward").mkdir()
+    with open(tmp_path / "backward" / "backward.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "n", "d", "v", "dtype", "need", "p50_ms", "status"])
+        w.writerow(["triton_gblock", 8192, 3584, 152064, "bfloat16", "dh", 50.0, "ok"])
+        w.writerow(["triton_gblock", 1024, 3584, 152064, "bfloat16", "dh+dW", 9.0, "ok"])
+        w.writerow(["triton_atomic", 8192, 3584, 152064, "bfloat16", "dh", 90.0, "ok"])
+        w.writerow(["triton_gblock", 256, 3584, 152064, "bfloat16", "dh", "", "error"])
+    assert gm._bench_rate(tmp_path / "results.csv") == 600.0
+    bwd = gm.compare_backward(tmp_path / "backward" / "backward.csv", dev, 600.0)
+    assert [r["case"] for r in bwd] == ["N=8192 shared no dW", "N=1024 shared +dW"]
+    pred = gm.gblock_backward(gm.Case(1024, 3584, 152064, True, True), dev, 600.0).seconds
+    assert bwd[1]["predicted_ms"] == pytest.approx(pred * 1e3)
+    assert bwd[1]["measured_over_predicted"] == pytest.approx(0.009 / pred)
+    assert gm.main(["--measured", str(tmp_path), "--out", str(out), "--device", "H200-SXM"]) == 0
+    text = (out / "gpu_model.md").read_text()
+    assert "PREDICTED vs measured backward" in text
+    assert "| triton gblock bwd | N=1024 shared +dW | bfloat16 | 600.0 |" in text
 
 
 def test_gblock_g_and_gr_use_the_launchers_split_and_wide_entry(monkeypatch):
