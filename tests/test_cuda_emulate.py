@@ -109,13 +109,25 @@ def test_emulated_kernels_match_float64(emulated_cuda, mode, n, d, dr, v, splits
 def test_emulated_grouped_launch_order(emulated_cuda, monkeypatch, group):
     """A launch-order group smaller than the row blocks (3 row blocks of 128, groups of 1 or 2:
     a partial last group) covers every (row block, split / tile) exactly once: the same forward
-    and backward as the float64 reference (csrc/launch.h grouped_pos)."""
+    and backward as the float64 reference (csrc/launch.h grouped_pos), and both launchers hand
+    _C the plan's group."""
     cuda_kl, torch = emulated_cuda
     from fgpo_kernels import _launch, torch_impl
     from fgpo_kernels._backend import Needs, RowGrads
 
     real = _launch.group_rows
     monkeypatch.setattr(_launch, "group_rows", lambda *a: (group, real(*a)[1]))
+    seen = []
+
+    class Ext:  # the extension, recording the group each launch is given
+        def __getattr__(self, name):
+            attr = getattr(ext, name)
+            if name not in ("fwd", "bwd"):
+                return attr
+            return lambda *a, **kw: seen.append((name, kw["group"])) or attr(*a, **kw)
+
+    ext = cuda_kl._C
+    monkeypatch.setattr(cuda_kl, "_C", Ext())
     n, d, v = 300, 24, 400
     h, hr, w, wr, gs = emu_case(torch, "shared", n, d, d, v, seed=group)
     assert cuda_kl._plan(n, v, d, d, True, h.device, 2).group == group
@@ -130,6 +142,7 @@ def test_emulated_grouped_launch_order(emulated_cuda, monkeypatch, group):
                                 RowGrads(*(dbl(x) for x in gs)), need)  # fmt: skip
     for name, a, b in zip(("dh", "dhr", "dw"), got_b, ref_b):
         assert rel(torch, a, b) <= 6e-3, (name, rel(torch, a, b))
+    assert seen == [("fwd", group), ("bwd", group)], seen  # the plan's group reaches _C
 
 
 @pytest.mark.parametrize("mode", ["shared", "separate"])
