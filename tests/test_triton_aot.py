@@ -2,7 +2,7 @@
 for the architectures it serves (sm_80 / sm_90), no GPU needed, with the installed triton (CI:
 3.7.1) and with the GPU machine's release (``OTHER_TRITON``, installed by pip on first use into
 a cache folder; skipped, saying why, where pip cannot get it): every kernel variant
-compiles, nothing spills registers, 16-bit inputs use tensor cores (mma / wgmma), and on sm_90
+compiles (16-bit entries with bf16 and with fp16 inputs), nothing spills registers, 16-bit inputs use tensor cores (mma / wgmma), and on sm_90
 the widest wgmma instruction is the one the table promises (m64n128k16 for the main forward, the
 forward that keeps its logits and the G kernel), shared memory fits a block and ``per_sm``
 programs fit an SM. Tile buffers (kept logits, G) go as TMA descriptors on sm_90."""
@@ -213,7 +213,7 @@ def _aligned(config: str, kernel: str) -> tuple[str, ...]:
 
     if kernel != "g":
         return ()
-    return ("v0", "chunk_v") if config in configs.G_ALIGNED else ("v0",)
+    return ("v0", "chunk_v") if config.split(":")[0] in configs.G_ALIGNED else ("v0",)
 
 
 def _alternatives() -> dict:
@@ -236,6 +236,11 @@ def _jobs() -> list:
                for name, (dtype, kernel, variants, _shape) in _SHIPPED.items()]  # fmt: skip
     entries += [(name, cfg, "bf16", kernel, variants, (90,))
                 for name, (cfg, kernel, variants, _shape) in _alternatives().items()]  # fmt: skip
+    # fp16 runs the same 16-bit entries (other dot instructions, other conversions)
+    entries += [(f"{name}:fp16", configs.GPU_CONFIGS[name], "fp16", kernel, variants,
+                 _archs(name))
+                for name, (dtype, kernel, variants, _shape) in _SHIPPED.items()
+                if dtype == "bf16"]  # fmt: skip
     for config, cfg, dtype, kernel, variants, archs in entries:
         for arch in archs:
             prec = "ieee" if dtype == "fp32" else "tf32"
@@ -348,6 +353,25 @@ def test_aot_compile_shipped_configs(aot_results, config_name, arch):
         f"{config_name}: flatten is for pipelined forward and G configs only"
     )
     assert len(results) == len(variants), f"missing compiles: {results}"
+    problems = _problems(config_name, cfg, job_kernel, shape, arch, version, results)
+    assert not problems, "\n".join(problems)
+
+
+@pytest.mark.skipif(not _have_nvidia_backend(), reason="triton's NVIDIA backend tools not found")
+@pytest.mark.parametrize("arch", [80, 90])
+@pytest.mark.parametrize("config_name", [k for k, v in _SHIPPED.items() if v[0] == "bf16"])
+def test_aot_compile_shipped_configs_in_fp16(aot_results, config_name, arch):
+    """The 16-bit entries serve fp16 too: every variant compiled with fp16 inputs passes the
+    same checks (no spills, tensor cores, the widest wgmma, shared memory, per_sm)."""
+    from fgpo_kernels import triton_kl as tk
+
+    if arch not in _archs(config_name):
+        pytest.skip(f"{config_name} serves sm_{_archs(config_name)[0]} only")
+    version, by_config = aot_results
+    results = by_config.get((f"{config_name}:fp16", arch), [])
+    job_kernel, variants, shape = _SHIPPED[config_name][1:]
+    assert len(results) == len(variants) and {r["dtype"] for r in results} == {"fp16"}, results
+    cfg = tk.GPU_CONFIGS[config_name]
     problems = _problems(config_name, cfg, job_kernel, shape, arch, version, results)
     assert not problems, "\n".join(problems)
 
