@@ -5,7 +5,8 @@ a cache folder; skipped, saying why, where pip cannot get it): every kernel vari
 compiles (16-bit entries with bf16 and with fp16 inputs), nothing spills registers, 16-bit
 inputs use tensor cores (mma / wgmma), and on sm_90 the widest wgmma instruction is the one the
 table promises (m64n128k16 for the main forward, the forward that keeps its logits and the G
-kernel), shared memory fits a block and ``per_sm`` programs fit an SM. Tile buffers (kept logits, G) go as TMA descriptors on sm_90."""
+kernel), shared memory fits a block and ``per_sm`` programs fit an SM. Tile buffers (kept
+logits, G) go as TMA descriptors on sm_90."""
 
 from __future__ import annotations
 
