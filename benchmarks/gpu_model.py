@@ -1,8 +1,14 @@
 """PREDICTED (not measured) HBM traffic and time of the GPU kernels (`-m benchmarks.gpu_model`).
 
-A roofline-style model of every forward and backward kernel at the SPEC shape (bf16, N=8192,
+A roofline-style model of the GPU kernels that run by default at the SPEC shape (bf16, N=8192,
 D=3584, V=152064: Qwen2.5-VL-7B's head) and the few-rows case (N=256..1024), shared (LoRA) and
-separate (full fine-tuning) weights, with and without dW. It imports the launch-configuration
+separate (full fine-tuning) weights, with and without dW: the Triton forward, the CUDA forward
+(wgmma and mma.sync paths), the gblock backward (G recomputed, cuBLAS products) and, for few
+rows, the gradients-in-the-forward pair (the forward that keeps its logits, G read back from
+them). Not modelled: the atomic Triton backward and the CUDA backward kernel (neither runs
+unless asked for: ``FGPO_TRITON_BWD=atomic``, ``FGPO_CUDA_BWD=cuda``), whose time is set by the
+rate of fp32 atomics in L2, which no datasheet gives; the GPU session times them
+(``benchmarks.gpu_backward``). It imports the launch-configuration
 functions the kernels use (``fgpo_kernels._launch``: splits, launch-order group, waves;
 ``triton_kl.configs``: the tile table, the gblock chunk width), so no number is copied.
 
@@ -42,6 +48,7 @@ import torch
 from benchmarks.impls import CUDA_FWD_PATHS
 from fgpo_kernels import _launch
 from fgpo_kernels.triton_kl import configs
+from fgpo_kernels.triton_kl.common import logit_stride
 
 
 class Device(NamedTuple):
@@ -166,12 +173,15 @@ def _finish(kernel, case, dev, useful, executed, compute, hbm, compulsory, plan,
 
 def triton_forward(
     case: Case, dev: Device, tflops: float | None = None,
-    config: configs.KernelConfig | None = None,
+    config: configs.KernelConfig | None = None, *, store: bool = False,
 ) -> Prediction:  # fmt: skip
     """impl "triton" forward (token_kl: both models), the shipped sm_90 config (or ``config``'s
-    tiles, as ``fwd.forward(config=)`` takes them) and plan."""
+    tiles, as ``fwd.forward(config=)`` takes them) and plan. ``store``: the forward that also
+    writes both models' logits for the held backward (gradients in the forward, few rows:
+    entry "fwd_store", fp32 rows padded as ``common.logit_stride``)."""
     n, d, v = case.n, case.d, case.v
-    name = configs.gpu_config_name("fwd", n, torch.bfloat16, True, shared=case.shared, arch=90)
+    kind = "fwd_store" if store else "fwd"
+    name = configs.gpu_config_name(kind, n, torch.bfloat16, True, shared=case.shared, arch=90)
     cfg = config or configs.GPU_CONFIGS[name]
     h_row, w_win = configs.plan_inputs(cfg, d, d, True, case.shared, BF16)
     plan = _launch.plan(n, v, cfg.block_n, cfg.block_v, h_row_bytes=h_row, w_window=w_win,
@@ -183,8 +193,11 @@ def triton_forward(
                           per_sm=cfg.per_sm, efficiency=eff, h_bytes=n * h_row,
                           w_bytes=w_models * v * d * BF16, tile_h=cfg.block_n * h_row)  # fmt: skip
     hbm += 2 * 6 * n * plan.splits * 4  # split partials written, merged
-    compulsory = n * h_row + w_models * v * d * BF16 + 4 * n * 4
-    return _finish(f"triton fwd [{name}]", case, dev, flops, flops, compute, hbm, compulsory,
+    kept = 2 * n * logit_stride(v) * 4 if store else 0  # an output of this kernel
+    hbm += kept
+    compulsory = n * h_row + w_models * v * d * BF16 + 4 * n * 4 + kept
+    label = "triton fwd+logits" if store else "triton fwd"
+    return _finish(f"{label} [{name}]", case, dev, flops, flops, compute, hbm, compulsory,
                    plan, tflops)  # fmt: skip
 
 
@@ -254,15 +267,17 @@ def _needs(case: Case) -> tuple[bool, bool]:
 
 def gblock_backward(
     case: Case, dev: Device, tflops: float | None = None,
-    config: configs.KernelConfig | None = None,
+    config: configs.KernelConfig | None = None, *, held: bool = False,
 ) -> Prediction:  # fmt: skip
     """impl "triton" gblock backward (the default on CUDA): per vocabulary chunk, the G kernel
     (logits recomputed) and cuBLAS GEMMs dh += G W_c, dW_c = G^T h (in place, fp32 sums).
-    ``config``: tiles for every G launch, as ``backward_gblock(config=)`` takes them."""
+    ``config``: tiles for every G launch, as ``backward_gblock(config=)`` takes them. ``held``:
+    G from the logits ``triton_forward(store=True)`` kept (gradients in the forward, few rows:
+    no logit matmul, the kept logits read instead)."""
     n, d, v = case.n, case.d, case.v
     do_g, do_gr = _needs(case)
     name = configs.gpu_config_name("g", n, torch.bfloat16, True, shared=case.shared,
-                                   both=do_g and do_gr, arch=90)  # fmt: skip
+                                   both=do_g and do_gr, held=held, arch=90)  # fmt: skip
     cfg = config or configs.GPU_CONFIGS[name]
     rows = n * (int(do_g) + int(do_gr))
     budget = configs.gblock_budget(int(dev.hbm_capacity * FREE_FRACTION), BF16)
@@ -283,10 +298,17 @@ def gblock_backward(
                                 l2=dev.l2_bytes,
                                 tiles_per_program=configs.g_tiles_per_program(pcfg))  # fmt: skip
             eff = _smem_efficiency(pcfg.block_n, pcfg.block_v, 2, w_models)
-            g_compute, g_hbm = _tiled(plan, dev, 2 * 2.0 * n * d * cols, EPILOGUE["g_kl"],
-                                      logits=2 * n * cols, per_sm=pcfg.per_sm, efficiency=eff,
-                                      h_bytes=n * h_row, w_bytes=w_models * cols * d * BF16,
-                                      tile_h=pcfg.block_n * h_row)  # fmt: skip
+            if held:  # no dot: both models' kept fp32 logits of these columns read instead
+                g_compute, g_hbm = _tiled(plan, dev, 0.0, EPILOGUE["g_kl"], logits=2 * n * cols,
+                                          per_sm=pcfg.per_sm, efficiency=1.0, h_bytes=0,
+                                          w_bytes=0, tile_h=0)  # fmt: skip
+                g_hbm += 2 * n * cols * 4
+            else:
+                g_compute, g_hbm = _tiled(plan, dev, 2 * 2.0 * n * d * cols, EPILOGUE["g_kl"],
+                                          logits=2 * n * cols, per_sm=pcfg.per_sm,
+                                          efficiency=eff, h_bytes=n * h_row,
+                                          w_bytes=w_models * cols * d * BF16,
+                                          tile_h=pcfg.block_n * h_row)  # fmt: skip
             compute += g_compute
             hbm += g_hbm
             waves += plan.waves
@@ -300,10 +322,15 @@ def gblock_backward(
         compute += gemm / (dev.bf16_flops * GEMM_EFFICIENCY)
         hbm += rows * width * BF16 + gemm_hbm  # + the G buffer written
     useful = one + (one * (2 if do_gr else 1) if case.grad_w else 0.0)  # dH (+ dW)
-    executed = 2 * one + useful  # both models' logits again
-    compulsory = n * h_row + w_models * v * d * BF16 + n * d * 4 + (v * d * 4 if case.grad_w
-                                                                    else 0)  # fmt: skip
-    return _finish(f"triton gblock bwd [{name}, {chunks} chunks of {vc}]", case, dev, useful,
+    executed = useful if held else 2 * one + useful  # recomputed: both models' logits again
+    if held:  # inputs: the kept logits, W for dh (and h, hr for dW); outputs: dh (and dW)
+        compulsory = (2 * n * v * 4 + v * d * BF16 + n * d * 4
+                      + ((rows * d * BF16 + v * d * 4) if case.grad_w else 0))  # fmt: skip
+    else:
+        compulsory = n * h_row + w_models * v * d * BF16 + n * d * 4 + (
+            v * d * 4 if case.grad_w else 0)  # fmt: skip
+    label = "triton held bwd" if held else "triton gblock bwd"
+    return _finish(f"{label} [{name}, {chunks} chunks of {vc}]", case, dev, useful,
                    executed, compute, hbm, compulsory, widest._replace(waves=waves),
                    tflops)  # fmt: skip
 
@@ -314,6 +341,9 @@ def predict(dev: Device, tflops: float | None = None) -> list[Prediction]:
         out += [triton_forward(case, dev, tflops),
                 *(cuda_forward(case, dev, tflops, path) for path in CUDA_FWD_PATHS),
                 gblock_backward(case, dev, tflops)]  # fmt: skip
+        if case.n in FEW_ROWS:  # gradients in the forward: the logits kept, G read from them
+            out += [triton_forward(case, dev, tflops, store=True),
+                    gblock_backward(case, dev, tflops, held=True)]  # fmt: skip
     return out
 
 

@@ -248,3 +248,28 @@ def test_gblock_traffic_beyond_2x_is_its_g_round_trip_and_gemm_reads(device, n, 
     if shared:  # LoRA: W read once is most of the compulsory bytes, and the GEMM reads it again
         assert pred.hbm_bytes > 2 * pred.compulsory_bytes, pred
     assert pred.compulsory_bytes <= pred.hbm_bytes - extra <= 2 * pred.compulsory_bytes, pred
+
+
+FEW = [c for c in CASES if c.n in gm.FEW_ROWS]
+
+
+@pytest.mark.parametrize("device", sorted(gm.DEVICES))
+@pytest.mark.parametrize("case", FEW, ids=_ids(FEW))
+def test_gradients_in_the_forward_pay_at_few_rows(device, case):
+    """The few-rows plan (design §3.8), per kernel: the forward that keeps both models' logits
+    (entry fwd_store) and G read back from them (FROM_LOGITS, entry g_narrow with a reference).
+    Each wave within L2/2, HBM within 2x the compulsory bytes (the kept logits count as the
+    store forward's output and the held backward's input), the held backward executes only
+    useful FLOPs, and the pair is PREDICTED faster than the plain forward + the recomputing
+    gblock backward: what the plan is for."""
+    dev = gm.DEVICES[device]
+    fwd, store = gm.triton_forward(case, dev), gm.triton_forward(case, dev, store=True)
+    rec, held = gm.gblock_backward(case, dev), gm.gblock_backward(case, dev, held=True)
+    assert "[fwd_store]" in store.kernel and "[g_narrow," in held.kernel, (store, held)
+    for p in (store, held):
+        assert p.working_set <= p.budget <= dev.l2_bytes // 2 + 1, p
+        assert p.hbm_bytes <= 2 * p.compulsory_bytes, p
+    assert store.hbm_bytes - fwd.hbm_bytes >= 2 * case.n * case.v * 4  # the logits written
+    assert store.executed_flops == fwd.executed_flops
+    assert held.executed_flops == held.useful_flops == rec.useful_flops < rec.executed_flops
+    assert store.seconds + held.seconds < fwd.seconds + rec.seconds, (store, held, fwd, rec)
