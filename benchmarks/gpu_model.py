@@ -426,21 +426,29 @@ def compare(results_csv, dev: Device, cuda_path: str | None = None) -> list[dict
 
 
 def compare_backward(backward_csv, dev: Device, rate: float | None = None) -> list[dict]:
-    """Predicted vs measured time of every ``triton_gblock`` row of a ``benchmarks.gpu_backward``
+    """Predicted vs measured time of the ``triton_gblock`` rows of a ``benchmarks.gpu_backward``
     CSV (the default backward on CUDA; shared head, ``dh`` = LoRA, ``dh+dW`` = trained head,
-    both sides' dW), predicted on ``rate`` (the bench's measured matmul rate) or the datasheet."""
+    both sides' dW) and of its ``triton_held`` rows (the forward that keeps the logits + G read
+    back from them: the row's time includes that forward), predicted on ``rate`` (the bench's
+    measured matmul rate) or the datasheet."""
     out = []
     with open(backward_csv, newline="") as f:
         for row in csv.DictReader(f):
-            if row.get("path") != "triton_gblock" or row.get("status") != "ok":
+            path = row.get("path")
+            if path not in ("triton_gblock", "triton_held") or row.get("status") != "ok":
                 continue
             case = Case(int(row["n"]), int(row["d"]), int(row["v"]), True, row["need"] == "dh+dW")
-            pred = gblock_backward(case, dev, rate)
+            if path == "triton_gblock":
+                label, seconds = "triton gblock bwd", gblock_backward(case, dev, rate).seconds
+            else:
+                label = "triton fwd+logits + held bwd"
+                seconds = (triton_forward(case, dev, rate, store=True).seconds
+                           + gblock_backward(case, dev, rate, held=True).seconds)  # fmt: skip
             measured = float(row["p50_ms"]) / 1e3
-            out.append({"impl": "triton gblock bwd", "path": "", "path_known": True,
+            out.append({"impl": label, "path": "", "path_known": True,
                         "case": case.label, "dtype": row.get("dtype", ""), "rate_tflops": rate,
-                        "predicted_ms": pred.seconds * 1e3, "measured_ms": measured * 1e3,
-                        "measured_over_predicted": measured / pred.seconds})  # fmt: skip
+                        "predicted_ms": seconds * 1e3, "measured_ms": measured * 1e3,
+                        "measured_over_predicted": measured / seconds})  # fmt: skip
     return out
 
 
@@ -511,7 +519,7 @@ def main(argv: list[str] | None = None) -> int:
             dev = DEVICES[(args.device or ["H200-SXM"])[0]]
             rate = _bench_rate(csv_path) if csv_path.is_file() else None
             rows = compare_backward(bwd_csv, dev, rate)
-            body = compare_table(rows) if rows else "(no measured triton_gblock rows)"
+            body = compare_table(rows) if rows else "(no measured triton_gblock / held rows)"
             text = f"\n## PREDICTED vs measured backward: {dev.name} model, {bwd_csv}\n\n{body}"
             print(text)
             texts.append(text)

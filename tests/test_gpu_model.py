@@ -181,10 +181,19 @@ def test_measured_rows_are_compared_with_predictions_on_their_own_matmul_rate(tm
         w.writerow(["triton_gblock", 8192, 3584, 152064, "bfloat16", "dh", 50.0, "ok"])
         w.writerow(["triton_gblock", 1024, 3584, 152064, "bfloat16", "dh+dW", 9.0, "ok"])
         w.writerow(["triton_atomic", 8192, 3584, 152064, "bfloat16", "dh", 90.0, "ok"])
+        w.writerow(["triton_held", 256, 3584, 152064, "bfloat16", "dh", 2.0, "ok"])
         w.writerow(["triton_gblock", 256, 3584, 152064, "bfloat16", "dh", "", "error"])
     assert gm._bench_rate(tmp_path / "results.csv") == 600.0
     bwd = gm.compare_backward(tmp_path / "backward" / "backward.csv", dev, 600.0)
-    assert [r["case"] for r in bwd] == ["N=8192 shared no dW", "N=1024 shared +dW"]
+    assert [(r["impl"], r["case"]) for r in bwd] == [
+        ("triton gblock bwd", "N=8192 shared no dW"),
+        ("triton gblock bwd", "N=1024 shared +dW"),
+        ("triton fwd+logits + held bwd", "N=256 shared no dW"),
+    ]
+    few = gm.Case(256, 3584, 152064, True, False)
+    pair = (gm.triton_forward(few, dev, 600.0, store=True).seconds
+            + gm.gblock_backward(few, dev, 600.0, held=True).seconds)  # fmt: skip
+    assert bwd[2]["predicted_ms"] == pytest.approx(pair * 1e3)
     pred = gm.gblock_backward(gm.Case(1024, 3584, 152064, True, True), dev, 600.0).seconds
     assert bwd[1]["predicted_ms"] == pytest.approx(pred * 1e3)
     assert bwd[1]["measured_over_predicted"] == pytest.approx(0.009 / pred)
