@@ -102,6 +102,15 @@ def test_choice_is_the_fastest_beyond_the_margin(monkeypatch):
     slower = tune.config_for("g", SHIPPED["g"], torch.device(DEV), ("b",), run, _Times(10.0, 12.0))
     assert slower == SHIPPED["g"]
     assert len(tune.choices()) == 3
+    # while a CUDA graph is captured: an earlier choice holds, no new one is made (no timing)
+    monkeypatch.setattr(tune, "_capturing", lambda: True)
+    n = len(ran)
+    assert tune.config_for("fwd", SHIPPED["fwd"], torch.device(DEV), ("a",), run) == alt
+    assert (
+        tune.config_for("fwd", SHIPPED["fwd"], torch.device(DEV), ("new",), run) == (SHIPPED["fwd"])
+    )
+    assert len(ran) == n and len(tune.choices()) == 3
+    monkeypatch.setattr(tune, "_capturing", lambda: False)
     # entries without candidates are never timed
     assert (
         tune.config_for("g_both", SHIPPED["g_both"], torch.device(DEV), ("c",), run)

@@ -6,17 +6,18 @@ Why: the shipped sm_90 tiles of the main forward ("fwd") and of the G kernel wri
 two programs per SM (one program's epilogue under the other's matmuls, twice the W traffic from
 L2 per FLOP). ``benchmarks.gpu_model`` PREDICTS a wash, so only the GPU can choose.
 
-What: the first launch of such an entry for a key (device, dtype, weights, gradients, rows
-rounded up to a power of two, D, V) runs the shipped tiles and every candidate: one warm-up
-call (it compiles), then ``REPEATS`` calls timed with CUDA events, and keeps the fastest
-median unless the shipped tiles are within ``MARGIN`` of it. A candidate whose result differs
-from the shipped tiles' (relative norm of the difference above ``AGREE``, on every output,
-sampled to at most 256 rows) or that fails to compile or launch is dropped, its reason kept in
-``choices()``; the shipped tiles failing raise. Later calls with that key reuse the choice (this
-process only). Off: the shipped table, nothing timed, the same tiles in every run. While a CUDA
-graph is being captured, or off a real CUDA device (CPU, interpreter, a memory simulation), the
-shipped tiles run and nothing is timed. Each process (each rank of a distributed run) tunes for
-itself; choices may differ between runs, by the rounding of a different summation order.
+What: the first launch of such an entry for a key (device, dtype, weights, gradients, rows rounded
+up to a power of two, D, V) runs the shipped tiles and every candidate: one warm-up call (it
+compiles), then ``REPEATS`` calls timed with CUDA events, and keeps the fastest median unless the
+shipped tiles are within ``MARGIN`` of it. A candidate whose result differs from the shipped tiles'
+(relative norm of the difference above ``AGREE``, on every output, sampled to at most 256 rows) or
+that fails to compile or launch is dropped, its reason kept in ``choices()``; the shipped tiles
+failing raise. Later calls with that key reuse the choice (this process only). Off: the shipped
+table, nothing timed, the same tiles in every run. Off a real CUDA device (CPU, interpreter, a
+memory simulation) the shipped tiles run; while a CUDA graph is being captured, a choice made
+before the capture is used and none is made (nothing is timed). Each process (each rank of a
+distributed run) tunes for itself; choices may differ between runs, by the rounding of a different
+summation order.
 """
 
 from __future__ import annotations
@@ -50,12 +51,15 @@ def requested() -> bool:
 
 
 def enabled(device: torch.device) -> bool:
-    """Tuning asked for, on a real CUDA device, outside a CUDA graph capture."""
+    """Tuning asked for, on a real CUDA device (not the interpreter, not a memory simulation)."""
     if not requested() or device.type != "cuda" or triton_interpret():
         return False
-    if simulated_gpu() is not None or not torch.cuda.is_available():
-        return False
-    return not torch.cuda.is_current_stream_capturing()
+    return simulated_gpu() is None and torch.cuda.is_available()
+
+
+def _capturing() -> bool:
+    """A CUDA graph is being captured: nothing may be timed (nor synchronized) now."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 def rows_bucket(n: int) -> int:
@@ -94,6 +98,8 @@ def config_for(
         return shipped
     full_key = (name, *key)
     if full_key not in _CHOSEN:
+        if _capturing():  # a choice made before the capture is used; none is made in it
+            return shipped
         _CHOSEN[full_key] = _tune(name, full_key, shipped, run, time_fn or _cuda_ms)
     return _CHOSEN[full_key]["chosen"]
 
