@@ -297,13 +297,13 @@ def gblock_backward(
                                 w_window=w_win, per_wave=dev.sms * pcfg.per_sm,
                                 l2=dev.l2_bytes,
                                 tiles_per_program=configs.g_tiles_per_program(pcfg))  # fmt: skip
-            eff = _smem_efficiency(pcfg.block_n, pcfg.block_v, 2, w_models)
             if held:  # no dot: both models' kept fp32 logits of these columns read instead
                 g_compute, g_hbm = _tiled(plan, dev, 0.0, EPILOGUE["g_kl"], logits=2 * n * cols,
                                           per_sm=pcfg.per_sm, efficiency=1.0, h_bytes=0,
                                           w_bytes=0, tile_h=0)  # fmt: skip
                 g_hbm += 2 * n * cols * 4
             else:
+                eff = _smem_efficiency(pcfg.block_n, pcfg.block_v, 2, w_models)
                 g_compute, g_hbm = _tiled(plan, dev, 2 * 2.0 * n * d * cols, EPILOGUE["g_kl"],
                                           logits=2 * n * cols, per_sm=pcfg.per_sm,
                                           efficiency=eff, h_bytes=n * h_row,
@@ -417,12 +417,17 @@ def compare(results_csv, dev: Device, cuda_path: str | None = None) -> list[dict
                 paths = [cuda_path] if cuda_path else CUDA_FWD_PATHS
                 preds = [(p, cuda_forward(case, dev, rate, p)) for p in paths]
             for path, pred in preds:
-                out.append({"impl": row["impl"], "path": path, "path_known": bool(
-                            cuda_path or not path), "case": case.label,
-                            "dtype": row.get("dtype", ""), "rate_tflops": rate,
-                            "predicted_ms": pred.seconds * 1e3, "measured_ms": measured * 1e3,
-                            "measured_over_predicted": measured / pred.seconds})  # fmt: skip
+                out.append(_compared(row["impl"], path, bool(cuda_path or not path), case,
+                                     row, rate, pred.seconds, measured))  # fmt: skip
     return out
+
+
+def _compared(impl, path, path_known, case, row, rate, seconds, measured) -> dict:
+    """One row of ``compare_table``: ``seconds`` PREDICTED against ``measured``."""
+    return {"impl": impl, "path": path, "path_known": path_known, "case": case.label,
+            "dtype": row.get("dtype", ""), "rate_tflops": rate, "predicted_ms": seconds * 1e3,
+            "measured_ms": measured * 1e3,
+            "measured_over_predicted": measured / seconds}  # fmt: skip
 
 
 def compare_backward(backward_csv, dev: Device, rate: float | None = None) -> list[dict]:
@@ -445,10 +450,7 @@ def compare_backward(backward_csv, dev: Device, rate: float | None = None) -> li
                 seconds = (triton_forward(case, dev, rate, store=True).seconds
                            + gblock_backward(case, dev, rate, held=True).seconds)  # fmt: skip
             measured = float(row["p50_ms"]) / 1e3
-            out.append({"impl": label, "path": "", "path_known": True,
-                        "case": case.label, "dtype": row.get("dtype", ""), "rate_tflops": rate,
-                        "predicted_ms": seconds * 1e3, "measured_ms": measured * 1e3,
-                        "measured_over_predicted": measured / seconds})  # fmt: skip
+            out.append(_compared(label, "", True, case, row, rate, seconds, measured))
     return out
 
 
@@ -504,11 +506,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     texts = []
     if args.measured:
+        dev = DEVICES[(args.device or ["H200-SXM"])[0]]
         csv_path = Path(args.measured) / "results.csv"
         if not csv_path.is_file():
             print(f"--measured: no results.csv in {args.measured}; predictions only")
         else:
-            dev = DEVICES[(args.device or ["H200-SXM"])[0]]
             rows = compare(csv_path, dev, args.cuda_path)
             body = compare_table(rows) if rows else "(no GPU token_kl forward rows)"
             text = f"\n## PREDICTED vs measured: {dev.name} model, {csv_path}\n\n{body}"
@@ -516,7 +518,6 @@ def main(argv: list[str] | None = None) -> int:
             texts.append(text)
         bwd_csv = Path(args.measured) / "backward" / "backward.csv"
         if bwd_csv.is_file():
-            dev = DEVICES[(args.device or ["H200-SXM"])[0]]
             rate = _bench_rate(csv_path) if csv_path.is_file() else None
             rows = compare_backward(bwd_csv, dev, rate)
             body = compare_table(rows) if rows else "(no measured triton_gblock / held rows)"

@@ -40,6 +40,7 @@ import torch
 
 from benchmarks import gpu_model
 from benchmarks.gpu_backward import _inputs, _timer
+from benchmarks.impls import env_switch
 from fgpo_kernels import _registry
 from fgpo_kernels._backend import Needs
 from fgpo_kernels.triton_kl import configs
@@ -116,31 +117,26 @@ def _tuned_rows(inputs, n: int, shared: bool, base: dict):
     and any dropped candidate."""
     from fgpo_kernels.triton_kl import tune
 
-    before = os.environ.get(tune.ENV)
-    os.environ[tune.ENV] = "1"
-    try:
+    with env_switch({tune.ENV: "1"}):
         tune.clear()
-        for kernel in ("fwd", "g"):
-            row = {**base, "kernel": kernel, "per_sm": "", "n": n, "tiles": "tuned",
-                   "weight": "shared" if shared else "separate",
-                   "predicted_ms": float("nan")}  # fmt: skip
-            try:
-                _call(kernel, None, *inputs)
-                (c,) = [c for c in tune.choices() if c["entry"] == kernel]
-                times = "; ".join(f"{k} {v:.3f} ms" for k, v in c["ms"].items())
-                dropped = "; ".join(f"{k} dropped: {v}" for k, v in c["dropped"].items())
-                reason = "; ".join(x for x in (times, dropped) if x)
-                row.update(tiles=f"tuned: {c['chosen']}", p50_ms=c["ms"][c["chosen"]],
-                           status="ok", reason=reason)  # fmt: skip
-            except Exception as exc:  # report it and go on
-                row.update(status="error", reason=f"{type(exc).__name__}: {exc}"[:300])
-            yield row
-    finally:
-        tune.clear()
-        if before is None:
-            os.environ.pop(tune.ENV, None)
-        else:
-            os.environ[tune.ENV] = before
+        try:
+            for kernel in ("fwd", "g"):
+                row = {**base, "kernel": kernel, "per_sm": "", "n": n, "tiles": "tuned",
+                       "weight": "shared" if shared else "separate",
+                       "predicted_ms": float("nan")}  # fmt: skip
+                try:
+                    _call(kernel, None, *inputs)
+                    (c,) = [c for c in tune.choices() if c["entry"] == kernel]
+                    times = "; ".join(f"{k} {v:.3f} ms" for k, v in c["ms"].items())
+                    dropped = "; ".join(f"{k} dropped: {v}" for k, v in c["dropped"].items())
+                    reason = "; ".join(x for x in (times, dropped) if x)
+                    row.update(tiles=f"tuned: {c['chosen']}", p50_ms=c["ms"][c["chosen"]],
+                               status="ok", reason=reason)  # fmt: skip
+                except Exception as exc:  # report it and go on
+                    row.update(status="error", reason=f"{type(exc).__name__}: {exc}"[:300])
+                yield row
+        finally:
+            tune.clear()
 
 
 def run(out_dir: Path, dry: bool, reps: int) -> list[dict]:

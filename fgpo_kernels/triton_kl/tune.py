@@ -8,16 +8,16 @@ L2 per FLOP). ``benchmarks.gpu_model`` PREDICTS a wash, so only the GPU can choo
 
 What: the first launch of such an entry for a key (device, dtype, weights, gradients, rows rounded
 up to a power of two, D, V) runs the shipped tiles and every candidate: one warm-up call (it
-compiles), then ``REPEATS`` calls timed with CUDA events, and keeps the fastest median unless the
-shipped tiles are within ``MARGIN`` of it. A candidate whose result differs from the shipped tiles'
-(relative norm of the difference above ``AGREE``, on every output, sampled to at most 256 rows) or
-that fails to compile or launch is dropped, its reason kept in ``choices()``; the shipped tiles
-failing raise. Later calls with that key reuse the choice (this process only). Off: the shipped
-table, nothing timed, the same tiles in every run. Off a real CUDA device (CPU, interpreter, a
-memory simulation) the shipped tiles run; while a CUDA graph is being captured, a choice made
-before the capture is used and none is made (nothing is timed). Each process (each rank of a
-distributed run) tunes for itself; choices may differ between runs, by the rounding of a different
-summation order.
+compiles; its outputs are the ones compared), then ``REPEATS`` calls timed with CUDA events, and
+keeps the fastest median unless the shipped tiles are within ``MARGIN`` of it. A candidate whose
+result differs from the shipped tiles' (relative norm of the difference above ``AGREE``, on every
+output, sampled to at most 256 rows) or that fails to compile or launch is dropped, its reason kept
+in ``choices()``; the shipped tiles failing raise. Later calls with that key reuse the choice (this
+process only). Off: the shipped table, nothing timed, the same tiles in every run. Off a real CUDA
+device (CPU, interpreter, a memory simulation) the shipped tiles run; while a CUDA graph is being
+captured, a choice made before the capture is used and none is made (nothing is timed). Each
+process (each rank of a distributed run) tunes for itself; choices may differ between runs, by the
+rounding of a different summation order.
 """
 
 from __future__ import annotations
@@ -125,8 +125,8 @@ def _tune(name, key, shipped, run, time_fn) -> dict:
 
 
 def _cuda_ms(call: Callable[[], object]) -> float:
-    """Median ms of ``REPEATS`` calls (CUDA events) after one warm-up call."""
-    call()
+    """Median ms of ``REPEATS`` calls (CUDA events); ``_tune`` has run each tiles once already
+    (its result is compared), which is the warm-up (the compile)."""
     times = []
     for _ in range(REPEATS):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
